@@ -1,0 +1,194 @@
+"""Load GPT-2 weights saved in Hugging Face's format into `solution.Transformer`.
+
+A checkpoint is a directory holding `config.json` and `model.safetensors` (or, for older
+uploads, `pytorch_model.bin`, read with `weights_only=True` so no pickled code runs). The
+config decides the model's shape, so gpt2, gpt2-medium, gpt2-large, gpt2-xl and any model
+saved by `GPT2LMHeadModel.save_pretrained` load alike.
+
+Hugging Face stores attention as one fused Conv1D, c_attn [d_model, 3 * d_model] applied as
+x @ W; here it is split into W_Q, W_K, W_V and reshaped to TransformerLens's
+[n_heads d_model d_head]. lm_head is tied to wte in GPT-2, so W_U is wte transposed unless
+the checkpoint carries an lm_head.weight of its own.
+"""
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import einops
+import torch
+from torch import Tensor
+
+from solution import Transformer, TransformerConfig
+
+logger = logging.getLogger(__name__)
+
+# Short names a user types, and the hub repositories they stand for.
+HUB_ALIASES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Causal-mask buffers that older transformers versions saved with the weights; not parameters.
+_IGNORED_KEY = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not hold the GPT-2 tensors this model needs, with the shapes it needs."""
+
+
+def config_from_hf(hf_config: dict) -> TransformerConfig:
+    """TransformerConfig for a Hugging Face GPT2Config given as its config.json dict."""
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type={hf_config['model_type']!r}")
+    act = hf_config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"activation_function={act!r} is not supported; this model implements gelu_new")
+    for flag, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+        if hf_config.get(flag, supported) != supported:
+            raise ValueError(f"{flag}={hf_config[flag]!r} is not supported; GPT-2 uses {flag}={supported}")
+    d_model, n_heads = hf_config["n_embd"], hf_config["n_head"]
+    if d_model % n_heads:
+        raise ValueError(f"n_embd={d_model} is not divisible by n_head={n_heads}")
+    return TransformerConfig(
+        d_model=d_model,
+        n_layers=hf_config["n_layer"],
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=hf_config.get("n_inner") or 4 * d_model,
+        d_vocab=hf_config["vocab_size"],
+        n_ctx=hf_config.get("n_positions", hf_config.get("n_ctx", 1024)),
+        layer_norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+        init_range=hf_config.get("initializer_range", 0.02),
+    )
+
+
+def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
+    """Map a GPT2LMHeadModel / GPT2Model state dict to this project's parameter names and shapes.
+
+    Raises WeightLoadError naming the key that is missing, unexpected, or of the wrong shape.
+    """
+    state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    d, d_mlp = cfg.d_model, cfg.d_mlp
+    expected = {"wte.weight": (cfg.d_vocab, d), "wpe.weight": (cfg.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(cfg.n_layers):
+        p = f"h.{i}."
+        expected |= {
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "mlp.c_fc.weight": (d, d_mlp), p + "mlp.c_fc.bias": (d_mlp,),
+            p + "mlp.c_proj.weight": (d_mlp, d), p + "mlp.c_proj.bias": (d,),
+        }  # fmt: skip
+    optional = {"lm_head.weight": (cfg.d_vocab, d)}
+    for key in state:
+        if key not in expected and key not in optional and not _IGNORED_KEY.fullmatch(key):
+            raise WeightLoadError(f"unexpected key {key!r} in checkpoint; it is not part of a GPT-2 with this config")
+    for key, shape in (expected | optional).items():
+        if key not in state:
+            if key in optional:
+                continue
+            raise WeightLoadError(f"checkpoint is missing {key!r} (expected shape {shape})")
+        if tuple(state[key].shape) != shape:
+            raise WeightLoadError(f"{key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+
+    heads = {"n_heads": cfg.n_heads, "d_head": cfg.d_head}
+    out = {
+        "embed.W_E": state["wte.weight"],
+        "pos_embed.W_pos": state["wpe.weight"],
+        "ln_final.w": state["ln_f.weight"],
+        "ln_final.b": state["ln_f.bias"],
+        "unembed.W_U": state.get("lm_head.weight", state["wte.weight"]).T,
+        "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=state["wte.weight"].dtype),
+    }
+    for i in range(cfg.n_layers):
+        p, o = f"h.{i}.", f"blocks.{i}."
+        W_Q, W_K, W_V = state[p + "attn.c_attn.weight"].split(d, dim=1)
+        b_Q, b_K, b_V = state[p + "attn.c_attn.bias"].split(d, dim=0)
+        for name, W, b in (("Q", W_Q, b_Q), ("K", W_K, b_K), ("V", W_V, b_V)):
+            out[o + f"attn.W_{name}"] = einops.rearrange(W, "d_model (n_heads d_head) -> n_heads d_model d_head", **heads)
+            out[o + f"attn.b_{name}"] = einops.rearrange(b, "(n_heads d_head) -> n_heads d_head", **heads)
+        out[o + "attn.W_O"] = einops.rearrange(
+            state[p + "attn.c_proj.weight"], "(n_heads d_head) d_model -> n_heads d_head d_model", **heads
+        )
+        out[o + "attn.b_O"] = state[p + "attn.c_proj.bias"]
+        out[o + "ln1.w"], out[o + "ln1.b"] = state[p + "ln_1.weight"], state[p + "ln_1.bias"]
+        out[o + "ln2.w"], out[o + "ln2.b"] = state[p + "ln_2.weight"], state[p + "ln_2.bias"]
+        out[o + "mlp.W_in"], out[o + "mlp.b_in"] = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]
+        out[o + "mlp.W_out"], out[o + "mlp.b_out"] = state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def resolve_checkpoint_dir(name_or_path: Union[str, os.PathLike]) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (config and weights only) and cached."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the directory that holds config.json and {_WEIGHT_FILES[0]}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    return _download_from_hub(HUB_ALIASES.get(name, name))
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        logger.info("fetching %s from the Hugging Face Hub (or its local cache)", repo_id)
+        directory = Path(snapshot_download(repo_id, allow_patterns=["config.json", _WEIGHT_FILES[0]]))
+        if not (directory / _WEIGHT_FILES[0]).is_file():  # older uploads have only the pickle
+            directory = Path(snapshot_download(repo_id, allow_patterns=["config.json", _WEIGHT_FILES[1]]))
+        return directory
+    except _hub_errors() as e:
+        raise OSError(
+            f"could not load {repo_id!r}: it is not a local directory, and the Hugging Face Hub "
+            f"did not provide it ({type(e).__name__}: {e}). Offline? Pass a directory saved with "
+            f"GPT2LMHeadModel.save_pretrained, or a checkpoint written by Transformer.save."
+        ) from e
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.HTTPError, OSError)
+
+
+def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
+    """config.json and the weights of a Hugging Face GPT-2 checkpoint directory."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found; a Hugging Face checkpoint directory needs config.json")
+    hf_config = json.loads(config_file.read_text())
+    safetensors_file, bin_file = (directory / f for f in _WEIGHT_FILES)
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return hf_config, load_file(safetensors_file)
+    if bin_file.is_file():
+        return hf_config, torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} holds none of {_WEIGHT_FILES}")
+
+
+def load_hf_gpt2(
+    name_or_path: Union[str, os.PathLike],
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+    model_class: type[Transformer] = Transformer,
+) -> Transformer:
+    """A Transformer holding the weights of a Hugging Face GPT-2 checkpoint (directory or hub id)."""
+    directory = resolve_checkpoint_dir(name_or_path)
+    hf_config, hf_state = read_hf_checkpoint(directory)
+    cfg = config_from_hf(hf_config)
+    state = convert_hf_state_dict(hf_state, cfg)
+    with torch.device("meta"):
+        model = model_class(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()

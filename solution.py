@@ -1,0 +1,481 @@
+"""GPT-2, written out so that it can be read in one sitting and checked to the last decimal.
+
+This file defines, in data-flow order:
+
+    TransformerConfig    hyperparameters, GPT-2 small by default
+    Embedding            tokens -> W_E rows                       (HF: transformer.wte)
+    PositionalEmbedding  positions -> W_pos rows                  (HF: transformer.wpe)
+    LayerNorm            centre, scale by 1/std, then w * x + b   (HF: ln_1, ln_2, ln_f)
+    Attention            causal multi-head self-attention         (HF: attn.c_attn, attn.c_proj)
+    MLP                  W_in, gelu_new, W_out                    (HF: mlp.c_fc, mlp.c_proj)
+    TransformerBlock     pre-LayerNorm residual block
+    Unembedding          residual stream -> logits                (HF: lm_head)
+    Transformer          the whole model, a TransformerLens HookedRootModule
+
+Parameter names, shapes and hook names are TransformerLens's (W_Q is
+[n_heads d_model d_head], the pattern is at blocks.{i}.attn.hook_pattern, ...), so
+`model.run_with_cache(tokens)` returns the activations a TransformerLens user expects.
+The logits equal Hugging Face's GPT2LMHeadModel and every hooked activation equals the
+TransformerLens 4 TransformerBridge on the same weights; tests/ checks both.
+
+Loading pretrained weights, the tokenizer, sampling and training live in the package
+`gpt2_small`, which re-exports everything defined here.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+AttnImpl = Literal["sdpa", "eager"]
+_ATTN_IMPLS = ("sdpa", "eager")
+
+
+@dataclass
+class TransformerConfig:
+    """Shape of a GPT-2 model. Field names follow TransformerLens's HookedTransformerConfig."""
+
+    d_model: int = 768  # width of the residual stream
+    n_layers: int = 12  # number of TransformerBlocks
+    n_heads: int = 12  # attention heads per block
+    d_head: int = 64  # width of one head's queries, keys and values; n_heads * d_head == d_model
+    d_mlp: int = 3072  # hidden width of the MLP, 4 * d_model in every GPT-2 size
+    d_vocab: int = 50257  # vocabulary: 256 bytes + 50,000 BPE merges + <|endoftext|>
+    n_ctx: int = 1024  # longest sequence the model accepts (rows of W_pos)
+    layer_norm_eps: float = 1e-5  # added to the variance inside the square root
+    init_range: float = 0.02  # std of the normal initialisation of weight matrices
+    # "sdpa": the fused F.scaled_dot_product_attention kernel; "eager": the einsum path that
+    # materialises scores and pattern. Hooks on attn_scores or pattern always run eager.
+    attn_impl: AttnImpl = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"TransformerConfig.{name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {value}")
+        if self.n_heads * self.d_head != self.d_model:
+            raise ValueError(
+                f"TransformerConfig.d_model={self.d_model} must equal n_heads * d_head = "
+                f"{self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}; "
+                f"set d_head={self.d_model // self.n_heads} or change n_heads"
+            )
+        for name in ("layer_norm_eps", "init_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"TransformerConfig.{name} must be a float, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"TransformerConfig.{name} must be a positive number, got {value}")
+        if self.attn_impl not in _ATTN_IMPLS:
+            raise ValueError(
+                f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}"
+            )
+
+
+def _normal(*shape: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape).normal_(mean=0.0, std=std))
+
+
+def _zeros(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape))
+
+
+def _residual_init_std(cfg: TransformerConfig) -> float:
+    # GPT-2 shrinks the two projections that write into the residual stream (W_O, W_out) by
+    # 1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+    return cfg.init_range / math.sqrt(2 * cfg.n_layers)
+
+
+class Embedding(nn.Module):
+    """Token embedding: row `token` of W_E."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = _normal(cfg.d_vocab, cfg.d_model, std=cfg.init_range)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_E[tokens]
+
+
+class PositionalEmbedding(nn.Module):
+    """Learned absolute position embedding: row `pos` of W_pos, the same for every batch item."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_pos = _normal(cfg.n_ctx, cfg.d_model, std=cfg.init_range)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        batch, pos = tokens.shape
+        return einops.repeat(self.W_pos[:pos], "pos d_model -> batch pos d_model", batch=batch)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over d_model: (x - mean) / sqrt(var + eps) * w + b.
+
+    hook_scale sees sqrt(var + eps) and hook_normalized sees (x - mean) / scale, before w
+    and b, as in TransformerLens. In float16/bfloat16 the statistics are computed in float32,
+    because the variance of a wide residual stream overflows or loses its low bits otherwise.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.eps = cfg.layer_norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = _zeros(cfg.d_model)
+        self.hook_scale = HookPoint()  # [batch pos 1]
+        self.hook_normalized = HookPoint()  # [batch pos d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        in_dtype = x.dtype
+        if x.element_size() < 4:
+            x = x.float()
+        x = x - x.mean(dim=-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized(x / scale)
+        return (normalized * self.w + self.b).to(in_dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention.
+
+    Each head h reads q = x W_Q[h] + b_Q[h] (likewise k, v), attends with
+    softmax(q k^T / sqrt(d_head)) over key positions at or before the query, and writes
+    z W_O[h] back; the heads' writes are summed and b_O added.
+
+    Two implementations compute the same thing: "eager" materialises attn_scores and pattern
+    through einsums (and their hooks), "sdpa" calls the fused F.scaled_dot_product_attention.
+    Whenever hook_attn_scores or hook_pattern has a hook (run_with_cache adds them), the
+    eager path runs, so cached or patched patterns are always real.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        std, out_std = cfg.init_range, _residual_init_std(cfg)
+        self.W_Q = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
+        self.W_K = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
+        self.W_V = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
+        self.W_O = _normal(cfg.n_heads, cfg.d_head, cfg.d_model, std=out_std)
+        self.b_Q = _zeros(cfg.n_heads, cfg.d_head)
+        self.b_K = _zeros(cfg.n_heads, cfg.d_head)
+        self.b_V = _zeros(cfg.n_heads, cfg.d_head)
+        self.b_O = _zeros(cfg.d_model)
+        self.hook_q = HookPoint()  # [batch pos n_heads d_head]
+        self.hook_k = HookPoint()  # [batch pos n_heads d_head]
+        self.hook_v = HookPoint()  # [batch pos n_heads d_head]
+        self.hook_attn_scores = HookPoint()  # [batch n_heads query_pos key_pos]
+        self.hook_pattern = HookPoint()  # [batch n_heads query_pos key_pos]
+        self.hook_z = HookPoint()  # [batch pos n_heads d_head]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self.W_K, self.b_K))
+        v = self.hook_v(self._project(x, self.W_V, self.b_V))
+        if self.uses_eager_path():
+            z = self._attend_eager(q, k, v)
+        else:
+            z = self._attend_sdpa(q, k, v)
+        z = self.hook_z(z)
+        out = einops.einsum(
+            z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos d_model"
+        )
+        return out + self.b_O
+
+    def uses_eager_path(self) -> bool:
+        """True when attention runs through the einsum path (config, or hooks that need it)."""
+        return (
+            self.cfg.attn_impl == "eager"
+            or self.hook_attn_scores.has_hooks()
+            or self.hook_pattern.has_hooks()
+        )
+
+    @staticmethod
+    def _project(
+        x: Float[Tensor, "batch pos d_model"],
+        W: Float[Tensor, "n_heads d_model d_head"],
+        b: Float[Tensor, "n_heads d_head"],
+    ) -> Float[Tensor, "batch pos n_heads d_head"]:
+        return einops.einsum(x, W, "batch pos d_model, n_heads d_model d_head -> batch pos n_heads d_head") + b
+
+    def _attend_eager(
+        self,
+        q: Float[Tensor, "batch query_pos n_heads d_head"],
+        k: Float[Tensor, "batch key_pos n_heads d_head"],
+        v: Float[Tensor, "batch key_pos n_heads d_head"],
+    ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        scores = einops.einsum(
+            q, k, "batch query_pos n_heads d_head, batch key_pos n_heads d_head -> batch n_heads query_pos key_pos"
+        ) / math.sqrt(self.cfg.d_head)
+        # The most negative finite value rather than -inf: a fully masked row then softmaxes to
+        # uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
+        scores = scores.masked_fill(causal_mask(q.shape[1], k.shape[1], q.device), torch.finfo(scores.dtype).min)
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
+        return einops.einsum(
+            pattern, v, "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> batch query_pos n_heads d_head"
+        )
+
+    def _attend_sdpa(
+        self,
+        q: Float[Tensor, "batch query_pos n_heads d_head"],
+        k: Float[Tensor, "batch key_pos n_heads d_head"],
+        v: Float[Tensor, "batch key_pos n_heads d_head"],
+    ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"the sdpa path needs as many queries as keys, got query_pos={q.shape[1]}, key_pos={k.shape[1]}"
+            )
+        to_heads_first = "batch pos n_heads d_head -> batch n_heads pos d_head"
+        z = F.scaled_dot_product_attention(
+            einops.rearrange(q, to_heads_first),
+            einops.rearrange(k, to_heads_first),
+            einops.rearrange(v, to_heads_first),
+            is_causal=True,
+        )
+        return einops.rearrange(z, "batch n_heads pos d_head -> batch pos n_heads d_head")
+
+
+def causal_mask(query_pos: int, key_pos: int, device: torch.device) -> Tensor:
+    """Boolean [query_pos key_pos] mask, True where the key lies after the query.
+
+    Queries are the last query_pos of the key_pos positions, so query i sits at absolute
+    position key_pos - query_pos + i; with query_pos == key_pos this is the usual triangle.
+    """
+    ones = torch.ones(query_pos, key_pos, dtype=torch.bool, device=device)
+    return ones.triu(diagonal=key_pos - query_pos + 1)
+
+
+class MLP(nn.Module):
+    """Position-wise MLP: gelu_new(x W_in + b_in) W_out + b_out.
+
+    gelu_new is GPT-2's tanh approximation of GELU, which F.gelu(approximate="tanh") computes.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_in = _normal(cfg.d_model, cfg.d_mlp, std=cfg.init_range)
+        self.b_in = _zeros(cfg.d_mlp)
+        self.W_out = _normal(cfg.d_mlp, cfg.d_model, std=_residual_init_std(cfg))
+        self.b_out = _zeros(cfg.d_model)
+        self.hook_pre = HookPoint()  # [batch pos d_mlp]
+        self.hook_post = HookPoint()  # [batch pos d_mlp]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(einops.einsum(x, self.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + self.b_in)
+        post = self.hook_post(F.gelu(pre, approximate="tanh"))
+        return einops.einsum(post, self.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + self.b_out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = LayerNorm(cfg)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch pos d_model]
+        self.hook_attn_out = HookPoint()  # [batch pos d_model]
+        self.hook_resid_mid = HookPoint()  # [batch pos d_model]
+        self.hook_mlp_out = HookPoint()  # [batch pos d_model]
+        self.hook_resid_post = HookPoint()  # [batch pos d_model]
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class Unembedding(nn.Module):
+    """Residual stream to logits: x W_U + b_U.
+
+    W_U is a parameter of its own, as in TransformerLens, not a view of W_E: pretrained GPT-2
+    ties the two (W_U = W_E^T, and from_pretrained copies it so), but keeping them apart lets
+    interpretability work edit or study either alone. b_U is zero in pretrained GPT-2.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_U = _normal(cfg.d_model, cfg.d_vocab, std=cfg.init_range)
+        self.b_U = _zeros(cfg.d_vocab)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return einops.einsum(x, self.W_U, "batch pos d_model, d_model d_vocab -> batch pos d_vocab") + self.b_U
+
+
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "gpt2_small_config.json"
+
+
+class Transformer(HookedRootModule):
+    """GPT-2: tokens [batch pos] -> logits [batch pos d_vocab].
+
+    Tokens are checked before forward runs (see `check_tokens`): integer dtype, shape
+    [batch pos] with 1 <= pos <= n_ctx, ids in [0, d_vocab). A 1-D tensor is refused rather
+    than guessed to be one sequence; pass `tokens[None]`.
+    """
+
+    def __init__(self, cfg: Optional[TransformerConfig] = None):
+        super().__init__()
+        if cfg is None:
+            cfg = TransformerConfig()
+        if not isinstance(cfg, TransformerConfig):
+            raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.hook_embed = HookPoint()  # [batch pos d_model]
+        self.pos_embed = PositionalEmbedding(cfg)
+        self.hook_pos_embed = HookPoint()  # [batch pos d_model]
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg)
+        self.unembed = Unembedding(cfg)
+        # A pre-hook, so that bad tokens get our ValueError before jaxtyping's shape check.
+        self.register_forward_pre_hook(_check_tokens_pre_hook, with_kwargs=True)
+        self.setup()
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
+        for block in self.blocks:
+            residual = block(residual)
+        return self.unembed(self.ln_final(residual))
+
+    def check_tokens(self, tokens: object) -> None:
+        """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise ValueError(
+                f"tokens must have an integer dtype (torch.long, int32, ...), got {tokens.dtype}"
+            )
+        if tokens.ndim != 2:
+            hint = "; for one sequence pass tokens[None]" if tokens.ndim == 1 else ""
+            raise ValueError(
+                f"tokens must have shape [batch, pos] (ndim 2), got shape {tuple(tokens.shape)}{hint}"
+            )
+        batch, pos = tokens.shape
+        if pos < 1 or pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {pos} must be in [1, n_ctx={self.cfg.n_ctx}]")
+        if batch < 1:
+            raise ValueError("tokens has batch size 0; pass at least one sequence")
+        if torch.compiler.is_compiling():
+            return
+        low, high = torch.aminmax(tokens)
+        low, high = int(low), int(high)
+        if low < 0 or high >= self.cfg.d_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
+
+    def num_params(self, include_unembed: bool = True) -> int:
+        """Number of parameters.
+
+        With the defaults this is 163,087,441: W_U (38,597,376) and b_U (50,257) are parameters
+        of their own here. Pretrained GPT-2 ties W_U to W_E and has no b_U, which is where the
+        usual "124M" (124,439,808) comes from: `num_params(include_unembed=False)`.
+        """
+        skip = set() if include_unembed else {id(p) for p in self.unembed.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.W_E.dtype
+
+    # --- weights -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: Union[str, os.PathLike],
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "Transformer":
+        """GPT-2 weights in Hugging Face's format, from a local directory or a hub id.
+
+        See gpt2_small.weights.load_hf_gpt2 for the accepted layouts and errors.
+        """
+        from gpt2_small.weights import load_hf_gpt2
+
+        return load_hf_gpt2(name_or_path, device=device, dtype=dtype, model_class=cls)
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write this model to the directory `path` (created if needed) as safetensors + JSON config.
+
+        Both files are written to a temporary name and renamed into place, so a crash never
+        leaves a half-written checkpoint behind. `Transformer.load(path)` restores it bit for bit.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        _atomic_write(path / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        config_text = json.dumps({"format": "gpt2_small", "config": dataclasses.asdict(self.cfg)}, indent=2)
+        _atomic_write(path / CHECKPOINT_CONFIG, lambda tmp: Path(tmp).write_text(config_text))
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, os.PathLike],
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> "Transformer":
+        """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{f} not found: Transformer.load expects a directory written by Transformer.save "
+                    f"(for Hugging Face checkpoints use Transformer.from_pretrained)"
+                )
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != "gpt2_small":
+            raise ValueError(f"{config_file} is not a gpt2_small checkpoint config (format={meta.get('format')!r})")
+        model = cls(TransformerConfig(**meta["config"]))
+        state = load_file(weights_file)
+        model.to(next(iter(state.values())).dtype)
+        model.load_state_dict(state, strict=True)
+        return model.to(device=device, dtype=dtype)
+
+
+def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> None:
+    model.check_tokens(args[0] if args else kwargs.get("tokens"))
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

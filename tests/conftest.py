@@ -1,0 +1,184 @@
+"""Reference fixtures: seeded random GPT-2 checkpoints in Hugging Face's format, the
+TransformerLens 4 TransformerBridge booted on each, and our Transformer loaded from the same
+files. Everything is built locally; nothing is fetched from a hub.
+
+Parity assertions go through the `parity` fixture, which records the worst relative error per
+component; the table is printed at the end of the run.
+"""
+
+import dataclasses
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import tiktoken_ext.openai_public
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from gpt2_small import EOT_ID, Transformer, asset_path
+
+# The contract: ||ours - ref|| / ||ref|| <= REL_TOL, and torch.testing.assert_close's float32
+# defaults (rtol 1.3e-6, atol 1e-5) elementwise.
+REL_TOL = 1e-5
+# Activations of a whole forward pass carry every upstream layer's float32 rounding. After 12
+# layers with |resid| ~ 50, HF and the bridge already differ from each other by ~6e-5
+# elementwise, so assert_close's defaults hold for no pair of float32 implementations there.
+# Those are checked against a float64 run of the bridge instead: our largest elementwise
+# error may be at most DEEP_ERROR_RATIO times the float32 bridge's own.
+DEEP_ERROR_RATIO = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_inner: int
+    n_positions: int
+    layer_norm_epsilon: float
+    batch: int
+    pos: int
+    seed: int
+
+
+SPECS = [
+    Spec("gpt2-small-shape", 12, 768, 12, 3072, 1024, 1e-5, batch=2, pos=48, seed=0),
+    # Odd on purpose: d_head 24, d_mlp not a multiple of d_model, a large eps, a short n_ctx.
+    Spec("odd-3l-96d-4h", 3, 96, 4, 200, 64, 1e-3, batch=3, pos=37, seed=1),
+]
+
+
+@dataclasses.dataclass
+class Reference:
+    spec: Spec
+    directory: Path
+    hf: GPT2LMHeadModel
+    bridge: object
+    model: Transformer
+    tokens: torch.Tensor
+    cache: dict  # the bridge's ActivationCache
+    cache64: dict  # the same run of the bridge in float64: the ground truth for deep activations
+    logits: torch.Tensor  # the bridge's logits
+    hf_logits: torch.Tensor
+
+
+def hf_tokenizer() -> PreTrainedTokenizerFast:
+    """Hugging Face's GPT-2 tokenizer, converted from the bundled tiktoken ranks (offline)."""
+    converted = TikTokenConverter(
+        vocab_file=str(asset_path("gpt2.tiktoken")),
+        pattern=tiktoken_ext.openai_public.r50k_pat_str,
+        extra_special_tokens={"<|endoftext|>": EOT_ID},
+    ).converted()
+    eot = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot, unk_token=eot)
+
+
+def randomize_(hf: GPT2LMHeadModel, seed: int) -> None:
+    """Replace GPT-2's init with weights that exercise every parameter.
+
+    The stock init has zero biases and unit LayerNorm weights, under which a loader that
+    dropped a bias or swapped w and b would still pass; and its tiny weights give nearly
+    uniform attention. Here matrices have std 1.5/sqrt(d_model), so attention scores are
+    O(1), and every bias and LayerNorm parameter is random.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d_model = hf.config.n_embd
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(1.5 / math.sqrt(d_model) * noise)
+
+
+def save_hf_checkpoint(spec: Spec, directory: Path) -> GPT2LMHeadModel:
+    torch.manual_seed(spec.seed)
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=spec.n_positions,
+        n_embd=spec.n_embd,
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        n_inner=spec.n_inner,
+        layer_norm_epsilon=spec.layer_norm_epsilon,
+    )
+    hf = GPT2LMHeadModel(config).eval()
+    randomize_(hf, spec.seed)
+    hf.save_pretrained(directory)
+    hf_tokenizer().save_pretrained(directory)
+    return hf
+
+
+@pytest.fixture(scope="session", params=SPECS, ids=[s.name for s in SPECS])
+def ref(request, tmp_path_factory) -> Reference:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    spec: Spec = request.param
+    directory = tmp_path_factory.mktemp(spec.name)
+    hf = save_hf_checkpoint(spec, directory)
+    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
+    model = Transformer.from_pretrained(directory)
+    gen = torch.Generator().manual_seed(spec.seed + 100)
+    tokens = torch.randint(0, 50257, (spec.batch, spec.pos), generator=gen)
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(tokens)
+        hf_logits = hf(tokens).logits
+        bridge64 = TransformerBridge.boot_transformers(str(directory), device="cpu", dtype=torch.float64)
+        _, cache64 = bridge64.run_with_cache(tokens)
+    del bridge64
+    return Reference(spec, directory, hf, bridge, model, tokens, cache, cache64, logits, hf_logits)
+
+
+_worst: dict[str, dict[str, float]] = defaultdict(dict)
+
+
+def _rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.fixture
+def parity():
+    """parity(actual, expected, component, spec_name, truth=None): assert the contract, record the error.
+
+    Without `truth`, elementwise closeness is assert_close's defaults. With `truth` (the
+    float64 value), it is: max|actual - truth| <= DEEP_ERROR_RATIO * max|expected - truth|.
+    """
+
+    def check(actual, expected, component: str, spec_name: str, truth=None) -> float:
+        assert actual.shape == expected.shape, f"{component}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.dtype == expected.dtype, f"{component}: dtype {actual.dtype} != {expected.dtype}"
+        rel = _rel_error(actual, expected)
+        worst = _worst[component]
+        worst[spec_name] = max(rel, worst.get(spec_name, 0.0))
+        assert rel <= REL_TOL, f"{component} [{spec_name}]: relative error {rel:.3g} > {REL_TOL}"
+        if truth is None:
+            torch.testing.assert_close(actual, expected, msg=lambda m: f"{component} [{spec_name}]: {m}")
+        else:
+            ours = float((actual.double() - truth).abs().max())
+            reference = float((expected.double() - truth).abs().max())
+            assert ours <= DEEP_ERROR_RATIO * reference, (
+                f"{component} [{spec_name}]: max error vs float64 {ours:.3g} exceeds "
+                f"{DEEP_ERROR_RATIO} x the float32 bridge's {reference:.3g}"
+            )
+        return rel
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _worst:
+        return
+    specs = sorted({s for by_spec in _worst.values() for s in by_spec})
+    tr = terminalreporter
+    tr.section("worst relative error ||ours - ref|| / ||ref|| per component (float32)")
+    tr.write_line(f"{'component':<34}" + "".join(f"{s:>20}" for s in specs))
+    for component in sorted(_worst):
+        row = "".join(f"{_worst[component].get(s, float('nan')):>20.2e}" for s in specs)
+        tr.write_line(f"{component:<34}{row}")

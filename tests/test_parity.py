@@ -1,0 +1,184 @@
+"""Every component against the TransformerLens 4 bridge (and the whole model against HF).
+
+Each component is fed its own reference input from the bridge's cache, so a failure points
+at that component and not at something upstream.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from solution import causal_mask
+
+BLOCK_HOOKS = [
+    "hook_resid_pre",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+]
+TOP_HOOKS = ["hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
+def hook_names(n_layers: int) -> list[str]:
+    return TOP_HOOKS + [f"blocks.{i}.{h}" for i in range(n_layers) for h in BLOCK_HOOKS]
+
+
+@contextmanager
+def capture(module: torch.nn.Module, *hook_attrs: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record what the module's own HookPoints see during the `with` body."""
+    seen: dict[str, torch.Tensor] = {}
+    points = [getattr(module, attr) for attr in hook_attrs]
+    for attr, point in zip(hook_attrs, points):
+        point.add_hook(lambda tensor, hook, attr=attr: seen.__setitem__(attr, tensor.detach()))
+    try:
+        yield seen
+    finally:
+        for point in points:
+            point.remove_hooks()
+
+
+def test_embedding(ref, parity):
+    parity(ref.model.embed(ref.tokens), ref.cache["hook_embed"], "Embedding", ref.spec.name)
+
+
+def test_positional_embedding(ref, parity):
+    parity(ref.model.pos_embed(ref.tokens), ref.cache["hook_pos_embed"], "PositionalEmbedding", ref.spec.name)
+
+
+@pytest.mark.parametrize("ln, resid_in", [("ln1", "hook_resid_pre"), ("ln2", "hook_resid_mid")])
+def test_block_layernorms(ref, parity, ln, resid_in):
+    for i, block in enumerate(ref.model.blocks):
+        module, prefix = getattr(block, ln), f"blocks.{i}.{ln}"
+        with capture(module, "hook_scale", "hook_normalized") as seen, torch.no_grad():
+            out = module(ref.cache[f"blocks.{i}.{resid_in}"])
+        parity(seen["hook_scale"], ref.cache[f"{prefix}.hook_scale"], f"LayerNorm {ln} scale", ref.spec.name)
+        parity(seen["hook_normalized"], ref.cache[f"{prefix}.hook_normalized"], f"LayerNorm {ln} normalized", ref.spec.name)
+        parity(out, ref.cache[f"{prefix}.hook_out"], f"LayerNorm {ln} out", ref.spec.name)
+
+
+def test_final_layernorm(ref, parity):
+    last = ref.spec.n_layer - 1
+    module = ref.model.ln_final
+    with capture(module, "hook_scale", "hook_normalized") as seen, torch.no_grad():
+        out = module(ref.cache[f"blocks.{last}.hook_resid_post"])
+    parity(seen["hook_scale"], ref.cache["ln_final.hook_scale"], "LayerNorm ln_final scale", ref.spec.name)
+    parity(seen["hook_normalized"], ref.cache["ln_final.hook_normalized"], "LayerNorm ln_final normalized", ref.spec.name)
+    parity(out, ref.cache["ln_final.hook_out"], "LayerNorm ln_final out", ref.spec.name)
+
+
+def test_attention_sdpa_path(ref, parity):
+    """With no hooks on scores or pattern the fused kernel runs; its output must match too."""
+    for i, block in enumerate(ref.model.blocks):
+        assert block.attn.cfg.attn_impl == "sdpa" and not block.attn.uses_eager_path()
+        with capture(block.attn, "hook_z") as seen, torch.no_grad():
+            out = block.attn(ref.cache[f"blocks.{i}.ln1.hook_out"])
+        parity(seen["hook_z"], ref.cache[f"blocks.{i}.attn.hook_z"], "Attention z (sdpa)", ref.spec.name)
+        parity(out, ref.cache[f"blocks.{i}.hook_attn_out"], "Attention attn_out (sdpa)", ref.spec.name)
+
+
+def test_attention_eager_path(ref, parity):
+    pos = ref.spec.pos
+    masked = causal_mask(pos, pos, torch.device("cpu"))
+    for i, block in enumerate(ref.model.blocks):
+        prefix = f"blocks.{i}.attn"
+        with capture(block.attn, "hook_attn_scores", "hook_pattern", "hook_z") as seen, torch.no_grad():
+            assert block.attn.uses_eager_path()
+            out = block.attn(ref.cache[f"blocks.{i}.ln1.hook_out"])
+        ref_scores = ref.cache[f"{prefix}.hook_attn_scores"]
+        # Masked scores hold finfo.min, whose norm overflows: compare the visible ones, and
+        # require the masked ones to be identical.
+        parity(seen["hook_attn_scores"][..., ~masked], ref_scores[..., ~masked], "Attention attn_scores", ref.spec.name)
+        assert torch.equal(seen["hook_attn_scores"][..., masked], ref_scores[..., masked])
+        parity(seen["hook_pattern"], ref.cache[f"{prefix}.hook_pattern"], "Attention pattern", ref.spec.name)
+        parity(seen["hook_z"], ref.cache[f"{prefix}.hook_z"], "Attention z", ref.spec.name)
+        parity(out, ref.cache[f"blocks.{i}.hook_attn_out"], "Attention attn_out", ref.spec.name)
+
+
+def test_attention_patterns_are_not_trivial(ref):
+    """Guard on the fixture: near-uniform patterns would make the pattern comparison weak."""
+    pattern = ref.cache["blocks.0.attn.hook_pattern"]
+    assert pattern[..., -1, :].max() > 3.0 / ref.spec.pos
+
+
+def test_mlp(ref, parity):
+    for i, block in enumerate(ref.model.blocks):
+        prefix = f"blocks.{i}.mlp"
+        with capture(block.mlp, "hook_pre", "hook_post") as seen, torch.no_grad():
+            out = block.mlp(ref.cache[f"blocks.{i}.ln2.hook_out"])
+        parity(seen["hook_pre"], ref.cache[f"{prefix}.hook_pre"], "MLP pre", ref.spec.name)
+        parity(seen["hook_post"], ref.cache[f"{prefix}.hook_post"], "MLP post", ref.spec.name)
+        parity(out, ref.cache[f"blocks.{i}.hook_mlp_out"], "MLP mlp_out", ref.spec.name)
+
+
+def test_transformer_block(ref, parity):
+    for i, block in enumerate(ref.model.blocks):
+        with torch.no_grad():
+            out = block(ref.cache[f"blocks.{i}.hook_resid_pre"])
+        parity(out, ref.cache[f"blocks.{i}.hook_resid_post"], "TransformerBlock resid_post", ref.spec.name)
+
+
+def test_unembedding(ref, parity):
+    with torch.no_grad():
+        logits = ref.model.unembed(ref.cache["ln_final.hook_out"])
+    parity(logits, ref.logits, "Unembedding logits", ref.spec.name)
+
+
+def test_full_model_matches_hf(ref, parity):
+    with torch.no_grad():
+        logits = ref.model(ref.tokens)
+    parity(logits, ref.hf_logits, "Transformer logits vs HF", ref.spec.name)
+
+
+def test_full_model_matches_bridge(ref, parity):
+    with torch.no_grad():
+        logits = ref.model(ref.tokens)
+    parity(logits, ref.logits, "Transformer logits vs bridge", ref.spec.name)
+
+
+def test_hook_names_are_exactly_transformer_lens_names(ref):
+    ours = set(ref.model.hook_dict)
+    expected = set(hook_names(ref.spec.n_layer))
+    assert ours == expected, f"missing {sorted(expected - ours)}, extra {sorted(ours - expected)}"
+    assert expected <= set(ref.cache.keys())
+
+
+def test_cache_matches_bridge_cache(ref, parity):
+    """A whole run: every hook's value vs the bridge's (rel <= 1e-5), and elementwise vs float64."""
+    with torch.no_grad():
+        logits, cache = ref.model.run_with_cache(ref.tokens)
+    parity(logits, ref.logits, "run_with_cache logits", ref.spec.name)
+    masked = causal_mask(ref.spec.pos, ref.spec.pos, torch.device("cpu"))
+    for name in hook_names(ref.spec.n_layer):
+        ours, theirs, truth = cache[name], ref.cache[name], ref.cache64[name]
+        assert ours.shape == theirs.shape, f"{name}: {tuple(ours.shape)} != {tuple(theirs.shape)}"
+        if name.endswith("hook_attn_scores"):
+            assert torch.equal(ours[..., masked], theirs[..., masked]), name
+            ours, theirs, truth = ours[..., ~masked], theirs[..., ~masked], truth[..., ~masked]
+        component = "cache " + name.split(".", 2)[-1] if name.startswith("blocks.") else "cache " + name
+        parity(ours, theirs, component, ref.spec.name, truth=truth)
+
+
+def test_weights_match_bridge_weights(ref):
+    """Our parameters are TL's parameters: same names and shapes, same values."""
+    for i, (ours, theirs) in enumerate(zip(ref.model.blocks, ref.bridge.blocks)):
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+            torch.testing.assert_close(
+                getattr(ours.attn, name), getattr(theirs.attn, name), rtol=0, atol=0, msg=f"blocks.{i}.attn.{name}"
+            )
+    W_E = ref.model.embed.W_E
+    torch.testing.assert_close(ref.model.unembed.W_U, W_E.T, rtol=0, atol=0)

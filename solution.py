@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 import einops
 import torch
@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-AttnImpl = Literal["sdpa", "eager"]
 _ATTN_IMPLS = ("sdpa", "eager")
 
 
@@ -58,7 +57,9 @@ class TransformerConfig:
     init_range: float = 0.02  # std of the normal initialisation of weight matrices
     # "sdpa": the fused F.scaled_dot_product_attention kernel; "eager": the einsum path that
     # materialises scores and pattern. Hooks on attn_scores or pattern always run eager.
-    attn_impl: AttnImpl = "sdpa"
+    # A str checked in __post_init__ rather than a Literal, so a typo gets our ValueError
+    # listing the choices even when beartype checks the dataclass's __init__.
+    attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):

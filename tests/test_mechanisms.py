@@ -1,0 +1,314 @@
+"""Unit tests that each isolate one mechanism of the model, on small random models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt2_small
+import solution
+from solution import Attention, LayerNorm, Transformer, TransformerConfig
+
+TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16)
+
+
+def tiny_model(attn_impl: str = "sdpa", seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(**{**vars(TINY), "attn_impl": attn_impl, "init_range": 0.3, **overrides})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so every path matters
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or name.split(".")[-1].startswith("b_"):
+                p.normal_(0.0, 0.1).add_(1.0 if name.endswith(".w") else 0.0)
+    return model
+
+
+def random_tokens(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, TINY.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+# --- LayerNorm -----------------------------------------------------------------------------
+
+
+def test_layernorm_epsilon_is_inside_the_sqrt():
+    ln = LayerNorm(TransformerConfig(d_model=4, n_heads=1, d_head=4, layer_norm_eps=0.1))
+    x = torch.tensor([[[0.1, -0.1, 0.1, -0.1]]])  # mean 0, variance 0.01, comparable to eps
+    out = ln(x)
+    inside = x / math.sqrt(0.01 + 0.1)
+    outside = x / (math.sqrt(0.01) + 0.1)
+    torch.testing.assert_close(out, inside)
+    assert not torch.allclose(out, outside, rtol=1e-2, atol=0)
+    torch.testing.assert_close(out, F.layer_norm(x, (4,), eps=0.1))
+
+
+def test_layernorm_applies_w_and_b_after_normalizing():
+    ln = LayerNorm(TransformerConfig(d_model=4, n_heads=1, d_head=4))
+    with torch.no_grad():
+        ln.w.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        ln.b.copy_(torch.tensor([0.5, -0.5, 0.0, 1.0]))
+    x = torch.randn(2, 3, 4)
+    expected = F.layer_norm(x, (4,), weight=ln.w, bias=ln.b, eps=1e-5)
+    torch.testing.assert_close(ln(x), expected)
+
+
+def test_layernorm_statistics_are_upcast_in_bfloat16():
+    ln = LayerNorm(TransformerConfig(d_model=64, n_heads=1, d_head=64))
+    # A large common offset with a small spread: bf16 statistics lose the spread entirely.
+    x32 = 300.0 + torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    x16 = x32.bfloat16()
+    out = ln(x16)
+    assert out.dtype == torch.bfloat16
+    exact = F.layer_norm(x16.float(), (64,), eps=1e-5)
+    naive = x16 - x16.mean(-1, keepdim=True)
+    naive = naive / (naive.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    ours_err = (out.float() - exact).abs().max()
+    naive_err = (naive.float() - exact).abs().max()
+    assert ours_err <= 0.02, ours_err
+    assert naive_err > 10 * ours_err, (naive_err, ours_err)
+
+
+# --- Attention -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_causal_mask_future_token_cannot_change_past_logits(attn_impl):
+    model = tiny_model(attn_impl)
+    tokens = random_tokens(2, 10)
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % TINY.d_vocab
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(after[:, :6], before[:, :6], rtol=0, atol=0)
+    assert (after[:, 6:] - before[:, 6:]).abs().amax(dim=-1).min() > 1e-4  # and the rest does change
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_single_position_attention_returns_the_value(attn_impl):
+    """With one position the pattern is [[1]], so the output is v W_O + b_O exactly."""
+    torch.manual_seed(0)
+    attn = Attention(TransformerConfig(**{**vars(TINY), "attn_impl": attn_impl, "init_range": 0.3}))
+    with torch.no_grad():
+        for b in (attn.b_Q, attn.b_K, attn.b_V, attn.b_O):
+            b.normal_()
+    x = torch.randn(3, 1, TINY.d_model)
+    v = torch.einsum("bpd,hde->bphe", x, attn.W_V) + attn.b_V
+    expected = torch.einsum("bphe,hed->bpd", v, attn.W_O) + attn.b_O
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected)
+        if attn_impl == "eager":
+            seen = {}
+            attn.hook_pattern.add_hook(lambda t, hook: seen.setdefault("pattern", t))
+            attn(x)
+            attn.hook_pattern.remove_hooks()
+            torch.testing.assert_close(seen["pattern"], torch.ones(3, TINY.n_heads, 1, 1))
+
+
+def test_pattern_rows_sum_to_one_and_ignore_the_future():
+    model = tiny_model("eager")
+    _, cache = model.run_with_cache(random_tokens(2, 9))
+    pattern = cache["blocks.1.attn.hook_pattern"]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, TINY.n_heads, 9))
+    future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    assert torch.equal(pattern[..., future], torch.zeros_like(pattern[..., future]))
+
+
+def test_causal_mask_with_cached_keys_offsets_the_triangle():
+    """Three new queries over five keys: query i sits at absolute position 2 + i."""
+    mask = solution.causal_mask(3, 5, torch.device("cpu"))
+    expected = torch.tensor(
+        [[False, False, False, True, True], [False, False, False, False, True], [False, False, False, False, False]]
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_sdpa_path_equals_eager_path():
+    tokens = random_tokens(3, 16)
+    eager, sdpa = tiny_model("eager"), tiny_model("sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(tokens), eager(tokens))
+    assert not sdpa.blocks[0].attn.uses_eager_path() and eager.blocks[0].attn.uses_eager_path()
+
+
+def test_hooks_on_the_pattern_switch_sdpa_to_the_eager_path():
+    model = tiny_model("sdpa")
+    attn = model.blocks[0].attn
+    assert not attn.uses_eager_path()
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: None)]):
+        assert attn.uses_eager_path()
+    assert not attn.uses_eager_path()
+    _, cache = model.run_with_cache(random_tokens(1, 5), names_filter="blocks.0.attn.hook_pattern")
+    assert cache["blocks.0.attn.hook_pattern"].shape == (1, TINY.n_heads, 5, 5)
+
+
+# --- the whole model -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_batch_items_do_not_interact(attn_impl):
+    model = tiny_model(attn_impl)
+    tokens = random_tokens(4, 12)
+    with torch.no_grad():
+        together = model(tokens)
+        alone = torch.cat([model(tokens[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+
+
+def test_full_context_is_accepted():
+    model = tiny_model()
+    logits = model(random_tokens(1, TINY.n_ctx))
+    assert logits.shape == (1, TINY.n_ctx, TINY.d_vocab)
+
+
+def test_run_with_hooks_intervenes():
+    """Zero-ablating every head of layer 0 through hook_z equals zeroing that layer's W_O."""
+    model = tiny_model()
+    tokens = random_tokens(2, 8)
+
+    def ablate(z, hook):
+        return torch.zeros_like(z)
+
+    with torch.no_grad():
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", ablate)])
+        clean = model(tokens)
+        model.blocks[0].attn.W_O.zero_()
+        edited = model(tokens)
+    torch.testing.assert_close(hooked, edited)
+    assert not torch.allclose(hooked, clean)
+    assert not model.blocks[0].attn.hook_z.has_hooks()
+
+
+def test_parameter_names_and_shapes():
+    cfg = TransformerConfig(d_model=24, n_layers=2, n_heads=3, d_head=8, d_mlp=40, d_vocab=50, n_ctx=7)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    per_block = {
+        "ln1.w": (24,), "ln1.b": (24,),
+        "attn.W_Q": (3, 24, 8), "attn.W_K": (3, 24, 8), "attn.W_V": (3, 24, 8), "attn.W_O": (3, 8, 24),
+        "attn.b_Q": (3, 8), "attn.b_K": (3, 8), "attn.b_V": (3, 8), "attn.b_O": (24,),
+        "ln2.w": (24,), "ln2.b": (24,),
+        "mlp.W_in": (24, 40), "mlp.b_in": (40,), "mlp.W_out": (40, 24), "mlp.b_out": (24,),
+    }  # fmt: skip
+    expected = {"embed.W_E": (50, 24), "pos_embed.W_pos": (7, 24)}
+    for i in range(2):
+        expected |= {f"blocks.{i}.{k}": v for k, v in per_block.items()}
+    expected |= {"ln_final.w": (24,), "ln_final.b": (24,), "unembed.W_U": (24, 50), "unembed.b_U": (50,)}
+    actual = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert actual == expected
+    assert list(model.state_dict()) == list(expected)  # no buffers ride along in checkpoints
+
+
+def test_parameter_counts_for_gpt2_small():
+    with torch.device("meta"):
+        model = Transformer()
+    assert model.num_params() == 163_087_441
+    assert model.num_params(include_unembed=False) == 124_439_808  # HF's tied GPT-2 count
+
+
+def test_initialisation_follows_gpt2():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=256, n_layers=8, n_heads=4, d_head=64, d_mlp=1024, d_vocab=1000, n_ctx=128)
+    model = Transformer(cfg)
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    for name, p in model.named_parameters():
+        last = name.split(".")[-1]
+        if last in ("W_O", "W_out"):
+            assert abs(p.std().item() - residual_std) < 0.05 * residual_std, name
+        elif last.startswith("W_"):
+            assert abs(p.std().item() - 0.02) < 0.05 * 0.02, name
+            assert abs(p.mean().item()) < 0.002, name
+        elif last == "w":
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert torch.equal(p, torch.zeros_like(p)), name
+
+
+def test_modules_follow_the_input_dtype():
+    model = tiny_model().to(torch.bfloat16)
+    logits = model(random_tokens(1, 5))
+    assert logits.dtype == torch.bfloat16
+    reference = tiny_model()(random_tokens(1, 5))
+    assert (logits.float() - reference).abs().max() < 0.1
+
+
+def test_package_reexports_the_same_objects():
+    for name in ("TransformerConfig", "Embedding", "PositionalEmbedding", "LayerNorm", "Attention", "MLP",
+                 "TransformerBlock", "Unembedding", "Transformer"):  # fmt: skip
+        assert getattr(gpt2_small, name) is getattr(solution, name), name
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, error, message",
+    [
+        (torch.zeros(1, 4), ValueError, "integer dtype"),
+        (torch.zeros(1, 4, dtype=torch.bool), ValueError, "integer dtype"),
+        (torch.zeros(4, dtype=torch.long), ValueError, r"shape \[batch, pos\].*tokens\[None\]"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"ndim 2\), got shape \(1, 2, 3\)"),
+        (torch.zeros(1, TINY.n_ctx + 1, dtype=torch.long), ValueError, r"sequence length 17 must be in \[1, n_ctx=16\]"),
+        (torch.zeros(1, 0, dtype=torch.long), ValueError, r"sequence length 0 must be in \[1, n_ctx=16\]"),
+        (torch.zeros(0, 3, dtype=torch.long), ValueError, "batch size 0"),
+        (torch.tensor([[1, -1]]), ValueError, r"token id -1 is outside \[0, d_vocab=101\)"),
+        (torch.tensor([[1, 101]]), ValueError, r"token id 101 is outside \[0, d_vocab=101\)"),
+        ([[1, 2]], TypeError, "torch.Tensor"),
+    ],
+    ids=["float", "bool", "1-D", "3-D", "too-long", "empty", "no-batch", "negative-id", "id-too-large", "list"],
+)
+def test_bad_tokens_raise_a_named_error(tokens, error, message):
+    model = tiny_model()
+    with pytest.raises(error, match=message):
+        model(tokens)
+    with pytest.raises(error, match=message):
+        model(tokens=tokens)
+
+
+def test_int32_tokens_are_accepted():
+    model = tiny_model()
+    torch.testing.assert_close(model(random_tokens(1, 4).int()), model(random_tokens(1, 4)))
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_gpt2_small():
+    cfg = TransformerConfig()
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_mlp) == (768, 12, 12, 64, 3072)
+    assert (cfg.d_vocab, cfg.n_ctx, cfg.layer_norm_eps, cfg.init_range) == (50257, 1024, 1e-5, 0.02)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"d_model": 100}, ValueError, r"d_model=100 must equal n_heads \* d_head = 12 \* 64 = 768"),
+        ({"n_layers": 0}, ValueError, "n_layers must be positive, got 0"),
+        ({"d_vocab": -5}, ValueError, "d_vocab must be positive, got -5"),
+        # A wrong type is refused by beartype (in tests) or __post_init__; both name field and value.
+        ({"n_heads": 12.0}, TypeError, r"n_heads[\s\S]*12\.0"),
+        ({"n_ctx": True}, TypeError, "n_ctx must be an int, got True"),
+        ({"layer_norm_eps": 0.0}, ValueError, "layer_norm_eps must be a positive number, got 0.0"),
+        ({"init_range": float("nan")}, ValueError, "init_range must be a positive number"),
+        ({"attn_impl": "flash"}, ValueError, r"attn_impl must be one of \('sdpa', 'eager'\), got 'flash'"),
+    ],
+)
+def test_config_rejects_inconsistent_values(overrides, error, message):
+    with pytest.raises(error, match=message):
+        TransformerConfig(**overrides)
+
+
+def test_transformer_rejects_a_non_config():
+    with pytest.raises(TypeError, match="TransformerConfig"):
+        Transformer({"d_model": 768})
+
+
+def test_runtime_shape_checking_is_on():
+    """pyproject's addopts turn on jaxtyping + beartype for solution and gpt2_small."""
+    import jaxtyping
+
+    ln = tiny_model().blocks[0].ln1
+    with pytest.raises(jaxtyping.TypeCheckError):
+        ln(torch.randn(3, TINY.d_model))  # missing the pos axis
+    with pytest.raises(jaxtyping.TypeCheckError):
+        tiny_model().embed(torch.zeros(1, 3))  # float where Int token ids are declared

@@ -182,3 +182,13 @@ def pytest_terminal_summary(terminalreporter):
     for component in sorted(_worst):
         row = "".join(f"{_worst[component].get(s, float('nan')):>20.2e}" for s in specs)
         tr.write_line(f"{component:<34}{row}")
+
+
+TINY_SPEC = Spec("tiny", 2, 32, 4, 64, 24, 1e-5, batch=2, pos=11, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
+    """A small randomised GPT2LMHeadModel saved with save_pretrained (safetensors) + tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-hf")
+    return directory, save_hf_checkpoint(TINY_SPEC, directory)

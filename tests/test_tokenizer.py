@@ -1,0 +1,94 @@
+"""The bundled GPT-2 tokenizer: exact ids, offline, and refused when its file is corrupt."""
+
+import shutil
+import socket
+
+import pytest
+import torch
+
+import gpt2_small.assets as assets
+from gpt2_small import AssetChecksumError, EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
+
+
+@pytest.fixture
+def fresh_caches():
+    """Clear the memoised tokenizer and checksums before and after, so the test rebuilds them."""
+    get_tokenizer.cache_clear()
+    assets.asset_path.cache_clear()
+    yield
+    get_tokenizer.cache_clear()
+    assets.asset_path.cache_clear()
+
+
+def test_hello_world():
+    assert get_tokenizer().encode("Hello world") == [15496, 995]
+    tokens = to_tokens("Hello world")
+    assert tokens.dtype == torch.long and tokens.tolist() == [[15496, 995]]
+
+
+def test_known_ids_and_vocab_size():
+    enc = get_tokenizer()
+    assert enc.n_vocab == 50257
+    assert enc.encode(" the") == [262]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT_ID]
+    assert to_tokens("a<|endoftext|>b").tolist() == [[64, EOT_ID, 65]]
+
+
+def test_prepend_bos_and_device():
+    tokens = to_tokens("Hello world", prepend_bos=True, device="cpu")
+    assert tokens.tolist() == [[EOT_ID, 15496, 995]] and tokens.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("text", ["Hello world", "  leading spaces\nand\ttabs", "naïve café — 東京 🙂", "x" * 300])
+def test_round_trip(text):
+    tokens = to_tokens(text)
+    assert to_string(tokens) == text
+    assert to_string(tokens[0]) == text
+    assert to_string(tokens[0].tolist()) == text
+
+
+def test_batches_and_str_tokens():
+    tokens = torch.tensor([[15496, 995], [995, 15496]])
+    assert to_strings(tokens) == ["Hello world", " worldHello"]
+    with pytest.raises(ValueError, match="to_strings"):
+        to_string(tokens)
+    assert to_str_tokens("Hello world") == ["Hello", " world"]
+    assert to_str_tokens(tokens[:1]) == ["Hello", " world"]
+
+
+def test_bad_text():
+    with pytest.raises(TypeError, match=r"text[\s\S]*(bytes|b'Hello')"):  # ours or beartype's wording
+        to_tokens(b"Hello")
+    with pytest.raises(ValueError, match="no tokens"):
+        to_tokens("")
+    assert to_tokens("", prepend_bos=True).tolist() == [[EOT_ID]]
+
+
+def test_tokenizer_builds_with_networking_unavailable(monkeypatch, fresh_caches):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled by test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(OSError, match="network disabled"):
+        socket.create_connection(("example.com", 80))  # the block is in place
+    assert get_tokenizer().encode("Hello world") == [15496, 995]
+
+
+def test_corrupt_ranks_file_is_refused(monkeypatch, tmp_path, fresh_caches):
+    corrupt = tmp_path / "assets"
+    shutil.copytree(assets.ASSETS_DIR, corrupt)
+    data = bytearray((corrupt / "gpt2.tiktoken").read_bytes())
+    data[100] ^= 1
+    (corrupt / "gpt2.tiktoken").write_bytes(bytes(data))
+    monkeypatch.setattr(assets, "ASSETS_DIR", corrupt)
+    with pytest.raises(AssetChecksumError, match="gpt2.tiktoken has sha256 [0-9a-f]{64}, expected 306cd27f"):
+        get_tokenizer()
+
+
+def test_every_bundled_asset_matches_its_checksum(fresh_caches):
+    for name in ("gpt2.tiktoken", "shakespeare.txt.gz"):
+        assert assets.sha256_of(assets.asset_path(name)) == assets._expected_digests()[name]
+    with pytest.raises(ValueError, match="unknown asset 'nope'"):
+        assets.asset_path("nope")

@@ -1,0 +1,198 @@
+"""Loading Hugging Face GPT-2 checkpoints, and our own save/load round trip."""
+
+import json
+import shutil
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2_small import Transformer, TransformerConfig, WeightLoadError, config_from_hf, convert_hf_state_dict
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+def tokens_for(cfg, batch=2, pos=11):
+    return torch.randint(0, cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(3))
+
+
+def copy_with_state(src, dst, edit):
+    """Copy an HF checkpoint directory, editing its safetensors state dict on the way."""
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors")
+    return dst
+
+
+def test_from_pretrained_matches_hf_logits(tiny_checkpoint):
+    directory, hf = tiny_checkpoint
+    model = Transformer.from_pretrained(directory)
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+    assert not model.training
+
+
+def test_from_pretrained_reads_the_shape_from_config_json(tiny_checkpoint):
+    directory, hf = tiny_checkpoint
+    cfg = Transformer.from_pretrained(str(directory)).cfg  # str and Path both accepted
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.n_ctx) == (2, 32, 4, 8, 64, 24)
+
+
+def test_from_pretrained_reads_pytorch_model_bin(tiny_checkpoint, tmp_path):
+    directory, hf = tiny_checkpoint
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    model = Transformer.from_pretrained(tmp_path)
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+
+
+def test_pytorch_model_bin_is_never_unpickled_with_code(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran during loading",))
+
+    torch.save({"wte.weight": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_device_and_dtype(tiny_checkpoint):
+    directory, hf = tiny_checkpoint
+    model = Transformer.from_pretrained(directory, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.device == torch.device("cpu")
+    tokens = tokens_for(model.cfg)
+    expected = hf_logits(hf, tokens)
+    rel = (model(tokens).float() - expected).norm() / expected.norm()
+    assert rel < 4 * torch.finfo(torch.bfloat16).eps, rel  # a few bf16 roundings, not a wrong model
+
+
+def test_old_causal_mask_buffers_in_a_checkpoint_are_ignored(tiny_checkpoint, tmp_path):
+    directory, hf = tiny_checkpoint
+
+    def add_buffers(state):
+        state["transformer.h.0.attn.bias"] = torch.ones(1, 1, 24, 24).tril()
+        state["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+
+    model = Transformer.from_pretrained(copy_with_state(directory, tmp_path / "ckpt", add_buffers))
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+
+
+def test_an_untied_lm_head_becomes_W_U(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    lm_head = torch.randn(50257, 32)
+    model = Transformer.from_pretrained(
+        copy_with_state(directory, tmp_path / "ckpt", lambda s: s.__setitem__("lm_head.weight", lm_head))
+    )
+    assert torch.equal(model.unembed.W_U, lm_head.T)
+    assert not torch.equal(model.unembed.W_U, model.embed.W_E.T)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"), r"missing 'h.1.mlp.c_fc.bias' \(expected shape \(64,\)\)"),
+        (lambda s: s.__setitem__("transformer.h.0.attn.rotary", torch.zeros(3)), r"unexpected key 'h.0.attn.rotary'"),
+        (
+            lambda s: s.__setitem__("transformer.h.0.attn.c_attn.weight", torch.zeros(32, 95)),
+            r"'h.0.attn.c_attn.weight' has shape \(32, 95\), expected \(32, 96\)",
+        ),
+        (lambda s: s.__setitem__("lm_head.weight", torch.zeros(5, 32)), r"'lm_head.weight' has shape \(5, 32\)"),
+    ],
+    ids=["missing", "unexpected", "wrong-shape", "wrong-lm-head"],
+)
+def test_bad_checkpoints_name_the_key(tiny_checkpoint, tmp_path, edit, message):
+    directory, _ = tiny_checkpoint
+    with pytest.raises(WeightLoadError, match=message):
+        Transformer.from_pretrained(copy_with_state(directory, tmp_path / "ckpt", edit))
+
+
+def test_convert_rejects_a_state_dict_for_another_shape(tiny_checkpoint):
+    directory, _ = tiny_checkpoint
+    state = load_file(directory / "model.safetensors")
+    cfg = TransformerConfig(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, n_ctx=24)
+    with pytest.raises(WeightLoadError, match="missing 'h.2.ln_1.weight'"):
+        convert_hf_state_dict(state, cfg)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"activation_function": "relu"}, "activation_function='relu' is not supported"),
+        ({"model_type": "llama"}, "model_type 'gpt2'"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
+    ],
+)
+def test_unsupported_hf_configs_are_refused(tiny_checkpoint, change, message):
+    directory, _ = tiny_checkpoint
+    hf_config = json.loads((directory / "config.json").read_text()) | change
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(hf_config)
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        Transformer.from_pretrained(tmp_path / "nope" / "deeper")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(OSError, match=r"could not load 'openai-community/gpt2'[\s\S]*Offline\?"):
+        Transformer.from_pretrained("gpt2")
+
+
+# --- our own checkpoints -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_str", [False, True])
+def test_save_load_round_trip_is_bit_exact(tmp_path, as_str):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=48, n_layers=2, n_heads=3, d_head=16, d_mlp=100, d_vocab=97, n_ctx=20, attn_impl="eager")
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    path = tmp_path / "ckpt"
+    model.save(str(path) if as_str else path)
+    loaded = Transformer.load(str(path) if as_str else path)
+    assert loaded.cfg == cfg
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert list(original) == list(restored)
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+    tokens = torch.randint(0, 97, (2, 20))
+    assert torch.equal(model(tokens), loaded(tokens))
+    assert sorted(p.name for p in path.iterdir()) == ["gpt2_small_config.json", "model.safetensors"]
+
+
+def test_save_load_keeps_bfloat16(tmp_path):
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model.to(torch.bfloat16).save(tmp_path)
+    loaded = Transformer.load(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
+
+
+def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="expects a directory written by Transformer.save"):
+        Transformer.load(tmp_path)
+    (tmp_path / "gpt2_small_config.json").write_text(json.dumps({"format": "other"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a gpt2_small checkpoint config"):
+        Transformer.load(tmp_path)

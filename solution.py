@@ -29,7 +29,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import einops
 import torch
@@ -81,9 +80,7 @@ class TransformerConfig:
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"TransformerConfig.{name} must be a positive number, got {value}")
         if self.attn_impl not in _ATTN_IMPLS:
-            raise ValueError(
-                f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}"
-            )
+            raise ValueError(f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
 
 
 def _normal(*shape: int, std: float) -> nn.Parameter:
@@ -193,18 +190,12 @@ class Attention(nn.Module):
         else:
             z = self._attend_sdpa(q, k, v)
         z = self.hook_z(z)
-        out = einops.einsum(
-            z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos d_model"
-        )
+        out = einops.einsum(z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos d_model")
         return out + self.b_O
 
     def uses_eager_path(self) -> bool:
         """True when attention runs through the einsum path (config, or hooks that need it)."""
-        return (
-            self.cfg.attn_impl == "eager"
-            or self.hook_attn_scores.has_hooks()
-            or self.hook_pattern.has_hooks()
-        )
+        return self.cfg.attn_impl == "eager" or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
 
     @staticmethod
     def _project(
@@ -229,7 +220,9 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
         return einops.einsum(
-            pattern, v, "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> batch query_pos n_heads d_head"
+            pattern,
+            v,
+            "batch n_heads query_pos key_pos, batch key_pos n_heads d_head -> batch query_pos n_heads d_head",
         )
 
     def _attend_sdpa(
@@ -279,7 +272,9 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch pos d_mlp]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(einops.einsum(x, self.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + self.b_in)
+        pre = self.hook_pre(
+            einops.einsum(x, self.W_in, "batch pos d_model, d_model d_mlp -> batch pos d_mlp") + self.b_in
+        )
         post = self.hook_post(F.gelu(pre, approximate="tanh"))
         return einops.einsum(post, self.W_out, "batch pos d_mlp, d_mlp d_model -> batch pos d_model") + self.b_out
 
@@ -338,7 +333,7 @@ class Transformer(HookedRootModule):
     than guessed to be one sequence; pass `tokens[None]`.
     """
 
-    def __init__(self, cfg: Optional[TransformerConfig] = None):
+    def __init__(self, cfg: TransformerConfig | None = None):
         super().__init__()
         if cfg is None:
             cfg = TransformerConfig()
@@ -367,14 +362,10 @@ class Transformer(HookedRootModule):
         if not isinstance(tokens, Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
         if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-            raise ValueError(
-                f"tokens must have an integer dtype (torch.long, int32, ...), got {tokens.dtype}"
-            )
+            raise ValueError(f"tokens must have an integer dtype (torch.long, int32, ...), got {tokens.dtype}")
         if tokens.ndim != 2:
             hint = "; for one sequence pass tokens[None]" if tokens.ndim == 1 else ""
-            raise ValueError(
-                f"tokens must have shape [batch, pos] (ndim 2), got shape {tuple(tokens.shape)}{hint}"
-            )
+            raise ValueError(f"tokens must have shape [batch, pos] (ndim 2), got shape {tuple(tokens.shape)}{hint}")
         batch, pos = tokens.shape
         if pos < 1 or pos > self.cfg.n_ctx:
             raise ValueError(f"sequence length {pos} must be in [1, n_ctx={self.cfg.n_ctx}]")
@@ -411,9 +402,9 @@ class Transformer(HookedRootModule):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: Union[str, os.PathLike],
-        device: Union[str, torch.device, None] = None,
-        dtype: Optional[torch.dtype] = None,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Transformer":
         """GPT-2 weights in Hugging Face's format, from a local directory or a hub id.
 
@@ -423,7 +414,7 @@ class Transformer(HookedRootModule):
 
         return load_hf_gpt2(name_or_path, device=device, dtype=dtype, model_class=cls)
 
-    def save(self, path: Union[str, os.PathLike]) -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write this model to the directory `path` (created if needed) as safetensors + JSON config.
 
         Both files are written to a temporary name and renamed into place, so a crash never
@@ -442,9 +433,9 @@ class Transformer(HookedRootModule):
     @classmethod
     def load(
         cls,
-        path: Union[str, os.PathLike],
-        device: Union[str, torch.device, None] = None,
-        dtype: Optional[torch.dtype] = None,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Transformer":
         """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
         from safetensors.torch import load_file

@@ -4,6 +4,9 @@ The model itself lives in the top-level module `solution`; this package re-expor
 adds the tokenizer and weight loading.
 """
 
+from gpt2_small.assets import AssetChecksumError, asset_path
+from gpt2_small.tokenizer import EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
+from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict
 from solution import (
     MLP,
     Attention,
@@ -16,9 +19,6 @@ from solution import (
     Unembedding,
     causal_mask,
 )
-from gpt2_small.assets import AssetChecksumError, asset_path
-from gpt2_small.tokenizer import EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
-from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict
 
 __all__ = [
     "MLP",

@@ -4,11 +4,11 @@ import functools
 import hashlib
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "_assets"
 
 
 class AssetChecksumError(RuntimeError):
-    """A bundled file's sha256 differs from the one recorded in assets/SHA256SUMS."""
+    """A bundled file's sha256 differs from the one recorded in _assets/SHA256SUMS."""
 
 
 def _expected_digests() -> dict[str, str]:
@@ -28,7 +28,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def asset_path(name: str) -> Path:
     """Path of the bundled asset `name`, after checking its sha256 (once per process)."""
     expected = _expected_digests()
@@ -40,7 +40,7 @@ def asset_path(name: str) -> Path:
     actual = sha256_of(path)
     if actual != expected[name]:
         raise AssetChecksumError(
-            f"{path} has sha256 {actual}, expected {expected[name]} (assets/SHA256SUMS); "
+            f"{path} has sha256 {actual}, expected {expected[name]} (_assets/SHA256SUMS); "
             f"the file is corrupt or was replaced; reinstall gpt2_small"
         )
     return path

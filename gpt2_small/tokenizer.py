@@ -7,7 +7,6 @@ the ids of Hugging Face's GPT2Tokenizer: "Hello world" -> [15496, 995]. The lite
 
 import functools
 from collections.abc import Sequence
-from typing import Union
 
 import tiktoken
 import tiktoken.load
@@ -39,7 +38,7 @@ def to_tokens(
     text: str,
     *,
     prepend_bos: bool = False,
-    device: Union[str, torch.device, None] = None,
+    device: str | torch.device | None = None,
 ) -> Int[Tensor, "1 pos"]:
     """Encode `text` to a [1, pos] long tensor. `prepend_bos` puts <|endoftext|> first, as GPT-2 was never given a BOS token of its own."""
     if not isinstance(text, str):
@@ -52,7 +51,7 @@ def to_tokens(
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
-def to_string(tokens: Union[Tensor, Sequence[int]]) -> str:
+def to_string(tokens: Tensor | Sequence[int]) -> str:
     """Decode one sequence: a list of ids, a [pos] tensor or a [1, pos] tensor."""
     if isinstance(tokens, Tensor):
         if tokens.ndim == 2 and tokens.shape[0] == 1:
@@ -73,7 +72,7 @@ def to_strings(tokens: Int[Tensor, "batch pos"]) -> list[str]:
     return get_tokenizer().decode_batch(tokens.tolist())
 
 
-def to_str_tokens(tokens: Union[Tensor, Sequence[int], str]) -> list[str]:
+def to_str_tokens(tokens: Tensor | Sequence[int] | str) -> list[str]:
     """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"]."""
     if isinstance(tokens, str):
         tokens = to_tokens(tokens)[0]

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import einops
 import torch
@@ -49,7 +48,11 @@ def config_from_hf(hf_config: dict) -> TransformerConfig:
     act = hf_config.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"activation_function={act!r} is not supported; this model implements gelu_new")
-    for flag, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+    for flag, supported in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("reorder_and_upcast_attn", False),
+    ):
         if hf_config.get(flag, supported) != supported:
             raise ValueError(f"{flag}={hf_config[flag]!r} is not supported; GPT-2 uses {flag}={supported}")
     d_model, n_heads = hf_config["n_embd"], hf_config["n_head"]
@@ -111,7 +114,9 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
         W_Q, W_K, W_V = state[p + "attn.c_attn.weight"].split(d, dim=1)
         b_Q, b_K, b_V = state[p + "attn.c_attn.bias"].split(d, dim=0)
         for name, W, b in (("Q", W_Q, b_Q), ("K", W_K, b_K), ("V", W_V, b_V)):
-            out[o + f"attn.W_{name}"] = einops.rearrange(W, "d_model (n_heads d_head) -> n_heads d_model d_head", **heads)
+            out[o + f"attn.W_{name}"] = einops.rearrange(
+                W, "d_model (n_heads d_head) -> n_heads d_model d_head", **heads
+            )
             out[o + f"attn.b_{name}"] = einops.rearrange(b, "(n_heads d_head) -> n_heads d_head", **heads)
         out[o + "attn.W_O"] = einops.rearrange(
             state[p + "attn.c_proj.weight"], "(n_heads d_head) d_model -> n_heads d_head d_model", **heads
@@ -124,7 +129,7 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def resolve_checkpoint_dir(name_or_path: Union[str, os.PathLike]) -> Path:
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; otherwise a hub id, downloaded (config and weights only) and cached."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -178,9 +183,9 @@ def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def load_hf_gpt2(
-    name_or_path: Union[str, os.PathLike],
-    device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = None,
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
     model_class: type[Transformer] = Transformer,
 ) -> Transformer:
     """A Transformer holding the weights of a Hugging Face GPT-2 checkpoint (directory or hub id)."""

@@ -249,7 +249,11 @@ def test_package_reexports_the_same_objects():
         (torch.zeros(1, 4, dtype=torch.bool), ValueError, "integer dtype"),
         (torch.zeros(4, dtype=torch.long), ValueError, r"shape \[batch, pos\].*tokens\[None\]"),
         (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"ndim 2\), got shape \(1, 2, 3\)"),
-        (torch.zeros(1, TINY.n_ctx + 1, dtype=torch.long), ValueError, r"sequence length 17 must be in \[1, n_ctx=16\]"),
+        (
+            torch.zeros(1, TINY.n_ctx + 1, dtype=torch.long),
+            ValueError,
+            r"sequence length 17 must be in \[1, n_ctx=16\]",
+        ),
         (torch.zeros(1, 0, dtype=torch.long), ValueError, r"sequence length 0 must be in \[1, n_ctx=16\]"),
         (torch.zeros(0, 3, dtype=torch.long), ValueError, "batch size 0"),
         (torch.tensor([[1, -1]]), ValueError, r"token id -1 is outside \[0, d_vocab=101\)"),

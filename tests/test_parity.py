@@ -43,7 +43,7 @@ def capture(module: torch.nn.Module, *hook_attrs: str) -> Iterator[dict[str, tor
     """Record what the module's own HookPoints see during the `with` body."""
     seen: dict[str, torch.Tensor] = {}
     points = [getattr(module, attr) for attr in hook_attrs]
-    for attr, point in zip(hook_attrs, points):
+    for attr, point in zip(hook_attrs, points, strict=True):
         point.add_hook(lambda tensor, hook, attr=attr: seen.__setitem__(attr, tensor.detach()))
     try:
         yield seen
@@ -67,7 +67,9 @@ def test_block_layernorms(ref, parity, ln, resid_in):
         with capture(module, "hook_scale", "hook_normalized") as seen, torch.no_grad():
             out = module(ref.cache[f"blocks.{i}.{resid_in}"])
         parity(seen["hook_scale"], ref.cache[f"{prefix}.hook_scale"], f"LayerNorm {ln} scale", ref.spec.name)
-        parity(seen["hook_normalized"], ref.cache[f"{prefix}.hook_normalized"], f"LayerNorm {ln} normalized", ref.spec.name)
+        parity(
+            seen["hook_normalized"], ref.cache[f"{prefix}.hook_normalized"], f"LayerNorm {ln} normalized", ref.spec.name
+        )
         parity(out, ref.cache[f"{prefix}.hook_out"], f"LayerNorm {ln} out", ref.spec.name)
 
 
@@ -77,7 +79,9 @@ def test_final_layernorm(ref, parity):
     with capture(module, "hook_scale", "hook_normalized") as seen, torch.no_grad():
         out = module(ref.cache[f"blocks.{last}.hook_resid_post"])
     parity(seen["hook_scale"], ref.cache["ln_final.hook_scale"], "LayerNorm ln_final scale", ref.spec.name)
-    parity(seen["hook_normalized"], ref.cache["ln_final.hook_normalized"], "LayerNorm ln_final normalized", ref.spec.name)
+    parity(
+        seen["hook_normalized"], ref.cache["ln_final.hook_normalized"], "LayerNorm ln_final normalized", ref.spec.name
+    )
     parity(out, ref.cache["ln_final.hook_out"], "LayerNorm ln_final out", ref.spec.name)
 
 
@@ -175,7 +179,7 @@ def test_cache_matches_bridge_cache(ref, parity):
 
 def test_weights_match_bridge_weights(ref):
     """Our parameters are TL's parameters: same names and shapes, same values."""
-    for i, (ours, theirs) in enumerate(zip(ref.model.blocks, ref.bridge.blocks)):
+    for i, (ours, theirs) in enumerate(zip(ref.model.blocks, ref.bridge.blocks, strict=True)):
         for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
             torch.testing.assert_close(
                 getattr(ours.attn, name), getattr(theirs.attn, name), rtol=0, atol=0, msg=f"blocks.{i}.attn.{name}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gpt2_small.assets as assets
-from gpt2_small import AssetChecksumError, EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
+from gpt2_small import EOT_ID, AssetChecksumError, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
 
 
 @pytest.fixture

@@ -163,7 +163,9 @@ def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("as_str", [False, True])
 def test_save_load_round_trip_is_bit_exact(tmp_path, as_str):
     torch.manual_seed(0)
-    cfg = TransformerConfig(d_model=48, n_layers=2, n_heads=3, d_head=16, d_mlp=100, d_vocab=97, n_ctx=20, attn_impl="eager")
+    cfg = TransformerConfig(
+        d_model=48, n_layers=2, n_heads=3, d_head=16, d_mlp=100, d_vocab=97, n_ctx=20, attn_impl="eager"
+    )
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -186,7 +188,7 @@ def test_save_load_keeps_bfloat16(tmp_path):
     model.to(torch.bfloat16).save(tmp_path)
     loaded = Transformer.load(tmp_path)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True))
 
 
 def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):

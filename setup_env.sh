@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Create .venv and install gpt2-small with its dev tools (pytest, beartype, ruff).
+#
+#   bash setup_env.sh                      # torch 2.13.0 from PyPI (CUDA build on Linux, MPS on macOS)
+#   TORCH_SPEC="torch==2.13.0" bash setup_env.sh
+#   PIP_INDEX_URL=https://download.pytorch.org/whl/cpu bash setup_env.sh   # CPU-only wheels, a much smaller download
+#
+# torch is installed first and pinned, because an unpinned `torch` pulled in by a dependency
+# takes whatever build the index offers first. Re-running the script reuses .venv.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "setup_env.sh: $("$PYTHON" --version 2>&1) is too old; gpt2-small needs Python >= 3.10 (set PYTHON=...)" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating $VENV with $("$PYTHON" --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+
+if "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    echo "==> torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
+else
+    echo "==> installing $TORCH_SPEC"
+    "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
+fi
+
+echo "==> installing gpt2-small (editable) with dev extras"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+
+"$VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+import torch, transformers, gpt2_small
+device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+print(f"==> ready: torch {torch.__version__} ({device}), transformers {transformers.__version__}, "
+      f"transformer_lens {version('transformer_lens')}")
+print("    run the tests with: .venv/bin/pytest tests")
+PY

@@ -106,7 +106,8 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
         "pos_embed.W_pos": state["wpe.weight"],
         "ln_final.w": state["ln_f.weight"],
         "ln_final.b": state["ln_f.bias"],
-        "unembed.W_U": state.get("lm_head.weight", state["wte.weight"]).T,
+        # A copy (never a view of wte, which would silently tie the two), kept vocab-major like Unembedding's own.
+        "unembed.W_U": state.get("lm_head.weight", state["wte.weight"]).clone().T,
         "unembed.b_U": torch.zeros(cfg.d_vocab, dtype=state["wte.weight"].dtype),
     }
     for i in range(cfg.n_layers):
@@ -126,7 +127,7 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
         out[o + "ln2.w"], out[o + "ln2.b"] = state[p + "ln_2.weight"], state[p + "ln_2.bias"]
         out[o + "mlp.W_in"], out[o + "mlp.b_in"] = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]
         out[o + "mlp.W_out"], out[o + "mlp.b_out"] = state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v if k == "unembed.W_U" else v.contiguous() for k, v in out.items()}
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:

@@ -37,6 +37,20 @@ def test_from_pretrained_matches_hf_logits(tiny_checkpoint):
     assert not model.training
 
 
+def test_W_U_is_an_untied_vocab_major_copy(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    model = Transformer.from_pretrained(directory)
+    W_U, W_E = model.unembed.W_U, model.embed.W_E
+    assert W_U.shape == (32, 50257) and W_U.stride() == (1, 32)  # stored [d_vocab d_model], like lm_head
+    assert W_U.untyped_storage().data_ptr() != W_E.untyped_storage().data_ptr()
+    with torch.no_grad():
+        W_E[0, 0] += 1.0
+    assert W_U[0, 0] != W_E[0, 0]  # editing one leaves the other alone
+    assert model.to(torch.bfloat16).unembed.W_U.stride() == (1, 32)
+    model.save(tmp_path / "ckpt")
+    assert Transformer.load(tmp_path / "ckpt").unembed.W_U.stride() == (1, 32)
+
+
 def test_from_pretrained_reads_the_shape_from_config_json(tiny_checkpoint):
     directory, hf = tiny_checkpoint
     cfg = Transformer.from_pretrained(str(directory)).cfg  # str and Path both accepted

@@ -1,0 +1,181 @@
+"""Training throughput: our Transformer against HF GPT2LMHeadModel (sdpa), same shapes, same run.
+
+    python benchmarks/bench_train.py                      # GPU: GPT-2 124M, B=16, T=1024, bf16 autocast
+    python benchmarks/bench_train.py --variants ours,hf   # eager only
+
+One training step = forward, next-token cross-entropy, backward, fused AdamW step. Prints a table
+of tokens/s and MFU and appends it to benchmarks/RESULTS.md with the device and date. On a CPU the
+defaults shrink (B=2, T=128, eager only) so the script finishes; the ratio to HF is the figure.
+
+MFU counts 6 FLOPs per parameter per token for every matrix multiply (the embedding lookups are
+not multiplies; the unembedding is) plus 12 * n_layers * T * d_model for attention, as in the PaLM
+paper and nanoGPT, against the chip's dense bf16 peak.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt2_small.training import PADDED_VOCAB, lm_loss  # noqa: E402
+from solution import Transformer, TransformerConfig  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+    per_block = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_mlp
+    matmul_params = cfg.n_layers * per_block + cfg.d_model * cfg.d_vocab
+    return 6 * matmul_params + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def build(variant: str, cfg: TransformerConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if "-padded" in variant:
+        cfg = dataclasses.replace(cfg, d_vocab=PADDED_VOCAB)
+    if variant.startswith("ours"):
+        model = Transformer(cfg)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(
+            vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+            n_head=cfg.n_heads, n_inner=cfg.d_mlp, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        model = GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa")
+    return model.to(device).train()
+
+
+def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    out = model(tokens)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> dict:
+    model = build(variant, cfg, device)
+    params = sum(p.numel() for p in model.parameters())
+
+    def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits_of(model, inputs), targets)
+
+    # Compiled variants compile forward and loss together, for ours and HF alike.
+    loss_fn = torch.compile(loss_of) if variant.endswith("compiled") else loss_of
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.d_vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)  # < 50257
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    compile_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - compile_start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tok_s = args.batch_size * args.seq_len / step_s
+    peak = peak_flops(device)
+    mfu = tok_s * flops_per_token(cfg, args.seq_len) / peak if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, loss_fn, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return {"variant": variant, "params": params, "tok_s": tok_s, "step_ms": 1000 * step_s, "mfu": mfu,
+            "warmup_s": warmup_s, "mem_gib": mem}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of {ours,hf}[-padded][-compiled]; -padded rounds the vocabulary up to 50304",
+    )
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.batch_size = args.batch_size or (16 if gpu else 2)
+    args.seq_len = args.seq_len or (1024 if gpu else 128)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup or (5 if gpu else 1)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled" if gpu else "ours,hf"
+    variants = (args.variants or default).split(",")
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    cfg = TransformerConfig()  # GPT-2 small, 124M
+    rows = [bench(v, cfg, args, device) for v in variants]
+
+    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
+    date = datetime.date.today().isoformat()
+    header = (
+        f"### bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW\n\n"
+        f"{device_name}, torch {torch.__version__}, {date}\n\n"
+        "| variant | params | tokens/s | step (ms) | MFU | warmup (s) | peak mem (GiB) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['mem_gib']:.1f}" if r["mem_gib"] is not None else "n/a"
+        lines.append(
+            f"| {r['variant']} | {r['params'] / 1e6:.1f}M | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | {mfu} | "
+            f"{r['warmup_s']:.1f} | {mem} |"
+        )
+    by_name = {r["variant"]: r["tok_s"] for r in rows}
+    pairs = [(v, "hf" + v[len("ours") :]) for v in by_name if v.startswith("ours")]
+    ratios = [f"{ours} / {hf}: {by_name[ours] / by_name[hf]:.2f}x" for ours, hf in pairs if hf in by_name]
+    table = header + "\n".join(lines) + ("\n\n" + "; ".join(ratios) if ratios else "") + "\n\n"
+    print(table)
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Train GPT-2 on a text dataset: the bundled Shakespeare by default, offline, in minutes on a CPU.
+
+    python demos/train_demo.py                                   # tiny model, Shakespeare, CPU-friendly
+    python demos/train_demo.py --resume                          # continue the last run in --out-dir
+    python demos/train_demo.py --dataset roneneldan/TinyStories --max-examples 20000
+    python demos/train_demo.py --dataset my_corpus.jsonl --text-column body
+    python demos/train_demo.py --preset gpt2 --dataset NeelNanda/pile-10k --batch-size 16 --compile
+    torchrun --nproc_per_node=8 demos/train_demo.py --preset gpt2 ...   # DistributedDataParallel
+
+Every TrainConfig field is a flag; see --help. Results land in --out-dir (default runs/train_demo):
+checkpoints/, metrics.jsonl, loss_curve.png, samples.txt. demos/generate_demo.py loads the newest
+checkpoint from there.
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt2_small.training import PRESETS, TrainConfig, Trainer  # noqa: E402
+
+HELP = {
+    "preset": f"model size: one of {sorted(PRESETS)}",
+    "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
+    "text_column": "column holding the documents",
+    "split": "split of the source dataset to read",
+    "config_name": "configuration of the hub dataset, if it has several",
+    "max_examples": "read only the first N documents",
+    "val_fraction": "last fraction of the token stream held out for validation",
+    "stride": "window stride in tokens (default n_ctx; smaller gives overlapping windows)",
+    "num_proc": "processes for tokenization (default: by dataset size)",
+    "cache_dir": "token cache directory (default ~/.cache/gpt2_small/tokens)",
+    "batch_size": "sequences per micro-batch, per process",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate the cosine schedule decays to",
+    "warmup_steps": "steps of linear warmup",
+    "max_steps": "optimizer steps (ignored if --epochs is given)",
+    "epochs": "train for this many passes over the training windows",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "weight_decay": "AdamW weight decay on weight matrices (W_*, embeddings included)",
+    "grad_clip": "max gradient norm (0 disables)",
+    "eval_interval": "steps between validation runs and loss-curve updates (0: only at the end)",
+    "eval_batches": "validation batches per evaluation",
+    "sample_interval": "steps between printed samples (0: only before and after)",
+    "sample_prompt": "prompt the samples continue",
+    "sample_tokens": "new tokens per sample",
+    "seed": "random seed for init, data order and samples",
+    "device": "'auto' (cuda, then mps, then cpu) or a torch device such as cuda:1",
+    "dtype": "'auto' (bf16 autocast on CUDA, float32 elsewhere), 'float32' or 'bfloat16'",
+    "compile": "torch.compile the model",
+    "out_dir": "where checkpoints, metrics, plots and samples go",
+    "overwrite": "start afresh in an --out-dir that holds an earlier run, deleting that run",
+    "keep_checkpoints": "number of recent checkpoints to keep",
+    "checkpoint_interval": "steps between checkpoints (0: at every evaluation and at the end)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Results land in --out-dir; generate from them with demos/generate_demo.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
+        parser.add_argument(flag, type=base, default=f.default, help=HELP[f.name])
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    resume = args.pop("resume")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = TrainConfig(**args)
+        trainer = Trainer(cfg, resume=resume)
+        trainer.run()
+    except KeyboardInterrupt:
+        print("interrupted; the checkpoint above holds the progress (continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"train_demo: {e}", file=sys.stderr)
+        return 2
+    if trainer.dist.is_main:
+        rows = trainer.rows
+        val = [r["val_loss"] for r in rows if "val_loss" in r]
+        unigram = next(r["unigram_val_loss"] for r in rows if "unigram_val_loss" in r)
+        print(f"\nfinal validation loss {val[-1]:.3f} nats/token (unigram baseline {unigram:.3f})")
+        print(f"outputs in {cfg.out_dir}: checkpoints/, metrics.jsonl, loss_curve.png, samples.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Text datasets -> GPT-2 token stream -> fixed-length training windows.
+
+Three sources, all through Hugging Face `datasets`:
+
+- "shakespeare" (the default): the 42 works bundled in the package, one document per work;
+  it needs no network.
+- a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json, .parquet.
+- any hub dataset id when online, e.g. "roneneldan/TinyStories" or "NeelNanda/pile-10k".
+
+Documents are tokenized with the GPT-2 encoding (`datasets.map`, batched, `num_proc` workers)
+and joined with <|endoftext|> after each. The stream is stored as uint16 (every GPT-2 id fits)
+in a .npy cache keyed by the dataset's fingerprint, so a second run skips tokenization.
+Train/val is a deterministic tail split of the stream: the last `val_fraction` is validation.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gpt2_small.assets import asset_path, sha256_of
+from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASET = "shakespeare"
+_TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".gz": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Each bundled work opens "TITLE\n\nby William Shakespeare" (one newline for the Sonnets).
+_SHAKESPEARE_WORK = re.compile(r"\n+(?=[^\n]+\n\n?by William Shakespeare\n)")
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GPT2_SMALL_CACHE", Path.home() / ".cache" / "gpt2_small")) / "tokens"
+
+
+def load_text_dataset(
+    source: str = EMBEDDED_DATASET,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    config_name: Optional[str] = None,
+    max_examples: Optional[int] = None,
+):
+    """A `datasets.Dataset` with one document per row in `text_column`."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if source == EMBEDDED_DATASET:
+        ds = datasets.load_dataset(
+            "text", data_files=str(asset_path("shakespeare.txt.gz")), sample_by="document", split="train"
+        )
+        ds = ds.map(
+            lambda batch: {"text": [w for doc in batch["text"] for w in _SHAKESPEARE_WORK.split(doc)]}, batched=True
+        )
+        text_column = "text"
+    elif path.exists():
+        ds = _load_local(path, split)
+    else:
+        ds = _load_hub(source, config_name, split)
+
+    if text_column not in ds.column_names:
+        raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {ds.column_names}")
+    if max_examples is not None:
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        ds = ds.select(range(min(max_examples, len(ds))))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+    return ds.select_columns([text_column])
+
+
+def _load_local(path: Path, split: str):
+    import datasets
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        files = [path]
+    builders = {_TEXT_SUFFIXES.get(p.suffix) for p in files}
+    if len(builders) != 1 or None in builders:
+        kinds = sorted({p.suffix for p in files}) or ["no files"]
+        raise ValueError(
+            f"{path}: expected .txt/.txt.gz, .jsonl/.json or .parquet files of one kind, found {kinds}"
+        )
+    builder = builders.pop()
+    data_files = [str(p) for p in files]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
+
+
+def _load_hub(source: str, config_name: Optional[str], split: str):
+    import datasets
+    from huggingface_hub import constants
+
+    try:
+        return datasets.load_dataset(source, config_name, split=split)
+    except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
+        raise ValueError(
+            f"unknown dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face Hub "
+            f"could not provide it ({type(e).__name__}). Offline, use the bundled {EMBEDDED_DATASET!r} or a local "
+            f".txt/.jsonl/.parquet file."
+        ) from e
+
+
+def _cache_key(ds, text_column: str) -> str:
+    payload = {
+        "version": _CACHE_VERSION,
+        "fingerprint": ds._fingerprint,
+        "rows": len(ds),
+        "column": text_column,
+        "tokenizer": sha256_of(asset_path(TOKENIZER_ASSET)),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _encode_batch(batch: Mapping[str, list], text_column: str) -> dict[str, list]:
+    enc = get_tokenizer()
+    ids = [ids + [EOT_ID] for ids in enc.encode_ordinary_batch(batch[text_column])]
+    return {"ids": ids, "n": [len(x) for x in ids]}
+
+
+def tokenize_dataset(
+    ds, *, text_column: Optional[str] = None, num_proc: Optional[int] = None, cache_dir: Union[str, Path, None] = None
+) -> np.ndarray:
+    """The whole dataset as one uint16 token stream, <|endoftext|> after each document; cached."""
+    text_column = text_column or ds.column_names[0]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache_dir / f"tokens-{_cache_key(ds, text_column)}.npy"
+    if cache_file.is_file():
+        tokens = np.load(cache_file, mmap_mode="r")
+        logger.info("loaded %s tokens from the cache %s; tokenization skipped", f"{len(tokens):,}", cache_file)
+        return tokens
+
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(ds) >= 1000 else None
+    mapped = ds.map(
+        _encode_batch,
+        fn_kwargs={"text_column": text_column},
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=ds.column_names,
+        desc="tokenizing",
+    )
+    total = sum(mapped["n"])
+    tokens = np.empty(total, dtype=np.uint16)
+    offset = 0
+    for batch in mapped.iter(batch_size=1000):
+        for ids in batch["ids"]:
+            tokens[offset : offset + len(ids)] = ids
+            offset += len(ids)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, cache_file)
+    logger.info("tokenized %s documents into %s tokens; cached at %s", f"{len(ds):,}", f"{total:,}", cache_file)
+    return tokens
+
+
+def train_val_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first (1 - val_fraction) of the stream for training, the rest for validation."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(tokens) * (1.0 - val_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+class TokenWindows(Dataset):
+    """Windows of n_ctx + 1 tokens starting every `stride` tokens: (input, target) = (w[:-1], w[1:]).
+
+    stride == n_ctx tiles the stream; a smaller stride gives overlapping windows.
+    """
+
+    def __init__(self, tokens: np.ndarray, n_ctx: int, stride: Optional[int] = None, name: str = "dataset"):
+        stride = n_ctx if stride is None else stride
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if len(tokens) < n_ctx + 1:
+            raise ValueError(
+                f"the {name} split has {len(tokens):,} tokens, shorter than one window of n_ctx + 1 = {n_ctx + 1}; "
+                f"use more data or a smaller n_ctx"
+            )
+        self.tokens, self.n_ctx, self.stride = tokens, n_ctx, stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.n_ctx - 1) // self.stride + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.stride
+        window = torch.from_numpy(self.tokens[start : start + self.n_ctx + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled indices, a fresh permutation per epoch from (seed, epoch), sharded across ranks.
+
+    `start` skips the samples this rank already consumed in the epoch, which is all a resumed
+    run needs to see exactly the batches the interrupted run would have seen.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world_size = rank, world_size
+
+    def per_rank(self) -> int:
+        return self.n // self.world_size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=gen)[: self.per_rank() * self.world_size]
+        mine = order[self.rank :: self.world_size]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start
+
+
+@dataclass
+class TokenData:
+    """The train and validation streams of one dataset, ready to cut into windows."""
+
+    train: np.ndarray
+    val: np.ndarray
+    source: str
+
+    @classmethod
+    def load(
+        cls,
+        source: str = EMBEDDED_DATASET,
+        *,
+        text_column: str = "text",
+        split: str = "train",
+        config_name: Optional[str] = None,
+        max_examples: Optional[int] = None,
+        val_fraction: float = 0.1,
+        num_proc: Optional[int] = None,
+        cache_dir: Union[str, Path, None] = None,
+    ) -> "TokenData":
+        ds = load_text_dataset(
+            source, text_column=text_column, split=split, config_name=config_name, max_examples=max_examples
+        )
+        tokens = tokenize_dataset(ds, num_proc=num_proc, cache_dir=cache_dir)
+        train, val = train_val_split(tokens, val_fraction)
+        return cls(train, val, source)
+
+    def loader(
+        self,
+        which: str,
+        *,
+        n_ctx: int,
+        batch_size: int,
+        stride: Optional[int] = None,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> DataLoader:
+        """A DataLoader of (input, target) [batch_size, n_ctx] batches over one split."""
+        tokens = {"train": self.train, "val": self.val}[which]
+        windows = TokenWindows(tokens, n_ctx, stride, name=which)
+        sampler = ResumableSampler(len(windows), seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size)
+        if sampler.per_rank() < batch_size:
+            raise ValueError(
+                f"the {which} split gives {sampler.per_rank()} windows per process, fewer than batch_size={batch_size}"
+            )
+        # Its own generator, so iterating never draws from (and shifts) the global torch RNG.
+        return DataLoader(
+            windows,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            pin_memory=pin_memory,
+            generator=torch.Generator(),
+        )
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int = 50257) -> float:
+    """Cross-entropy (nats/token) on `val` of a unigram model fit on `train` (add-one smoothing).
+
+    The baseline a language model must beat: it knows token frequencies and nothing else.
+    """
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[np.asarray(val, dtype=np.int64)].mean())

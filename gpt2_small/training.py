@@ -1,0 +1,640 @@
+"""Train a `solution.Transformer` on a text dataset, from a laptop CPU to a multi-GPU node.
+
+    trainer = Trainer(TrainConfig(preset="tiny", max_steps=600))
+    trainer.run()
+
+Everything a run produces goes to `out_dir`: checkpoints/step-*/ (model safetensors + config,
+optimizer, step, RNG states, data position, train config; written to a temporary directory
+and renamed, with a `latest` pointer), metrics.jsonl (one row per step and per evaluation),
+loss_curve.png (redrawn at every evaluation) and samples.txt.
+
+Resuming (`resume=True`) restores all of it, so a run stopped at step k continues with the same
+losses an uninterrupted run would have had. Ctrl-C saves a checkpoint before exiting.
+
+Under `torchrun --nproc_per_node=N`, the model is wrapped in DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs); each process reads its own shard of every epoch, and only rank 0 logs,
+plots and checkpoints.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import einops
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gpt2_small.data import EMBEDDED_DATASET, TokenData
+from gpt2_small.tokenizer import get_tokenizer, to_tokens
+from solution import Transformer, TransformerConfig
+
+logger = logging.getLogger(__name__)
+
+# GPT-2's 50,257 tokens rounded up to a multiple of 64. An odd vocabulary leaves the unembedding's
+# matrices misaligned and GPUs fall back to slow GEMM kernels (about 1.4x slower steps on an
+# H100). Ids 50257..50303 never occur in data; their logits learn to be very negative, and
+# sampling masks them.
+PADDED_VOCAB = 50304
+PRESETS: dict[str, TransformerConfig] = {
+    # Small enough to train in minutes on 2 CPU cores; the vocabulary dominates its size.
+    "tiny": TransformerConfig(d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512, d_vocab=PADDED_VOCAB, n_ctx=128),
+    # GPT-2 small's shape: 124M parameters with tied embeddings, 163M as here (untied, padded).
+    "gpt2": TransformerConfig(d_vocab=PADDED_VOCAB),
+}
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+TRAIN_CONFIG = "train_config.json"
+RUN_FILES = ("metrics.jsonl", "samples.txt", "loss_curve.png")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run; the defaults train the tiny model on Shakespeare on a CPU."""
+
+    # model
+    preset: str = "tiny"  # a key of PRESETS: "tiny" (CPU-sized) or "gpt2" (124M)
+    # data
+    dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
+    text_column: str = "text"  # the column holding the documents
+    split: str = "train"  # which split of the source dataset to read
+    config_name: Optional[str] = None  # the hub dataset's configuration, if it has several
+    max_examples: Optional[int] = None  # read only the first N documents
+    val_fraction: float = 0.1  # the last fraction of the token stream is held out for validation
+    stride: Optional[int] = None  # window stride in tokens; None = n_ctx (no overlap), smaller overlaps
+    num_proc: Optional[int] = None  # tokenizer processes for datasets.map; None picks by dataset size
+    cache_dir: Optional[str] = None  # token cache; None = ~/.cache/gpt2_small/tokens (or $GPT2_SMALL_CACHE)
+    # optimisation
+    batch_size: int = 4  # sequences per micro-batch, per process (16+ on a GPU)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate, reached after warmup (6e-4 suits the gpt2 preset)
+    min_lr: float = 3e-4  # the floor the cosine decays to
+    warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
+    max_steps: int = 400  # optimizer steps; ignored when epochs is set
+    epochs: Optional[float] = None  # train for this many passes over the training windows instead
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    weight_decay: float = 0.1  # on weight matrices (every W_* parameter, embeddings included) only
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # evaluation and samples
+    eval_interval: int = 100  # steps between validation runs (and loss-curve redraws); 0 = only at the end
+    eval_batches: int = 20  # validation batches per evaluation
+    sample_interval: int = 200  # steps between printed samples; 0 = only before and after training
+    sample_prompt: str = "ROMEO:"  # the prompt the samples continue
+    sample_tokens: int = 48  # new tokens per sample
+    # runtime
+    seed: int = 1337  # model init, data order and sampling all derive from it
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; or "float32" / "bfloat16"
+    compile: bool = False  # torch.compile the model (worth it on GPUs, slow to start on CPUs)
+    out_dir: str = "runs/train_demo"  # checkpoints, metrics, plots and samples go here
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run, deleting that run
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    checkpoint_interval: int = 0  # steps between checkpoints; 0 = at every evaluation and at the end
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "sample_tokens", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+
+    @property
+    def model_config(self) -> TransformerConfig:
+        return PRESETS[self.preset]
+
+
+# --- pieces that tests exercise on their own ---------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to cfg.min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the weight matrices (W_*), none on biases and LayerNorm.
+
+    The embeddings (W_E, W_pos) and the unembedding (W_U) are weight matrices and decay, as in
+    GPT-2 and nanoGPT.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if name.rsplit(".", 1)[-1].startswith("W_") else no_decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy, computed in float32."""
+    return F.cross_entropy(
+        einops.rearrange(logits.float(), "batch pos d_vocab -> (batch pos) d_vocab"),
+        einops.rearrange(targets, "batch pos -> (batch pos)"),
+    )
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    """The requested device, or the best available one: cuda, then mps, then cpu."""
+    if requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested, but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {requested!r} requested, but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (WORLD_SIZE > 1); a no-op for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+@torch.no_grad()
+def sample_text(
+    model: Transformer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int = 40, seed: int = 0
+) -> str:
+    """Continue `prompt` by sampling, recomputing the full context each step (training-time samples)."""
+    was_training = model.training
+    model.eval()
+    tokens = to_tokens(prompt, prepend_bos=True, device=model.device)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    n_vocab = get_tokenizer().n_vocab
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -model.cfg.n_ctx :])[:, -1].float() / temperature
+        logits[:, n_vocab:] = float("-inf")  # padding ids of a padded vocabulary are never real tokens
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        probs = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=-1)
+        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    model.train(was_training)
+    return get_tokenizer().decode(tokens[0, 1:].tolist())
+
+
+def plot_loss_curve(rows: list[dict], path: Path) -> None:
+    """Train loss (raw and smoothed) and validation loss against tokens seen, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        x, y = zip(*train, strict=True)
+        ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+        smooth, ema = [], y[0]
+        for value in y:
+            ema = 0.9 * ema + 0.1 * value
+            smooth.append(ema)
+        ax.plot(x, smooth, color="tab:blue", linewidth=1.8, label="train (EMA 0.9)")
+    if val:
+        x, y = zip(*val, strict=True)
+        ax.plot(x, y, "o-", color="tab:orange", linewidth=1.8, label="validation")
+    unigram = next((r["unigram_val_loss"] for r in rows if "unigram_val_loss" in r), None)
+    if unigram is not None:
+        ax.axhline(unigram, color="gray", linestyle="--", linewidth=1, label=f"unigram baseline ({unigram:.2f})")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("gpt2-small training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPosition:
+    """Where the training stream is: the epoch, and the samples this process consumed within it."""
+
+    epoch: int = 0
+    consumed: int = 0
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for another model configuration than this run's."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: Optional[TokenData] = None):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+        self.dist = init_distributed(pick_device(requested).type)
+        self.device = pick_device(cfg.device, self.dist.local_rank)
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        if not resume:
+            self._claim_out_dir()
+
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(cfg.model_config).to(self.device)
+        groups = param_groups(self.model, cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k != "names"} for g in groups],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.data = data if data is not None else self._load_data()
+        self.step = 0
+        self.position = DataPosition()
+        self.rows: list[dict] = []
+        self._batches: Optional[Iterator] = None
+        n_ctx = cfg.model_config.n_ctx
+        train_windows = self.data.loader(
+            "train", n_ctx=n_ctx, batch_size=cfg.batch_size, stride=cfg.stride, seed=cfg.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
+        self.steps_per_epoch = max(1, len(train_windows) // cfg.grad_accum)
+        self.max_steps = math.ceil(cfg.epochs * self.steps_per_epoch) if cfg.epochs else cfg.max_steps
+        self.tokens_per_step = cfg.batch_size * n_ctx * cfg.grad_accum * self.dist.world_size
+        if resume:
+            self._resume()
+
+        model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.train_model = model
+        # Forward and loss compile as one graph (DDP first, then compile, as PyTorch advises), so
+        # the cross-entropy fuses into a kernel that reads the bf16 logits once.
+        self.loss_fn = torch.compile(self._loss) if cfg.compile else self._loss
+
+    def _claim_out_dir(self) -> None:
+        """Refuse to mix a fresh run into an earlier one's outputs, unless told to delete them.
+
+        Appending would interleave two runs' metrics, and pruning old checkpoints would delete the
+        new run's (an earlier step-0000600 sorts after a new step-0000400).
+        """
+        earlier = [self.out_dir / name for name in (CHECKPOINTS, *RUN_FILES) if (self.out_dir / name).exists()]
+        if not earlier:
+            return
+        if not self.cfg.overwrite:
+            names = ", ".join(p.name for p in earlier)
+            raise FileExistsError(
+                f"{self.out_dir} holds an earlier run ({names}); pass --resume to continue it, "
+                f"--overwrite to delete it and start afresh, or choose another --out-dir"
+            )
+        if self.dist.is_main:
+            logger.warning("overwrite: deleting the earlier run in %s", self.out_dir)
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return lm_loss(self.train_model(inputs), targets)
+
+    # data ------------------------------------------------------------------------------------
+
+    def _load_data(self) -> TokenData:
+        cfg = self.cfg
+        kwargs = dict(
+            text_column=cfg.text_column, split=cfg.split, config_name=cfg.config_name,
+            max_examples=cfg.max_examples, val_fraction=cfg.val_fraction, num_proc=cfg.num_proc,
+            cache_dir=cfg.cache_dir,
+        )  # fmt: skip
+        # Rank 0 tokenizes and fills the cache first; the others then read it.
+        if self.dist.enabled and not self.dist.is_main:
+            dist.barrier()
+        data = TokenData.load(cfg.dataset, **kwargs)
+        if self.dist.enabled and self.dist.is_main:
+            dist.barrier()
+        return data
+
+    def _train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        while True:
+            loader = self.data.loader(
+                "train", n_ctx=cfg.model_config.n_ctx, batch_size=cfg.batch_size, stride=cfg.stride,
+                seed=cfg.seed, epoch=self.position.epoch, start=self.position.consumed,
+                rank=self.dist.rank, world_size=self.dist.world_size, pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            for inputs, targets in loader:
+                self.position.consumed += inputs.shape[0]
+                yield inputs, targets
+            self.position = DataPosition(self.position.epoch + 1, 0)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self._batches is None:
+            self._batches = self._train_batches()
+        inputs, targets = next(self._batches)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    # steps -----------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Accumulate gradients of the mean loss over `batches`; DDP averages them across processes."""
+        total = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(batches):
+            last = i == len(batches) - 1
+            no_sync = self.train_model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    loss = self.loss_fn(inputs, targets) / len(batches)
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self) -> dict:
+        lr = lr_at(self.step, self.cfg, self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.train_model.train()
+        loss = self.forward_backward([self.next_batch() for _ in range(self.cfg.grad_accum)])
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dist.enabled:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        self.step += 1
+        return {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.item(),
+                "lr": lr, "grad_norm": float(grad_norm)}  # fmt: skip
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the same eval_batches batches every time."""
+        cfg = self.cfg
+        self.model.eval()
+        loader = self.data.loader(
+            "val", n_ctx=cfg.model_config.n_ctx, batch_size=cfg.batch_size, seed=0,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
+        losses = []
+        for inputs, targets in loader:
+            with self.autocast():
+                losses.append(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)))
+            if len(losses) == cfg.eval_batches:
+                break
+        loss = torch.stack(losses).mean()
+        if self.dist.enabled:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    # the loop --------------------------------------------------------------------------------
+
+    def run(self, stop_at: Optional[int] = None) -> list[dict]:
+        """Train until max_steps (or `stop_at`, then checkpoint). Returns the metric rows."""
+        cfg, main = self.cfg, self.dist.is_main
+        stop = self.max_steps if stop_at is None else min(stop_at, self.max_steps)
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            logger.info(
+                "training %s (%s parameters) on %s for %d steps of %s tokens on %s%s",
+                cfg.preset, f"{self.model.num_params():,}", self.data.source, self.max_steps,
+                f"{self.tokens_per_step:,}", self.device,
+                f" x {self.dist.world_size} processes" if self.dist.enabled else "",
+            )  # fmt: skip
+            if self.step == 0:
+                self._record({"step": 0, "tokens": 0, "unigram_val_loss": self._unigram()})
+                self._sample("before training")
+        bar = tqdm(total=stop, initial=self.step, desc="training", disable=not main, dynamic_ncols=True)
+        try:
+            while self.step < stop:
+                start = time.perf_counter()
+                row = self.train_step()
+                row["tok_per_s"] = self.tokens_per_step / (time.perf_counter() - start)
+                if main:
+                    self._record(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:,.0f}")
+                bar.update(1)
+                done = self.step == self.max_steps
+                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done:
+                    self._eval_and_plot(bar)
+                if main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done:
+                    self._sample(f"step {self.step}")
+                if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
+                    not cfg.checkpoint_interval and cfg.eval_interval and self.step % cfg.eval_interval == 0
+                ):
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            if main:
+                path = self.save_checkpoint()
+                logger.warning("interrupted at step %d; checkpoint saved to %s; continue with --resume", self.step, path)
+            raise
+        bar.close()
+        self.save_checkpoint()
+        if main and self.step == self.max_steps:
+            self._sample(f"step {self.step} (end)")
+        return self.rows
+
+    def _eval_and_plot(self, bar) -> None:
+        val_loss = self.evaluate()
+        if self.dist.is_main:
+            self._record({"step": self.step, "tokens": self.step * self.tokens_per_step, "val_loss": val_loss,
+                          "val_ppl": math.exp(min(val_loss, 50.0))})  # fmt: skip
+            bar.write(f"step {self.step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50.0)):,.1f}")
+            plot_loss_curve(self.rows, self.out_dir / "loss_curve.png")
+
+    def _sample(self, label: str) -> None:
+        text = sample_text(self.model, self.cfg.sample_prompt, self.cfg.sample_tokens, seed=self.cfg.seed)
+        block = f"--- sample, {label} ---\n{text}\n"
+        tqdm.write(block)
+        with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(block + "\n")
+
+    def _unigram(self) -> float:
+        from gpt2_small.data import unigram_loss
+
+        return unigram_loss(self.data.train, self.data.val, self.cfg.model_config.d_vocab)
+
+    def _record(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write checkpoints/step-NNNNNNN atomically and point `latest` at it (rank 0 only)."""
+        if not self.dist.is_main:
+            return None
+        root = self.out_dir / CHECKPOINTS
+        final = root / f"step-{self.step:07d}"
+        if (root / "latest").is_file() and (root / "latest").read_text().strip() == final.name:
+            return final
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save(tmp)
+        state = {
+            "step": self.step,
+            "position": dataclasses.asdict(self.position),
+            "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(),
+        }
+        torch.save(state, tmp / TRAINER_STATE)
+        (tmp / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        return final
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir / CHECKPOINTS}; start without --resume")
+        saved = Transformer.load(path).cfg
+        if saved != self.cfg.model_config:
+            diff = {k: (v, getattr(self.cfg.model_config, k)) for k, v in dataclasses.asdict(saved).items()
+                    if v != getattr(self.cfg.model_config, k)}  # fmt: skip
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds a model with a different config (field: (checkpoint, this run)): {diff}; "
+                f"use the preset it was trained with, or another --out-dir"
+            )
+        model = Transformer.load(path, device=self.device)
+        self.model.load_state_dict(model.state_dict(), strict=True)
+        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.position = DataPosition(**state["position"])
+        if state["world_size"] != self.dist.world_size:
+            consumed = self.position.consumed * state["world_size"] // self.dist.world_size
+            logger.warning(
+                "resuming a %d-process run with %d processes: the data order differs from an uninterrupted run",
+                state["world_size"], self.dist.world_size,
+            )  # fmt: skip
+            self.position = DataPosition(self.position.epoch, consumed)
+        _set_rng_state(state["rng"])
+        self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
+        if self.dist.is_main:
+            _write_rows(self.out_dir / "metrics.jsonl", self.rows)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+
+def latest_checkpoint(out_dir: os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint directory under out_dir/checkpoints, or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    pointer = root / "latest"
+    if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
+        return root / pointer.read_text().strip()
+    complete = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    random.setstate(state["python"])
+
+
+def _read_rows(path: Path, up_to_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = [
+    "PRESETS",
+    "CheckpointMismatchError",
+    "DataPosition",
+    "TrainConfig",
+    "Trainer",
+    "latest_checkpoint",
+    "lm_loss",
+    "lr_at",
+    "param_groups",
+    "pick_device",
+    "plot_loss_curve",
+    "sample_text",
+]

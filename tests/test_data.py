@@ -1,0 +1,165 @@
+"""Datasets to token windows: sources, document separators, the cache, splits, errors."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_small import EOT_ID, get_tokenizer
+from gpt2_small.data import (
+    ResumableSampler,
+    TokenData,
+    TokenWindows,
+    load_text_dataset,
+    tokenize_dataset,
+    train_val_split,
+    unigram_loss,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_embedded_shakespeare_is_42_works(tmp_path):
+    ds = load_text_dataset()
+    assert len(ds) == 42
+    assert ds[0]["text"].startswith("ALL'S WELL THAT ENDS WELL\n\nby William Shakespeare")
+    assert all(doc.count("by William Shakespeare") == 1 for doc in ds["text"])
+    tokens = tokenize_dataset(ds, cache_dir=tmp_path)
+    assert tokens.dtype == np.uint16
+    assert int((tokens == EOT_ID).sum()) == 42 and tokens[-1] == EOT_ID
+    assert 1_500_000 < len(tokens) < 1_650_000  # about 1.57M GPT-2 tokens
+
+
+def test_documents_are_separated_by_endoftext(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Hello world"}, {"text": " the end"}])
+    tokens = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+    enc = get_tokenizer()
+    assert tokens.tolist() == enc.encode("Hello world") + [EOT_ID] + enc.encode(" the end") + [EOT_ID]
+
+
+def test_second_run_reads_the_token_cache(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(50)])
+    with caplog.at_level(logging.INFO, logger="gpt2_small.data"):
+        first = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+        assert "tokenized 50 documents" in caplog.text and "tokenization skipped" not in caplog.text
+        caplog.clear()
+        second = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+        assert "tokenization skipped" in caplog.text
+    assert np.array_equal(first, second)
+    assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 1
+    # Different content is a different cache entry, never a stale hit.
+    write_jsonl(path, [{"text": f"other document {i}"} for i in range(50)])
+    third = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+    assert not np.array_equal(first, third)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_files(tmp_path, kind):
+    docs = ["First document.\nWith two lines.", "Second document."]
+    if kind == "txt":
+        for i, doc in enumerate(docs):
+            (tmp_path / f"{i}.txt").write_text(doc)
+        source = tmp_path
+    elif kind == "jsonl":
+        source = write_jsonl(tmp_path / "d.jsonl", [{"body": d} for d in docs])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        source = tmp_path / "d.parquet"
+        pq.write_table(pa.table({"body": docs}), source)
+    column = "text" if kind == "txt" else "body"
+    ds = load_text_dataset(str(source), text_column=column)
+    assert sorted(ds[column]) == sorted(docs)  # one document per file / row
+
+
+def test_max_examples(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": str(i)} for i in range(10)])
+    assert load_text_dataset(str(path), max_examples=3)["text"] == ["0", "1", "2"]
+
+
+def test_missing_text_column_names_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x", "id": 1}])
+    with pytest.raises(ValueError, match=r"no text column 'text'; its columns are \['body', 'id'\]"):
+        load_text_dataset(str(path))
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    ds = load_text_dataset(str(path))
+    with pytest.raises(ValueError, match="max_examples must be >= 1"):
+        load_text_dataset(str(path), max_examples=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="found \\['no files'\\]"):
+        load_text_dataset(str(tmp_path / "empty"))
+    assert len(ds) == 1
+
+
+def test_mixed_file_kinds_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.csv").write_text("y")
+    with pytest.raises(ValueError, match=r"of one kind, found \['.csv', '.txt'\]"):
+        load_text_dataset(str(tmp_path))
+
+
+def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"unknown dataset 'nobody/no-such-dataset-xyz'.*offline mode is on"):
+        load_text_dataset("nobody/no-such-dataset-xyz")
+
+
+def test_dataset_shorter_than_one_window():
+    with pytest.raises(ValueError, match=r"the val split has 100 tokens, shorter than one window of n_ctx \+ 1 = 129"):
+        TokenWindows(np.zeros(100, dtype=np.uint16), n_ctx=128, name="val")
+
+
+def test_windows_tile_or_overlap_by_stride():
+    tokens = np.arange(20, dtype=np.uint16)
+    tiled = TokenWindows(tokens, n_ctx=4)
+    assert len(tiled) == 4  # starts 0, 4, 8, 12 (each needs 5 tokens)
+    x, y = tiled[1]
+    assert x.tolist() == [4, 5, 6, 7] and y.tolist() == [5, 6, 7, 8] and x.dtype == torch.long
+    overlapping = TokenWindows(tokens, n_ctx=4, stride=2)
+    assert len(overlapping) == 8 and overlapping[1][0].tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        TokenWindows(tokens, n_ctx=4, stride=0)
+
+
+def test_train_val_split_is_a_deterministic_tail():
+    tokens = np.arange(1000)
+    train, val = train_val_split(tokens, 0.1)
+    assert np.array_equal(train, np.arange(900)) and np.array_equal(val, np.arange(900, 1000))
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        train_val_split(tokens, 1.0)
+
+
+def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
+    full = list(ResumableSampler(10, seed=3, epoch=1))
+    assert sorted(full) == list(range(10))
+    assert full != list(ResumableSampler(10, seed=3, epoch=2))  # a new order each epoch
+    assert list(ResumableSampler(10, seed=3, epoch=1, start=4)) == full[4:]
+    shards = [list(ResumableSampler(10, seed=3, epoch=1, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 3 for s in shards)  # 10 // 3 each; the remainder is dropped evenly
+    assert len(set().union(*shards)) == 9
+
+
+def test_loader_refuses_a_split_smaller_than_a_batch():
+    data = TokenData(np.zeros(1000, dtype=np.uint16), np.zeros(200, dtype=np.uint16), "tiny")
+    with pytest.raises(ValueError, match="the val split gives 1 windows per process, fewer than batch_size=4"):
+        data.loader("val", n_ctx=128, batch_size=4)
+
+
+def test_unigram_loss():
+    train = np.array([0, 0, 0, 1])
+    val = np.array([0, 1])
+    # add-one counts over a vocabulary of 3: p(0) = 4/7, p(1) = 2/7
+    expected = -(np.log(4 / 7) + np.log(2 / 7)) / 2
+    assert unigram_loss(train, val, vocab_size=3) == pytest.approx(expected)

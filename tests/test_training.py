@@ -1,0 +1,273 @@
+"""The trainer: schedule, decay groups, learning, exact resume, Ctrl-C, DDP."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2_small.data import TokenData
+from gpt2_small.training import (
+    PRESETS,
+    CheckpointMismatchError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    lm_loss,
+    lr_at,
+    param_groups,
+    plot_loss_curve,
+)
+from solution import Transformer, TransformerConfig
+
+MICRO = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch):
+    monkeypatch.setitem(PRESETS, "micro", MICRO)
+
+
+@pytest.fixture(scope="module")
+def shakespeare_slice(tmp_path_factory) -> TokenData:
+    """20k training and 4k validation tokens of the bundled corpus."""
+    data = TokenData.load(cache_dir=tmp_path_factory.mktemp("token-cache"))
+    return TokenData(np.array(data.train[:20_000]), np.array(data.val[:4_000]), "shakespeare-slice")
+
+
+def micro_config(out_dir, **overrides) -> TrainConfig:
+    base = dict(
+        preset="micro", batch_size=4, max_steps=8, warmup_steps=2, lr=1e-2, min_lr=1e-3, eval_interval=4,
+        eval_batches=2, sample_interval=0, sample_tokens=4, device="cpu", out_dir=str(out_dir), seed=0,
+    )  # fmt: skip
+    return TrainConfig(**(base | overrides))
+
+
+def losses(rows):
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# --- schedule and optimizer groups ------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_peak_and_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg, 110) == pytest.approx(1e-4)  # first warmup step: lr / warmup_steps
+    assert lr_at(4, cfg, 110) == pytest.approx(5e-4)
+    assert lr_at(9, cfg, 110) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lr_at(10, cfg, 110) == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert lr_at(60, cfg, 110) == pytest.approx((1e-3 + 1e-4) / 2)  # halfway down the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(1e-4)  # the floor at max_steps
+    assert lr_at(500, cfg, 110) == pytest.approx(1e-4)
+    values = [lr_at(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone decay
+
+
+def test_weight_decay_groups_hold_exactly_the_weight_matrices():
+    with torch.device("meta"):
+        model = Transformer(MICRO)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    block = lambda i, names: [f"blocks.{i}.{n}" for n in names]  # noqa: E731
+    expected_decay = ["embed.W_E", "pos_embed.W_pos"]
+    expected_no_decay = []
+    for i in range(MICRO.n_layers):
+        expected_decay += block(i, ["attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out"])
+        expected_no_decay += block(
+            i, ["ln1.w", "ln1.b", "attn.b_Q", "attn.b_K", "attn.b_V", "attn.b_O", "ln2.w", "ln2.b", "mlp.b_in", "mlp.b_out"]
+        )
+    expected_decay += ["unembed.W_U"]
+    expected_no_decay += ["ln_final.w", "ln_final.b", "unembed.b_U"]
+    assert sorted(decay["names"]) == sorted(expected_decay)
+    assert sorted(no_decay["names"]) == sorted(expected_no_decay)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TrainConfig(preset="huge")
+    with pytest.raises(ValueError, match="min_lr <= lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="dtype must be"):
+        TrainConfig(dtype="float16")
+
+
+def test_lm_loss_is_uniform_cross_entropy_for_flat_logits():
+    logits = torch.zeros(2, 3, 50257)
+    assert lm_loss(logits, torch.zeros(2, 3, dtype=torch.long)).item() == pytest.approx(math.log(50257))
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+def test_loss_decreases_within_a_few_dozen_steps(tmp_path, shakespeare_slice):
+    cfg = micro_config(tmp_path, max_steps=40, batch_size=8, warmup_steps=5, eval_interval=20)
+    rows = Trainer(cfg, data=shakespeare_slice).run()
+    train = losses(rows)
+    first, last = train[1], np.mean([train[s] for s in range(36, 41)])
+    assert first > math.log(50257) - 0.5  # starts near uniform
+    assert last < first - 2.0, (first, last)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+
+
+def test_outputs_metrics_plot_samples_and_checkpoints(tmp_path, shakespeare_slice):
+    cfg = micro_config(tmp_path, max_steps=6, eval_interval=3, keep_checkpoints=1)
+    Trainer(cfg, data=shakespeare_slice).run()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert {"tokens", "loss", "lr", "grad_norm", "tok_per_s"} <= set(rows[1])
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    png = (tmp_path / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "samples.txt").read_text().count("--- sample") == 2  # before and after
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-0000006"]  # one kept, no temporary directories left
+    model = Transformer.load(latest_checkpoint(tmp_path))
+    assert model.cfg == MICRO
+
+
+def test_loss_curve_png_has_the_expected_size(tmp_path):
+    rows = [{"step": 0, "tokens": 0, "unigram_val_loss": 7.0}]
+    rows += [{"step": s, "tokens": 64 * s, "loss": 10.0 - 0.1 * s} for s in range(1, 30)]
+    rows += [{"step": 10, "tokens": 640, "val_loss": 9.0}, {"step": 20, "tokens": 1280, "val_loss": 8.0}]
+    plot_loss_curve(rows, tmp_path / "curve.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "curve.png") as image:
+        assert image.size == (880, 550)  # 8 x 5 inches at 110 dpi
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+
+
+def test_resume_continues_exactly(tmp_path, shakespeare_slice):
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+
+    Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=3)
+    resumed_trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    assert resumed_trainer.step == 3
+    resumed = resumed_trainer.run()
+
+    a, b = losses(whole), losses(resumed)
+    assert sorted(b) == list(range(1, 9))  # the log holds every step once
+    for step in range(4, 9):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical on CPU
+    assert [r["val_loss"] for r in whole if "val_loss" in r] == [r["val_loss"] for r in resumed if "val_loss" in r]
+
+
+def test_resume_crosses_an_epoch_boundary_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    data = TokenData(rng.integers(0, 50257, 6 * 17 + 1).astype(np.uint16), rng.integers(0, 50257, 200), "tiny")
+    cfg = dict(batch_size=2, max_steps=7, eval_interval=0)  # 6 windows -> 3 steps per epoch
+    whole = Trainer(micro_config(tmp_path / "whole", **cfg), data=data).run()
+    Trainer(micro_config(tmp_path / "split", **cfg), data=data).run(stop_at=4)
+    resumed = Trainer(micro_config(tmp_path / "split", **cfg), data=data, resume=True).run()
+    assert losses(whole) == losses(resumed)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_slice, monkeypatch):
+    Trainer(micro_config(tmp_path, max_steps=2), data=shakespeare_slice).run()
+    monkeypatch.setitem(PRESETS, "micro2", TransformerConfig(d_model=16, n_layers=3, n_heads=2, d_head=8, d_mlp=32, n_ctx=16))
+    with pytest.raises(CheckpointMismatchError, match=r"n_layers.*\(2, 3\)"):
+        Trainer(micro_config(tmp_path, preset="micro2"), data=shakespeare_slice, resume=True)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, shakespeare_slice):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_an_earlier_run_unless_overwrite(tmp_path, shakespeare_slice):
+    Trainer(micro_config(tmp_path, max_steps=4, eval_interval=2), data=shakespeare_slice).run()
+    with pytest.raises(FileExistsError, match=r"earlier run \(checkpoints, metrics.jsonl.*--resume.*--overwrite"):
+        Trainer(micro_config(tmp_path, max_steps=2), data=shakespeare_slice)
+    assert latest_checkpoint(tmp_path).name == "step-0000004"  # the refusal touched nothing
+
+    rows = Trainer(micro_config(tmp_path, max_steps=2, overwrite=True), data=shakespeare_slice).run()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == rows and max(r["step"] for r in logged) == 2  # none of the earlier run's rows
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+
+
+def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatch):
+    trainer = Trainer(micro_config(tmp_path, eval_interval=0), data=shakespeare_slice)
+    real_step = trainer.train_step
+
+    def interrupted():
+        if trainer.step == 5:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path).name == "step-0000005"
+    assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 5
+
+
+# --- distributed ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    PRESETS["micro"] = MICRO
+    trainer = Trainer(micro_config(out_dir), data=data)
+    assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel)
+    half = inputs.shape[0] // world_size
+    rows = slice(rank * half, (rank + 1) * half)
+    trainer.forward_backward([(inputs[rows], targets[rows])])
+    grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+    torch.save(grads, Path(out_dir) / f"grads-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tmp_path, shakespeare_slice):
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
+    targets = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), shakespeare_slice, inputs, targets, str(tmp_path)), nprocs=2, join=True
+    )
+    single = Trainer(micro_config(tmp_path / "single"), data=shakespeare_slice)
+    single.forward_backward([(inputs, targets)])
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
+        for name, p in single.model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_training_completes(tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "GPT2_SMALL_CACHE": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        str(REPO / "demos" / "train_demo.py"), "--max-steps", "3", "--batch-size", "2", "--eval-interval", "0",
+        "--eval-batches", "1", "--sample-tokens", "2", "--warmup-steps", "1", "--out-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # rank 0 alone logged
+    assert rows[1]["tokens"] == 2 * 2 * 128  # batch 2 x n_ctx 128 x 2 processes
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000003"

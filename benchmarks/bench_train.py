@@ -15,6 +15,7 @@ paper and nanoGPT, against the chip's dense bf16 peak.
 import argparse
 import dataclasses
 import datetime
+import gc
 import platform
 import statistics
 import sys
@@ -109,10 +110,6 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     peak = peak_flops(device)
     mfu = tok_s * flops_per_token(cfg, args.seq_len) / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del model, loss_fn, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     return {"variant": variant, "params": params, "tok_s": tok_s, "step_ms": 1000 * step_s, "mfu": mfu,
             "warmup_s": warmup_s, "mem_gib": mem}  # fmt: skip
 
@@ -150,7 +147,13 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
-    rows = [bench(v, cfg, args, device) for v in variants]
+    rows = []
+    for variant in variants:
+        rows.append(bench(variant, cfg, args, device))
+        gc.collect()  # the variant's model and optimizer went out of scope with bench()
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
     device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
     date = datetime.date.today().isoformat()

@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -33,7 +32,14 @@ from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "shakespeare"
-_TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".gz": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_TEXT_SUFFIXES = {
+    ".txt": "text",
+    ".text": "text",
+    ".gz": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 # Each bundled work opens "TITLE\n\nby William Shakespeare" (one newline for the Sonnets).
 _SHAKESPEARE_WORK = re.compile(r"\n+(?=[^\n]+\n\n?by William Shakespeare\n)")
 _CACHE_VERSION = 1
@@ -48,8 +54,8 @@ def load_text_dataset(
     *,
     text_column: str = "text",
     split: str = "train",
-    config_name: Optional[str] = None,
-    max_examples: Optional[int] = None,
+    config_name: str | None = None,
+    max_examples: int | None = None,
 ):
     """A `datasets.Dataset` with one document per row in `text_column`."""
     import datasets
@@ -89,16 +95,14 @@ def _load_local(path: Path, split: str):
     builders = {_TEXT_SUFFIXES.get(p.suffix) for p in files}
     if len(builders) != 1 or None in builders:
         kinds = sorted({p.suffix for p in files}) or ["no files"]
-        raise ValueError(
-            f"{path}: expected .txt/.txt.gz, .jsonl/.json or .parquet files of one kind, found {kinds}"
-        )
+        raise ValueError(f"{path}: expected .txt/.txt.gz, .jsonl/.json or .parquet files of one kind, found {kinds}")
     builder = builders.pop()
     data_files = [str(p) for p in files]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
 
 
-def _load_hub(source: str, config_name: Optional[str], split: str):
+def _load_hub(source: str, config_name: str | None, split: str):
     import datasets
     from huggingface_hub import constants
 
@@ -131,7 +135,7 @@ def _encode_batch(batch: Mapping[str, list], text_column: str) -> dict[str, list
 
 
 def tokenize_dataset(
-    ds, *, text_column: Optional[str] = None, num_proc: Optional[int] = None, cache_dir: Union[str, Path, None] = None
+    ds, *, text_column: str | None = None, num_proc: int | None = None, cache_dir: str | Path | None = None
 ) -> np.ndarray:
     """The whole dataset as one uint16 token stream, <|endoftext|> after each document; cached."""
     text_column = text_column or ds.column_names[0]
@@ -181,7 +185,7 @@ class TokenWindows(Dataset):
     stride == n_ctx tiles the stream; a smaller stride gives overlapping windows.
     """
 
-    def __init__(self, tokens: np.ndarray, n_ctx: int, stride: Optional[int] = None, name: str = "dataset"):
+    def __init__(self, tokens: np.ndarray, n_ctx: int, stride: int | None = None, name: str = "dataset"):
         stride = n_ctx if stride is None else stride
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
@@ -240,11 +244,11 @@ class TokenData:
         *,
         text_column: str = "text",
         split: str = "train",
-        config_name: Optional[str] = None,
-        max_examples: Optional[int] = None,
+        config_name: str | None = None,
+        max_examples: int | None = None,
         val_fraction: float = 0.1,
-        num_proc: Optional[int] = None,
-        cache_dir: Union[str, Path, None] = None,
+        num_proc: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> "TokenData":
         ds = load_text_dataset(
             source, text_column=text_column, split=split, config_name=config_name, max_examples=max_examples
@@ -259,7 +263,7 @@ class TokenData:
         *,
         n_ctx: int,
         batch_size: int,
-        stride: Optional[int] = None,
+        stride: int | None = None,
         seed: int = 0,
         epoch: int = 0,
         start: int = 0,

@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import einops
 import numpy as np
@@ -52,7 +51,9 @@ logger = logging.getLogger(__name__)
 PADDED_VOCAB = 50304
 PRESETS: dict[str, TransformerConfig] = {
     # Small enough to train in minutes on 2 CPU cores; the vocabulary dominates its size.
-    "tiny": TransformerConfig(d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512, d_vocab=PADDED_VOCAB, n_ctx=128),
+    "tiny": TransformerConfig(
+        d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512, d_vocab=PADDED_VOCAB, n_ctx=128
+    ),
     # GPT-2 small's shape: 124M parameters with tied embeddings, 163M as here (untied, padded).
     "gpt2": TransformerConfig(d_vocab=PADDED_VOCAB),
 }
@@ -72,12 +73,12 @@ class TrainConfig:
     dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
     text_column: str = "text"  # the column holding the documents
     split: str = "train"  # which split of the source dataset to read
-    config_name: Optional[str] = None  # the hub dataset's configuration, if it has several
-    max_examples: Optional[int] = None  # read only the first N documents
+    config_name: str | None = None  # the hub dataset's configuration, if it has several
+    max_examples: int | None = None  # read only the first N documents
     val_fraction: float = 0.1  # the last fraction of the token stream is held out for validation
-    stride: Optional[int] = None  # window stride in tokens; None = n_ctx (no overlap), smaller overlaps
-    num_proc: Optional[int] = None  # tokenizer processes for datasets.map; None picks by dataset size
-    cache_dir: Optional[str] = None  # token cache; None = ~/.cache/gpt2_small/tokens (or $GPT2_SMALL_CACHE)
+    stride: int | None = None  # window stride in tokens; None = n_ctx (no overlap), smaller overlaps
+    num_proc: int | None = None  # tokenizer processes for datasets.map; None picks by dataset size
+    cache_dir: str | None = None  # token cache; None = ~/.cache/gpt2_small/tokens (or $GPT2_SMALL_CACHE)
     # optimisation
     batch_size: int = 4  # sequences per micro-batch, per process (16+ on a GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -85,7 +86,7 @@ class TrainConfig:
     min_lr: float = 3e-4  # the floor the cosine decays to
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
     max_steps: int = 400  # optimizer steps; ignored when epochs is set
-    epochs: Optional[float] = None  # train for this many passes over the training windows instead
+    epochs: float | None = None  # train for this many passes over the training windows instead
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
     weight_decay: float = 0.1  # on weight matrices (every W_* parameter, embeddings included) only
@@ -283,7 +284,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: Optional[TokenData] = None):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: TokenData | None = None):
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
@@ -308,7 +309,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.rows: list[dict] = []
-        self._batches: Optional[Iterator] = None
+        self._batches: Iterator | None = None
         n_ctx = cfg.model_config.n_ctx
         train_windows = self.data.loader(
             "train", n_ctx=n_ctx, batch_size=cfg.batch_size, stride=cfg.stride, seed=cfg.seed,
@@ -446,7 +447,7 @@ class Trainer:
 
     # the loop --------------------------------------------------------------------------------
 
-    def run(self, stop_at: Optional[int] = None) -> list[dict]:
+    def run(self, stop_at: int | None = None) -> list[dict]:
         """Train until max_steps (or `stop_at`, then checkpoint). Returns the metric rows."""
         cfg, main = self.cfg, self.dist.is_main
         stop = self.max_steps if stop_at is None else min(stop_at, self.max_steps)
@@ -484,7 +485,9 @@ class Trainer:
             bar.close()
             if main:
                 path = self.save_checkpoint()
-                logger.warning("interrupted at step %d; checkpoint saved to %s; continue with --resume", self.step, path)
+                logger.warning(
+                    "interrupted at step %d; checkpoint saved to %s; continue with --resume", self.step, path
+                )
             raise
         bar.close()
         self.save_checkpoint()
@@ -519,7 +522,7 @@ class Trainer:
 
     # checkpoints -----------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Optional[Path]:
+    def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-NNNNNNN atomically and point `latest` at it (rank 0 only)."""
         if not self.dist.is_main:
             return None
@@ -582,7 +585,7 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
 
-def latest_checkpoint(out_dir: os.PathLike) -> Optional[Path]:
+def latest_checkpoint(out_dir: os.PathLike) -> Path | None:
     """The newest complete checkpoint directory under out_dir/checkpoints, or None."""
     root = Path(out_dir) / CHECKPOINTS
     pointer = root / "latest"

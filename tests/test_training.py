@@ -82,7 +82,19 @@ def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     for i in range(MICRO.n_layers):
         expected_decay += block(i, ["attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_out"])
         expected_no_decay += block(
-            i, ["ln1.w", "ln1.b", "attn.b_Q", "attn.b_K", "attn.b_V", "attn.b_O", "ln2.w", "ln2.b", "mlp.b_in", "mlp.b_out"]
+            i,
+            [
+                "ln1.w",
+                "ln1.b",
+                "attn.b_Q",
+                "attn.b_K",
+                "attn.b_V",
+                "attn.b_O",
+                "ln2.w",
+                "ln2.b",
+                "mlp.b_in",
+                "mlp.b_out",
+            ],
         )
     expected_decay += ["unembed.W_U"]
     expected_no_decay += ["ln_final.w", "ln_final.b", "unembed.b_U"]
@@ -178,7 +190,9 @@ def test_resume_crosses_an_epoch_boundary_exactly(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_slice, monkeypatch):
     Trainer(micro_config(tmp_path, max_steps=2), data=shakespeare_slice).run()
-    monkeypatch.setitem(PRESETS, "micro2", TransformerConfig(d_model=16, n_layers=3, n_heads=2, d_head=8, d_mlp=32, n_ctx=16))
+    monkeypatch.setitem(
+        PRESETS, "micro2", TransformerConfig(d_model=16, n_layers=3, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
+    )
     with pytest.raises(CheckpointMismatchError, match=r"n_layers.*\(2, 3\)"):
         Trainer(micro_config(tmp_path, preset="micro2"), data=shakespeare_slice, resume=True)
 

@@ -5,6 +5,7 @@ This file defines, in data-flow order:
     TransformerConfig    hyperparameters, GPT-2 small by default
     Embedding            tokens -> W_E rows                       (HF: transformer.wte)
     PositionalEmbedding  positions -> W_pos rows                  (HF: transformer.wpe)
+    KVCache              keys and values of earlier positions, for incremental decoding
     LayerNorm            centre, scale by 1/std, then w * x + b   (HF: ln_1, ln_2, ln_f)
     Attention            causal multi-head self-attention         (HF: attn.c_attn, attn.c_proj)
     MLP                  W_in, gelu_new, W_out                    (HF: mlp.c_fc, mlp.c_proj)
@@ -33,7 +34,7 @@ from pathlib import Path
 import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -110,16 +111,83 @@ class Embedding(nn.Module):
 
 
 class PositionalEmbedding(nn.Module):
-    """Learned absolute position embedding: row `pos` of W_pos, the same for every batch item."""
+    """Learned absolute position embedding: row `pos` of W_pos.
+
+    By default token i sits at position i in every batch item. Incremental decoding and left
+    padding pass explicit `positions` instead (see Transformer.forward).
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.W_pos = _normal(cfg.n_ctx, cfg.d_model, std=cfg.init_range)
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, tokens: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"] | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
         batch, pos = tokens.shape
-        return einops.repeat(self.W_pos[:pos], "pos d_model -> batch pos d_model", batch=batch)
+        if positions is None:
+            return einops.repeat(self.W_pos[:pos], "pos d_model -> batch pos d_model", batch=batch)
+        return self.W_pos[positions]
+
+
+class KVCache:
+    """Keys and values of every position seen so far, so each new token costs one position's work.
+
+    Pre-allocated for `max_pos` positions of a `batch` of sequences. `model(tokens, kv_cache=cache)`
+    writes the new positions' keys and values at [length, length + pos), attends over
+    [0, length + pos) and advances `length`. `key_mask` records which positions hold real tokens;
+    left padding (attention_mask 0) does not, and no query ever attends to it.
+    """
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        batch: int,
+        max_pos: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if not 1 <= max_pos <= cfg.n_ctx:
+            raise ValueError(f"KVCache max_pos={max_pos} must be in [1, n_ctx={cfg.n_ctx}]")
+        if batch < 1:
+            raise ValueError(f"KVCache batch={batch} must be >= 1")
+        shape = (cfg.n_layers, batch, max_pos, cfg.n_heads, cfg.d_head)  # layer batch pos n_heads d_head
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(batch, max_pos, dtype=torch.bool, device=device)
+        self.padded = False  # whether any cached position is padding (then masks are needed)
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: "Transformer", batch: int, max_pos: int) -> "KVCache":
+        return cls(model.cfg, batch, max_pos, device=model.device, dtype=model.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_pos(self) -> int:
+        return self.k.shape[2]
+
+    def extend(
+        self,
+        layer: int,
+        k: Float[Tensor, "batch pos n_heads d_head"],
+        v: Float[Tensor, "batch pos n_heads d_head"],
+    ) -> tuple[Float[Tensor, "batch key_pos n_heads d_head"], Float[Tensor, "batch key_pos n_heads d_head"]]:
+        """Store layer `layer`'s keys and values for the new positions; return those of all positions."""
+        end = self.length + k.shape[1]
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def reorder(self, index: Int[Tensor, " new_batch"]) -> None:
+        """Keep batch items `index` (in that order, repeats allowed), as beam search needs."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.key_mask = self.key_mask[index]
 
 
 class LayerNorm(nn.Module):
@@ -180,24 +248,59 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_pattern = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_z = HookPoint()  # [batch pos n_heads d_head]
+        self._stacked_qkv: tuple[Tensor, Tensor] | None = None  # see stacked_qkv
+        self._stacked_qkv_key: tuple | None = None
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        # One matrix multiply for all three projections: stacking the weights costs a small copy
-        # and saves two GEMM launches, which matters on GPUs.
-        W_QKV = torch.stack([self.W_Q, self.W_K, self.W_V])
-        b_QKV = torch.stack([self.b_Q, self.b_K, self.b_V])
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """`key_mask` (False at padding) spans every key position, cached ones included.
+
+        With a `kv_cache`, x holds only the new positions: their keys and values are appended
+        to layer `layer` of the cache, and attention runs over all cached positions.
+        """
+        # One matrix multiply for all three projections instead of three (fewer, larger GEMMs).
+        W_QKV, b_QKV = self.stacked_qkv()
         qkv = einops.einsum(
             x, W_QKV, "batch pos d_model, qkv n_heads d_model d_head -> batch pos qkv n_heads d_head"
         ) + einops.rearrange(b_QKV, "qkv n_heads d_head -> 1 1 qkv n_heads d_head")
         q, k, v = qkv.unbind(dim=2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(layer, k, v)
         if self.uses_eager_path():
-            z = self._attend_eager(q, k, v)
+            z = self._attend_eager(q, k, v, key_mask)
         else:
-            z = self._attend_sdpa(q, k, v)
+            z = self._attend_sdpa(q, k, v, key_mask)
         z = self.hook_z(z)
         out = einops.einsum(z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos d_model")
         return out + self.b_O
+
+    def stacked_qkv(self) -> tuple[Float[Tensor, "qkv n_heads d_model d_head"], Float[Tensor, "qkv n_heads d_head"]]:
+        """W_Q, W_K, W_V stacked (and b_Q, b_K, b_V), for the fused projection in forward.
+
+        The stacked weight is laid out d_model-major in memory, the order in which the einsum
+        contracts, so the matrix multiply reads it in place instead of copying it first. Without
+        autograd (sampling, evaluation) the stack is kept until a parameter changes: when
+        decoding one token, rebuilding it would cost more than the multiply itself.
+        """
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if reuse else None
+        if reuse and self._stacked_qkv_key == key:
+            return self._stacked_qkv
+        W_QKV = torch.stack(
+            [einops.rearrange(W, "n_heads d_model d_head -> d_model n_heads d_head") for W in params[:3]], dim=1
+        )  # contiguous [d_model qkv n_heads d_head]
+        W_QKV = einops.rearrange(W_QKV, "d_model qkv n_heads d_head -> qkv n_heads d_model d_head")
+        b_QKV = torch.stack(params[3:])
+        if reuse:
+            self._stacked_qkv, self._stacked_qkv_key = (W_QKV, b_QKV), key
+        return W_QKV, b_QKV
 
     def uses_eager_path(self) -> bool:
         """True when attention runs through the einsum path (config, or hooks that need it)."""
@@ -208,13 +311,15 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
+        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         scores = einops.einsum(
             q, k, "batch query_pos n_heads d_head, batch key_pos n_heads d_head -> batch n_heads query_pos key_pos"
         ) / math.sqrt(self.cfg.d_head)
         # The most negative finite value rather than -inf: a fully masked row then softmaxes to
         # uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
-        scores = scores.masked_fill(causal_mask(q.shape[1], k.shape[1], q.device), torch.finfo(scores.dtype).min)
+        blocked = blocked_keys(q.shape[1], k.shape[1], key_mask, q.device)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
         return einops.einsum(
@@ -228,19 +333,21 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
+        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
-        if q.shape[1] != k.shape[1]:
-            raise ValueError(
-                f"the sdpa path needs as many queries as keys, got query_pos={q.shape[1]}, key_pos={k.shape[1]}"
-            )
-        to_heads_first = "batch pos n_heads d_head -> batch n_heads pos d_head"
+        query_pos, key_pos = q.shape[1], k.shape[1]
+        # Without padding, two cases need no mask tensor: the plain causal triangle (which has a
+        # dedicated flash kernel), and one new query after cached keys (it sees them all).
+        triangle = key_mask is None and query_pos == key_pos
+        unmasked = key_mask is None and query_pos == 1
         z = F.scaled_dot_product_attention(
-            einops.rearrange(q, to_heads_first),
-            einops.rearrange(k, to_heads_first),
-            einops.rearrange(v, to_heads_first),
-            is_causal=True,
+            einops.rearrange(q, "batch query_pos n_heads d_head -> batch n_heads query_pos d_head"),
+            einops.rearrange(k, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
+            einops.rearrange(v, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
+            attn_mask=None if triangle or unmasked else ~blocked_keys(query_pos, key_pos, key_mask, q.device),
+            is_causal=triangle,
         )
-        return einops.rearrange(z, "batch n_heads pos d_head -> batch pos n_heads d_head")
+        return einops.rearrange(z, "batch n_heads query_pos d_head -> batch query_pos n_heads d_head")
 
 
 def causal_mask(query_pos: int, key_pos: int, device: torch.device) -> Tensor:
@@ -251,6 +358,23 @@ def causal_mask(query_pos: int, key_pos: int, device: torch.device) -> Tensor:
     """
     ones = torch.ones(query_pos, key_pos, dtype=torch.bool, device=device)
     return ones.triu(diagonal=key_pos - query_pos + 1)
+
+
+def blocked_keys(
+    query_pos: int, key_pos: int, key_mask: Bool[Tensor, "batch key_pos"] | None, device: torch.device
+) -> Bool[Tensor, "query_pos key_pos"] | Bool[Tensor, "batch 1 query_pos key_pos"]:
+    """True where a query may not attend: keys after it, and padding keys (key_mask False).
+
+    A padding query still sees its own key, so that no row is fully masked (a softmax over
+    nothing is NaN in some kernels); padding positions' outputs are never used.
+    """
+    blocked = causal_mask(query_pos, key_pos, device)
+    if key_mask is None:
+        return blocked
+    offset = key_pos - query_pos
+    own_key = torch.ones(query_pos, key_pos, dtype=torch.bool, device=device).triu(offset).tril(offset)
+    padding = einops.rearrange(~key_mask, "batch key_pos -> batch 1 key_pos") & ~own_key
+    return einops.rearrange(blocked | padding, "batch query_pos key_pos -> batch 1 query_pos key_pos")
 
 
 class MLP(nn.Module):
@@ -293,9 +417,15 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()  # [batch pos d_model]
         self.hook_resid_post = HookPoint()  # [batch pos d_model]
 
-    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), key_mask, kv_cache, layer))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
@@ -352,11 +482,50 @@ class Transformer(HookedRootModule):
         self.register_forward_pre_hook(_check_tokens_pre_hook, with_kwargs=True)
         self.setup()
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
-        for block in self.blocks:
-            residual = block(residual)
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits for `tokens`.
+
+        attention_mask: 1/True for real tokens and 0/False for (left) padding, as in Hugging Face.
+            Padding is never attended to, and a real token's position counts only the real tokens
+            before it, so a left-padded prompt gives the same logits as the unpadded one.
+        kv_cache: a KVCache holding the earlier positions of these sequences; `tokens` are then
+            only the new positions, and the cache is extended with them.
+        """
+        batch, pos = tokens.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        key_mask = self._key_mask(attention_mask, kv_cache, start, pos)
+        positions = None
+        if key_mask is not None:
+            positions = (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
+        elif start > 0:
+            positions = einops.repeat(
+                torch.arange(start, start + pos, device=tokens.device), "pos -> batch pos", batch=batch
+            )
+        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
+        for layer, block in enumerate(self.blocks):
+            residual = block(residual, key_mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += pos
         return self.unembed(self.ln_final(residual))
+
+    @staticmethod
+    def _key_mask(
+        attention_mask: Tensor | None, kv_cache: KVCache | None, start: int, pos: int
+    ) -> Bool[Tensor, "batch key_pos"] | None:
+        """The padding mask over every key position (cached and new), or None when nothing is padding."""
+        # One host sync per call with a mask: generation passes it only with the prompt.
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if kv_cache is None:
+            return attention_mask.bool() if padded else None
+        kv_cache.key_mask[:, start : start + pos] = True if attention_mask is None else attention_mask.bool()
+        kv_cache.padded |= padded
+        return kv_cache.key_mask[:, : start + pos] if kv_cache.padded else None
 
     def check_tokens(self, tokens: object) -> None:
         """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
@@ -379,6 +548,38 @@ class Transformer(HookedRootModule):
         if low < 0 or high >= self.cfg.d_vocab:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
+
+    def check_mask_and_cache(self, tokens: Tensor, attention_mask: object, kv_cache: object) -> None:
+        """Raise ValueError/TypeError naming what is wrong with forward's attention_mask or kv_cache."""
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor):
+                raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; it must match tokens, {tuple(tokens.shape)}"
+                )
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                raise ValueError(
+                    f"attention_mask must be bool or integer (1 = token, 0 = padding), got {attention_mask.dtype}"
+                )
+        if kv_cache is None:
+            return
+        if not isinstance(kv_cache, KVCache):
+            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        batch, pos = tokens.shape
+        if kv_cache.batch != batch:
+            raise ValueError(f"kv_cache holds {kv_cache.batch} sequences, but tokens has batch size {batch}")
+        if kv_cache.length + pos > kv_cache.max_pos:
+            raise ValueError(
+                f"{kv_cache.length} cached + {pos} new positions exceed the kv_cache's max_pos={kv_cache.max_pos}"
+            )
+        if (
+            tuple(kv_cache.k.shape[-2:]) != (self.cfg.n_heads, self.cfg.d_head)
+            or kv_cache.k.shape[0] != self.cfg.n_layers
+        ):
+            raise ValueError(
+                "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
+            )
 
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.
@@ -460,7 +661,9 @@ class Transformer(HookedRootModule):
 
 
 def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> None:
-    model.check_tokens(args[0] if args else kwargs.get("tokens"))
+    tokens = args[0] if args else kwargs.get("tokens")
+    model.check_tokens(tokens)
+    model.check_mask_and_cache(tokens, kwargs.get("attention_mask"), kwargs.get("kv_cache"))
 
 
 def _atomic_write(target: Path, write) -> None:

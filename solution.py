@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,10 @@ class KVCache:
     writes the new positions' keys and values at [length, length + pos), attends over
     [0, length + pos) and advances `length`. `key_mask` records which positions hold real tokens;
     left padding (attention_mask 0) does not, and no query ever attends to it.
+
+    The weights are taken to be fixed while a cache is in use (one generation): it also keeps
+    each layer's stacked W_Q/W_K/W_V, because re-stacking them for every token would cost more
+    than the one-token matrix multiply itself.
     """
 
     def __init__(
@@ -159,6 +164,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch, max_pos, dtype=torch.bool, device=device)
         self.padded = False  # whether any cached position is padding (then masks are needed)
         self.length = 0
+        self._weights: dict[int, tuple[Tensor, ...]] = {}
 
     @classmethod
     def for_model(cls, model: "Transformer", batch: int, max_pos: int) -> "KVCache":
@@ -183,6 +189,14 @@ class KVCache:
         self.k[layer, :, self.length : end] = k
         self.v[layer, :, self.length : end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def weights(self, layer: int, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """build() for this layer, computed once per cache (and never kept while autograd records)."""
+        if torch.is_grad_enabled():
+            return build()
+        if layer not in self._weights:
+            self._weights[layer] = build()
+        return self._weights[layer]
 
     def reorder(self, index: Int[Tensor, " new_batch"]) -> None:
         """Keep batch items `index` (in that order, repeats allowed), as beam search needs."""
@@ -248,8 +262,6 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_pattern = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_z = HookPoint()  # [batch pos n_heads d_head]
-        self._stacked_qkv: tuple[Tensor, Tensor] | None = None  # see stacked_qkv
-        self._stacked_qkv_key: tuple | None = None
 
     def forward(
         self,
@@ -264,7 +276,7 @@ class Attention(nn.Module):
         to layer `layer` of the cache, and attention runs over all cached positions.
         """
         # One matrix multiply for all three projections instead of three (fewer, larger GEMMs).
-        W_QKV, b_QKV = self.stacked_qkv()
+        W_QKV, b_QKV = self.stacked_qkv() if kv_cache is None else kv_cache.weights(layer, self.stacked_qkv)
         qkv = einops.einsum(
             x, W_QKV, "batch pos d_model, qkv n_heads d_model d_head -> batch pos qkv n_heads d_head"
         ) + einops.rearrange(b_QKV, "qkv n_heads d_head -> 1 1 qkv n_heads d_head")
@@ -284,23 +296,17 @@ class Attention(nn.Module):
         """W_Q, W_K, W_V stacked (and b_Q, b_K, b_V), for the fused projection in forward.
 
         The stacked weight is laid out d_model-major in memory, the order in which the einsum
-        contracts, so the matrix multiply reads it in place instead of copying it first. Without
-        autograd (sampling, evaluation) the stack is kept until a parameter changes: when
-        decoding one token, rebuilding it would cost more than the multiply itself.
+        contracts, so the matrix multiply reads it in place instead of copying it first.
         """
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if reuse else None
-        if reuse and self._stacked_qkv_key == key:
-            return self._stacked_qkv
         W_QKV = torch.stack(
-            [einops.rearrange(W, "n_heads d_model d_head -> d_model n_heads d_head") for W in params[:3]], dim=1
+            [
+                einops.rearrange(W, "n_heads d_model d_head -> d_model n_heads d_head")
+                for W in (self.W_Q, self.W_K, self.W_V)
+            ],
+            dim=1,
         )  # contiguous [d_model qkv n_heads d_head]
         W_QKV = einops.rearrange(W_QKV, "d_model qkv n_heads d_head -> qkv n_heads d_model d_head")
-        b_QKV = torch.stack(params[3:])
-        if reuse:
-            self._stacked_qkv, self._stacked_qkv_key = (W_QKV, b_QKV), key
-        return W_QKV, b_QKV
+        return W_QKV, torch.stack([self.b_Q, self.b_K, self.b_V])
 
     def uses_eager_path(self) -> bool:
         """True when attention runs through the einsum path (config, or hooks that need it)."""

@@ -1,22 +1,35 @@
 """gpt2_small: a readable, exact, hookable GPT-2.
 
 The model itself lives in the top-level module `solution`; this package re-exports it and
-adds the tokenizer and weight loading.
+adds the tokenizer, weight loading, sampling and (in gpt2_small.training and gpt2_small.data)
+training.
 """
 
 from gpt2_small.assets import AssetChecksumError, asset_path
+from gpt2_small.sampling import (
+    BeamSearchOutput,
+    SamplingSettings,
+    beam_search,
+    generate,
+    generate_text,
+    pad_prompts,
+    stream,
+    stream_text,
+)
 from gpt2_small.tokenizer import EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
-from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict
+from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict, load_model
 from solution import (
     MLP,
     Attention,
     Embedding,
+    KVCache,
     LayerNorm,
     PositionalEmbedding,
     Transformer,
     TransformerBlock,
     TransformerConfig,
     Unembedding,
+    blocked_keys,
     causal_mask,
 )
 
@@ -24,20 +37,31 @@ __all__ = [
     "MLP",
     "AssetChecksumError",
     "Attention",
+    "BeamSearchOutput",
     "EOT_ID",
     "Embedding",
+    "KVCache",
     "LayerNorm",
     "PositionalEmbedding",
+    "SamplingSettings",
     "Transformer",
     "TransformerBlock",
     "TransformerConfig",
     "Unembedding",
     "WeightLoadError",
     "asset_path",
+    "beam_search",
+    "blocked_keys",
     "causal_mask",
     "config_from_hf",
     "convert_hf_state_dict",
+    "generate",
+    "generate_text",
     "get_tokenizer",
+    "load_model",
+    "pad_prompts",
+    "stream",
+    "stream_text",
     "to_str_tokens",
     "to_string",
     "to_strings",

@@ -21,7 +21,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import Transformer, TransformerConfig
+from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +198,27 @@ def load_hf_gpt2(
         model = model_class(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Any model this project reads, by what `name_or_path` holds:
+
+    - a directory written by `Transformer.save` (gpt2_small_config.json + model.safetensors);
+    - a training run's output directory (demos/train_demo.py --out-dir): its newest checkpoint;
+    - a Hugging Face GPT-2 directory (config.json + weights), or a hub id such as "gpt2".
+    """
+    from gpt2_small.training import latest_checkpoint  # deferred: importing training here would be circular
+
+    path = Path(name_or_path).expanduser()
+    if (path / CHECKPOINT_CONFIG).is_file():
+        return Transformer.load(path, device=device, dtype=dtype).eval()
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint")
+        return Transformer.load(newest, device=device, dtype=dtype).eval()
+    return load_hf_gpt2(name_or_path, device=device, dtype=dtype)

@@ -192,3 +192,36 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[Path, GPT2LMHeadModel]:
     """A small randomised GPT2LMHeadModel saved with save_pretrained (safetensors) + tokenizer."""
     directory = tmp_path_factory.mktemp("tiny-hf")
     return directory, save_hf_checkpoint(TINY_SPEC, directory)
+
+
+@dataclasses.dataclass
+class SamplingPair:
+    """An HF GPT2LMHeadModel and our Transformer on the same randomised weights."""
+
+    hf: GPT2LMHeadModel
+    model: Transformer
+    eos: int
+
+
+def _sampling_pair(directory: Path, vocab_size: int, seed: int) -> SamplingPair:
+    torch.manual_seed(seed)
+    eos = vocab_size - 1  # for the full vocabulary, GPT-2's own 50256
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
+    )
+    hf = GPT2LMHeadModel(config).eval()
+    randomize_(hf, seed)
+    hf.save_pretrained(directory)
+    return SamplingPair(hf, Transformer.from_pretrained(directory), eos)
+
+
+@pytest.fixture(scope="session")
+def sampling_pair(tmp_path_factory) -> SamplingPair:
+    """Full 50257-token vocabulary, 2 layers, n_ctx 128: for greedy, padding and cache checks."""
+    return _sampling_pair(tmp_path_factory.mktemp("sampling-hf"), 50257, seed=11)
+
+
+@pytest.fixture(scope="session")
+def small_vocab_pair(tmp_path_factory) -> SamplingPair:
+    """A 100-token vocabulary with eos = 99, so that eos is sampled often (beam search ends)."""
+    return _sampling_pair(tmp_path_factory.mktemp("sampling-hf-small"), 100, seed=12)

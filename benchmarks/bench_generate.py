@@ -1,0 +1,137 @@
+"""Generation throughput: our KV-cache sampler against HF GPT2LMHeadModel.generate, same weights, same run.
+
+    python benchmarks/bench_generate.py                       # GPU: batch 1 and 64, 256 new tokens
+    python benchmarks/bench_generate.py --batch-sizes 1 --new-tokens 64
+
+Greedy decoding of GPT-2 small (random weights, eos disabled so every row runs to the end) from
+a 16-token prompt. tokens/s counts generated tokens over all rows: batch * new_tokens / seconds,
+prefill included. Each row also says whether the variant produced exactly the tokens of the
+float32 HF run. Prints a table and appends it to benchmarks/RESULTS.md with the device and date.
+
+Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA also `ours-bf16`
+and `hf-static-bf16` (HF's pre-allocated static cache in bf16). On a CPU the defaults shrink
+(batch 1 and 16, 64 new tokens) so that the script finishes in minutes; the ratio to HF is the figure.
+"""
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt2_small import Transformer, generate  # noqa: E402
+
+PROMPT_LEN = 16
+
+
+def hf_model(directory: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(directory, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens: int, device, repeats: int):
+    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    if variant.startswith("ours"):
+        model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
+
+        def call(n: int) -> torch.Tensor:
+            return generate(model, prompt, n, temperature=0, stop_at_eos=False)
+    else:
+        model = hf_model(directory, device, dtype)
+        extra = {"cache_implementation": "static"} if "static" in variant else {}
+
+        def call(n: int) -> torch.Tensor:
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=n, **extra)  # fmt: skip
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        call(min(8, new_tokens))  # warm-up: kernels, allocator, static cache set-up
+        sync()
+        times, out = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = call(new_tokens)
+            sync()
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return out.cpu(), prompt.shape[0] * new_tokens / seconds, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,64 on GPU; 1,16 on CPU)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 256 on GPU, 64 on CPU)")
+    parser.add_argument("--variants", default=None, help="comma list of ours, hf, ours-bf16, hf-static-bf16")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args()
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if gpu else "1,16")).split(",")]
+    new_tokens = args.new_tokens or (256 if gpu else 64)
+    variants = (args.variants or ("ours,hf,ours-bf16,hf-static-bf16" if gpu else "ours,hf")).split(",")
+    repeats = args.repeats or (3 if gpu else 1)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    directory = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 small, random weights
+
+    rows = []
+    for batch in batch_sizes:
+        prompt = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
+        outputs = {}
+        for variant in variants:
+            out, tok_s, seconds = run_variant(variant, directory, prompt, new_tokens, device, repeats)
+            gc.collect()  # the variant's model went out of scope with run_variant()
+            if gpu:
+                torch.cuda.empty_cache()
+            outputs[variant] = out
+            rows.append({"batch": batch, "variant": variant, "tok_s": tok_s, "seconds": seconds})
+        reference = outputs.get("hf")
+        for row in rows[-len(variants) :]:
+            same = outputs[row["variant"]]
+            row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
+
+    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
+    header = (
+        f"### bench_generate: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens\n\n"
+        f"{device_name}, torch {torch.__version__}, {datetime.date.today().isoformat()}\n\n"
+        "| batch | variant | tokens/s | seconds | same tokens as hf fp32 |\n|---:|---|---:|---:|---|\n"
+    )
+    lines = [f"| {r['batch']} | {r['variant']} | {r['tok_s']:,.0f} | {r['seconds']:.2f} | {r['same']} |" for r in rows]
+    ratios = []
+    for batch in batch_sizes:
+        cell = {r["variant"]: r["tok_s"] for r in rows if r["batch"] == batch}
+        for ours, hf in [("ours", "hf"), ("ours-bf16", "hf-static-bf16")]:
+            if ours in cell and hf in cell:
+                ratios.append(f"batch {batch}: {ours} / {hf} = {cell[ours] / cell[hf]:.2f}x")
+    table = header + "\n".join(lines) + ("\n\n" + "; ".join(ratios) if ratios else "") + "\n\n"
+    print(table)
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(table)
+
+
+if __name__ == "__main__":
+    main()

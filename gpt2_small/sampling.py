@@ -1,0 +1,490 @@
+"""Sampling from a `Transformer`: greedy, temperature, top-k, top-p, penalties, streaming, beam search.
+
+    tokens = generate(model, to_tokens("ROMEO:"), 50, temperature=0.8, top_k=40, seed=0)
+    text = generate_text(model, get_tokenizer(), "ROMEO:", 50, temperature=0.8)
+    for piece in stream_text(model, get_tokenizer(), "ROMEO:", 50): print(piece, end="")
+    best = beam_search(model, to_tokens("ROMEO:"), num_beams=4, max_new_tokens=20)
+
+Every loop runs the prompt through the model once (prefill), then one position per step
+against a `KVCache` of the earlier positions' keys and values. `use_kv_cache=False` recomputes
+the whole sequence at every step instead: slower, and the reference the cache is tested against.
+
+Each sampling step turns the last position's logits into the next token, in this order:
+  1. ids >= 50257 are masked: they are the padding of a padded vocabulary (the training presets
+     use 50304), never real tokens;
+  2. penalties, as in OpenAI's API: logit[j] -= freq_penalty * count[j] + presence_penalty * (count[j] > 0),
+     where count[j] is how often token j occurs in the sequence so far (prompt and generated
+     tokens, padding excluded);
+  3. temperature 0 takes the argmax (greedy); otherwise the logits are divided by the temperature;
+  4. top_k keeps the k largest logits;
+  5. top_p keeps the smallest set of most likely tokens whose probability (after 3 and 4) sums
+     to at least p;
+  6. the token is drawn from the softmax of what is left.
+
+Prompts of different lengths go in one batch left-padded (`pad_prompts`), with an attention
+mask: padding is never attended to, and each real token's position counts only the real tokens
+before it, so every row gives exactly what it would alone (and what HF's generate gives).
+
+Context: GPT-2's positions stop at n_ctx, so a prompt plus max_new_tokens longer than n_ctx is
+refused up front with a ValueError. We do not slide the window: with learned absolute positions
+every cached key would have to be recomputed, and the model never saw shifted contexts.
+
+Hooks: with the KV cache, each forward call sees only its new positions (the prompt first, then
+one token per step), so hooks fire on those alone and patterns span the cached keys. Hooks that
+must see the whole sequence at every step need use_kv_cache=False.
+"""
+
+import codecs
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import einops
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN
+from solution import KVCache, Transformer
+
+GPT2_VOCAB = 50257  # real GPT-2 tokens; ids at or above are padding of a padded vocabulary
+_DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
+
+
+# --- settings and one step ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one next token is chosen; see the module docstring for the order of operations."""
+
+    temperature: float | int = 1.0  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | int | None = None  # keep the smallest set of most likely tokens with mass >= top_p
+    freq_penalty: float | int = 0.0  # subtracted once per earlier occurrence of a token
+    presence_penalty: float | int = 0.0  # subtracted once if a token occurred at all
+
+    def check(self, d_vocab: int) -> None:
+        """Raise ValueError naming any setting outside its allowed range."""
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= d_vocab
+        ):
+            raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        for name in ("freq_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    @property
+    def uses_counts(self) -> bool:
+        return self.freq_penalty != 0 or self.presence_penalty != 0
+
+
+def mask_padding_ids(logits: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, "batch d_vocab"]:
+    """-inf at ids >= 50257, which a padded vocabulary has but no text contains."""
+    if logits.shape[-1] <= GPT2_VOCAB:
+        return logits
+    return logits.index_fill(-1, torch.arange(GPT2_VOCAB, logits.shape[-1], device=logits.device), float("-inf"))
+
+
+def process_logits(
+    logits: Float[Tensor, "batch d_vocab"],
+    settings: SamplingSettings,
+    counts: Float[Tensor, "batch d_vocab"] | None = None,
+) -> Float[Tensor, "batch d_vocab"]:
+    """Steps 1-5 of the module docstring, in float32: softmax of the result is what step 6 samples.
+
+    With temperature 0 the result is the penalised logits, whose argmax is the greedy token.
+    """
+    logits = mask_padding_ids(logits.float())
+    if settings.uses_counts:
+        if counts is None:
+            raise ValueError("freq_penalty and presence_penalty need the token counts")
+        logits = logits - settings.freq_penalty * counts - settings.presence_penalty * (counts > 0).float()
+    if settings.temperature == 0:
+        return logits
+    logits = logits / settings.temperature
+    if settings.top_k is not None and settings.top_k < logits.shape[-1]:
+        top = logits.topk(settings.top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+    if settings.top_p is not None and settings.top_p < 1:
+        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # A token is dropped once the more likely tokens before it already reach top_p.
+        dropped_sorted = mass_before >= settings.top_p
+        dropped = torch.zeros_like(dropped_sorted).scatter(-1, order, dropped_sorted)
+        logits = logits.masked_fill(dropped, float("-inf"))
+    return logits
+
+
+def sample_next_token(
+    logits: Float[Tensor, "batch d_vocab"],
+    settings: SamplingSettings,
+    counts: Float[Tensor, "batch d_vocab"] | None = None,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, " batch"]:
+    """One token per row: the argmax (temperature 0) or a draw from softmax(process_logits(...))."""
+    processed = process_logits(logits, settings, counts)
+    if settings.temperature == 0:
+        return processed.argmax(dim=-1)
+    probs = processed.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int = EOT_ID, device: torch.device | str | None = None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Left-pad token lists to one batch; returns (tokens, attention_mask) with 0 at padding."""
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (empty prompt given)")
+    pos = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), pos), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), pos), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, pos - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, pos - len(prompt) :] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[1] == 0:
+        raise ValueError(
+            "the prompt is empty (0 tokens); start from <|endoftext|> (id 50256) for an unconditional sample"
+        )
+    model.check_tokens(tokens)
+    model.check_mask_and_cache(tokens, attention_mask, None)
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask must have 1 at the last position of every row: pad prompts on the left")
+    total = tokens.shape[1] + max_new_tokens
+    if total > model.cfg.n_ctx:
+        raise ValueError(
+            f"prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} = {total} exceeds "
+            f"n_ctx={model.cfg.n_ctx}; shorten the prompt or ask for fewer tokens"
+        )
+
+
+# --- the decoding loop -------------------------------------------------------------------------
+
+
+class _Decoder:
+    """Feeds a model a prompt and then one token per row per step; returns the last logits."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None,
+        use_kv_cache: bool,
+        max_pos: int,
+    ):
+        self.model = model
+        self.tokens, self.mask = tokens, attention_mask
+        self.cache = KVCache.for_model(model, tokens.shape[0], max_pos) if use_kv_cache else None
+
+    def prefill(self) -> Float[Tensor, "batch d_vocab"]:
+        return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache)[:, -1]
+
+    def step(self, new_tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        new = einops.rearrange(new_tokens, "batch -> batch 1")
+        if self.cache is not None:
+            return self.model(new, kv_cache=self.cache)[:, -1]
+        self.tokens = torch.cat([self.tokens, new], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(new, dtype=self.mask.dtype)], dim=1)
+        return self.model(self.tokens, attention_mask=self.mask)[:, -1]
+
+    def reorder(self, index: Int[Tensor, " batch"]) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+        self.tokens = self.tokens[index]
+        self.mask = None if self.mask is None else self.mask[index]
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    *,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | int | None = None,
+    freq_penalty: float | int = 0.0,
+    presence_penalty: float | int = 0.0,
+    stop_at_eos: bool = True,
+    eos_token_id: int = EOT_ID,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Iterator[Int[Tensor, " batch"]]:
+    """Yield each step's new tokens, one per row, as they are chosen. See `generate` for the arguments.
+
+    With stop_at_eos, a row that produced eos_token_id yields it from then on, and the stream
+    ends once every row has.
+    """
+    settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
+    settings.check(model.cfg.d_vocab)
+    _check_request(model, tokens, attention_mask, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    batch, pos = tokens.shape
+    device = model.device
+    tokens = tokens.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    counts = None
+    if settings.uses_counts:
+        counts = torch.zeros(batch, model.cfg.d_vocab, device=device)
+        real = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
+        counts.scatter_add_(1, tokens, real.float())
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens)
+    logits = decoder.prefill()
+    for step in range(max_new_tokens):
+        next_tokens = sample_next_token(logits, settings, counts, generator)
+        if stop_at_eos:
+            next_tokens = next_tokens.masked_fill(finished, eos_token_id)
+            finished |= next_tokens == eos_token_id
+        yield next_tokens
+        if step + 1 == max_new_tokens or (stop_at_eos and bool(finished.all())):
+            return
+        if counts is not None:
+            counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
+        logits = decoder.step(next_tokens)
+
+
+def generate(
+    model: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    *,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | int | None = None,
+    freq_penalty: float | int = 0.0,
+    presence_penalty: float | int = 0.0,
+    stop_at_eos: bool = True,
+    eos_token_id: int = EOT_ID,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Int[Tensor, "batch total_pos"]:
+    """The prompt followed by up to max_new_tokens sampled tokens per row.
+
+    temperature 0 is greedy. With stop_at_eos, rows that finished are padded with eos_token_id
+    and generation ends early once all have, as in Hugging Face. `seed` makes the draw
+    reproducible (a generator of its own; the global RNG is left alone); None uses the global
+    RNG. attention_mask marks left padding (see pad_prompts).
+    """
+    pieces = [tokens.to(model.device)]
+    for next_tokens in stream(
+        model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        freq_penalty=freq_penalty, presence_penalty=presence_penalty, stop_at_eos=stop_at_eos,
+        eos_token_id=eos_token_id, seed=seed, use_kv_cache=use_kv_cache, attention_mask=attention_mask,
+    ):  # fmt: skip
+        pieces.append(einops.rearrange(next_tokens, "batch -> batch 1"))
+    return torch.cat(pieces, dim=1)
+
+
+def _encode(tokenizer, prompt: str) -> list[int]:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    ids = tokenizer.encode(prompt, allowed_special={EOT_TOKEN})
+    if not ids:
+        raise ValueError("the prompt is empty; use '<|endoftext|>' for an unconditional sample")
+    return ids
+
+
+def generate_text(
+    model: Transformer, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 50, **kwargs
+) -> str | list[str]:
+    """Prompt text plus its continuation (a list of prompts gives a list, batched with left padding).
+
+    The continuation ends before the first generated <|endoftext|> when stop_at_eos is on (the
+    default). kwargs are generate's.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    tokens, mask = pad_prompts([_encode(tokenizer, p) for p in prompts], device=model.device)
+    out = generate(model, tokens, max_new_tokens, attention_mask=mask if not single else None, **kwargs)
+    texts = []
+    for text, row in zip(prompts, out[:, tokens.shape[1] :].tolist(), strict=True):
+        if kwargs.get("stop_at_eos", True) and kwargs.get("eos_token_id", EOT_ID) in row:
+            row = row[: row.index(kwargs.get("eos_token_id", EOT_ID))]
+        texts.append(text + tokenizer.decode([t for t in row if t < GPT2_VOCAB]))
+    return texts[0] if single else texts
+
+
+def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 50, **kwargs) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece, as soon as each piece is valid text.
+
+    A token can end in the middle of a multi-byte character; such bytes are held back until the
+    character is complete. Stops before <|endoftext|> when stop_at_eos is on. kwargs are generate's.
+    """
+    tokens = torch.tensor([_encode(tokenizer, prompt)], device=model.device)
+    eos = kwargs.get("eos_token_id", EOT_ID)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for next_tokens in stream(model, tokens, max_new_tokens, **kwargs):
+        token = int(next_tokens[0])
+        if token == eos and kwargs.get("stop_at_eos", True):
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token) if token < GPT2_VOCAB else b"")
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+# --- beam search -------------------------------------------------------------------------------
+
+
+@dataclass
+class BeamSearchOutput:
+    tokens: Int[Tensor, "batch total_pos"]  # best hypothesis per row, prompt included, eos-padded
+    scores: Float[Tensor, " batch"]  # log_probs / generated_length ** length_penalty (HF's sequences_scores)
+    log_probs: Float[Tensor, " batch"]  # sum of the generated tokens' log-probabilities
+    lengths: Int[Tensor, " batch"]  # generated tokens, eos included
+
+
+def banned_ngram_tokens(sequence: Sequence[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in `sequence` (n-1 last tokens as the prefix)."""
+    if n <= 0 or len(sequence) + 1 < n:
+        return []
+    prefix = tuple(sequence[len(sequence) - n + 1 :])
+    return [sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix]
+
+
+def _gather(values: Tensor, index: Int[Tensor, "batch k"]) -> Tensor:
+    """values[b, index[b, j], ...] for every b, j."""
+    expanded = index.reshape(*index.shape, *([1] * (values.ndim - 2))).expand(*index.shape, *values.shape[2:])
+    return values.gather(1, expanded)
+
+
+@torch.no_grad()
+def beam_search(
+    model: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    num_beams: int,
+    max_new_tokens: int,
+    *,
+    length_penalty: float | int = 1.0,
+    no_repeat_ngram_size: int = 0,
+    eos_token_id: int = EOT_ID,
+    use_kv_cache: bool = True,
+) -> BeamSearchOutput:
+    """Beam search, step for step the algorithm of Hugging Face's generate(num_beams=k, do_sample=False).
+
+    Each step extends every beam by every token, keeps the 2k best candidates by summed
+    log-probability, moves those of the best k that end in eos (or reach max_new_tokens) to the
+    finished hypotheses, scored sum / length ** length_penalty, and continues with the k best
+    that did not finish. A row stops once no running beam can beat its k finished ones (HF's
+    early_stopping=False heuristic). no_repeat_ngram_size > 0 forbids repeating any n-gram.
+    """
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
+    _check_request(model, tokens, None, max_new_tokens)
+    if max_new_tokens == 0:
+        raise ValueError("max_new_tokens must be >= 1 for beam search")
+    device = model.device
+    tokens = tokens.to(device)
+    batch, prompt_len = tokens.shape
+    max_len, keep = prompt_len + max_new_tokens, 2 * num_beams
+
+    running = torch.full((batch, num_beams, max_len), eos_token_id, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = einops.repeat(tokens, "batch pos -> batch beam pos", beam=num_beams)
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    running_scores[:, 1:] = _DROPPED  # all beams start equal: expand only the first
+    finished = running.clone()
+    finished_scores = torch.full((batch, num_beams), _DROPPED, device=device)
+    finished_sums = torch.zeros(batch, num_beams, device=device)
+    finished_lengths = torch.zeros(batch, num_beams, dtype=torch.long, device=device)
+    is_finished: Bool[Tensor, "batch beam"] = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    can_improve = torch.ones(batch, dtype=torch.bool, device=device)
+    in_top_beams = torch.arange(keep, device=device) < num_beams
+
+    flat = "batch beam pos -> (batch beam) pos"
+    decoder = _Decoder(model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len)
+    logits = decoder.prefill()
+    for cur_len in range(prompt_len, max_len):
+        log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)
+        if no_repeat_ngram_size:
+            for row, seq in enumerate(einops.rearrange(running[:, :, :cur_len], flat).tolist()):
+                log_probs[row, banned_ngram_tokens(seq, no_repeat_ngram_size)] = float("-inf")
+        d_vocab = log_probs.shape[-1]
+        totals = einops.rearrange(log_probs, "(batch beam) d_vocab -> batch beam d_vocab", beam=num_beams)
+        totals = einops.rearrange(totals + running_scores[..., None], "batch beam d_vocab -> batch (beam d_vocab)")
+        top_scores, top_index = totals.topk(keep, dim=-1)
+        source_beam, token = top_index // d_vocab, top_index % d_vocab
+        candidates = _gather(running, source_beam)
+        candidates[:, :, cur_len] = token
+        stops = (token == eos_token_id) | (cur_len + 1 == max_len)
+
+        # The k best candidates that did not stop run on.
+        live_scores = top_scores + stops.float() * _DROPPED
+        best_live = live_scores.topk(num_beams, dim=-1).indices
+        running = _gather(candidates, best_live)
+        running_scores = _gather(live_scores, best_live)
+        beam_origin = _gather(source_beam, best_live)
+
+        # Those of the k best that stopped join the finished hypotheses, if they beat the worst.
+        length = cur_len + 1 - prompt_len
+        newly_finished = stops & in_top_beams & can_improve[:, None]
+        penalised = top_scores / length**length_penalty + (~newly_finished).float() * _DROPPED
+        merged = torch.cat([finished_scores, penalised], dim=1).topk(num_beams, dim=-1).indices
+        finished = _gather(torch.cat([finished, candidates], dim=1), merged)
+        finished_sums = _gather(torch.cat([finished_sums, top_scores], dim=1), merged)
+        finished_lengths = _gather(torch.cat([finished_lengths, torch.full_like(token, length)], dim=1), merged)
+        finished_scores = _gather(torch.cat([finished_scores, penalised], dim=1), merged)
+        is_finished = _gather(torch.cat([is_finished, newly_finished], dim=1), merged)
+
+        # HF's early_stopping=False heuristic: the best running beam, at its current length, must
+        # still beat the worst finished hypothesis (of a full set of k) for the row to go on.
+        best_possible = running_scores[:, 0] / length**length_penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _DROPPED)
+        can_improve &= (best_possible[:, None] > worst_finished).any(dim=1)
+        if not bool(can_improve.any()) or bool(stops.all()):
+            break
+        index = einops.rearrange(beam_origin + torch.arange(batch, device=device)[:, None] * num_beams, "b k -> (b k)")
+        decoder.reorder(index)
+        logits = decoder.step(einops.rearrange(running[:, :, cur_len], "batch beam -> (batch beam)"))
+
+    out_len = prompt_len + int(finished_lengths[:, 0].max())
+    return BeamSearchOutput(
+        tokens=finished[:, 0, :out_len],
+        scores=finished_scores[:, 0],
+        log_probs=finished_sums[:, 0],
+        lengths=finished_lengths[:, 0],
+    )
+
+
+__all__ = [
+    "BeamSearchOutput",
+    "SamplingSettings",
+    "banned_ngram_tokens",
+    "beam_search",
+    "generate",
+    "generate_text",
+    "mask_padding_ids",
+    "pad_prompts",
+    "process_logits",
+    "sample_next_token",
+    "stream",
+    "stream_text",
+]

@@ -1,0 +1,85 @@
+"""The demos as a user runs them, and load_model, which they load through."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2_small import Transformer, TransformerConfig, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+SMALL = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=50304)
+
+
+def run_demo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "demos" / "generate_demo.py"), *args]
+    return subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory) -> Path:
+    """An output directory shaped like train_demo's, with two checkpoints and a `latest` pointer."""
+    run = tmp_path_factory.mktemp("run")
+    for step, seed in [(1, 0), (2, 1)]:
+        torch.manual_seed(seed)
+        Transformer(SMALL).save(run / "checkpoints" / f"step-{step:07d}")
+    (run / "checkpoints" / "latest").write_text("step-0000002")
+    return run
+
+
+def test_load_model_reads_every_kind_of_directory(train_run, tiny_checkpoint):
+    newest = Transformer.load(train_run / "checkpoints" / "step-0000002")
+    from_run = load_model(train_run)
+    assert torch.equal(from_run.embed.W_E, newest.embed.W_E)  # the run's newest checkpoint
+    assert torch.equal(load_model(train_run / "checkpoints" / "step-0000001").embed.W_E,
+                       Transformer.load(train_run / "checkpoints" / "step-0000001").embed.W_E)  # fmt: skip
+    directory, hf = tiny_checkpoint
+    assert torch.equal(load_model(directory).embed.W_E, hf.transformer.wte.weight)
+    assert not from_run.training
+
+
+def test_load_model_errors_name_the_problem(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        load_model(tmp_path / "missing" / "dir")
+
+
+def test_generate_demo_runs_every_section_on_a_train_demo_checkpoint(train_run):
+    result = run_demo("--run-dir", str(train_run), "--max-new-tokens", "6", "--top-k", "20")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"model: {train_run} (newest train_demo checkpoint)" in out
+    for heading in ("random-init model", "several temperatures", "top-k and top-p", "greedy against sampling",
+                    "beam search", "streaming"):  # fmt: skip
+        assert heading in out, heading
+    assert "[greedy (T=0)] ROMEO:" in out and "[top_p=0.95] ROMEO:" in out
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_demo_reports_bad_settings_in_one_line(train_run):
+    result = run_demo("--run-dir", str(train_run), "--top-p", "1.5")
+    assert result.stdout.count("===") == 0  # refused before any sample
+    assert result.returncode == 2
+    assert result.stderr.strip() == "generate_demo: top_p must be in (0, 1] or None, got 1.5"
+
+
+def test_generate_demo_reports_an_unloadable_model_in_one_line(tmp_path):
+    result = run_demo("--model", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "no checkpoint directory" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_demo_falls_back_to_a_random_model_offline(tmp_path):
+    result = run_demo("--run-dir", str(tmp_path / "no-run"), "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("no train_demo checkpoint and no network for gpt2")
+    assert "model: random GPT-2 small" in result.stdout
+    assert "Traceback" not in result.stderr

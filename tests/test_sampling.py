@@ -1,0 +1,387 @@
+"""Sampling: equality with HF generate (greedy, left padding, beam search), the KV cache against
+full recomputation, the statistics of each sampling rule, and the errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from gpt2_small import (
+    KVCache,
+    SamplingSettings,
+    Transformer,
+    TransformerConfig,
+    beam_search,
+    generate,
+    generate_text,
+    get_tokenizer,
+    pad_prompts,
+    stream,
+    stream_text,
+)
+from gpt2_small.sampling import banned_ngram_tokens, process_logits, sample_next_token
+
+REL_TOL = 1e-5
+
+
+def hf_generate(hf: GPT2LMHeadModel, tokens, attention_mask=None, **kwargs) -> torch.Tensor:
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+    eos = hf.config.eos_token_id
+    return hf.generate(tokens, attention_mask=mask, do_sample=False, pad_token_id=eos, eos_token_id=eos, **kwargs)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).detach().norm() / expected.detach().norm())
+
+
+# --- equality with Hugging Face ---------------------------------------------------------------
+
+
+def test_greedy_equals_hf_token_for_token(sampling_pair):
+    tokens = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(0))
+    ours = generate(sampling_pair.model, tokens, 40, temperature=0)
+    theirs = hf_generate(sampling_pair.hf, tokens, max_new_tokens=40)
+    assert ours.shape == (3, 49)
+    assert torch.equal(ours, theirs)
+
+
+def test_greedy_stops_at_eos_and_pads_like_hf(small_vocab_pair):
+    pair = small_vocab_pair
+    tokens = torch.randint(0, 99, (6, 5), generator=torch.Generator().manual_seed(1))
+    ours = generate(pair.model, tokens, 40, temperature=0, eos_token_id=pair.eos)
+    theirs = hf_generate(pair.hf, tokens, max_new_tokens=40)
+    assert torch.equal(ours, theirs)
+    finished = (ours[:, 5:] == pair.eos).any(dim=1)
+    assert finished.any() and not finished.all()  # eos reached by some rows: the path is exercised
+    for row in ours[finished, 5:]:
+        first = int((row == pair.eos).nonzero()[0])
+        assert (row[first:] == pair.eos).all()  # padded with eos after finishing
+
+
+def test_left_padded_batch_equals_hf_and_each_prompt_alone(sampling_pair):
+    model = sampling_pair.model
+    prompts = [[464, 3290, 318, 257, 1332, 11, 290], [40, 1101, 257], [15496, 995, 13, 632, 318]]
+    tokens, mask = pad_prompts(prompts)
+    assert mask.tolist()[1] == [0, 0, 0, 0, 1, 1, 1]
+    ours = generate(model, tokens, 32, temperature=0, attention_mask=mask)
+    assert torch.equal(ours, hf_generate(sampling_pair.hf, tokens, mask, max_new_tokens=32))
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, torch.tensor([prompt]), 32, temperature=0)
+        assert torch.equal(alone[0, len(prompt) :], ours[row, tokens.shape[1] :])
+
+
+@pytest.mark.parametrize("num_beams,length_penalty", [(4, 1.0), (3, 0.5), (4, 2.0), (2, -1.0)])
+def test_beam_search_equals_hf(small_vocab_pair, num_beams, length_penalty):
+    pair = small_vocab_pair
+    tokens = torch.randint(0, 99, (3, 6), generator=torch.Generator().manual_seed(2))
+    ours = beam_search(pair.model, tokens, num_beams, 25, length_penalty=length_penalty, eos_token_id=pair.eos)
+    theirs = hf_generate(
+        pair.hf, tokens, num_beams=num_beams, max_new_tokens=25, length_penalty=length_penalty,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(ours.tokens, theirs.sequences)
+    torch.testing.assert_close(ours.scores, theirs.sequences_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.scores, ours.log_probs / ours.lengths.float() ** length_penalty)
+
+
+def test_beam_search_hypotheses_end_at_eos_on_this_model(small_vocab_pair):
+    # Makes the HF comparison above meaningful: eos-finished hypotheses win some rows.
+    pair = small_vocab_pair
+    tokens = torch.randint(0, 99, (3, 6), generator=torch.Generator().manual_seed(2))
+    ours = beam_search(pair.model, tokens, 4, 25, length_penalty=0.5, eos_token_id=pair.eos)
+    assert (ours.lengths < 25).any()
+    for row, length in zip(ours.tokens, ours.lengths.tolist(), strict=True):
+        if length < 25:
+            assert row[6 + length - 1] == pair.eos
+
+
+def test_beam_search_no_repeat_ngram_equals_hf(small_vocab_pair):
+    pair = small_vocab_pair
+    tokens = torch.randint(0, 99, (2, 6), generator=torch.Generator().manual_seed(3))
+    ours = beam_search(pair.model, tokens, 3, 30, no_repeat_ngram_size=2, eos_token_id=pair.eos)
+    assert torch.equal(
+        ours.tokens, hf_generate(pair.hf, tokens, num_beams=3, max_new_tokens=30, no_repeat_ngram_size=2)
+    )
+    for row in ours.tokens.tolist():
+        bigrams = [tuple(row[i : i + 2]) for i in range(len(row) - 1) if pair.eos not in row[i : i + 2]]
+        assert len(bigrams) == len(set(bigrams))
+
+
+def test_beam_search_with_one_beam_is_greedy(small_vocab_pair):
+    pair = small_vocab_pair
+    tokens = torch.randint(0, 99, (2, 4), generator=torch.Generator().manual_seed(4))
+    beams = beam_search(pair.model, tokens, 1, 12, eos_token_id=pair.eos)
+    greedy = generate(pair.model, tokens, 12, temperature=0, eos_token_id=pair.eos)
+    assert torch.equal(beams.tokens, greedy[:, : beams.tokens.shape[1]])
+
+
+def test_banned_ngram_tokens():
+    assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == [3]  # "1 2" was followed by 3
+    assert sorted(banned_ngram_tokens([5, 1, 5, 2, 5], 2)) == [1, 2]
+    assert banned_ngram_tokens([1, 2, 3], 3) == []  # "2 3" never seen before
+    assert banned_ngram_tokens([7], 3) == []
+
+
+# --- the KV cache -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_impl):
+    model = Transformer(TransformerConfig(**{**vars(sampling_pair.model.cfg), "attn_impl": attn_impl}))
+    model.load_state_dict(sampling_pair.model.state_dict())
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79]])
+    cache = KVCache.for_model(model, batch=2, max_pos=20)
+    logits = model(tokens, attention_mask=mask, kv_cache=cache)
+    full = model(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert rel_error(logits[real], full[real]) <= REL_TOL
+    for _ in range(14):
+        nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens, mask = torch.cat([tokens, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        logits = model(nxt, kv_cache=cache)
+        full = model(tokens, attention_mask=mask)[:, -1:]
+        assert rel_error(logits, full) <= REL_TOL
+        torch.testing.assert_close(logits, full)
+    assert cache.length == tokens.shape[1] == 20
+
+
+def test_left_padding_leaves_real_positions_logits_unchanged(sampling_pair):
+    model = sampling_pair.model
+    prompt = torch.tensor([[464, 3290, 318, 257]])
+    padded, mask = pad_prompts([[1, 2, 3, 4, 5, 6], prompt[0].tolist()])
+    alone = model(prompt)
+    in_batch = model(padded, attention_mask=mask)[1:, 2:]
+    assert rel_error(in_batch, alone) <= REL_TOL
+    assert not torch.isnan(model(padded, attention_mask=mask)).any()  # padding queries stay finite
+
+
+def test_cache_on_and_off_give_identical_greedy_sequences(sampling_pair):
+    tokens, mask = pad_prompts([[1, 2, 3, 4, 5], [6, 7]])
+    on = generate(sampling_pair.model, tokens, 30, temperature=0, attention_mask=mask)
+    off = generate(sampling_pair.model, tokens, 30, temperature=0, attention_mask=mask, use_kv_cache=False)
+    assert torch.equal(on, off)
+
+
+def test_kv_cache_with_a_pattern_hook_runs_eager_and_gives_the_same_tokens(sampling_pair):
+    model = sampling_pair.model
+    tokens = torch.tensor([[10, 20, 30]])
+    shapes = []
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda p, hook: shapes.append(tuple(p.shape)))]):
+        hooked = generate(model, tokens, 4, temperature=0)
+    assert torch.equal(hooked, generate(model, tokens, 4, temperature=0))
+    # The prompt once, then one query per step against the growing cache.
+    assert shapes == [(1, 4, 3, 3), (1, 4, 1, 4), (1, 4, 1, 5), (1, 4, 1, 6)]
+
+
+def test_kv_cache_reorder_selects_batch_items(sampling_pair):
+    model = sampling_pair.model
+    cache = KVCache.for_model(model, batch=3, max_pos=8)
+    model(torch.tensor([[1, 2], [3, 4], [5, 6]]), kv_cache=cache)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    logits = model(torch.tensor([[7], [8], [9]]), kv_cache=cache)
+    expected = model(torch.tensor([[5, 6, 7], [5, 6, 8], [1, 2, 9]]))[:, -1:]
+    assert rel_error(logits, expected) <= REL_TOL
+
+
+def test_weight_edits_take_effect_in_the_next_generation(sampling_pair):
+    # The KV cache keeps stacked QKV weights for one generation only; edits made through .data
+    # (which no version counter sees) must show in the next one.
+    model = copy.deepcopy(sampling_pair.model)
+    tokens = torch.tensor([[464, 3290, 318]])
+    before = generate(model, tokens, 12, temperature=0)
+    for block in model.blocks:
+        block.attn.W_V.data.neg_()
+        block.attn.W_Q.data.mul_(3.0)
+    after = generate(model, tokens, 12, temperature=0)
+    fresh = Transformer(model.cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(after, generate(fresh, tokens, 12, temperature=0))
+    assert not torch.equal(before, after)
+
+
+def test_stacked_qkv_is_laid_out_for_the_einsum():
+    attn = (
+        Transformer(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=8)).blocks[0].attn
+    )
+    W_QKV, b_QKV = attn.stacked_qkv()
+    assert W_QKV.shape == (3, 2, 32, 16) and b_QKV.shape == (3, 2, 16)
+    assert torch.equal(W_QKV[0], attn.W_Q) and torch.equal(W_QKV[1], attn.W_K) and torch.equal(W_QKV[2], attn.W_V)
+    assert W_QKV.permute(2, 0, 1, 3).is_contiguous()  # d_model-major: the einsum's GEMM reads it without a copy
+
+
+# --- sampling rules, statistically ------------------------------------------------------------
+
+N = 200_000
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+
+
+def empirical(settings: SamplingSettings, logits=LOGITS, counts=None, seed=0) -> torch.Tensor:
+    rows = logits.expand(N, -1)
+    draws = sample_next_token(rows, settings, None if counts is None else counts.expand(N, -1),
+                              torch.Generator().manual_seed(seed))  # fmt: skip
+    return torch.bincount(draws, minlength=logits.numel()).double() / N
+
+
+def assert_frequencies(freq: torch.Tensor, probs: torch.Tensor) -> None:
+    # 5 standard errors of a binomial proportion, per token.
+    tol = 5 * torch.sqrt(probs.double() * (1 - probs.double()) / N) + 1e-9
+    assert ((freq - probs.double()).abs() <= tol).all(), (freq, probs)
+
+
+def test_temperature_divides_the_logits():
+    for t in (0.5, 2.0):
+        freq = empirical(SamplingSettings(temperature=t))
+        assert_frequencies(freq, (LOGITS / t).softmax(-1))
+        assert (freq - LOGITS.softmax(-1).double()).abs().max() > 0.05  # and it is not the T=1 distribution
+    assert_frequencies(empirical(SamplingSettings(temperature=1.0)), LOGITS.softmax(-1))
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, SamplingSettings(temperature=0)), logits.argmax(-1))
+
+
+def test_top_k_never_leaves_the_top_k():
+    freq = empirical(SamplingSettings(top_k=3))
+    assert (freq[3:] == 0).all() and (freq[:3] > 0).all()
+    assert_frequencies(freq, torch.cat([LOGITS[:3].softmax(-1), torch.zeros(3)]))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = LOGITS.softmax(-1)  # 0.420 0.255 0.154 0.094 0.057 0.021: cumulative 0.420 0.674 0.829 0.922 0.979 1
+    for p, kept in [(0.3, 1), (0.6, 2), (0.7, 3), (0.8, 3), (0.9, 4), (0.95, 5), (1.0, 6)]:
+        processed = process_logits(LOGITS[None], SamplingSettings(top_p=p))[0]
+        assert torch.isfinite(processed).sum() == kept, p
+        assert probs[:kept].sum() >= p - 1e-6 and (kept == 1 or probs[: kept - 1].sum() < p)
+    freq = empirical(SamplingSettings(top_p=0.7))
+    assert_frequencies(freq, torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(3)]))
+
+
+def test_penalties_lower_repeated_tokens_as_documented():
+    counts = torch.tensor([3.0, 0.0, 1.0, 0.0, 0.0, 2.0])
+    settings = SamplingSettings(freq_penalty=0.5, presence_penalty=0.3)
+    expected = (LOGITS - 0.5 * counts - 0.3 * (counts > 0).float()).softmax(-1)
+    torch.testing.assert_close(process_logits(LOGITS[None], settings, counts[None])[0].softmax(-1), expected)
+    freq = empirical(settings, counts=counts)
+    assert_frequencies(freq, expected)
+    assert freq[0] < LOGITS.softmax(-1)[0] - 0.1  # the most repeated token lost the most
+
+
+def test_presence_penalty_counts_the_prompt_and_the_generated_tokens(small_vocab_pair):
+    pair = small_vocab_pair
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    plain = generate(pair.model, tokens, 40, temperature=0, stop_at_eos=False)
+    assert len(set(plain[0].tolist())) < 44  # greedy on this model repeats itself
+    penalised = generate(pair.model, tokens, 40, temperature=0, presence_penalty=1e4, stop_at_eos=False)
+    assert len(set(penalised[0].tolist())) == 44  # every token, prompt included, used at most once
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    model = Transformer(
+        TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, d_vocab=50304, n_ctx=32)
+    )
+    with torch.no_grad():
+        model.unembed.b_U[50300] = 1e4  # the padding id would win every draw if it were allowed
+    out = generate(model, torch.tensor([[1, 2]]), 20, temperature=1.0, seed=0)
+    assert (out < 50257).all()
+    assert model(torch.tensor([[1, 2]]))[0, -1].argmax() == 50300
+
+
+def test_same_seed_same_output_other_seed_differs(sampling_pair):
+    tokens = torch.tensor([[464, 3290], [40, 1101]])
+    kw = dict(temperature=1.0, top_k=100, seed=123)
+    a = generate(sampling_pair.model, tokens, 25, **kw)
+    torch.manual_seed(999)  # the global RNG plays no part when a seed is given
+    assert torch.equal(a, generate(sampling_pair.model, tokens, 25, **kw))
+    assert not torch.equal(a, generate(sampling_pair.model, tokens, 25, **{**kw, "seed": 124}))
+
+
+# --- text helpers and streaming ---------------------------------------------------------------
+
+
+def test_stream_yields_what_generate_returns(sampling_pair):
+    tokens = torch.tensor([[464, 3290, 318]])
+    steps = list(stream(sampling_pair.model, tokens, 12, temperature=0.9, seed=5))
+    assert len(steps) == 12 and all(s.shape == (1,) for s in steps)
+    assert torch.equal(
+        torch.stack(steps, dim=1), generate(sampling_pair.model, tokens, 12, temperature=0.9, seed=5)[:, 3:]
+    )
+
+
+def test_stream_text_pieces_join_to_generate_text(sampling_pair):
+    tok = get_tokenizer()
+    text = generate_text(sampling_pair.model, tok, "Hello world", 20, temperature=1.0, seed=3)
+    pieces = list(stream_text(sampling_pair.model, tok, "Hello world", 20, temperature=1.0, seed=3))
+    assert len(pieces) > 1
+    assert text == "Hello world" + "".join(pieces)
+
+
+def test_generate_text_batches_prompts_of_different_lengths(sampling_pair):
+    tok = get_tokenizer()
+    prompts = ["The cat sat on the", "Hi"]
+    batched = generate_text(sampling_pair.model, tok, prompts, 10, temperature=0)
+    assert batched == [generate_text(sampling_pair.model, tok, p, 10, temperature=0) for p in prompts]
+    assert all(b.startswith(p) and len(b) > len(p) for b, p in zip(batched, prompts, strict=True))
+
+
+def test_max_new_tokens_zero_returns_the_prompt(sampling_pair):
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(generate(sampling_pair.model, tokens, 0), tokens)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-0.1), r"temperature must be .* got -0\.1"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(top_k=0), r"top_k must be an int in \[1, d_vocab=50257\].*got 0"),
+        (dict(top_k=50258), r"got 50258"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\].*got 0\.0"),
+        (dict(top_p=1.5), r"got 1\.5"),
+        (dict(freq_penalty=math.inf), "freq_penalty"),
+    ],
+)
+def test_invalid_sampling_settings_raise(sampling_pair, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(sampling_pair.model, torch.tensor([[1, 2]]), 5, **kwargs)
+
+
+def test_invalid_requests_raise(sampling_pair):
+    model = sampling_pair.model
+    with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0, got -1"):
+        generate(model, torch.tensor([[1, 2]]), -1)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_text(model, get_tokenizer(), "", 5)
+    with pytest.raises(ValueError, match=r"prompt of 100 tokens \+ max_new_tokens=29 = 129 exceeds n_ctx=128"):
+        generate(model, torch.ones(1, 100, dtype=torch.long), 29)
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, torch.tensor([[1, 2, 3]]), 5, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"num_beams must be an int >= 1, got 0"):
+        beam_search(model, torch.tensor([[1, 2]]), 0, 5)
+
+
+def test_forward_rejects_bad_masks_and_caches(sampling_pair):
+    model = sampling_pair.model
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 2\); it must match tokens, \(1, 3\)"):
+        model(tokens, attention_mask=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be bool or integer"):
+        model(tokens, attention_mask=torch.ones(1, 3))
+    cache = KVCache.for_model(model, batch=1, max_pos=4)
+    model(tokens, kv_cache=cache)
+    with pytest.raises(ValueError, match=r"3 cached \+ 2 new positions exceed the kv_cache's max_pos=4"):
+        model(torch.tensor([[4, 5]]), kv_cache=cache)
+    with pytest.raises(ValueError, match="kv_cache holds 1 sequences, but tokens has batch size 2"):
+        model(torch.tensor([[4], [5]]), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"KVCache max_pos=129 must be in \[1, n_ctx=128\]"):
+        KVCache.for_model(model, batch=1, max_pos=129)
+    other = Transformer(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=16))
+    with pytest.raises(ValueError, match="another shape"):
+        model(tokens, kv_cache=KVCache.for_model(other, batch=1, max_pos=8))

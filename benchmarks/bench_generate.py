@@ -14,9 +14,7 @@ and `hf-static-bf16` (HF's pre-allocated static cache in bf16). On a CPU the def
 """
 
 import argparse
-import datetime
 import gc
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import publish  # noqa: E402
 from gpt2_small import Transformer, generate  # noqa: E402
 
 PROMPT_LEN = 16
@@ -114,12 +113,6 @@ def main() -> None:
             same = outputs[row["variant"]]
             row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
 
-    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
-    header = (
-        f"### bench_generate: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens\n\n"
-        f"{device_name}, torch {torch.__version__}, {datetime.date.today().isoformat()}\n\n"
-        "| batch | variant | tokens/s | seconds | same tokens as hf fp32 |\n|---:|---|---:|---:|---|\n"
-    )
     lines = [f"| {r['batch']} | {r['variant']} | {r['tok_s']:,.0f} | {r['seconds']:.2f} | {r['same']} |" for r in rows]
     ratios = []
     for batch in batch_sizes:
@@ -127,10 +120,11 @@ def main() -> None:
         for ours, hf in [("ours", "hf"), ("ours-bf16", "hf-static-bf16")]:
             if ours in cell and hf in cell:
                 ratios.append(f"batch {batch}: {ours} / {hf} = {cell[ours] / cell[hf]:.2f}x")
-    table = header + "\n".join(lines) + ("\n\n" + "; ".join(ratios) if ratios else "") + "\n\n"
-    print(table)
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(table)
+    publish(
+        f"bench_generate: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens", device,
+        "| batch | variant | tokens/s | seconds | same tokens as hf fp32 |\n|---:|---|---:|---:|---|",
+        lines, ratios, args.results,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

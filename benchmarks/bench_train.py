@@ -14,9 +14,7 @@ paper and nanoGPT, against the chip's dense bf16 peak.
 
 import argparse
 import dataclasses
-import datetime
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import publish  # noqa: E402
 from gpt2_small.training import PADDED_VOCAB, lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
 
@@ -155,14 +154,6 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
-    date = datetime.date.today().isoformat()
-    header = (
-        f"### bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW\n\n"
-        f"{device_name}, torch {torch.__version__}, {date}\n\n"
-        "| variant | params | tokens/s | step (ms) | MFU | warmup (s) | peak mem (GiB) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
-    )
     lines = []
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
@@ -174,10 +165,11 @@ def main() -> None:
     by_name = {r["variant"]: r["tok_s"] for r in rows}
     pairs = [(v, "hf" + v[len("ours") :]) for v in by_name if v.startswith("ours")]
     ratios = [f"{ours} / {hf}: {by_name[ours] / by_name[hf]:.2f}x" for ours, hf in pairs if hf in by_name]
-    table = header + "\n".join(lines) + ("\n\n" + "; ".join(ratios) if ratios else "") + "\n\n"
-    print(table)
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write(table)
+    publish(
+        f"bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW", device,
+        "| variant | params | tokens/s | step (ms) | MFU | warmup (s) | peak mem (GiB) |\n|---|---:|---:|---:|---:|---:|---:|",
+        lines, ratios, args.results,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

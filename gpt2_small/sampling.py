@@ -207,7 +207,8 @@ class _Decoder:
 
     def reorder(self, index: Int[Tensor, " batch"]) -> None:
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder(index)  # the tokens themselves are only needed without a cache
+            return
         self.tokens = self.tokens[index]
         self.mask = None if self.mask is None else self.mask[index]
 
@@ -318,11 +319,12 @@ def generate_text(
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     tokens, mask = pad_prompts([_encode(tokenizer, p) for p in prompts], device=model.device)
-    out = generate(model, tokens, max_new_tokens, attention_mask=mask if not single else None, **kwargs)
+    out = generate(model, tokens, max_new_tokens, attention_mask=mask, **kwargs)
+    eos = kwargs.get("eos_token_id", EOT_ID)
     texts = []
     for text, row in zip(prompts, out[:, tokens.shape[1] :].tolist(), strict=True):
-        if kwargs.get("stop_at_eos", True) and kwargs.get("eos_token_id", EOT_ID) in row:
-            row = row[: row.index(kwargs.get("eos_token_id", EOT_ID))]
+        if kwargs.get("stop_at_eos", True) and eos in row:
+            row = row[: row.index(eos)]
         texts.append(text + tokenizer.decode([t for t in row if t < GPT2_VOCAB]))
     return texts[0] if single else texts
 

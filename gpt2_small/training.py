@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gpt2_small.data import EMBEDDED_DATASET, TokenData
+from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
 from solution import Transformer, TransformerConfig
 
@@ -212,24 +213,16 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
-@torch.no_grad()
 def sample_text(
     model: Transformer, prompt: str, max_new_tokens: int, *, temperature: float = 0.8, top_k: int = 40, seed: int = 0
 ) -> str:
-    """Continue `prompt` by sampling, recomputing the full context each step (training-time samples)."""
+    """Continue `prompt` (after <|endoftext|>) with gpt2_small.sampling.generate: the training-time samples."""
     was_training = model.training
     model.eval()
     tokens = to_tokens(prompt, prepend_bos=True, device=model.device)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    n_vocab = get_tokenizer().n_vocab
-    for _ in range(max_new_tokens):
-        logits = model(tokens[:, -model.cfg.n_ctx :])[:, -1].float() / temperature
-        logits[:, n_vocab:] = float("-inf")  # padding ids of a padded vocabulary are never real tokens
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        probs = logits.masked_fill(logits < kth, float("-inf")).softmax(dim=-1)
-        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, stop_at_eos=False)
     model.train(was_training)
-    return get_tokenizer().decode(tokens[0, 1:].tolist())
+    return get_tokenizer().decode(out[0, 1:].tolist())
 
 
 def plot_loss_curve(rows: list[dict], path: Path) -> None:
@@ -293,6 +286,13 @@ class Trainer:
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
+        n_ctx = cfg.model_config.n_ctx
+        prompt_len = to_tokens(cfg.sample_prompt, prepend_bos=True).shape[1]
+        if prompt_len + cfg.sample_tokens > n_ctx:
+            raise ValueError(
+                f"sample_prompt ({prompt_len} tokens with <|endoftext|>) + sample_tokens={cfg.sample_tokens} "
+                f"exceed the {cfg.preset} preset's n_ctx={n_ctx}; lower sample_tokens or shorten the prompt"
+            )
         if not resume:
             self._claim_out_dir()
 
@@ -310,7 +310,6 @@ class Trainer:
         self.position = DataPosition()
         self.rows: list[dict] = []
         self._batches: Iterator | None = None
-        n_ctx = cfg.model_config.n_ctx
         train_windows = self.data.loader(
             "train", n_ctx=n_ctx, batch_size=cfg.batch_size, stride=cfg.stride, seed=cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size,

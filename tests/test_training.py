@@ -114,6 +114,13 @@ def test_train_config_rejects_bad_values():
         TrainConfig(dtype="float16")
 
 
+def test_samples_longer_than_the_context_are_refused_up_front(tmp_path, shakespeare_slice):
+    # MICRO has n_ctx 16; "ROMEO:" is 4 tokens with <|endoftext|> in front.
+    with pytest.raises(ValueError, match=r"sample_prompt \(4 tokens .*\) \+ sample_tokens=13 exceed .* n_ctx=16"):
+        Trainer(micro_config(tmp_path, sample_tokens=13), data=shakespeare_slice)
+    Trainer(micro_config(tmp_path, sample_tokens=12), data=shakespeare_slice)  # exactly fits
+
+
 def test_lm_loss_is_uniform_cross_entropy_for_flat_logits():
     logits = torch.zeros(2, 3, 50257)
     assert lm_loss(logits, torch.zeros(2, 3, dtype=torch.long)).item() == pytest.approx(math.log(50257))

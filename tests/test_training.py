@@ -1,5 +1,6 @@
 """The trainer: schedule, decay groups, learning, exact resume, Ctrl-C, DDP."""
 
+import itertools
 import json
 import math
 import os
@@ -68,7 +69,7 @@ def test_lr_schedule_warmup_peak_and_floor():
     assert lr_at(110, cfg, 110) == pytest.approx(1e-4)  # the floor at max_steps
     assert lr_at(500, cfg, 110) == pytest.approx(1e-4)
     values = [lr_at(s, cfg, 110) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone decay
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone decay
 
 
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():

@@ -136,9 +136,16 @@ class KVCache:
     """Keys and values of every position seen so far, so each new token costs one position's work.
 
     Pre-allocated for `max_pos` positions of a `batch` of sequences. `model(tokens, kv_cache=cache)`
-    writes the new positions' keys and values at [length, length + pos), attends over
-    [0, length + pos) and advances `length`. `key_mask` records which positions hold real tokens;
-    left padding (attention_mask 0) does not, and no query ever attends to it.
+    writes the new positions' keys and values into slots [length, length + pos) and advances
+    `length`. `key_mask` records which slots hold real tokens; left padding (attention_mask 0)
+    does not, and no query ever attends to it.
+
+    Two layouts of the same computation:
+      dynamic (default): attention runs over the filled slots [0, length + pos) only;
+      static=True: attention runs over all max_pos slots, the unfilled ones masked, and the write
+        position is a device tensor (`cursor`). Every decoding step then has the same shapes and
+        no host synchronisation, so a CUDA graph can capture one step and replay it (see
+        gpt2_small.sampling). Hooks on a static cache see key_pos = max_pos.
 
     The weights are taken to be fixed while a cache is in use (one generation): it also keeps
     each layer's stacked W_Q/W_K/W_V, because re-stacking them for every token would cost more
@@ -153,6 +160,7 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ):
         if not 1 <= max_pos <= cfg.n_ctx:
             raise ValueError(f"KVCache max_pos={max_pos} must be in [1, n_ctx={cfg.n_ctx}]")
@@ -162,13 +170,16 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch, max_pos, dtype=torch.bool, device=device)
-        self.padded = False  # whether any cached position is padding (then masks are needed)
-        self.length = 0
+        self.static = static
+        self.padded = False  # whether any cached position is padding (dynamic: then masks are needed)
+        self.length = 0  # filled slots, on the host
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)  # filled slots, on the device (static)
+        self.slots: Int[Tensor, " pos"] | None = None  # static: the slots the forward call in progress writes
         self._weights: dict[int, tuple[Tensor, ...]] = {}
 
     @classmethod
-    def for_model(cls, model: "Transformer", batch: int, max_pos: int) -> "KVCache":
-        return cls(model.cfg, batch, max_pos, device=model.device, dtype=model.dtype)
+    def for_model(cls, model: "Transformer", batch: int, max_pos: int, *, static: bool = False) -> "KVCache":
+        return cls(model.cfg, batch, max_pos, device=model.device, dtype=model.dtype, static=static)
 
     @property
     def batch(self) -> int:
@@ -184,7 +195,11 @@ class KVCache:
         k: Float[Tensor, "batch pos n_heads d_head"],
         v: Float[Tensor, "batch pos n_heads d_head"],
     ) -> tuple[Float[Tensor, "batch key_pos n_heads d_head"], Float[Tensor, "batch key_pos n_heads d_head"]]:
-        """Store layer `layer`'s keys and values for the new positions; return those of all positions."""
+        """Store layer `layer`'s keys and values for the new positions; return those of all key slots."""
+        if self.static:
+            self.k[layer].index_copy_(1, self.slots, k)
+            self.v[layer].index_copy_(1, self.slots, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[1]
         self.k[layer, :, self.length : end] = k
         self.v[layer, :, self.length : end] = v
@@ -199,9 +214,15 @@ class KVCache:
         return self._weights[layer]
 
     def reorder(self, index: Int[Tensor, " new_batch"]) -> None:
-        """Keep batch items `index` (in that order, repeats allowed), as beam search needs."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
-        self.key_mask = self.key_mask[index]
+        """Keep batch items `index` (in that order, repeats allowed), as beam search needs.
+
+        In place, so that a captured CUDA graph keeps reading the same buffers.
+        """
+        if index.shape[0] != self.batch:
+            raise ValueError(f"reorder index has {index.shape[0]} entries; the cache holds {self.batch} sequences")
+        self.k.copy_(self.k[:, index])
+        self.v.copy_(self.v[:, index])
+        self.key_mask.copy_(self.key_mask[index])
 
 
 class LayerNorm(nn.Module):
@@ -210,6 +231,11 @@ class LayerNorm(nn.Module):
     hook_scale sees sqrt(var + eps) and hook_normalized sees (x - mean) / scale, before w
     and b, as in TransformerLens. In float16/bfloat16 the statistics are computed in float32,
     because the variance of a wide residual stream overflows or loses its low bits otherwise.
+
+    In float16/bfloat16 with neither hook in use, the fused F.layer_norm kernel computes the same
+    function (also with float32 statistics) in one launch instead of about ten, which is what
+    bounds one-token decoding steps; the two agree to bf16 rounding (tested). In float32 the
+    readable formula always runs, so that it stays bit-identical to TransformerLens's.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -222,8 +248,11 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch pos d_model]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        low_precision = x.element_size() < 4
+        if low_precision and not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
+            return F.layer_norm(x, (self.cfg.d_model,), self.w.to(x.dtype), self.b.to(x.dtype), self.eps)
         in_dtype = x.dtype
-        if x.element_size() < 4:
+        if low_precision:
             x = x.float()
         x = x - x.mean(dim=-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt())
@@ -248,9 +277,13 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         std, out_std = cfg.init_range, _residual_init_std(cfg)
-        self.W_Q = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
-        self.W_K = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
-        self.W_V = _normal(cfg.n_heads, cfg.d_model, cfg.d_head, std=std)
+        # Shape [n_heads d_model d_head] as in TransformerLens, stored d_model-major (a permuted
+        # view): stacking the three into the fused projection's weight is then a plain copy, not
+        # a transposition, in every training step (compiled GPT-2 on an H100: 2 x 50 us per layer).
+        self.W_Q, self.W_K, self.W_V = (
+            nn.Parameter(torch.empty(cfg.d_model, cfg.n_heads, cfg.d_head).normal_(mean=0.0, std=std).permute(1, 0, 2))
+            for _ in range(3)
+        )
         self.W_O = _normal(cfg.n_heads, cfg.d_head, cfg.d_model, std=out_std)
         self.b_Q = _zeros(cfg.n_heads, cfg.d_head)
         self.b_K = _zeros(cfg.n_heads, cfg.d_head)
@@ -266,11 +299,12 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        blocked: Bool[Tensor, "batch 1 pos key_pos"] | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`key_mask` (False at padding) spans every key position, cached ones included.
+        """`blocked` is True where a query may not attend (see `blocked_keys`); None means plain
+        causal attention, the queries being the last positions of the keys.
 
         With a `kv_cache`, x holds only the new positions: their keys and values are appended
         to layer `layer` of the cache, and attention runs over all cached positions.
@@ -285,9 +319,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.extend(layer, k, v)
         if self.uses_eager_path():
-            z = self._attend_eager(q, k, v, key_mask)
+            z = self._attend_eager(q, k, v, blocked)
         else:
-            z = self._attend_sdpa(q, k, v, key_mask)
+            z = self._attend_sdpa(q, k, v, blocked)
         z = self.hook_z(z)
         out = einops.einsum(z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos d_model")
         return out + self.b_O
@@ -317,14 +351,15 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
-        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        blocked: Bool[Tensor, "batch 1 query_pos key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         scores = einops.einsum(
             q, k, "batch query_pos n_heads d_head, batch key_pos n_heads d_head -> batch n_heads query_pos key_pos"
         ) / math.sqrt(self.cfg.d_head)
         # The most negative finite value rather than -inf: a fully masked row then softmaxes to
         # uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
-        blocked = blocked_keys(q.shape[1], k.shape[1], key_mask, q.device)
+        if blocked is None:
+            blocked = causal_mask(q.shape[1], k.shape[1], q.device)
         scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
@@ -339,18 +374,20 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
-        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        blocked: Bool[Tensor, "batch 1 query_pos key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         query_pos, key_pos = q.shape[1], k.shape[1]
-        # Without padding, two cases need no mask tensor: the plain causal triangle (which has a
+        # Without a mask, two cases need no mask tensor: the plain causal triangle (which has a
         # dedicated flash kernel), and one new query after cached keys (it sees them all).
-        triangle = key_mask is None and query_pos == key_pos
-        unmasked = key_mask is None and query_pos == 1
+        triangle = blocked is None and query_pos == key_pos
+        unmasked = blocked is None and query_pos == 1
+        if blocked is None and not (triangle or unmasked):
+            blocked = causal_mask(query_pos, key_pos, q.device)
         z = F.scaled_dot_product_attention(
             einops.rearrange(q, "batch query_pos n_heads d_head -> batch n_heads query_pos d_head"),
             einops.rearrange(k, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
             einops.rearrange(v, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
-            attn_mask=None if triangle or unmasked else ~blocked_keys(query_pos, key_pos, key_mask, q.device),
+            attn_mask=None if triangle or unmasked else ~blocked,
             is_causal=triangle,
         )
         return einops.rearrange(z, "batch n_heads query_pos d_head -> batch query_pos n_heads d_head")
@@ -367,20 +404,23 @@ def causal_mask(query_pos: int, key_pos: int, device: torch.device) -> Tensor:
 
 
 def blocked_keys(
-    query_pos: int, key_pos: int, key_mask: Bool[Tensor, "batch key_pos"] | None, device: torch.device
-) -> Bool[Tensor, "query_pos key_pos"] | Bool[Tensor, "batch 1 query_pos key_pos"]:
+    query_slots: Int[Tensor, " query_pos"], key_mask: Bool[Tensor, "batch key_pos"]
+) -> Bool[Tensor, "batch 1 query_pos key_pos"]:
     """True where a query may not attend: keys after it, and padding keys (key_mask False).
 
-    A padding query still sees its own key, so that no row is fully masked (a softmax over
-    nothing is NaN in some kernels); padding positions' outputs are never used.
+    Query i sits at key position query_slots[i] (its own key). A padding query still sees its
+    own key, so that no row is fully masked (a softmax over nothing is NaN in some kernels);
+    padding positions' outputs are never used. Built once per forward call, shared by all layers.
     """
-    blocked = causal_mask(query_pos, key_pos, device)
-    if key_mask is None:
-        return blocked
-    offset = key_pos - query_pos
-    own_key = torch.ones(query_pos, key_pos, dtype=torch.bool, device=device).triu(offset).tril(offset)
-    padding = einops.rearrange(~key_mask, "batch key_pos -> batch 1 key_pos") & ~own_key
-    return einops.rearrange(blocked | padding, "batch query_pos key_pos -> batch 1 query_pos key_pos")
+    key_slots = torch.arange(key_mask.shape[1], device=key_mask.device)
+    after = einops.rearrange(key_slots, "key_pos -> 1 key_pos") > einops.rearrange(
+        query_slots, "query_pos -> query_pos 1"
+    )
+    own = einops.rearrange(key_slots, "key_pos -> 1 key_pos") == einops.rearrange(
+        query_slots, "query_pos -> query_pos 1"
+    )
+    padding = einops.rearrange(~key_mask, "batch key_pos -> batch 1 key_pos") & ~own
+    return einops.rearrange(after | padding, "batch query_pos key_pos -> batch 1 query_pos key_pos")
 
 
 class MLP(nn.Module):
@@ -426,12 +466,12 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         resid_pre: Float[Tensor, "batch pos d_model"],
-        key_mask: Bool[Tensor, "batch key_pos"] | None = None,
+        blocked: Bool[Tensor, "batch 1 pos key_pos"] | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), key_mask, kv_cache, layer))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), blocked, kv_cache, layer))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
@@ -504,34 +544,57 @@ class Transformer(HookedRootModule):
             only the new positions, and the cache is extended with them.
         """
         batch, pos = tokens.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        key_mask = self._key_mask(attention_mask, kv_cache, start, pos)
-        positions = None
-        if key_mask is not None:
-            positions = (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
-        elif start > 0:
-            positions = einops.repeat(
-                torch.arange(start, start + pos, device=tokens.device), "pos -> batch pos", batch=batch
-            )
+        if kv_cache is not None and kv_cache.static:
+            positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
+        else:
+            positions, blocked = self._dynamic_slots(attention_mask, kv_cache, batch, pos, tokens.device)
         residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
         for layer, block in enumerate(self.blocks):
-            residual = block(residual, key_mask, kv_cache, layer)
+            residual = block(residual, blocked, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += pos
+            if kv_cache.static:
+                kv_cache.cursor += pos
         return self.unembed(self.ln_final(residual))
 
     @staticmethod
-    def _key_mask(
-        attention_mask: Tensor | None, kv_cache: KVCache | None, start: int, pos: int
-    ) -> Bool[Tensor, "batch key_pos"] | None:
-        """The padding mask over every key position (cached and new), or None when nothing is padding."""
+    def _dynamic_slots(
+        attention_mask: Tensor | None, kv_cache: KVCache | None, batch: int, pos: int, device: torch.device
+    ) -> tuple[Int[Tensor, "batch pos"] | None, Bool[Tensor, "batch 1 pos key_pos"] | None]:
+        """Positions of the new tokens and the attention mask; None for either when the default holds.
+
+        Without padding anywhere the positions are start, start + 1, ... and attention is plainly
+        causal, so neither tensor is built (the common case, and the one flash attention wants).
+        """
+        start = 0 if kv_cache is None else kv_cache.length
         # One host sync per call with a mask: generation passes it only with the prompt.
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is None:
-            return attention_mask.bool() if padded else None
-        kv_cache.key_mask[:, start : start + pos] = True if attention_mask is None else attention_mask.bool()
-        kv_cache.padded |= padded
-        return kv_cache.key_mask[:, : start + pos] if kv_cache.padded else None
+            key_mask = attention_mask.bool() if padded else None
+        else:
+            kv_cache.key_mask[:, start : start + pos] = True if attention_mask is None else attention_mask.bool()
+            kv_cache.padded |= padded
+            key_mask = kv_cache.key_mask[:, : start + pos] if kv_cache.padded else None
+        if key_mask is not None:
+            positions = (key_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, start:]
+            return positions, blocked_keys(torch.arange(start, start + pos, device=device), key_mask)
+        if start > 0:
+            return einops.repeat(torch.arange(start, start + pos, device=device), "pos -> batch pos", batch=batch), None
+        return None, None
+
+    @staticmethod
+    def _static_slots(
+        attention_mask: Tensor | None, kv_cache: KVCache, batch: int, pos: int
+    ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch 1 pos key_pos"]]:
+        """As _dynamic_slots for a static cache, from device tensors only (no host sync, fixed shapes)."""
+        slots = kv_cache.cursor + torch.arange(pos, device=kv_cache.cursor.device)
+        real = torch.ones(batch, pos, dtype=torch.bool, device=slots.device)
+        kv_cache.key_mask.index_copy_(1, slots, real if attention_mask is None else attention_mask.bool())
+        kv_cache.slots = slots
+        # A real token's position counts the real tokens before it; slots not yet filled are
+        # False in key_mask, so the cumulative sum over all max_pos slots is right where it is read.
+        positions = (kv_cache.key_mask.long().cumsum(dim=-1) - 1).clamp(min=0).index_select(1, slots)
+        return positions, blocked_keys(slots, kv_cache.key_mask)
 
     def check_tokens(self, tokens: object) -> None:
         """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
@@ -547,7 +610,9 @@ class Transformer(HookedRootModule):
             raise ValueError(f"sequence length {pos} must be in [1, n_ctx={self.cfg.n_ctx}]")
         if batch < 1:
             raise ValueError("tokens has batch size 0; pass at least one sequence")
-        if torch.compiler.is_compiling():
+        # The id range check reads the tokens back to the host: not possible while compiling or
+        # capturing a CUDA graph (whose decoding steps feed it tokens that the sampler chose).
+        if torch.compiler.is_compiling() or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         low, high = torch.aminmax(tokens)
         low, high = int(low), int(high)

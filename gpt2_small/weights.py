@@ -115,9 +115,9 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
         W_Q, W_K, W_V = state[p + "attn.c_attn.weight"].split(d, dim=1)
         b_Q, b_K, b_V = state[p + "attn.c_attn.bias"].split(d, dim=0)
         for name, W, b in (("Q", W_Q, b_Q), ("K", W_K, b_K), ("V", W_V, b_V)):
-            out[o + f"attn.W_{name}"] = einops.rearrange(
-                W, "d_model (n_heads d_head) -> n_heads d_model d_head", **heads
-            )
+            # A dense copy of its own, d_model-major as solution.Attention stores it.
+            W = einops.rearrange(W, "d_model (n_heads d_head) -> d_model n_heads d_head", **heads).contiguous()
+            out[o + f"attn.W_{name}"] = einops.rearrange(W, "d_model n_heads d_head -> n_heads d_model d_head")
             out[o + f"attn.b_{name}"] = einops.rearrange(b, "(n_heads d_head) -> n_heads d_head", **heads)
         out[o + "attn.W_O"] = einops.rearrange(
             state[p + "attn.c_proj.weight"], "(n_heads d_head) d_model -> n_heads d_head d_model", **heads
@@ -127,7 +127,9 @@ def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
         out[o + "ln2.w"], out[o + "ln2.b"] = state[p + "ln_2.weight"], state[p + "ln_2.bias"]
         out[o + "mlp.W_in"], out[o + "mlp.b_in"] = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]
         out[o + "mlp.W_out"], out[o + "mlp.b_out"] = state[p + "mlp.c_proj.weight"], state[p + "mlp.c_proj.bias"]
-    return {k: v if k == "unembed.W_U" else v.contiguous() for k, v in out.items()}
+    # W_U and W_Q/W_K/W_V were made dense above in the layouts solution.py stores them in.
+    laid_out = ("unembed.W_U", "attn.W_Q", "attn.W_K", "attn.W_V")
+    return {k: v if k.endswith(laid_out) else v.contiguous() for k, v in out.items()}
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:

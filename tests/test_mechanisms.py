@@ -1,5 +1,6 @@
 """Unit tests that each isolate one mechanism of the model, on small random models."""
 
+import copy
 import math
 
 import pytest
@@ -52,8 +53,16 @@ def test_layernorm_applies_w_and_b_after_normalizing():
     torch.testing.assert_close(ln(x), expected)
 
 
-def test_layernorm_statistics_are_upcast_in_bfloat16():
+def _hooked_readable_path(ln: LayerNorm) -> LayerNorm:
+    ln.hook_scale.add_hook(lambda scale, hook: scale)  # any hook makes forward take the readable formula
+    return ln
+
+
+@pytest.mark.parametrize("path", ["fused", "readable"])
+def test_layernorm_statistics_are_upcast_in_bfloat16(path):
     ln = LayerNorm(TransformerConfig(d_model=64, n_heads=1, d_head=64))
+    if path == "readable":
+        _hooked_readable_path(ln)
     # A large common offset with a small spread: bf16 statistics lose the spread entirely.
     x32 = 300.0 + torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
     x16 = x32.bfloat16()
@@ -66,6 +75,28 @@ def test_layernorm_statistics_are_upcast_in_bfloat16():
     naive_err = (naive.float() - exact).abs().max()
     assert ours_err <= 0.02, ours_err
     assert naive_err > 10 * ours_err, (naive_err, ours_err)
+
+
+def test_layernorm_fused_bfloat16_path_equals_the_readable_formula(monkeypatch):
+    cfg = TransformerConfig(d_model=64, n_heads=1, d_head=64)
+    fused = LayerNorm(cfg).bfloat16()
+    with torch.no_grad():
+        fused.w.copy_(torch.linspace(0.5, 2.0, 64))
+        fused.b.copy_(torch.linspace(-1.0, 1.0, 64))
+    readable = _hooked_readable_path(copy.deepcopy(fused))
+    x = (3.0 * torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)) + 7.0).bfloat16()
+    fused_calls = []
+    layer_norm = F.layer_norm
+    monkeypatch.setattr(solution.F, "layer_norm", lambda *a, **k: fused_calls.append(1) or layer_norm(*a, **k))
+    out_readable = readable(x)
+    assert fused_calls == []  # a hook in use: the readable formula
+    out_fused = fused(x)
+    assert fused_calls == [1]
+    fused.float()(x.float())
+    assert fused_calls == [1]  # float32 always takes the readable formula
+    # Both compute in float32 and round once to bf16: at most one bf16 step apart.
+    torch.testing.assert_close(out_fused.float(), out_readable.float(), rtol=2 * 2**-8, atol=1e-2)
+    assert out_fused.dtype == out_readable.dtype == torch.bfloat16
 
 
 # --- Attention -----------------------------------------------------------------------------

@@ -51,6 +51,20 @@ def test_W_U_is_an_untied_vocab_major_copy(tiny_checkpoint, tmp_path):
     assert Transformer.load(tmp_path / "ckpt").unembed.W_U.stride() == (1, 32)
 
 
+def test_W_Q_W_K_W_V_are_dense_and_d_model_major_however_the_model_was_made(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    d_model_major = (8, 32, 1)  # [n_heads=4 d_model=32 d_head=8], d_model outermost in memory
+    loaded = Transformer.from_pretrained(directory)
+    made = Transformer(loaded.cfg)
+    loaded.save(tmp_path / "ckpt")
+    for model in (made, loaded, loaded.to(torch.bfloat16), Transformer.load(tmp_path / "ckpt")):
+        attn = model.blocks[0].attn
+        storages = {W.untyped_storage().data_ptr() for W in (attn.W_Q, attn.W_K, attn.W_V)}
+        assert len(storages) == 3  # not views into HF's fused c_attn weight
+        for W in (attn.W_Q, attn.W_K, attn.W_V):
+            assert W.shape == (4, 32, 8) and W.stride() == d_model_major
+
+
 def test_from_pretrained_reads_the_shape_from_config_json(tiny_checkpoint):
     directory, hf = tiny_checkpoint
     cfg = Transformer.from_pretrained(str(directory)).cfg  # str and Path both accepted

@@ -32,6 +32,14 @@ every cached key would have to be recomputed, and the model never saw shifted co
 Hooks: with the KV cache, each forward call sees only its new positions (the prompt first, then
 one token per step), so hooks fire on those alone and patterns span the cached keys. Hooks that
 must see the whole sequence at every step need use_kv_cache=False.
+
+CUDA graphs: on a CUDA device, by default, the decoding steps run against a static KVCache (all
+shapes fixed, write position on the device) and the first step is captured as a CUDA graph that
+every later step replays. A step of GPT-2 small is some 200 small kernels, and launching them
+one by one from Python, not the arithmetic, is what bounds decoding at small batch sizes. The
+prompt (prefill) runs normally. A graph replays what was captured once, so hooks would not run:
+with any hook attached the steps run eagerly instead (cuda_graph=None), or a ValueError says so
+(cuda_graph=True). The static and dynamic caches compute the same logits (tested).
 """
 
 import codecs
@@ -178,6 +186,60 @@ def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | 
 # --- the decoding loop -------------------------------------------------------------------------
 
 
+def _use_cuda_graph(model: Transformer, cuda_graph: bool | None, use_kv_cache: bool) -> bool:
+    """Resolve the cuda_graph argument: None picks graphs where they work, True insists on them."""
+    hooked = any(hook_point.has_hooks() for hook_point in model.hook_dict.values())
+    if cuda_graph is None:
+        return model.device.type == "cuda" and use_kv_cache and not hooked
+    if cuda_graph:
+        if model.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got device {model.device}")
+        if not use_kv_cache:
+            raise ValueError("cuda_graph=True needs use_kv_cache=True: the graph replays one cached decoding step")
+        if hooked:
+            raise ValueError(
+                "cuda_graph=True with hooks attached: a CUDA graph replays the kernels captured once, so the "
+                "hooks would not run on later steps; remove them (model.reset_hooks()) or pass cuda_graph=False"
+            )
+    return bool(cuda_graph)
+
+
+class _GraphedStep:
+    """One decoding step (one token per row against a static KVCache), captured as a CUDA graph.
+
+    Calling it copies the new tokens into the captured input buffer and replays the graph; the
+    returned logits live in the graph's output buffer until the next call.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
+        length, cursor = cache.length, cache.cursor.clone()
+        # Warm-up runs (cuBLAS handles, workspaces) and the capture itself each write one step at
+        # the current slot; rewinding makes the first real step overwrite exactly that slot.
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.tokens, kv_cache=cache)
+                self._rewind(length, cursor)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, kv_cache=cache)[:, -1]
+        self._rewind(length, cursor)
+
+    def _rewind(self, length: int, cursor: Tensor) -> None:
+        self.cache.length = length
+        self.cache.cursor.copy_(cursor)
+
+    def __call__(self, new_tokens: Int[Tensor, "batch 1"]) -> Float[Tensor, "batch d_vocab"]:
+        self.tokens.copy_(new_tokens)
+        self.graph.replay()
+        self.cache.length += 1  # the replay advanced the device cursor; the host count follows
+        return self.logits
+
+
 class _Decoder:
     """Feeds a model a prompt and then one token per row per step; returns the last logits."""
 
@@ -188,16 +250,25 @@ class _Decoder:
         attention_mask: Tensor | None,
         use_kv_cache: bool,
         max_pos: int,
+        cuda_graph: bool = False,
     ):
         self.model = model
         self.tokens, self.mask = tokens, attention_mask
-        self.cache = KVCache.for_model(model, tokens.shape[0], max_pos) if use_kv_cache else None
+        self.cache = None
+        if use_kv_cache:
+            self.cache = KVCache.for_model(model, tokens.shape[0], max_pos, static=cuda_graph)
+        self.cuda_graph = cuda_graph
+        self.graphed_step: _GraphedStep | None = None  # captured at the first step
 
     def prefill(self) -> Float[Tensor, "batch d_vocab"]:
         return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache)[:, -1]
 
     def step(self, new_tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         new = einops.rearrange(new_tokens, "batch -> batch 1")
+        if self.cuda_graph:
+            if self.graphed_step is None:
+                self.graphed_step = _GraphedStep(self.model, self.cache)
+            return self.graphed_step(new)
         if self.cache is not None:
             return self.model(new, kv_cache=self.cache)[:, -1]
         self.tokens = torch.cat([self.tokens, new], dim=1)
@@ -229,6 +300,7 @@ def stream(
     seed: int | None = None,
     use_kv_cache: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each step's new tokens, one per row, as they are chosen. See `generate` for the arguments.
 
@@ -238,6 +310,7 @@ def stream(
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
     settings.check(model.cfg.d_vocab)
     _check_request(model, tokens, attention_mask, max_new_tokens)
+    graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     if max_new_tokens == 0:
         return
     batch, pos = tokens.shape
@@ -251,7 +324,7 @@ def stream(
         real = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         counts.scatter_add_(1, tokens, real.float())
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens)
+    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens, graphed)
     logits = decoder.prefill()
     for step in range(max_new_tokens):
         next_tokens = sample_next_token(logits, settings, counts, generator)
@@ -281,19 +354,22 @@ def generate(
     seed: int | None = None,
     use_kv_cache: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
+    cuda_graph: bool | None = None,
 ) -> Int[Tensor, "batch total_pos"]:
     """The prompt followed by up to max_new_tokens sampled tokens per row.
 
     temperature 0 is greedy. With stop_at_eos, rows that finished are padded with eos_token_id
     and generation ends early once all have, as in Hugging Face. `seed` makes the draw
     reproducible (a generator of its own; the global RNG is left alone); None uses the global
-    RNG. attention_mask marks left padding (see pad_prompts).
+    RNG. attention_mask marks left padding (see pad_prompts). cuda_graph: see the module
+    docstring (None: on for a CUDA model without hooks).
     """
     pieces = [tokens.to(model.device)]
     for next_tokens in stream(
         model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         freq_penalty=freq_penalty, presence_penalty=presence_penalty, stop_at_eos=stop_at_eos,
         eos_token_id=eos_token_id, seed=seed, use_kv_cache=use_kv_cache, attention_mask=attention_mask,
+        cuda_graph=cuda_graph,
     ):  # fmt: skip
         pieces.append(einops.rearrange(next_tokens, "batch -> batch 1"))
     return torch.cat(pieces, dim=1)
@@ -386,6 +462,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     eos_token_id: int = EOT_ID,
     use_kv_cache: bool = True,
+    cuda_graph: bool | None = None,
 ) -> BeamSearchOutput:
     """Beam search, step for step the algorithm of Hugging Face's generate(num_beams=k, do_sample=False).
 
@@ -404,6 +481,7 @@ def beam_search(
     _check_request(model, tokens, None, max_new_tokens)
     if max_new_tokens == 0:
         raise ValueError("max_new_tokens must be >= 1 for beam search")
+    graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     device = model.device
     tokens = tokens.to(device)
     batch, prompt_len = tokens.shape
@@ -422,7 +500,7 @@ def beam_search(
     in_top_beams = torch.arange(keep, device=device) < num_beams
 
     flat = "batch beam pos -> (batch beam) pos"
-    decoder = _Decoder(model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len)
+    decoder = _Decoder(model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len, graphed)
     logits = decoder.prefill()
     for cur_len in range(prompt_len, max_len):
         log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)

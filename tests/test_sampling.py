@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+import gpt2_small
 from gpt2_small import (
     KVCache,
     SamplingSettings,
@@ -127,12 +128,13 @@ def test_banned_ngram_tokens():
 # --- the KV cache -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_impl):
+def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_impl, static):
     model = Transformer(TransformerConfig(**{**vars(sampling_pair.model.cfg), "attn_impl": attn_impl}))
     model.load_state_dict(sampling_pair.model.state_dict())
     tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79]])
-    cache = KVCache.for_model(model, batch=2, max_pos=20)
+    cache = KVCache.for_model(model, batch=2, max_pos=20, static=static)
     logits = model(tokens, attention_mask=mask, kv_cache=cache)
     full = model(tokens, attention_mask=mask)
     real = mask.bool()
@@ -145,6 +147,41 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_
         assert rel_error(logits, full) <= REL_TOL
         torch.testing.assert_close(logits, full)
     assert cache.length == tokens.shape[1] == 20
+    assert int(cache.cursor) == (20 if static else 0)  # only a static cache keeps its position on the device
+
+
+def test_static_kv_cache_attends_over_every_slot_with_the_unfilled_ones_masked(sampling_pair):
+    model = sampling_pair.model
+    cache = KVCache.for_model(model, batch=1, max_pos=7, static=True)
+    shapes, rows = [], []
+
+    def record(pattern, hook):
+        shapes.append(tuple(pattern.shape))
+        rows.append(pattern[0, :, -1].clone())
+
+    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", record)]):
+        model(torch.tensor([[10, 20, 30]]), kv_cache=cache)
+        model(torch.tensor([[40]]), kv_cache=cache)
+    assert shapes == [(1, 4, 3, 7), (1, 4, 1, 7)]
+    assert (rows[1][:, 4:] == 0).all() and (rows[1][:, :4] > 0).all()  # slots 4-6 are not filled yet
+    torch.testing.assert_close(rows[1].sum(dim=-1), torch.ones(4))
+    assert cache.key_mask.tolist() == [[True] * 4 + [False] * 3]
+
+
+def test_cuda_graph_is_refused_where_it_cannot_run(sampling_pair):
+    tokens = torch.tensor([[10, 20, 30]])
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got device cpu"):
+        generate(sampling_pair.model, tokens, 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        beam_search(sampling_pair.model, tokens, num_beams=2, max_new_tokens=3, cuda_graph=True)
+
+
+def test_blocked_keys_masks_later_keys_and_padding_but_not_a_querys_own_key():
+    key_mask = torch.tensor([[False, True, True, True, False]])  # slot 4 not filled
+    blocked = gpt2_small.blocked_keys(torch.tensor([0, 2]), key_mask)
+    assert blocked.shape == (1, 1, 2, 5)
+    # Query 0 is padding: it sees only its own key. Query 2 sees keys 1 and 2.
+    assert blocked[0, 0].tolist() == [[False, True, True, True, True], [True, False, False, True, True]]
 
 
 def test_left_padding_leaves_real_positions_logits_unchanged(sampling_pair):

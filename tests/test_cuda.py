@@ -1,0 +1,66 @@
+"""What needs a CUDA device: the CUDA-graph decoding path against the eager one.
+
+Skipped without a GPU (CI has none); run on one with `pytest tests/test_cuda.py`.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from gpt2_small import beam_search, generate, pad_prompts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_model(sampling_pair):
+    return copy.deepcopy(sampling_pair.model).cuda()
+
+
+def test_cuda_graph_greedy_equals_eager_and_hf_token_for_token(cuda_model, sampling_pair):
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79], [1, 2, 3]], device="cuda")
+    graphed = generate(cuda_model, tokens, 40, temperature=0, attention_mask=mask, cuda_graph=True)
+    eager = generate(cuda_model, tokens, 40, temperature=0, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+    eos = sampling_pair.hf.config.eos_token_id
+    hf = sampling_pair.hf.generate(
+        tokens.cpu(), attention_mask=mask.cpu(), do_sample=False, max_new_tokens=40, pad_token_id=eos,
+        eos_token_id=eos,
+    )  # fmt: skip
+    assert torch.equal(graphed.cpu(), hf)
+
+
+def test_cuda_graph_sampling_with_a_seed_equals_eager(cuda_model):
+    tokens = torch.randint(0, 50257, (4, 7), generator=torch.Generator().manual_seed(3)).cuda()
+    kwargs = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "freq_penalty": 0.5, "seed": 7}
+    graphed = generate(cuda_model, tokens, 30, cuda_graph=True, **kwargs)
+    assert torch.equal(graphed, generate(cuda_model, tokens, 30, cuda_graph=False, **kwargs))
+    assert not torch.equal(graphed, generate(cuda_model, tokens, 30, cuda_graph=True, **{**kwargs, "seed": 8}))
+
+
+def test_cuda_graph_beam_search_equals_eager(cuda_model):
+    tokens = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(4)).cuda()
+    graphed = beam_search(cuda_model, tokens, num_beams=4, max_new_tokens=12, cuda_graph=True)
+    eager = beam_search(cuda_model, tokens, num_beams=4, max_new_tokens=12, cuda_graph=False)
+    assert torch.equal(graphed.tokens, eager.tokens)
+    torch.testing.assert_close(graphed.scores, eager.scores)
+
+
+def test_cuda_graph_refuses_hooks_and_the_default_runs_them_eagerly(cuda_model):
+    tokens = torch.tensor([[10, 20, 30]], device="cuda")
+    calls = []
+    with cuda_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: calls.append(x.shape[1]))]):
+        with pytest.raises(ValueError, match="hooks would not run"):
+            generate(cuda_model, tokens, 5, temperature=0, cuda_graph=True)
+        generate(cuda_model, tokens, 5, temperature=0)  # cuda_graph=None: eager, since a hook is attached
+    assert calls == [3, 1, 1, 1, 1]  # the prompt, then every step's one position
+
+
+def test_bfloat16_cuda_graph_greedy_equals_bfloat16_eager(cuda_model):
+    model = copy.deepcopy(cuda_model).bfloat16()
+    tokens = torch.randint(0, 50257, (8, 16), generator=torch.Generator().manual_seed(5)).cuda()
+    graphed = generate(model, tokens, 64, temperature=0, stop_at_eos=False, cuda_graph=True)
+    eager = generate(model, tokens, 64, temperature=0, stop_at_eos=False, cuda_graph=False)
+    # Same kernels on the same static cache shapes: bitwise the same logits, so the same tokens.
+    assert torch.equal(graphed, eager)

@@ -8,8 +8,9 @@ a 16-token prompt. tokens/s counts generated tokens over all rows: batch * new_t
 prefill included. Each row also says whether the variant produced exactly the tokens of the
 float32 HF run. Prints a table and appends it to benchmarks/RESULTS.md with the device and date.
 
-Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA also `ours-bf16`
-and `hf-static-bf16` (HF's pre-allocated static cache in bf16). On a CPU the defaults shrink
+Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA also `ours-bf16`,
+`ours-bf16-eager` and `hf-static-bf16` (HF's pre-allocated static cache in bf16). On CUDA our
+sampler replays each decoding step as a CUDA graph; `-eager` turns that off (cuda_graph=False). On a CPU the defaults shrink
 (batch 1 and 16, 64 new tokens) so that the script finishes in minutes; the ratio to HF is the figure.
 """
 
@@ -42,12 +43,14 @@ def hf_model(directory: Path, device: torch.device, dtype: torch.dtype):
 
 
 def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens: int, device, repeats: int):
-    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     if variant.startswith("ours"):
         model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
 
+        cuda_graph = False if variant.endswith("-eager") else None
+
         def call(n: int) -> torch.Tensor:
-            return generate(model, prompt, n, temperature=0, stop_at_eos=False)
+            return generate(model, prompt, n, temperature=0, stop_at_eos=False, cuda_graph=cuda_graph)
     else:
         model = hf_model(directory, device, dtype)
         extra = {"cache_implementation": "static"} if "static" in variant else {}
@@ -78,7 +81,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,64 on GPU; 1,16 on CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 256 on GPU, 64 on CPU)")
-    parser.add_argument("--variants", default=None, help="comma list of ours, hf, ours-bf16, hf-static-bf16")
+    parser.add_argument(
+        "--variants", default=None, help="comma list of ours, hf, ours-bf16, ours-bf16-eager, hf-static-bf16"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
@@ -87,7 +92,8 @@ def main() -> None:
     gpu = device.type == "cuda"
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if gpu else "1,16")).split(",")]
     new_tokens = args.new_tokens or (256 if gpu else 64)
-    variants = (args.variants or ("ours,hf,ours-bf16,hf-static-bf16" if gpu else "ours,hf")).split(",")
+    default = "ours,hf,ours-bf16,ours-bf16-eager,hf-static-bf16" if gpu else "ours,hf"
+    variants = (args.variants or default).split(",")
     repeats = args.repeats or (3 if gpu else 1)
 
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # GPU: GPT-2 124M, B=16, T=1024, bf16 autocast
     python benchmarks/bench_train.py --variants ours,hf   # eager only
+    python benchmarks/bench_train.py --variants ours-padded-compiled-graphs   # + CUDA graphs
 
 One training step = forward, next-token cross-entropy, backward, fused AdamW step. Prints a table
 of tokens/s and MFU and appends it to benchmarks/RESULTS.md with the device and date. On a CPU the
@@ -74,8 +75,13 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(logits_of(model, inputs), targets)
 
-    # Compiled variants compile forward and loss together, for ours and HF alike.
-    loss_fn = torch.compile(loss_of) if variant.endswith("compiled") else loss_of
+    # Compiled variants compile forward and loss together, for ours and HF alike; "-graphs" also
+    # replays the compiled forward and backward as CUDA graphs (mode="reduce-overhead").
+    graphs = variant.endswith("-graphs")
+    if "compiled" in variant:
+        loss_fn = torch.compile(loss_of, mode="reduce-overhead" if graphs else None)
+    else:
+        loss_fn = loss_of
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.d_vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)  # < 50257
@@ -83,6 +89,8 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = loss_fn(inputs, targets)
         loss.backward()
@@ -119,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="comma list of {ours,hf}[-padded][-compiled]; -padded rounds the vocabulary up to 50304",
+        help="comma list of {ours,hf}[-padded][-compiled[-graphs]]; -padded rounds the vocabulary up to 50304",
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -140,6 +148,8 @@ def main() -> None:
     args.warmup = args.warmup or (5 if gpu else 1)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled" if gpu else "ours,hf"
+    if gpu:
+        default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs"
     variants = (args.variants or default).split(",")
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -652,6 +652,15 @@ class Transformer(HookedRootModule):
                 "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
             )
 
+    def run_with_cache(self, *model_args, **kwargs) -> tuple[Tensor, "ActivationCache"]:  # noqa: F821
+        """HookedRootModule.run_with_cache (names_filter, device, ... as there), with the cache as a
+        gpt2_small.interp.ActivationCache: a dict of hook name -> activation with TransformerLens's
+        accumulated_resid, decompose_resid, stack_head_results and apply_ln_to_stack."""
+        from gpt2_small.interp import ActivationCache
+
+        out, cache = super().run_with_cache(*model_args, **kwargs)
+        return out, ActivationCache(cache, self)
+
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.
 

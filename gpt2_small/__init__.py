@@ -1,11 +1,19 @@
 """gpt2_small: a readable, exact, hookable GPT-2.
 
 The model itself lives in the top-level module `solution`; this package re-exports it and
-adds the tokenizer, weight loading, sampling and (in gpt2_small.training and gpt2_small.data)
-training.
+adds the tokenizer, weight loading, sampling, interpretability tools (gpt2_small.interp) and
+(in gpt2_small.training and gpt2_small.data) training.
 """
 
+from gpt2_small import interp
 from gpt2_small.assets import AssetChecksumError, asset_path
+from gpt2_small.interp import (
+    ActivationCache,
+    activation_patching,
+    direct_logit_attribution,
+    induction_score,
+    logit_lens,
+)
 from gpt2_small.sampling import (
     BeamSearchOutput,
     SamplingSettings,
@@ -35,6 +43,7 @@ from solution import (
 
 __all__ = [
     "MLP",
+    "ActivationCache",
     "AssetChecksumError",
     "Attention",
     "BeamSearchOutput",
@@ -49,11 +58,16 @@ __all__ = [
     "TransformerConfig",
     "Unembedding",
     "WeightLoadError",
+    "activation_patching",
     "asset_path",
     "beam_search",
     "blocked_keys",
     "causal_mask",
     "config_from_hf",
+    "direct_logit_attribution",
+    "induction_score",
+    "interp",
+    "logit_lens",
     "convert_hf_state_dict",
     "generate",
     "generate_text",

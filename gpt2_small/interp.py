@@ -1,0 +1,558 @@
+"""Interpretability by import: an activation cache, logit lens, direct logit attribution,
+activation patching, induction scores, and plots of each.
+
+    logits, cache = model.run_with_cache(tokens)        # an ActivationCache (a dict of hook name -> tensor)
+    cache["pattern", 3]                                 # = cache["blocks.3.attn.hook_pattern"]
+    resid = cache.accumulated_resid(apply_ln=True)      # [component batch pos d_model]
+    lens = logit_lens(model, tokens)                    # logits read off every layer's residual stream
+    dla = direct_logit_attribution(model, cache, correct=tok_a, incorrect=tok_b)
+    grid = activation_patching(model, clean, corrupted, metric, hook="resid_pre")  # [n_layers pos]
+    scores = induction_score(model)                     # [n_layers n_heads]
+    plot_induction_scores(scores, path="induction.png")
+
+Conventions follow TransformerLens's ActivationCache: components are stacked on a new leading
+axis with labels ("embed", "pos_embed", "0_attn_out", "L0H3", ...), and `apply_ln_to_stack`
+centres each component and divides by the scale the LayerNorm computed on the real forward pass
+(cached at hook_scale), without w and b, so that the components still add up.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gpt2_small.tokenizer import EOT_ID
+from solution import Transformer
+
+logger = logging.getLogger(__name__)
+
+# Short names, as TransformerLens's get_act_name spells them, of every per-layer hook.
+_BLOCK_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "z": "attn.hook_z",
+    "attn_scores": "attn.hook_attn_scores",
+    "pattern": "attn.hook_pattern",
+    "pre": "mlp.hook_pre",
+    "post": "mlp.hook_post",
+}
+_HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern")  # those with an n_heads axis
+
+
+def act_name(name: str, layer: int | None = None) -> str:
+    """The full hook name: act_name("pattern", 3) == "blocks.3.attn.hook_pattern"; full names pass through."""
+    if name.startswith(("blocks.", "hook_", "ln_final.")):
+        return name
+    if name in ("embed", "pos_embed"):
+        return f"hook_{name}"
+    if name not in _BLOCK_HOOKS:
+        raise ValueError(f"unknown hook name {name!r}; use a full name or one of {sorted(_BLOCK_HOOKS)}")
+    if layer is None:
+        raise ValueError(f"hook {name!r} is per layer: pass a layer")
+    return f"blocks.{layer}.{_BLOCK_HOOKS[name]}"
+
+
+class ActivationCache(dict):
+    """Hook name -> activation of one forward pass, with TransformerLens's residual-stream helpers.
+
+    A plain dict underneath (so `cache["blocks.0.hook_resid_pre"]` works), plus `cache["resid_pre", 0]`.
+    Needs a cache of every hook (run_with_cache with no names_filter) for the helpers below.
+    """
+
+    def __init__(self, activations: dict[str, Tensor], model: Transformer):
+        super().__init__(activations)
+        self.model = model
+
+    def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
+        if isinstance(key, tuple):
+            key = act_name(*key)
+        if not dict.__contains__(self, key):
+            raise KeyError(f"{key!r} is not in this cache (it holds {len(self)} activations; see cache.keys())")
+        return dict.__getitem__(self, key)
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    def _layer(self, layer: int | None) -> int:
+        """None or -1 -> n_layers (the whole model), as in TransformerLens."""
+        if layer is None or layer == -1:
+            return self.n_layers
+        if not 0 <= layer <= self.n_layers:
+            raise ValueError(f"layer {layer} is outside [0, n_layers={self.n_layers}] (or -1/None for all)")
+        return layer
+
+    def accumulated_resid(
+        self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False, return_labels: bool = False
+    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+        """The residual stream before each of layers 0 .. layer-1, and after the last block if layer = n_layers.
+
+        layer=None means n_layers: the final entry is then the input of ln_final. incl_mid adds
+        each block's resid_mid. apply_ln applies the LayerNorm that reads the last entry
+        (ln_final for layer = n_layers, else blocks[layer].ln1) to every entry; see apply_ln_to_stack.
+        """
+        layer = self._layer(layer)
+        labels, parts = [], []
+        for i in range(layer):
+            labels.append(f"{i}_pre")
+            parts.append(self["resid_pre", i])
+            if incl_mid:
+                labels.append(f"{i}_mid")
+                parts.append(self["resid_mid", i])
+        if layer == self.n_layers:
+            labels.append("final_post")
+            parts.append(self["resid_post", self.n_layers - 1])
+        else:
+            labels.append(f"{layer}_pre")
+            parts.append(self["resid_pre", layer])
+        stack = torch.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(
+        self, layer: int | None = None, mlp_input: bool = False, apply_ln: bool = False, return_labels: bool = False
+    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+        """What each part of the model wrote into the residual stream read by `layer`.
+
+        embed, pos_embed, then every earlier block's attn_out and mlp_out (and, with mlp_input,
+        layer's own attn_out). They sum to resid_pre of `layer` (resid_mid with mlp_input), or
+        to the final residual stream for layer = n_layers.
+        """
+        layer = self._layer(layer)
+        labels, parts = ["embed", "pos_embed"], [self["hook_embed"], self["hook_pos_embed"]]
+        for i in range(layer + (1 if mlp_input and layer < self.n_layers else 0)):
+            labels.append(f"{i}_attn_out")
+            parts.append(self["attn_out", i])
+            if i < layer:
+                labels.append(f"{i}_mlp_out")
+                parts.append(self["mlp_out", i])
+        stack = torch.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    def stack_head_results(
+        self, layer: int | None = None, apply_ln: bool = False, return_labels: bool = False
+    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+        """Each head's write into the residual stream, z[h] @ W_O[h], for every head of layers 0 .. layer-1.
+
+        Labels are "L{layer}H{head}". b_O belongs to no head and is left out (it is
+        `model.blocks[i].attn.b_O`): the heads of layer i sum to attn_out minus b_O.
+        """
+        layer = self._layer(layer)
+        parts, labels = [], []
+        for i in range(layer):
+            per_head = einops.einsum(
+                self["z", i],
+                self.model.blocks[i].attn.W_O,
+                "batch pos n_heads d_head, n_heads d_head d_model -> n_heads batch pos d_model",
+            )
+            parts.append(per_head)
+            labels += [f"L{i}H{h}" for h in range(per_head.shape[0])]
+        if not parts:
+            raise ValueError("layer 0 has no heads before it; pass layer >= 1 (or None for all)")
+        stack = torch.cat(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer)
+        return (stack, labels) if return_labels else stack
+
+    def apply_ln_to_stack(
+        self,
+        stack: Float[Tensor, "component batch pos d_model"],
+        layer: int | None = None,
+        mlp_input: bool = False,
+    ) -> Float[Tensor, "component batch pos d_model"]:
+        """Centre every component and divide by the cached LayerNorm scale of the stream it is part of.
+
+        The LayerNorm is ln_final for layer = n_layers (or None), else blocks[layer].ln1 (ln2 with
+        mlp_input). Because the scale is the one of the real forward pass, the results still add
+        up: the sum of a full decomposition equals that LayerNorm's hook_normalized.
+        """
+        layer = self._layer(layer)
+        if layer == self.n_layers:
+            scale = self["ln_final.hook_scale"]
+        else:
+            scale = self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+        return (stack - stack.mean(dim=-1, keepdim=True)) / scale
+
+
+def run_with_cache(model: Transformer, tokens: Int[Tensor, "batch pos"], **kwargs) -> tuple[Tensor, ActivationCache]:
+    """model.run_with_cache(tokens), as a function; the cache is an ActivationCache."""
+    return model.run_with_cache(tokens, **kwargs)
+
+
+# --- logit lens --------------------------------------------------------------------------------
+
+
+@dataclass
+class LogitLens:
+    logits: Float[Tensor, "component batch pos d_vocab"]  # ln_final + unembed of each residual stream
+    labels: list[str]  # "0_pre" ... "{n_layers-1}_pre", "final_post"
+
+    def log_probs_of(self, targets: Int[Tensor, "batch pos"]) -> Float[Tensor, "component batch pos"]:
+        """log-probability each layer's reading gives to `targets` (e.g. the actual next tokens)."""
+        log_probs = self.logits.float().log_softmax(dim=-1)
+        index = einops.repeat(targets, "batch pos -> component batch pos 1", component=log_probs.shape[0])
+        return log_probs.gather(-1, index).squeeze(-1)
+
+
+@torch.no_grad()
+def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"]) -> LogitLens:
+    """The next-token logits read off the residual stream before every block and after the last.
+
+    Each residual stream goes through ln_final (with its own statistics) and the unembedding, as
+    if the remaining blocks were skipped. The last entry equals the model's logits.
+    """
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("resid_pre", "resid_post")))
+    resid, labels = ActivationCache(cache, model).accumulated_resid(return_labels=True)
+    flat = einops.rearrange(resid, "component batch pos d_model -> (component batch) pos d_model")
+    logits = einops.rearrange(
+        model.unembed(model.ln_final(flat)),
+        "(component batch) pos d_vocab -> component batch pos d_vocab",
+        component=len(labels),
+    )
+    return LogitLens(logits, labels)
+
+
+# --- direct logit attribution ------------------------------------------------------------------
+
+
+@dataclass
+class LogitAttribution:
+    contributions: Float[Tensor, "component batch"]  # each component's share of the logit difference
+    labels: list[str]  # "embed", "pos_embed", "L{i}H{h}", "L{i} b_O", "L{i} MLP"
+    bias: Float[Tensor, " batch"]  # what no component carries: ln_final.b and b_U along the direction
+    logit_diff: Float[Tensor, " batch"]  # the model's logit[correct] - logit[incorrect]
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The k components with the largest mean |contribution|, with their mean contribution."""
+        mean = self.contributions.mean(dim=1)
+        order = mean.abs().argsort(descending=True)[:k]
+        return [(self.labels[i], float(mean[i])) for i in order]
+
+
+@torch.no_grad()
+def direct_logit_attribution(
+    model: Transformer,
+    cache: ActivationCache,
+    correct: int | Int[Tensor, " batch"],
+    incorrect: int | Int[Tensor, " batch"],
+    pos: int = -1,
+) -> LogitAttribution:
+    """How much each head, MLP and embedding writes directly onto logit[correct] - logit[incorrect] at `pos`.
+
+    The final residual stream is the sum of embed, pos_embed, every head's z @ W_O, every
+    layer's b_O and every MLP's output. ln_final is linear once its scale is fixed (the cached
+    one), so each component's contribution is apply_ln_to_stack(component) @ (w * direction),
+    direction = W_U[:, correct] - W_U[:, incorrect]. The contributions sum exactly to the logit
+    difference minus `bias` = ln_final.b @ direction + b_U[correct] - b_U[incorrect].
+    """
+    logits = model.unembed(model.ln_final(cache["resid_post", model.cfg.n_layers - 1]))[:, pos]
+    batch = logits.shape[0]
+    correct = torch.as_tensor(correct, device=logits.device).expand(batch)
+    incorrect = torch.as_tensor(incorrect, device=logits.device).expand(batch)
+    W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    direction = W_U[:, correct] - W_U[:, incorrect]  # [d_model batch]
+    parts, labels = [cache["hook_embed"], cache["hook_pos_embed"]], ["embed", "pos_embed"]
+    for i in range(model.cfg.n_layers):
+        heads = einops.einsum(
+            cache["z", i],
+            model.blocks[i].attn.W_O,
+            "batch pos n_heads d_head, n_heads d_head d_model -> n_heads batch pos d_model",
+        )
+        parts += list(heads)
+        labels += [f"L{i}H{h}" for h in range(model.cfg.n_heads)]
+        parts.append(
+            einops.repeat(model.blocks[i].attn.b_O, "d_model -> batch pos d_model", batch=batch, pos=heads.shape[2])
+        )
+        labels.append(f"L{i} b_O")
+        parts.append(cache["mlp_out", i])
+        labels.append(f"L{i} MLP")
+    stack = cache.apply_ln_to_stack(torch.stack(parts))[:, :, pos]  # [component batch d_model]
+    w_direction = model.ln_final.w[:, None] * direction  # ln_final's w folded into the direction
+    contributions = einops.einsum(stack, w_direction, "component batch d_model, d_model batch -> component batch")
+    bias = einops.einsum(model.ln_final.b, direction, "d_model, d_model batch -> batch") + b_U[correct] - b_U[incorrect]
+    logit_diff = logits.gather(1, correct[:, None]).squeeze(1) - logits.gather(1, incorrect[:, None]).squeeze(1)
+    return LogitAttribution(contributions, labels, bias, logit_diff)
+
+
+# --- activation patching -----------------------------------------------------------------------
+
+
+def patched_logits(
+    model: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    source: ActivationCache | dict[str, Tensor],
+    hook_name: str,
+    pos: int | None = None,
+    head: int | None = None,
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Run `tokens` with activation `hook_name` replaced by source[hook_name] (at one position / head if given).
+
+    head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern).
+    """
+    clean = source[hook_name]
+
+    def patch(activation: Tensor, hook) -> Tensor:
+        if clean.shape != activation.shape:
+            raise ValueError(
+                f"cannot patch {hook_name}: source {tuple(clean.shape)} vs this run {tuple(activation.shape)}; "
+                f"the two runs need the same batch size and sequence length"
+            )
+        activation = activation.clone()
+        if head is None and pos is None:
+            return clean.clone()
+        if head is None:
+            activation[:, pos] = clean[:, pos]
+        elif hook_name.endswith(("attn_scores", "pattern")):  # [batch n_heads query_pos key_pos]
+            where = (slice(None), head) if pos is None else (slice(None), head, pos)
+            activation[where] = clean[where]
+        else:  # [batch pos n_heads d_head]
+            where = (slice(None), slice(None), head) if pos is None else (slice(None), pos, head)
+            activation[where] = clean[where]
+        return activation
+
+    return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch)])
+
+
+@torch.no_grad()
+def activation_patching(
+    model: Transformer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "corrupted_batch corrupted_pos"],  # checked below, with a clearer message
+    metric: Callable[[Tensor], Tensor],
+    hook: str = "resid_pre",
+    by: str = "position",
+    progress: bool = True,
+) -> Float[Tensor, "n_layers pos"] | Float[Tensor, "n_layers n_heads"]:
+    """Patch `hook` of every layer from the clean run into the corrupted run, one piece at a time.
+
+    by="position": one position of each layer's `hook` per run -> metric over [n_layers pos].
+    by="head": one head (all positions) of each layer's `hook` (default "z" then) -> [n_layers n_heads].
+    metric maps the patched logits [batch pos d_vocab] to a scalar (e.g. a logit difference,
+    normalised so that clean = 1 and corrupted = 0).
+    """
+    if by not in ("position", "head"):
+        raise ValueError(f"by must be 'position' or 'head', got {by!r}")
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError(
+            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} "
+            f"must have the same shape"
+        )
+    if by == "head" and hook == "resid_pre":
+        hook = "z"
+    if by == "head" and hook not in _HEAD_HOOKS:
+        raise ValueError(f"by='head' needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook!r}")
+    n_layers = model.cfg.n_layers
+    names = [act_name(hook, layer) for layer in range(n_layers)]
+    _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda name: name in names)
+    width = clean_tokens.shape[1] if by == "position" else model.cfg.n_heads
+    result = torch.zeros(n_layers, width)
+    cells = [(layer, i) for layer in range(n_layers) for i in range(width)]
+    for layer, i in tqdm(cells, desc=f"patching {hook} by {by}", disable=not progress, leave=False):
+        where = {"pos": i} if by == "position" else {"head": i}
+        logits = patched_logits(model, corrupted_tokens, clean_cache, names[layer], **where)
+        result[layer, i] = float(metric(logits))
+    return result
+
+
+# --- induction heads ---------------------------------------------------------------------------
+
+
+def repeated_tokens(
+    d_vocab: int, seq_len: int, batch: int, seed: int = 0, bos: int | None = None
+) -> Int[Tensor, "batch pos"]:
+    """[bos] + r + r for `batch` random sequences r of seq_len distinct tokens (no repeats inside r)."""
+    vocab = min(d_vocab, EOT_ID)  # real tokens only, never <|endoftext|> or padding ids
+    if seq_len > vocab:
+        raise ValueError(f"seq_len={seq_len} exceeds the {vocab} distinct tokens available")
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.rand(batch, vocab, generator=gen).argsort(dim=-1)[:, :seq_len]
+    tokens = torch.cat([half, half], dim=1)
+    if bos is not None:
+        tokens = torch.cat([torch.full((batch, 1), bos), tokens], dim=1)
+    return tokens
+
+
+@torch.no_grad()
+def induction_score(
+    model: Transformer, seq_len: int = 50, batch: int = 8, seed: int = 0, bos: int | None | str = "auto"
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Mean attention of each head, in the repeated half, to the token after the previous occurrence.
+
+    On [bos] + r + r, a query at the second copy's position j attends (if an induction head) to
+    the first copy's position j + 1, seq_len - 1 positions back. 1 = always, ~1/pos = uniform.
+    bos="auto" prepends <|endoftext|> when the vocabulary has it (as TransformerLens does).
+    """
+    if bos == "auto":
+        bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
+    offset = 0 if bos is None else 1
+    if offset + 2 * seq_len > model.cfg.n_ctx:
+        raise ValueError(f"2 * seq_len + {offset} = {offset + 2 * seq_len} exceeds n_ctx={model.cfg.n_ctx}")
+    tokens = repeated_tokens(model.cfg.d_vocab, seq_len, batch, seed, bos).to(model.device)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for layer in range(model.cfg.n_layers):
+        pattern = cache[act_name("pattern", layer)]  # [batch n_heads query_pos key_pos]
+        stripe = pattern.diagonal(offset=-(seq_len - 1), dim1=-2, dim2=-1)  # query q, key q - seq_len + 1
+        # stripe[..., i] is query i + seq_len - 1; the repeated half's queries start at offset + seq_len.
+        scores[layer] = stripe[..., offset + 1 :].float().mean(dim=(0, 2)).cpu()
+    return scores
+
+
+def top_heads(scores: Float[Tensor, "n_layers n_heads"], k: int = 5) -> list[tuple[str, float]]:
+    """The k highest-scoring heads as ("L{layer}H{head}", score)."""
+    flat = scores.flatten()
+    order = flat.argsort(descending=True)[:k]
+    n_heads = scores.shape[1]
+    return [(f"L{int(i) // n_heads}H{int(i) % n_heads}", float(flat[i])) for i in order]
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    # A bare Figure (no pyplot): no global state, no GUI backend, safe in scripts and threads.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _finish(fig, path: str | Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        logger.info("wrote %s", path)
+    return fig
+
+
+def _heatmap(
+    values: Tensor,
+    *,
+    cmap: str,
+    center: bool,
+    label: str,
+    title: str,
+    path: str | Path | None,
+    x_labels: Sequence[str] | None = None,
+    y_labels: Sequence[str] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    annotate: bool = False,
+):
+    """One labelled heatmap of a 2-D tensor (rows down, columns across) in a Figure sized to it."""
+    values = values.detach().float().cpu().numpy()
+    rows, cols = values.shape
+    fig = _figure(max(5.0, 0.35 * cols + 2.5), 0.35 * rows + 1.8)
+    ax = fig.subplots()
+    limit = float(abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=-limit if center else None, vmax=limit if center else None)
+    fig.colorbar(image, ax=ax, label=label)
+    if x_labels is not None:
+        ax.set_xticks(range(len(x_labels)), x_labels, rotation=90, fontsize=7)
+    if y_labels is not None:
+        ax.set_yticks(range(len(y_labels)), y_labels, fontsize=7)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if annotate:
+        for row in range(rows):
+            for col in range(cols):
+                ax.text(col, row, f"{values[row, col]:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
+def plot_attention_patterns(
+    pattern: Float[Tensor, "n_heads query_pos key_pos"],
+    token_labels: Sequence[str] | None = None,
+    title: str = "attention patterns",
+    path: str | Path | None = None,
+):
+    """One heatmap per head (query rows, key columns), labelled with the tokens. Returns the Figure."""
+    n_heads, pos = pattern.shape[0], pattern.shape[-1]
+    cols = min(n_heads, 4)
+    rows = -(-n_heads // cols)
+    fig = _figure(3.2 * cols, 3.0 * rows + 0.4)
+    fig.suptitle(title)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= n_heads:
+            ax.axis("off")
+            continue
+        ax.imshow(pattern[h].detach().float().cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+        ax.set_title(f"head {h}", fontsize=9)
+        if token_labels is not None and pos <= 40:
+            ax.set_xticks(range(pos), token_labels, rotation=90, fontsize=6)
+            ax.set_yticks(range(pos), token_labels, fontsize=6)
+        else:
+            ax.set_xlabel("key position", fontsize=8)
+            ax.set_ylabel("query position", fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_logit_lens(
+    values: Float[Tensor, "component pos"],
+    layer_labels: Sequence[str],
+    token_labels: Sequence[str] | None = None,
+    title: str = "logit lens: log-prob of the next token",
+    path: str | Path | None = None,
+):
+    """Heatmap of a logit-lens quantity, layers down the side, positions across. Returns the Figure."""
+    return _heatmap(values, cmap="viridis", center=False, label="log-prob", title=title, path=path,
+                    x_labels=token_labels, y_labels=layer_labels)  # fmt: skip
+
+
+def plot_patching(
+    values: Float[Tensor, "n_layers width"],
+    by: str = "position",
+    token_labels: Sequence[str] | None = None,
+    title: str = "activation patching",
+    path: str | Path | None = None,
+):
+    """Heatmap of activation_patching's result (layers x positions or layers x heads). Returns the Figure."""
+    x_labels = token_labels if by == "position" else None
+    return _heatmap(values, cmap="RdBu_r", center=True, label="metric", title=title, path=path, x_labels=x_labels,
+                    xlabel=None if x_labels is not None else by, ylabel="layer")  # fmt: skip
+
+
+def plot_induction_scores(
+    scores: Float[Tensor, "n_layers n_heads"], title: str = "induction score", path: str | Path | None = None
+):
+    """Heatmap of induction_score's result, layers x heads, each cell annotated. Returns the Figure."""
+    return _heatmap(scores, cmap="Reds", center=False, label="score", title=title, path=path, xlabel="head",
+                    ylabel="layer", annotate=True)  # fmt: skip
+
+
+__all__ = [
+    "ActivationCache",
+    "LogitAttribution",
+    "LogitLens",
+    "act_name",
+    "activation_patching",
+    "direct_logit_attribution",
+    "induction_score",
+    "logit_lens",
+    "patched_logits",
+    "plot_attention_patterns",
+    "plot_induction_scores",
+    "plot_logit_lens",
+    "plot_patching",
+    "repeated_tokens",
+    "run_with_cache",
+    "top_heads",
+]

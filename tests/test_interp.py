@@ -1,0 +1,287 @@
+"""The interpretability toolkit: cache helpers, logit lens, direct logit attribution, activation
+patching, induction scores and plots, on small random models and one hand-built induction circuit."""
+
+import pytest
+import torch
+from PIL import Image
+
+from gpt2_small import Transformer, TransformerConfig, interp
+from gpt2_small.interp import (
+    ActivationCache,
+    activation_patching,
+    direct_logit_attribution,
+    induction_score,
+    logit_lens,
+    patched_logits,
+)
+
+SMALL = TransformerConfig(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=24, init_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    with torch.no_grad():  # non-zero biases, so that every bias term is exercised
+        for name, p in model.named_parameters():
+            if name.endswith(("b_O", "b_out", "b_U", ".b")):
+                p.normal_(std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 101, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def run(model, tokens) -> tuple[torch.Tensor, ActivationCache]:
+    with torch.no_grad():
+        return model.run_with_cache(tokens)
+
+
+# --- the cache -----------------------------------------------------------------------------
+
+
+def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
+    _, cache = run
+    assert isinstance(cache, ActivationCache) and isinstance(cache, dict)
+    assert cache["pattern", 1] is cache["blocks.1.attn.hook_pattern"]
+    with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
+        cache["resid_pre", 9]
+    with pytest.raises(ValueError, match="unknown hook name 'resid'"):
+        interp.act_name("resid", 0)
+
+
+def test_accumulated_resid_at_the_end_through_ln_final_and_unembed_is_the_logits(model, run):
+    logits, cache = run
+    resid, labels = cache.accumulated_resid(return_labels=True)
+    assert labels == ["0_pre", "1_pre", "2_pre", "final_post"] and resid.shape == (4, 3, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.unembed(model.ln_final(resid[-1])), logits)
+        # With the cached scale: centred and scaled, then w and b, gives the same logits.
+        normalized = cache.accumulated_resid(apply_ln=True)[-1]
+        torch.testing.assert_close(model.unembed(normalized * model.ln_final.w + model.ln_final.b), logits)
+    mid = cache.accumulated_resid(layer=2, incl_mid=True)
+    assert mid.shape[0] == 5 and torch.equal(mid[1], cache["resid_mid", 0])
+    torch.testing.assert_close(
+        cache.accumulated_resid(layer=1, apply_ln=True)[-1], cache["blocks.1.ln1.hook_normalized"]
+    )
+
+
+def test_decomposed_resid_sums_to_the_residual_stream(run):
+    _, cache = run
+    parts, labels = cache.decompose_resid(return_labels=True)
+    assert labels[:4] == ["embed", "pos_embed", "0_attn_out", "0_mlp_out"] and len(labels) == 2 + 2 * 3
+    torch.testing.assert_close(parts.sum(dim=0), cache["resid_post", 2])
+    torch.testing.assert_close(cache.decompose_resid(layer=1).sum(dim=0), cache["resid_pre", 1])
+    torch.testing.assert_close(cache.decompose_resid(layer=1, mlp_input=True).sum(dim=0), cache["resid_mid", 1])
+    # apply_ln_to_stack uses the real pass's scale, so the normalized parts still add up.
+    torch.testing.assert_close(
+        cache.decompose_resid(apply_ln=True).sum(dim=0), cache["ln_final.hook_normalized"], rtol=1e-5, atol=1e-5
+    )
+    assert not torch.allclose(parts[2], torch.zeros_like(parts[2]))  # the parts are not trivially zero
+
+
+def test_stacked_head_results_plus_b_O_are_attn_out(model, run):
+    _, cache = run
+    heads, labels = cache.stack_head_results(return_labels=True)
+    assert heads.shape == (12, 3, 10, 32) and labels[5] == "L1H1"
+    for layer in range(3):
+        layer_heads = heads[4 * layer : 4 * layer + 4]
+        torch.testing.assert_close(layer_heads.sum(dim=0) + model.blocks[layer].attn.b_O, cache["attn_out", layer])
+    with pytest.raises(ValueError, match="layer 0 has no heads before it"):
+        cache.stack_head_results(layer=0)
+    with pytest.raises(ValueError, match=r"layer 7 is outside \[0, n_layers=3\]"):
+        cache.accumulated_resid(layer=7)
+
+
+def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
+    with torch.no_grad():
+        _, ours = ref.model.run_with_cache(ref.tokens)
+    assert isinstance(ours, ActivationCache)
+    assert set(ours) <= set(ref.cache.keys())
+    for name, value in ours.items():
+        assert value.shape == ref.cache[name].shape, name
+    # The residual-stream helpers, fed the bridge's own activations, agree with ours.
+    bridge_resid = torch.stack([ref.cache[f"blocks.{i}.hook_resid_pre"] for i in range(ref.spec.n_layer)])
+    torch.testing.assert_close(ours.accumulated_resid()[:-1], bridge_resid, rtol=1e-4, atol=1e-4)
+
+
+# --- logit lens and direct logit attribution -----------------------------------------------
+
+
+def test_logit_lens_ends_at_the_model_logits_and_starts_at_the_embeddings(model, tokens, run):
+    logits, cache = run
+    lens = logit_lens(model, tokens)
+    assert lens.labels == ["0_pre", "1_pre", "2_pre", "final_post"] and lens.logits.shape == (4, 3, 10, 101)
+    torch.testing.assert_close(lens.logits[-1], logits)
+    with torch.no_grad():
+        embeddings = cache["hook_embed"] + cache["hook_pos_embed"]
+        torch.testing.assert_close(lens.logits[0], model.unembed(model.ln_final(embeddings)))
+    targets = tokens[:, 1:]
+    log_probs = lens.log_probs_of(targets)
+    assert log_probs.shape == (4, 3, 9)
+    torch.testing.assert_close(log_probs[-1], logits[:, :-1].log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+
+
+def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(model, run):
+    logits, cache = run
+    correct, incorrect = torch.tensor([5, 17, 42]), 7
+    dla = direct_logit_attribution(model, cache, correct, incorrect)
+    assert dla.contributions.shape == (2 + 3 * (4 + 2), 3)
+    assert (
+        dla.labels[:4] == ["embed", "pos_embed", "L0H0", "L0H1"] and "L2 MLP" in dla.labels and "L1 b_O" in dla.labels
+    )
+    expected = logits[:, -1].gather(1, correct[:, None])[:, 0] - logits[:, -1, incorrect]
+    torch.testing.assert_close(dla.logit_diff, expected)
+    torch.testing.assert_close(dla.contributions.sum(dim=0), expected - dla.bias, rtol=1e-5, atol=1e-5)
+    assert dla.bias.abs().min() > 1e-3  # the biases are non-zero here, so leaving them out would fail
+    top = dla.top(3)
+    assert len(top) == 3 and abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
+
+
+# --- activation patching -------------------------------------------------------------------
+
+
+def test_patching_a_run_with_its_own_activations_changes_nothing(model, tokens):
+    # Without pattern hooks, so that this run takes the same (sdpa) attention path as the patched ones.
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda name: not name.endswith(("pattern", "scores")))
+    assert torch.equal(logits, model(tokens))
+    for name in ("blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.0.mlp.hook_post"):
+        assert torch.equal(patched_logits(model, tokens, cache, name), logits)
+    assert torch.equal(patched_logits(model, tokens, cache, "blocks.1.attn.hook_z", pos=3, head=2), logits)
+
+    def metric(x):
+        return x[:, -1, 0].mean()
+
+    grid = activation_patching(model, tokens, tokens, metric, progress=False)
+    assert grid.shape == (3, 10)
+    torch.testing.assert_close(grid, torch.full((3, 10), float(metric(logits))))
+
+
+def test_patching_every_position_of_resid_pre_0_restores_the_clean_logits(model, tokens, run):
+    clean_logits, clean_cache = run
+    corrupted = tokens.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 1) % 101
+    with torch.no_grad():
+        corrupted_logits = model(corrupted)
+        assert not torch.allclose(corrupted_logits[:, 4:], clean_logits[:, 4:], atol=1e-3)
+        restored = patched_logits(model, corrupted, clean_cache, "blocks.0.hook_resid_pre")
+    torch.testing.assert_close(restored, clean_logits)
+
+
+def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tokens):
+    corrupted = tokens.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 1) % 101
+    with torch.no_grad():
+        clean_last, corrupt_last = model(tokens)[:, -1], model(corrupted)[:, -1]
+
+    def restored_fraction(logits):  # 1 = clean, 0 = corrupted
+        return 1 - (logits[:, -1] - clean_last).norm() / (corrupt_last - clean_last).norm()
+
+    by_pos = activation_patching(model, tokens, corrupted, restored_fraction, progress=False)
+    assert by_pos.shape == (3, 10)
+    # In layer 0 only the corrupted position carries the difference: patching it restores the
+    # output fully, patching any other position leaves it corrupted.
+    torch.testing.assert_close(by_pos[0, 4], torch.tensor(1.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_pos[0, :4], torch.zeros(4), atol=1e-5, rtol=0)
+    assert by_pos[2, 9] > 0.1  # by the last layer the information has moved to the last position
+    by_head = activation_patching(model, tokens, corrupted, restored_fraction, by="head", progress=False)
+    assert by_head.shape == (3, 4) and by_head.abs().max() > 0.01
+    with pytest.raises(ValueError, match="by='head' needs a hook with a head axis"):
+        activation_patching(model, tokens, corrupted, restored_fraction, hook="mlp_out", by="head")
+    with pytest.raises(ValueError, match="must have the same shape"):
+        activation_patching(model, tokens, corrupted[:, :5], restored_fraction)
+
+
+# --- induction heads -----------------------------------------------------------------------
+
+
+def induction_circuit(vocab: int = 24, n_ctx: int = 32, strength: float = 3.0) -> Transformer:
+    """A 2-layer model whose weights implement induction by hand: L0H0 copies each position's
+    previous token into a subspace, and L1H0 attends from token t to where the previous token was t.
+
+    Residual stream: [token one-hot | position one-hot | previous-token one-hot]. MLPs and the
+    other heads are zero. `strength` sharpens the attention (LayerNorm rescales the stream).
+    """
+    d_model = 2 * vocab + n_ctx
+    cfg = TransformerConfig(
+        d_model=d_model, n_layers=2, n_heads=2, d_head=d_model // 2, d_mlp=16, d_vocab=vocab, n_ctx=n_ctx
+    )
+    model = Transformer(cfg).eval()
+    tok, pos, prev = 0, vocab, vocab + n_ctx  # where each subspace starts
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 or p is not model.unembed.W_U:
+                p.zero_()
+        for block in model.blocks:
+            block.ln1.w.fill_(1.0)
+            block.ln2.w.fill_(1.0)
+        model.ln_final.w.fill_(1.0)
+        model.embed.W_E[:, tok:vocab] = torch.eye(vocab)
+        model.pos_embed.W_pos[:, pos : pos + n_ctx] = torch.eye(n_ctx)
+        previous_token, induction = model.blocks[0].attn, model.blocks[1].attn
+        for p in range(n_ctx):
+            previous_token.W_Q[0, pos + p, p] = strength  # query at position p ...
+            if p + 1 < n_ctx:
+                previous_token.W_K[0, pos + p, p + 1] = strength  # ... matches the key at position p - 1
+        for t in range(vocab):
+            previous_token.W_V[0, tok + t, t] = 1.0
+            previous_token.W_O[0, t, prev + t] = 1.0  # write the attended (previous) token
+            induction.W_Q[0, tok + t, t] = strength  # query: my token
+            induction.W_K[0, prev + t, t] = strength  # key: whose previous token was mine
+    return model
+
+
+def test_induction_score_finds_the_hand_built_induction_head_and_not_a_random_models():
+    handmade = induction_score(induction_circuit(), seq_len=12, batch=8)
+    assert handmade.shape == (2, 2)
+    assert handmade[1, 0] > 0.9, handmade
+    others = handmade.flatten()[[0, 1, 3]]
+    assert (others < 0.2).all(), handmade
+    torch.manual_seed(0)
+    random_model = Transformer(induction_circuit().cfg).eval()
+    random = induction_score(random_model, seq_len=12, batch=8)
+    assert random.max() < 0.2, random
+    assert interp.top_heads(handmade, k=1) == [("L1H0", pytest.approx(float(handmade[1, 0])))]
+    with pytest.raises(ValueError, match="exceeds n_ctx=32"):
+        induction_score(random_model, seq_len=17)
+
+
+def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():
+    tokens = interp.repeated_tokens(d_vocab=50304, seq_len=6, batch=3, seed=1, bos=50256)
+    assert tokens.shape == (3, 13) and (tokens[:, 0] == 50256).all()
+    assert torch.equal(tokens[:, 1:7], tokens[:, 7:])
+    assert all(len(set(row)) == 6 for row in tokens[:, 1:7].tolist()) and tokens[:, 1:].max() < 50256
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        extrema = image.convert("L").getextrema()
+        assert extrema[0] < extrema[1]  # not a blank image
+        return image.size
+
+
+@pytest.mark.parametrize("kind", ["attention", "logit_lens", "patching", "induction"])
+def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, model, tokens):
+    _, cache = run
+    path = tmp_path / "sub" / f"{kind}.png"
+    labels = [f"t{i}" for i in range(10)]
+    if kind == "attention":
+        fig = interp.plot_attention_patterns(cache["pattern", 0][0], labels, path=path)
+    elif kind == "logit_lens":
+        lens = logit_lens(model, tokens)
+        fig = interp.plot_logit_lens(lens.log_probs_of(tokens[:, 1:])[:, 0], lens.labels, labels[1:], path=path)
+    elif kind == "patching":
+        fig = interp.plot_patching(torch.randn(3, 10), token_labels=labels, path=path)
+    else:
+        fig = interp.plot_induction_scores(torch.rand(3, 4), path=path)
+    width, height = (fig.get_size_inches() * fig.dpi).round().astype(int)
+    assert path.stat().st_size > 1000
+    assert _png_size(path) == (width, height)

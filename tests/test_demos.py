@@ -83,3 +83,31 @@ def test_generate_demo_falls_back_to_a_random_model_offline(tmp_path):
     assert result.stdout.splitlines()[0].startswith("no train_demo checkpoint and no network for gpt2")
     assert "model: random GPT-2 small" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def run_interp_demo(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "demos" / "interp_demo.py"), *args]
+    return subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=timeout)
+
+
+def test_interp_demo_writes_every_png_and_prints_the_top_induction_heads(train_run, tmp_path):
+    result = run_interp_demo("--run-dir", str(train_run), "--out-dir", str(tmp_path / "interp"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"model: {train_run} (newest checkpoint); 2 layers x 2 heads" in out
+    heads = [line.strip() for line in out.split("top induction heads")[1].splitlines()[1:6] if line.strip()]
+    assert len(heads) == 4 and all(line.startswith(("L0H", "L1H")) for line in heads)  # 2 x 2 heads, best first
+    pngs = sorted(p.name for p in (tmp_path / "interp").glob("*.png"))
+    assert len(pngs) == 5 and "induction_scores.png" in pngs and "logit_lens.png" in pngs, pngs
+    assert all((tmp_path / "interp" / name).stat().st_size > 1000 for name in pngs)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_path):
+    result = run_interp_demo("--run-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path / "interp"),
+                             "--train-steps", "3")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no train_demo checkpoint and no network for gpt2: training the tiny model for 3 steps" in result.stdout
+    assert (tmp_path / "interp" / "train" / "checkpoints").is_dir()
+    assert len(list((tmp_path / "interp").glob("*.png"))) == 5

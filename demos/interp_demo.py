@@ -135,8 +135,9 @@ def main(argv=None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     with torch.no_grad():
-        clean_diff = float(model(clean)[0, -1, good] - model(clean)[0, -1, bad])
-        corrupted_diff = float(model(corrupted)[0, -1, good] - model(corrupted)[0, -1, bad])
+        clean_last, corrupted_last = model(clean)[0, -1], model(corrupted)[0, -1]
+    clean_diff = float(clean_last[good] - clean_last[bad])
+    corrupted_diff = float(corrupted_last[good] - corrupted_last[bad])
 
     # Logit difference recovered, in nats: 0 = as corrupted, clean_diff - corrupted_diff = fully clean.
     # (Not divided by that gap, which a model that ignores the change makes ~0.)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         return patched_logits[0, -1, good] - patched_logits[0, -1, bad] - corrupted_diff
 
     gap = clean_diff - corrupted_diff
-    by_position = interp.activation_patching(model, clean, corrupted, recovered, hook="resid_pre")
+    by_position = interp.activation_patching(model, clean, corrupted, recovered)
     interp.plot_patching(by_position, token_labels=to_str_tokens(clean[0]),
                          title=f"patching resid_pre: logit diff recovered (clean = {gap:+.2f})",
                          path=out / "patching_resid_pre.png")  # fmt: skip

@@ -189,11 +189,6 @@ class ActivationCache(dict):
         return (stack - stack.mean(dim=-1, keepdim=True)) / scale
 
 
-def run_with_cache(model: Transformer, tokens: Int[Tensor, "batch pos"], **kwargs) -> tuple[Tensor, ActivationCache]:
-    """model.run_with_cache(tokens), as a function; the cache is an ActivationCache."""
-    return model.run_with_cache(tokens, **kwargs)
-
-
 # --- logit lens --------------------------------------------------------------------------------
 
 
@@ -217,7 +212,7 @@ def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"]) -> LogitLen
     if the remaining blocks were skipped. The last entry equals the model's logits.
     """
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("resid_pre", "resid_post")))
-    resid, labels = ActivationCache(cache, model).accumulated_resid(return_labels=True)
+    resid, labels = cache.accumulated_resid(return_labels=True)
     flat = einops.rearrange(resid, "component batch pos d_model -> (component batch) pos d_model")
     logits = einops.rearrange(
         model.unembed(model.ln_final(flat)),
@@ -260,24 +255,19 @@ def direct_logit_attribution(
     direction = W_U[:, correct] - W_U[:, incorrect]. The contributions sum exactly to the logit
     difference minus `bias` = ln_final.b @ direction + b_U[correct] - b_U[incorrect].
     """
-    logits = model.unembed(model.ln_final(cache["resid_post", model.cfg.n_layers - 1]))[:, pos]
-    batch = logits.shape[0]
+    final = cache["resid_post", model.cfg.n_layers - 1]
+    logits = model.unembed(model.ln_final(einops.rearrange(final[:, pos], "batch d_model -> batch 1 d_model")))[:, 0]
+    batch, n_heads = logits.shape[0], model.cfg.n_heads
     correct = torch.as_tensor(correct, device=logits.device).expand(batch)
     incorrect = torch.as_tensor(incorrect, device=logits.device).expand(batch)
     W_U, b_U = model.unembed.W_U, model.unembed.b_U
     direction = W_U[:, correct] - W_U[:, incorrect]  # [d_model batch]
+    heads, head_labels = cache.stack_head_results(return_labels=True)
     parts, labels = [cache["hook_embed"], cache["hook_pos_embed"]], ["embed", "pos_embed"]
     for i in range(model.cfg.n_layers):
-        heads = einops.einsum(
-            cache["z", i],
-            model.blocks[i].attn.W_O,
-            "batch pos n_heads d_head, n_heads d_head d_model -> n_heads batch pos d_model",
-        )
-        parts += list(heads)
-        labels += [f"L{i}H{h}" for h in range(model.cfg.n_heads)]
-        parts.append(
-            einops.repeat(model.blocks[i].attn.b_O, "d_model -> batch pos d_model", batch=batch, pos=heads.shape[2])
-        )
+        parts += list(heads[i * n_heads : (i + 1) * n_heads])
+        labels += head_labels[i * n_heads : (i + 1) * n_heads]
+        parts.append(torch.zeros_like(final) + model.blocks[i].attn.b_O)
         labels.append(f"L{i} b_O")
         parts.append(cache["mlp_out", i])
         labels.append(f"L{i} MLP")
@@ -312,9 +302,9 @@ def patched_logits(
                 f"cannot patch {hook_name}: source {tuple(clean.shape)} vs this run {tuple(activation.shape)}; "
                 f"the two runs need the same batch size and sequence length"
             )
-        activation = activation.clone()
         if head is None and pos is None:
             return clean.clone()
+        activation = activation.clone()
         if head is None:
             activation[:, pos] = clean[:, pos]
         elif hook_name.endswith(("attn_scores", "pattern")):  # [batch n_heads query_pos key_pos]
@@ -334,14 +324,14 @@ def activation_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "corrupted_batch corrupted_pos"],  # checked below, with a clearer message
     metric: Callable[[Tensor], Tensor],
-    hook: str = "resid_pre",
+    hook: str | None = None,
     by: str = "position",
     progress: bool = True,
 ) -> Float[Tensor, "n_layers pos"] | Float[Tensor, "n_layers n_heads"]:
     """Patch `hook` of every layer from the clean run into the corrupted run, one piece at a time.
 
-    by="position": one position of each layer's `hook` per run -> metric over [n_layers pos].
-    by="head": one head (all positions) of each layer's `hook` (default "z" then) -> [n_layers n_heads].
+    by="position": one position of each layer's `hook` (default "resid_pre") per run -> [n_layers pos].
+    by="head": one head (all positions) of each layer's `hook` (default "z") -> [n_layers n_heads].
     metric maps the patched logits [batch pos d_vocab] to a scalar (e.g. a logit difference,
     normalised so that clean = 1 and corrupted = 0).
     """
@@ -352,8 +342,8 @@ def activation_patching(
             f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} "
             f"must have the same shape"
         )
-    if by == "head" and hook == "resid_pre":
-        hook = "z"
+    if hook is None:
+        hook = "resid_pre" if by == "position" else "z"
     if by == "head" and hook not in _HEAD_HOOKS:
         raise ValueError(f"by='head' needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook!r}")
     n_layers = model.cfg.n_layers
@@ -452,19 +442,28 @@ def _heatmap(
     xlabel: str | None = None,
     ylabel: str | None = None,
     annotate: bool = False,
+    value_range: tuple[float, float] | None = None,
 ):
-    """One labelled heatmap of a 2-D tensor (rows down, columns across) in a Figure sized to it."""
+    """One labelled heatmap of a 2-D tensor (rows down, columns across) in a Figure sized to it.
+
+    The colour scale is symmetric about 0 with `center`, `value_range` if given, else the data's.
+    """
     values = values.detach().float().cpu().numpy()
     rows, cols = values.shape
-    fig = _figure(max(5.0, 0.35 * cols + 2.5), 0.35 * rows + 1.8)
+    # Wide enough for the columns and for the title (about 0.09 inch per character at 12 pt).
+    fig = _figure(max(5.0, 0.35 * cols + 2.5, 0.09 * len(title) + 1.0), 0.35 * rows + 1.8)
     ax = fig.subplots()
-    limit = float(abs(values).max()) or 1.0
-    image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=-limit if center else None, vmax=limit if center else None)
+    if center:
+        limit = float(abs(values).max()) or 1.0
+        value_range = (-limit, limit)
+    low, high = value_range if value_range is not None else (None, None)
+    image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=low, vmax=high)
     fig.colorbar(image, ax=ax, label=label)
-    if x_labels is not None:
-        ax.set_xticks(range(len(x_labels)), x_labels, rotation=90, fontsize=7)
-    if y_labels is not None:
-        ax.set_yticks(range(len(y_labels)), y_labels, fontsize=7)
+    # One tick per row and column (layers and heads are integers, never 0.5).
+    ax.set_xticks(
+        range(cols), x_labels if x_labels is not None else range(cols), rotation=90 if x_labels else 0, fontsize=7
+    )
+    ax.set_yticks(range(rows), y_labels if y_labels is not None else range(rows), fontsize=7)
     if xlabel is not None:
         ax.set_xlabel(xlabel)
     if ylabel is not None:
@@ -533,9 +532,13 @@ def plot_patching(
 def plot_induction_scores(
     scores: Float[Tensor, "n_layers n_heads"], title: str = "induction score", path: str | Path | None = None
 ):
-    """Heatmap of induction_score's result, layers x heads, each cell annotated. Returns the Figure."""
+    """Heatmap of induction_score's result, layers x heads, each cell annotated. Returns the Figure.
+
+    The scale is fixed to [0, 1] (the score is a fraction of attention), so that a model without
+    induction heads looks empty instead of showing its noise at full contrast.
+    """
     return _heatmap(scores, cmap="Reds", center=False, label="score", title=title, path=path, xlabel="head",
-                    ylabel="layer", annotate=True)  # fmt: skip
+                    ylabel="layer", annotate=True, value_range=(0.0, 1.0))  # fmt: skip
 
 
 __all__ = [
@@ -553,6 +556,5 @@ __all__ = [
     "plot_logit_lens",
     "plot_patching",
     "repeated_tokens",
-    "run_with_cache",
     "top_heads",
 ]

@@ -192,6 +192,8 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
     assert by_head.shape == (3, 4) and by_head.abs().max() > 0.01
     with pytest.raises(ValueError, match="by='head' needs a hook with a head axis"):
         activation_patching(model, tokens, corrupted, restored_fraction, hook="mlp_out", by="head")
+    with pytest.raises(ValueError, match="got 'resid_pre'"):  # an explicit hook is never swapped for another
+        activation_patching(model, tokens, corrupted, restored_fraction, hook="resid_pre", by="head")
     with pytest.raises(ValueError, match="must have the same shape"):
         activation_patching(model, tokens, corrupted[:, :5], restored_fraction)
 

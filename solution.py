@@ -172,7 +172,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch, max_pos, dtype=torch.bool, device=device)
         self.static = static
         self.padded = False  # whether any cached position is padding (dynamic: then masks are needed)
-        self.length = 0  # filled slots, on the host
+        self._length = 0  # filled slots, counted on the host (dynamic)
         self.cursor = torch.zeros((), dtype=torch.long, device=device)  # filled slots, on the device (static)
         self.slots: Int[Tensor, " pos"] | None = None  # static: the slots the forward call in progress writes
         self._weights: dict[int, tuple[Tensor, ...]] = {}
@@ -188,6 +188,19 @@ class KVCache:
     @property
     def max_pos(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def length(self) -> int:
+        """Filled slots. A static cache counts them on the device only (`cursor`), so that nothing
+        in a decoding step depends on a host integer; reading this then waits for the device."""
+        return int(self.cursor) if self.static else self._length
+
+    def advance(self, pos: int) -> None:
+        """Count `pos` newly written slots as filled."""
+        if self.static:
+            self.cursor += pos
+        else:
+            self._length += pos
 
     def extend(
         self,
@@ -552,9 +565,7 @@ class Transformer(HookedRootModule):
         for layer, block in enumerate(self.blocks):
             residual = block(residual, blocked, kv_cache, layer)
         if kv_cache is not None:
-            kv_cache.length += pos
-            if kv_cache.static:
-                kv_cache.cursor += pos
+            kv_cache.advance(pos)
         return self.unembed(self.ln_final(residual))
 
     @staticmethod
@@ -610,9 +621,7 @@ class Transformer(HookedRootModule):
             raise ValueError(f"sequence length {pos} must be in [1, n_ctx={self.cfg.n_ctx}]")
         if batch < 1:
             raise ValueError("tokens has batch size 0; pass at least one sequence")
-        # The id range check reads the tokens back to the host: not possible while compiling or
-        # capturing a CUDA graph (whose decoding steps feed it tokens that the sampler chose).
-        if torch.compiler.is_compiling() or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not _host_reads_possible(tokens):
             return
         low, high = torch.aminmax(tokens)
         low, high = int(low), int(high)
@@ -640,7 +649,7 @@ class Transformer(HookedRootModule):
         batch, pos = tokens.shape
         if kv_cache.batch != batch:
             raise ValueError(f"kv_cache holds {kv_cache.batch} sequences, but tokens has batch size {batch}")
-        if kv_cache.length + pos > kv_cache.max_pos:
+        if _host_reads_possible(tokens) and kv_cache.length + pos > kv_cache.max_pos:
             raise ValueError(
                 f"{kv_cache.length} cached + {pos} new positions exceed the kv_cache's max_pos={kv_cache.max_pos}"
             )
@@ -738,6 +747,13 @@ class Transformer(HookedRootModule):
         model.to(next(iter(state.values())).dtype)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype)
+
+
+def _host_reads_possible(tokens: Tensor) -> bool:
+    """Whether checks may read device values back to the host. Not while torch.compile traces
+    (the read would split the graph, and a host count would be baked in and guarded on) or while
+    a CUDA graph is captured (whose decoding steps feed it tokens that the sampler chose)."""
+    return not (torch.compiler.is_compiling() or (tokens.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> None:

@@ -9,9 +9,11 @@ prefill included. Each row also says whether the variant produced exactly the to
 float32 HF run. Prints a table and appends it to benchmarks/RESULTS.md with the device and date.
 
 Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA also `ours-bf16`,
-`ours-bf16-eager` and `hf-static-bf16` (HF's pre-allocated static cache in bf16). On CUDA our
-sampler replays each decoding step as a CUDA graph; `-eager` turns that off (cuda_graph=False). On a CPU the defaults shrink
-(batch 1 and 16, 64 new tokens) so that the script finishes in minutes; the ratio to HF is the figure.
+`ours-bf16-compiled`, `ours-bf16-eager` and `hf-static-bf16` (HF's pre-allocated static cache in
+bf16). On CUDA our sampler replays each decoding step as a CUDA graph; `-eager` turns that off
+(cuda_graph=False) and `-compiled` compiles the step first (compile=True; the untimed warm-up run
+compiles it, at the timed runs' shapes). On a CPU the defaults shrink (batch 1 and 16, 64 new
+tokens) so that the script finishes in minutes; the ratio to HF is the figure.
 """
 
 import argparse
@@ -48,9 +50,10 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
         model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
 
         cuda_graph = False if variant.endswith("-eager") else None
+        compiled = variant.endswith("-compiled")
 
         def call(n: int) -> torch.Tensor:
-            return generate(model, prompt, n, temperature=0, stop_at_eos=False, cuda_graph=cuda_graph)
+            return generate(model, prompt, n, temperature=0, stop_at_eos=False, cuda_graph=cuda_graph, compile=compiled)
     else:
         model = hf_model(directory, device, dtype)
         extra = {"cache_implementation": "static"} if "static" in variant else {}
@@ -63,8 +66,11 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    # Warm-up: kernels, allocator, static cache set-up. A compiled step is compiled for the cache's
+    # shape, so its warm-up runs the timed length (a shorter one would compile twice).
+    warm_up = new_tokens if variant.endswith("-compiled") else min(8, new_tokens)
     with torch.no_grad():
-        call(min(8, new_tokens))  # warm-up: kernels, allocator, static cache set-up
+        call(warm_up)
         sync()
         times, out = [], None
         for _ in range(repeats):
@@ -82,7 +88,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,64 on GPU; 1,16 on CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default 256 on GPU, 64 on CPU)")
     parser.add_argument(
-        "--variants", default=None, help="comma list of ours, hf, ours-bf16, ours-bf16-eager, hf-static-bf16"
+        "--variants",
+        default=None,
+        help="comma list of ours, hf, ours-bf16, ours-bf16-compiled, ours-bf16-eager, hf-static-bf16 "
+        "(any ours variant takes -compiled or -eager)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
@@ -92,7 +101,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if gpu else "1,16")).split(",")]
     new_tokens = args.new_tokens or (256 if gpu else 64)
-    default = "ours,hf,ours-bf16,ours-bf16-eager,hf-static-bf16" if gpu else "ours,hf"
+    default = "ours,hf,ours-bf16,ours-bf16-compiled,ours-bf16-eager,hf-static-bf16" if gpu else "ours,hf"
     variants = (args.variants or default).split(",")
     repeats = args.repeats or (3 if gpu else 1)
 
@@ -123,7 +132,7 @@ def main() -> None:
     ratios = []
     for batch in batch_sizes:
         cell = {r["variant"]: r["tok_s"] for r in rows if r["batch"] == batch}
-        for ours, hf in [("ours", "hf"), ("ours-bf16", "hf-static-bf16")]:
+        for ours, hf in [("ours", "hf"), ("ours-bf16", "hf-static-bf16"), ("ours-bf16-compiled", "hf-static-bf16")]:
             if ours in cell and hf in cell:
                 ratios.append(f"batch {batch}: {ours} / {hf} = {cell[ours] / cell[hf]:.2f}x")
     publish(

@@ -40,11 +40,19 @@ one by one from Python, not the arithmetic, is what bounds decoding at small bat
 prompt (prefill) runs normally. A graph replays what was captured once, so hooks would not run:
 with any hook attached the steps run eagerly instead (cuda_graph=None), or a ValueError says so
 (cuda_graph=True). The static and dynamic caches compute the same logits (tested).
+
+compile=True runs each decoding step through torch.compile (fullgraph; the first step of the
+first generation compiles, which takes seconds to a minute; later generations reuse it). It
+fuses the bias adds, GELU, residual adds and LayerNorms of a step into fewer kernels; with a
+CUDA graph the graph then replays the compiled kernels. It uses a static cache, refuses hooks
+like cuda_graph=True, and gives the eager step's tokens (tested on CPU; on a CPU it does not
+speed decoding up, which is bound by the matrix-vector products there).
 """
 
 import codecs
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import einops
@@ -186,9 +194,25 @@ def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | 
 # --- the decoding loop -------------------------------------------------------------------------
 
 
+def _hooked(model: Transformer) -> bool:
+    return any(hook_point.has_hooks() for hook_point in model.hook_dict.values())
+
+
+def _use_compile(model: Transformer, compile: bool, use_kv_cache: bool) -> bool:
+    """Check the compile argument: it needs the cache and no hooks."""
+    if compile and not use_kv_cache:
+        raise ValueError("compile=True needs use_kv_cache=True: it compiles one cached decoding step")
+    if compile and _hooked(model):
+        raise ValueError(
+            "compile=True with hooks attached: the compiled step would not follow hooks added or removed "
+            "later; remove them (model.reset_hooks()) or pass compile=False"
+        )
+    return compile
+
+
 def _use_cuda_graph(model: Transformer, cuda_graph: bool | None, use_kv_cache: bool) -> bool:
     """Resolve the cuda_graph argument: None picks graphs where they work, True insists on them."""
-    hooked = any(hook_point.has_hooks() for hook_point in model.hook_dict.values())
+    hooked = _hooked(model)
     if cuda_graph is None:
         return model.device.type == "cuda" and use_kv_cache and not hooked
     if cuda_graph:
@@ -204,39 +228,57 @@ def _use_cuda_graph(model: Transformer, cuda_graph: bool | None, use_kv_cache: b
     return bool(cuda_graph)
 
 
-class _GraphedStep:
-    """One decoding step (one token per row against a static KVCache), captured as a CUDA graph.
+def _decode_step(model: Transformer, tokens: Int[Tensor, "batch 1"], cache: KVCache) -> Float[Tensor, "batch d_vocab"]:
+    return model(tokens, kv_cache=cache)[:, -1]
 
-    Calling it copies the new tokens into the captured input buffer and replays the graph; the
-    returned logits live in the graph's output buffer until the next call.
+
+@functools.cache
+def _compiled_decode_step() -> Callable[[Transformer, Tensor, KVCache], Tensor]:
+    # One compiled function for every generation: dynamo guards on the shapes of the model and
+    # cache it is handed, not on their identity, so a new KVCache of the same shape reuses the
+    # compiled code (and a new shape compiles once more, then with dynamic sizes).
+    return torch.compile(_decode_step, fullgraph=True)
+
+
+class _FastStep:
+    """One decoding step (one token per row against a static KVCache), compiled with torch.compile,
+    captured as a CUDA graph, or both (the graph then replays the compiled kernels).
+
+    Each call copies the new tokens into one input buffer: the graph reads it, and the compiled
+    code, which guards on strides, always sees the same layout. With a graph the returned logits
+    live in the graph's output buffer until the next call.
     """
 
-    def __init__(self, model: Transformer, cache: KVCache):
-        self.cache = cache
+    def __init__(self, model: Transformer, cache: KVCache, cuda_graph: bool, compiled: bool):
+        self.model, self.cache = model, cache
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
-        length, cursor = cache.length, cache.cursor.clone()
-        # Warm-up runs (cuBLAS handles, workspaces) and the capture itself each write one step at
-        # the current slot; rewinding makes the first real step overwrite exactly that slot.
+        self.run = _compiled_decode_step() if compiled else _decode_step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph:
+            self._capture()
+
+    def _capture(self) -> None:
+        model, cache = self.model, self.cache
+        cursor = cache.cursor.clone()
+        # Warm-up runs (compilation, cuBLAS handles, workspaces) and the capture itself each write
+        # one step at the current slot; rewinding makes the first real step overwrite that slot.
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                model(self.tokens, kv_cache=cache)
-                self._rewind(length, cursor)
+                self.run(model, self.tokens, cache)
+                cache.cursor.copy_(cursor)
         torch.cuda.current_stream(model.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, kv_cache=cache)[:, -1]
-        self._rewind(length, cursor)
-
-    def _rewind(self, length: int, cursor: Tensor) -> None:
-        self.cache.length = length
-        self.cache.cursor.copy_(cursor)
+            self.logits = self.run(model, self.tokens, cache)
+        cache.cursor.copy_(cursor)
 
     def __call__(self, new_tokens: Int[Tensor, "batch 1"]) -> Float[Tensor, "batch d_vocab"]:
         self.tokens.copy_(new_tokens)
-        self.graph.replay()
-        self.cache.length += 1  # the replay advanced the device cursor; the host count follows
+        if self.graph is None:
+            return self.run(self.model, self.tokens, self.cache)
+        self.graph.replay()  # also advances the cache's device cursor
         return self.logits
 
 
@@ -251,24 +293,26 @@ class _Decoder:
         use_kv_cache: bool,
         max_pos: int,
         cuda_graph: bool = False,
+        compiled: bool = False,
     ):
         self.model = model
         self.tokens, self.mask = tokens, attention_mask
         self.cache = None
+        self.fast = cuda_graph or compiled
         if use_kv_cache:
-            self.cache = KVCache.for_model(model, tokens.shape[0], max_pos, static=cuda_graph)
-        self.cuda_graph = cuda_graph
-        self.graphed_step: _GraphedStep | None = None  # captured at the first step
+            self.cache = KVCache.for_model(model, tokens.shape[0], max_pos, static=self.fast)
+        self.cuda_graph, self.compiled = cuda_graph, compiled
+        self.fast_step: _FastStep | None = None  # made (compiled, captured) at the first step
 
     def prefill(self) -> Float[Tensor, "batch d_vocab"]:
         return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache)[:, -1]
 
     def step(self, new_tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         new = einops.rearrange(new_tokens, "batch -> batch 1")
-        if self.cuda_graph:
-            if self.graphed_step is None:
-                self.graphed_step = _GraphedStep(self.model, self.cache)
-            return self.graphed_step(new)
+        if self.fast:
+            if self.fast_step is None:
+                self.fast_step = _FastStep(self.model, self.cache, self.cuda_graph, self.compiled)
+            return self.fast_step(new)
         if self.cache is not None:
             return self.model(new, kv_cache=self.cache)[:, -1]
         self.tokens = torch.cat([self.tokens, new], dim=1)
@@ -284,7 +328,6 @@ class _Decoder:
         self.mask = None if self.mask is None else self.mask[index]
 
 
-@torch.no_grad()
 def stream(
     model: Transformer,
     tokens: Int[Tensor, "batch pos"],
@@ -301,6 +344,7 @@ def stream(
     use_kv_cache: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each step's new tokens, one per row, as they are chosen. See `generate` for the arguments.
 
@@ -311,6 +355,7 @@ def stream(
     settings.check(model.cfg.d_vocab)
     _check_request(model, tokens, attention_mask, max_new_tokens)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
+    compiled = _use_compile(model, compile, use_kv_cache)
     if max_new_tokens == 0:
         return
     batch, pos = tokens.shape
@@ -324,8 +369,12 @@ def stream(
         real = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         counts.scatter_add_(1, tokens, real.float())
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens, graphed)
-    logits = decoder.prefill()
+    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens, graphed, compiled)
+    # no_grad around each model call, not as a decorator: a decorator on a generator function
+    # only covers its body if it sees the generator itself, which another wrapper (jaxtyping's
+    # runtime checks, say) hides; and a `with` spanning a yield would leak into the caller's code.
+    with torch.no_grad():
+        logits = decoder.prefill()
     for step in range(max_new_tokens):
         next_tokens = sample_next_token(logits, settings, counts, generator)
         if stop_at_eos:
@@ -336,7 +385,8 @@ def stream(
             return
         if counts is not None:
             counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
-        logits = decoder.step(next_tokens)
+        with torch.no_grad():
+            logits = decoder.step(next_tokens)
 
 
 def generate(
@@ -355,21 +405,22 @@ def generate(
     use_kv_cache: bool = True,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> Int[Tensor, "batch total_pos"]:
     """The prompt followed by up to max_new_tokens sampled tokens per row.
 
     temperature 0 is greedy. With stop_at_eos, rows that finished are padded with eos_token_id
     and generation ends early once all have, as in Hugging Face. `seed` makes the draw
     reproducible (a generator of its own; the global RNG is left alone); None uses the global
-    RNG. attention_mask marks left padding (see pad_prompts). cuda_graph: see the module
-    docstring (None: on for a CUDA model without hooks).
+    RNG. attention_mask marks left padding (see pad_prompts). cuda_graph and compile: see the
+    module docstring (cuda_graph None: on for a CUDA model without hooks; compile: off).
     """
     pieces = [tokens.to(model.device)]
     for next_tokens in stream(
         model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         freq_penalty=freq_penalty, presence_penalty=presence_penalty, stop_at_eos=stop_at_eos,
         eos_token_id=eos_token_id, seed=seed, use_kv_cache=use_kv_cache, attention_mask=attention_mask,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, compile=compile,
     ):  # fmt: skip
         pieces.append(einops.rearrange(next_tokens, "batch -> batch 1"))
     return torch.cat(pieces, dim=1)
@@ -463,6 +514,7 @@ def beam_search(
     eos_token_id: int = EOT_ID,
     use_kv_cache: bool = True,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> BeamSearchOutput:
     """Beam search, step for step the algorithm of Hugging Face's generate(num_beams=k, do_sample=False).
 
@@ -482,6 +534,7 @@ def beam_search(
     if max_new_tokens == 0:
         raise ValueError("max_new_tokens must be >= 1 for beam search")
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
+    compiled = _use_compile(model, compile, use_kv_cache)
     device = model.device
     tokens = tokens.to(device)
     batch, prompt_len = tokens.shape
@@ -500,7 +553,9 @@ def beam_search(
     in_top_beams = torch.arange(keep, device=device) < num_beams
 
     flat = "batch beam pos -> (batch beam) pos"
-    decoder = _Decoder(model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len, graphed)
+    decoder = _Decoder(
+        model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len, graphed, compiled
+    )
     logits = decoder.prefill()
     for cur_len in range(prompt_len, max_len):
         log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)

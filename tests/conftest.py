@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import tiktoken_ext.openai_public
 import torch
@@ -225,3 +226,14 @@ def sampling_pair(tmp_path_factory) -> SamplingPair:
 def small_vocab_pair(tmp_path_factory) -> SamplingPair:
     """A 100-token vocabulary with eos = 99, so that eos is sampled often (beam search ends)."""
     return _sampling_pair(tmp_path_factory.mktemp("sampling-hf-small"), 100, seed=12)
+
+
+@pytest.fixture
+def without_shape_checks():
+    """Turn jaxtyping's runtime shape checks off for one test: torch.compile (dynamo) cannot trace
+    the checker. The other tests run the same modules with the checks on."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

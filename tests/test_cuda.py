@@ -1,4 +1,4 @@
-"""What needs a CUDA device: the CUDA-graph decoding path against the eager one.
+"""What needs a CUDA device: the CUDA-graph decoding path (plain and compiled) against the eager one.
 
 Skipped without a GPU (CI has none); run on one with `pytest tests/test_cuda.py`.
 """
@@ -64,3 +64,17 @@ def test_bfloat16_cuda_graph_greedy_equals_bfloat16_eager(cuda_model):
     eager = generate(model, tokens, 64, temperature=0, stop_at_eos=False, cuda_graph=False)
     # Same kernels on the same static cache shapes: bitwise the same logits, so the same tokens.
     assert torch.equal(graphed, eager)
+
+
+def test_compiled_cuda_graph_decoding_equals_eager(cuda_model, without_shape_checks):
+    """compile=True with the graph: the graph replays inductor's fused kernels. float32, so the
+    fused arithmetic stays within rounding of the eager step and greedy picks the same tokens."""
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79], [1, 2, 3]], device="cuda")
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = generate(cuda_model, tokens, 40, temperature=0, attention_mask=mask, cuda_graph=True, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it did compile
+    assert torch.equal(compiled, generate(cuda_model, tokens, 40, temperature=0, attention_mask=mask, cuda_graph=False))
+    beams = beam_search(cuda_model, tokens[:1], num_beams=3, max_new_tokens=12, cuda_graph=True, compile=True)
+    eager = beam_search(cuda_model, tokens[:1], num_beams=3, max_new_tokens=12, cuda_graph=False)
+    assert torch.equal(beams.tokens, eager.tokens)
+    torch.testing.assert_close(beams.scores, eager.scores)

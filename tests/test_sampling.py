@@ -176,6 +176,55 @@ def test_cuda_graph_is_refused_where_it_cannot_run(sampling_pair):
         beam_search(sampling_pair.model, tokens, num_beams=2, max_new_tokens=3, cuda_graph=True)
 
 
+def test_generation_records_no_autograd_graph(sampling_pair):
+    """Every model call of a generation (prefill and steps) runs under no_grad, also when the
+    generator function is wrapped by another decorator (here jaxtyping's runtime checks)."""
+    model, tokens = sampling_pair.model, torch.tensor([[10, 20, 30]])
+    recorded = []
+    model.blocks[1].hook_resid_post.add_hook(lambda act, hook: recorded.append(act.requires_grad))
+    try:
+        generate(model, tokens, 4, temperature=0, stop_at_eos=False)
+        beam_search(model, tokens, num_beams=2, max_new_tokens=3)
+    finally:
+        model.reset_hooks()
+    assert len(recorded) == 4 + 3 and not any(recorded)
+
+
+def test_compile_is_refused_where_it_cannot_run(sampling_pair):
+    model, tokens = sampling_pair.model, torch.tensor([[10, 20, 30]])
+    with pytest.raises(ValueError, match="compile=True needs use_kv_cache=True"):
+        generate(model, tokens, 3, compile=True, use_kv_cache=False)
+    model.blocks[0].hook_resid_pre.add_hook(lambda act, hook: None)
+    try:
+        with pytest.raises(ValueError, match="compile=True with hooks attached"):
+            beam_search(model, tokens, num_beams=2, max_new_tokens=3, compile=True)
+    finally:
+        model.reset_hooks()
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without_shape_checks):
+    """compile=True against the eager step: greedy with left padding, seeded sampling with
+    penalties, and beam search. All three have one cache shape, so one compilation serves them."""
+    model, eos = small_vocab_pair.model, small_vocab_pair.eos
+    tokens, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    greedy = generate(model, tokens, 20, temperature=0, attention_mask=mask, stop_at_eos=False, compile=True)
+    assert torch.equal(greedy, generate(model, tokens, 20, temperature=0, attention_mask=mask, stop_at_eos=False))
+    settings = {"top_k": 30, "top_p": 0.9, "freq_penalty": 0.5, "seed": 3, "stop_at_eos": False}
+    sampled = generate(model, tokens, 20, attention_mask=mask, compile=True, **settings)
+    assert torch.equal(sampled, generate(model, tokens, 20, attention_mask=mask, **settings))
+    assert not torch.equal(sampled, greedy)
+    beams = beam_search(model, tokens[:1], num_beams=2, max_new_tokens=20, eos_token_id=eos, compile=True)
+    eager_beams = beam_search(model, tokens[:1], num_beams=2, max_new_tokens=20, eos_token_id=eos)
+    assert torch.equal(beams.tokens, eager_beams.tokens)
+    torch.testing.assert_close(beams.scores, eager_beams.scores, rtol=1e-5, atol=1e-6)
+
+    # The compiled step ran (the test cannot pass on a silent eager fallback) and compiled once.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
 def test_blocked_keys_masks_later_keys_and_padding_but_not_a_querys_own_key():
     key_mask = torch.tensor([[False, True, True, True, False]])  # slot 4 not filled
     blocked = gpt2_small.blocked_keys(torch.tensor([0, 2]), key_mask)

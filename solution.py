@@ -547,7 +547,8 @@ class Transformer(HookedRootModule):
         *,
         attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
         kv_cache: KVCache | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"]:
+        stop_at_layer: int | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
         """Logits for `tokens`.
 
         attention_mask: 1/True for real tokens and 0/False for (left) padding, as in Hugging Face.
@@ -555,18 +556,39 @@ class Transformer(HookedRootModule):
             before it, so a left-padded prompt gives the same logits as the unpadded one.
         kv_cache: a KVCache holding the earlier positions of these sequences; `tokens` are then
             only the new positions, and the cache is extended with them.
+        stop_at_layer: as in TransformerLens, run the embeddings and blocks [0, stop_at_layer)
+            only (negative values count from the end) and return the residual stream there,
+            before ln_final: 0 gives the embeddings, n_layers the last block's resid_post.
         """
+        if stop_at_layer is not None:
+            self._check_stop_at_layer(stop_at_layer, kv_cache)
         batch, pos = tokens.shape
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
         else:
             positions, blocked = self._dynamic_slots(attention_mask, kv_cache, batch, pos, tokens.device)
         residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
-        for layer, block in enumerate(self.blocks):
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for layer, block in enumerate(blocks):
             residual = block(residual, blocked, kv_cache, layer)
+        if stop_at_layer is not None:
+            return residual
         if kv_cache is not None:
             kv_cache.advance(pos)
         return self.unembed(self.ln_final(residual))
+
+    def _check_stop_at_layer(self, stop_at_layer: object, kv_cache: KVCache | None) -> None:
+        n_layers = self.cfg.n_layers
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+            raise TypeError(f"stop_at_layer must be an int or None, got {stop_at_layer!r}")
+        if not -n_layers <= stop_at_layer <= n_layers:
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer} is outside [-{n_layers}, {n_layers}] (n_layers={n_layers})"
+            )
+        if kv_cache is not None:
+            raise ValueError(
+                "stop_at_layer cannot be used with a kv_cache: the later layers' caches would not be filled"
+            )
 
     @staticmethod
     def _dynamic_slots(

@@ -3,10 +3,13 @@
     python benchmarks/bench_train.py                      # GPU: GPT-2 124M, B=16, T=1024, bf16 autocast
     python benchmarks/bench_train.py --variants ours,hf   # eager only
     python benchmarks/bench_train.py --variants ours-padded-compiled-graphs   # + CUDA graphs
+    python benchmarks/bench_train.py --variants ours-padded-fusedloss-compiled,hf-padded-compiled
 
 One training step = forward, next-token cross-entropy, backward, fused AdamW step. Prints a table
 of tokens/s and MFU and appends it to benchmarks/RESULTS.md with the device and date. On a CPU the
 defaults shrink (B=2, T=128, eager only) so the script finishes; the ratio to HF is the figure.
+`-fusedloss` (ours only) computes the loss as the trainer does by default: the model up to its
+last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never stores the logits.
 
 MFU counts 6 FLOPs per parameter per token for every matrix multiply (the embedding lookups are
 not multiplies; the unembedding is) plus 12 * n_layers * T * d_model for attention, as in the PaLM
@@ -22,12 +25,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch._inductor.config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import publish  # noqa: E402
-from gpt2_small.training import PADDED_VOCAB, lm_loss  # noqa: E402
+from gpt2_small.training import PADDED_VOCAB, lm_loss, unembed_lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -73,16 +78,26 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     params = sum(p.numel() for p in model.parameters())
 
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if "-fusedloss" in variant:
+            resid = model(inputs, stop_at_layer=model.cfg.n_layers)
+            return unembed_lm_loss(model.ln_final(resid), model.unembed, targets)
         return lm_loss(logits_of(model, inputs), targets)
 
     # Compiled variants compile forward and loss together, for ours and HF alike; "-graphs" also
-    # replays the compiled forward and backward as CUDA graphs (mode="reduce-overhead").
+    # replays the compiled forward and backward as CUDA graphs (mode="reduce-overhead"),
+    # "-maxautotune" lets inductor tune GEMM templates with fused epilogues, and "-cdtuned" turns on
+    # inductor's coordinate-descent tuning of its own kernels (both compile for minutes).
     graphs = variant.endswith("-graphs")
+    torch._dynamo.reset()  # compiled code and settings of the previous variant do not carry over
+    torch._inductor.config.coordinate_descent_tuning = "-cdtuned" in variant
     if "compiled" in variant:
-        loss_fn = torch.compile(loss_of, mode="reduce-overhead" if graphs else None)
+        mode = "reduce-overhead" if graphs else None
+        if "-maxautotune" in variant:
+            mode = "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+        loss_fn = torch.compile(loss_of, mode=mode)
     else:
         loss_fn = loss_of
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.d_vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)  # < 50257
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -127,7 +142,9 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="comma list of {ours,hf}[-padded][-compiled[-graphs]]; -padded rounds the vocabulary up to 50304",
+        help="comma list of {ours,hf}[-padded][-fusedloss][-cdtuned][-maxautotune][-compiled[-graphs]]; "
+        "-padded rounds the vocabulary up to 50304; -fusedloss (ours only) uses the trainer's fused "
+        "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants",
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -149,7 +166,9 @@ def main() -> None:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled" if gpu else "ours,hf"
     if gpu:
-        default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs"
+        default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs,ours-padded-fusedloss-compiled"
+    else:
+        default += ",ours-fusedloss"
     variants = (args.variants or default).split(",")
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -173,7 +192,7 @@ def main() -> None:
             f"{r['warmup_s']:.1f} | {mem} |"
         )
     by_name = {r["variant"]: r["tok_s"] for r in rows}
-    pairs = [(v, "hf" + v[len("ours") :]) for v in by_name if v.startswith("ours")]
+    pairs = [(v, "hf" + v[len("ours") :].replace("-fusedloss", "")) for v in by_name if v.startswith("ours")]
     ratios = [f"{ours} / {hf}: {by_name[ours] / by_name[hf]:.2f}x" for ours, hf in pairs if hf in by_name]
     publish(
         f"bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW", device,

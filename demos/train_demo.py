@@ -54,6 +54,7 @@ HELP = {
     "device": "'auto' (cuda, then mps, then cpu) or a torch device such as cuda:1",
     "dtype": "'auto' (bf16 autocast on CUDA, float32 elsewhere), 'float32' or 'bfloat16'",
     "compile": "torch.compile the model",
+    "fused_loss": "compute the unembedding and cross-entropy together, never storing the logits (faster, less memory)",
     "out_dir": "where checkpoints, metrics, plots and samples go",
     "overwrite": "start afresh in an --out-dir that holds an earlier run, deleting that run",
     "keep_checkpoints": "number of recent checkpoints to keep",

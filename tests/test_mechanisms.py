@@ -210,6 +210,36 @@ def test_run_with_hooks_intervenes():
     assert not model.blocks[0].attn.hook_z.has_hooks()
 
 
+def test_stop_at_layer_returns_the_residual_stream_there():
+    # The eager attention path, which run_with_cache also takes: the two runs are then bit-identical.
+    model, tokens = tiny_model("eager"), random_tokens(2, 6)
+    _, cache = model.run_with_cache(tokens)
+    embeddings = cache["hook_embed"] + cache["hook_pos_embed"]
+    torch.testing.assert_close(model(tokens, stop_at_layer=0), embeddings, rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens, stop_at_layer=1), cache["blocks.1.hook_resid_pre"], rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens, stop_at_layer=-1), cache["blocks.1.hook_resid_pre"], rtol=0, atol=0)
+    last = model(tokens, stop_at_layer=TINY.n_layers)
+    torch.testing.assert_close(last, cache["blocks.1.hook_resid_post"], rtol=0, atol=0)
+    torch.testing.assert_close(model.unembed(model.ln_final(last)), model(tokens), rtol=0, atol=0)
+    # Only the layers that ran call their hooks.
+    seen = []
+    hooks = [(f"blocks.{i}.hook_resid_pre", lambda x, hook: seen.append(hook.name)) for i in range(2)]
+    model.run_with_hooks(tokens, stop_at_layer=1, fwd_hooks=hooks)
+    assert seen == ["blocks.0.hook_resid_pre"]
+
+
+def test_stop_at_layer_rejects_what_it_cannot_do():
+    model, tokens = tiny_model(), random_tokens(1, 3)
+    with pytest.raises(ValueError, match=r"stop_at_layer=3 is outside \[-2, 2\] \(n_layers=2\)"):
+        model(tokens, stop_at_layer=3)
+    with pytest.raises(TypeError, match="stop_at_layer must be an int or None, got True"):
+        model(tokens, stop_at_layer=True)
+    cache = gpt2_small.KVCache.for_model(model, batch=1, max_pos=8)
+    with pytest.raises(ValueError, match="stop_at_layer cannot be used with a kv_cache"):
+        model(tokens, kv_cache=cache, stop_at_layer=1)
+    assert cache.length == 0
+
+
 def test_parameter_names_and_shapes():
     cfg = TransformerConfig(d_model=24, n_layers=2, n_heads=3, d_head=8, d_mlp=40, d_vocab=50, n_ctx=7)
     with torch.device("meta"):

@@ -25,8 +25,9 @@ from gpt2_small.training import (
     lr_at,
     param_groups,
     plot_loss_curve,
+    unembed_lm_loss,
 )
-from solution import Transformer, TransformerConfig
+from solution import Transformer, TransformerConfig, Unembedding
 
 MICRO = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +126,78 @@ def test_samples_longer_than_the_context_are_refused_up_front(tmp_path, shakespe
 def test_lm_loss_is_uniform_cross_entropy_for_flat_logits():
     logits = torch.zeros(2, 3, 50257)
     assert lm_loss(logits, torch.zeros(2, 3, dtype=torch.long)).item() == pytest.approx(math.log(50257))
+
+
+def _unembed_problem(seed: int = 0):
+    """14 positions of d_model 16 into a 300-token vocabulary, with a non-zero b_U."""
+    gen = torch.Generator().manual_seed(seed)
+    unembed = Unembedding(TransformerConfig(d_model=16, n_heads=2, d_head=8, d_vocab=300))
+    with torch.no_grad():
+        unembed.W_U.normal_(generator=gen)
+        unembed.b_U.normal_(generator=gen)
+    x = torch.randn(2, 7, 16, generator=gen).requires_grad_()
+    return x, unembed, torch.randint(0, 300, (2, 7), generator=gen)
+
+
+def _loss_and_grads(loss_fn, x, unembed, targets):
+    leaves = (x, unembed.W_U, unembed.b_U)
+    for leaf in leaves:
+        leaf.grad = None
+    loss = loss_fn(x, unembed, targets)
+    (3.0 * loss).backward()  # a non-unit incoming gradient, which backward must scale by
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def _reference_loss(x, unembed, targets):
+    return lm_loss(unembed(x), targets)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "chunks-of-5"])
+def test_unembed_lm_loss_equals_lm_loss_in_value_and_gradients(chunk_rows):
+    problem = _unembed_problem()
+    expected, expected_grads = _loss_and_grads(_reference_loss, *problem)
+    loss, grads = _loss_and_grads(lambda *args: unembed_lm_loss(*args, chunk_rows=chunk_rows), *problem)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=name)
+    assert grads[1].stride() == problem[1].W_U.stride()  # laid out like W_U itself: no copy on accumulation
+
+
+def test_unembed_lm_loss_under_bf16_autocast_keeps_a_float32_softmax():
+    problem = _unembed_problem(seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = _loss_and_grads(_reference_loss, *problem)
+        loss, grads = _loss_and_grads(unembed_lm_loss, *problem)
+    assert loss.dtype == torch.float32
+    # Both round the same bf16 products; the losses then agree to float32 rounding, the gradients
+    # (bf16 matrix products in both) to bf16 rounding.
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
+        assert grad.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_unembed_lm_loss_without_gradients_is_plain_lm_loss():
+    x, unembed, targets = _unembed_problem(seed=2)
+    with torch.no_grad():
+        loss = unembed_lm_loss(x, unembed, targets)
+        assert loss.grad_fn is None
+        torch.testing.assert_close(loss, _reference_loss(x, unembed, targets), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
+        unembed_lm_loss(x, unembed, targets, chunk_rows=0)
+
+
+def test_trainer_fused_and_plain_losses_give_the_same_gradients(tmp_path, shakespeare_slice):
+    gen = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randint(0, 50257, (2, 2, MICRO.n_ctx), generator=gen)
+    batch = [(inputs, targets)]
+    grads = []
+    for fused in (True, False):
+        trainer = Trainer(micro_config(tmp_path / str(fused), fused_loss=fused), data=shakespeare_slice)
+        trainer.forward_backward(batch)
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-8, msg=name)
 
 
 # --- learning ---------------------------------------------------------------------------------

@@ -200,6 +200,23 @@ def test_trainer_fused_and_plain_losses_give_the_same_gradients(tmp_path, shakes
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-8, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_trainer_step_with_the_fused_loss_equals_eager(tmp_path, shakespeare_slice, without_shape_checks):
+    """torch.compile traces the fused loss's autograd.Function into the step's graph (as --compile
+    does on a GPU) and gives the eager gradients."""
+    gen = torch.Generator().manual_seed(4)
+    batch = [tuple(torch.randint(0, 50257, (2, 2, MICRO.n_ctx), generator=gen))]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    grads = []
+    for compiled in (True, False):
+        trainer = Trainer(micro_config(tmp_path / str(compiled), compile=compiled), data=shakespeare_slice)
+        trainer.forward_backward(batch)
+        grads.append({n: p.grad for n, p in trainer.model.named_parameters()})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph, no breaks
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 # --- learning ---------------------------------------------------------------------------------
 
 

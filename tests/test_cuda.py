@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from gpt2_small import beam_search, generate, pad_prompts
+from gpt2_small.training import lm_loss, unembed_lm_loss
+from solution import TransformerConfig, Unembedding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -78,3 +80,24 @@ def test_compiled_cuda_graph_decoding_equals_eager(cuda_model, without_shape_che
     eager = beam_search(cuda_model, tokens[:1], num_beams=3, max_new_tokens=12, cuda_graph=False)
     assert torch.equal(beams.tokens, eager.tokens)
     torch.testing.assert_close(beams.scores, eager.scores)
+
+
+def test_fused_unembed_loss_under_cuda_bf16_autocast_equals_lm_loss():
+    """The trainer's default loss on the GPU path: bf16 autocast, vocabulary 50304, several chunks."""
+    torch.manual_seed(0)
+    unembed = Unembedding(TransformerConfig(d_vocab=50304)).cuda()
+    x = torch.randn(4, 512, 768, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 50257, (4, 512), device="cuda")
+    results = []
+    for loss_fn in (lambda: lm_loss(unembed(x), targets), lambda: unembed_lm_loss(x, unembed, targets, chunk_rows=700)):
+        x.grad = unembed.W_U.grad = unembed.b_U.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn()
+        loss.backward()
+        results.append((loss.detach(), x.grad, unembed.W_U.grad, unembed.b_U.grad))
+    (loss, *grads), (expected, *expected_grads) = results[1], results[0]
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    # Gradients: bf16 products in both, summed in different orders; compared as a whole (relative
+    # norm of the difference), since the W_U and b_U entries are ~1e-5 each.
+    for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
+        assert float((grad - want).norm() / want.norm()) < 1e-2, name

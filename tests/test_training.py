@@ -145,7 +145,7 @@ def _loss_and_grads(loss_fn, x, unembed, targets):
         leaf.grad = None
     loss = loss_fn(x, unembed, targets)
     (3.0 * loss).backward()  # a non-unit incoming gradient, which backward must scale by
-    return loss.detach(), [leaf.grad for leaf in leaves]
+    return loss.detach(), [leaf.grad for leaf in leaves], type(loss.grad_fn).__name__
 
 
 def _reference_loss(x, unembed, targets):
@@ -155,8 +155,9 @@ def _reference_loss(x, unembed, targets):
 @pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "chunks-of-5"])
 def test_unembed_lm_loss_equals_lm_loss_in_value_and_gradients(chunk_rows):
     problem = _unembed_problem()
-    expected, expected_grads = _loss_and_grads(_reference_loss, *problem)
-    loss, grads = _loss_and_grads(lambda *args: unembed_lm_loss(*args, chunk_rows=chunk_rows), *problem)
+    expected, expected_grads, _ = _loss_and_grads(_reference_loss, *problem)
+    loss, grads, node = _loss_and_grads(lambda *args: unembed_lm_loss(*args, chunk_rows=chunk_rows), *problem)
+    assert node == "_UnembedCrossEntropyBackward"  # the fused path ran, not lm_loss
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7, msg=name)
@@ -166,8 +167,9 @@ def test_unembed_lm_loss_equals_lm_loss_in_value_and_gradients(chunk_rows):
 def test_unembed_lm_loss_under_bf16_autocast_keeps_a_float32_softmax():
     problem = _unembed_problem(seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, expected_grads = _loss_and_grads(_reference_loss, *problem)
-        loss, grads = _loss_and_grads(unembed_lm_loss, *problem)
+        expected, expected_grads, _ = _loss_and_grads(_reference_loss, *problem)
+        loss, grads, node = _loss_and_grads(unembed_lm_loss, *problem)
+    assert node == "_UnembedCrossEntropyBackward"
     assert loss.dtype == torch.float32
     # Both round the same bf16 products; the losses then agree to float32 rounding, the gradients
     # (bf16 matrix products in both) to bf16 rounding.
@@ -192,8 +194,9 @@ def test_trainer_fused_and_plain_losses_give_the_same_gradients(tmp_path, shakes
     inputs, targets = torch.randint(0, 50257, (2, 2, MICRO.n_ctx), generator=gen)
     batch = [(inputs, targets)]
     grads = []
-    for fused in (True, False):
+    for fused, node in [(True, "_UnembedCrossEntropyBackward"), (False, "NllLossBackward0")]:
         trainer = Trainer(micro_config(tmp_path / str(fused), fused_loss=fused), data=shakespeare_slice)
+        assert type(trainer.loss_fn(inputs, targets).grad_fn).__name__ == node  # each path is the one asked for
         trainer.forward_backward(batch)
         grads.append({n: p.grad for n, p in trainer.model.named_parameters()})
     for name, grad in grads[0].items():

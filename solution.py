@@ -135,9 +135,9 @@ class PositionalEmbedding(nn.Module):
 class KVCache:
     """Keys and values of every position seen so far, so each new token costs one position's work.
 
-    Pre-allocated for `max_pos` positions of a `batch` of sequences. `model(tokens, kv_cache=cache)`
-    writes the new positions' keys and values into slots [length, length + pos) and advances
-    `length`. `key_mask` records which slots hold real tokens; left padding (attention_mask 0)
+    Pre-allocated for `max_pos` positions of a `batch` of sequences: `k[layer]` and `v[layer]`
+    are [batch max_pos n_heads d_head]. `model(tokens, kv_cache=cache)` writes the new positions'
+    keys and values into slots [length, length + pos) and advances `length`. `key_mask` records which slots hold real tokens; left padding (attention_mask 0)
     does not, and no query ever attends to it.
 
     Two layouts of the same computation:
@@ -166,9 +166,11 @@ class KVCache:
             raise ValueError(f"KVCache max_pos={max_pos} must be in [1, n_ctx={cfg.n_ctx}]")
         if batch < 1:
             raise ValueError(f"KVCache batch={batch} must be >= 1")
-        shape = (cfg.n_layers, batch, max_pos, cfg.n_heads, cfg.d_head)  # layer batch pos n_heads d_head
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, max_pos, cfg.n_heads, cfg.d_head)  # batch pos n_heads d_head
+        # A tensor per layer, not one [n_layers ...] tensor: torch.compile turns an in-place write
+        # into a view of a larger input into a copy of all of it, at every decoding step.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.key_mask = torch.zeros(batch, max_pos, dtype=torch.bool, device=device)
         self.static = static
         self.padded = False  # whether any cached position is padding (dynamic: then masks are needed)
@@ -183,11 +185,11 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.key_mask.shape[0]
 
     @property
     def max_pos(self) -> int:
-        return self.k.shape[2]
+        return self.key_mask.shape[1]
 
     @property
     def length(self) -> int:
@@ -214,9 +216,9 @@ class KVCache:
             self.v[layer].index_copy_(1, self.slots, v)
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[1]
-        self.k[layer, :, self.length : end] = k
-        self.v[layer, :, self.length : end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def weights(self, layer: int, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         """build() for this layer, computed once per cache (and never kept while autograd records)."""
@@ -233,9 +235,8 @@ class KVCache:
         """
         if index.shape[0] != self.batch:
             raise ValueError(f"reorder index has {index.shape[0]} entries; the cache holds {self.batch} sequences")
-        self.k.copy_(self.k[:, index])
-        self.v.copy_(self.v[:, index])
-        self.key_mask.copy_(self.key_mask[index])
+        for cached in (*self.k, *self.v, self.key_mask):
+            cached.copy_(cached[index])
 
 
 class LayerNorm(nn.Module):
@@ -675,10 +676,8 @@ class Transformer(HookedRootModule):
             raise ValueError(
                 f"{kv_cache.length} cached + {pos} new positions exceed the kv_cache's max_pos={kv_cache.max_pos}"
             )
-        if (
-            tuple(kv_cache.k.shape[-2:]) != (self.cfg.n_heads, self.cfg.d_head)
-            or kv_cache.k.shape[0] != self.cfg.n_layers
-        ):
+        layers_and_heads = (len(kv_cache.k), tuple(kv_cache.k[0].shape[-2:]))
+        if layers_and_heads != (self.cfg.n_layers, (self.cfg.n_heads, self.cfg.d_head)):
             raise ValueError(
                 "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
             )

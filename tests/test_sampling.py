@@ -3,6 +3,7 @@ full recomputation, the statistics of each sampling rule, and the errors."""
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -223,6 +224,37 @@ def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without
 
     # The compiled step ran (the test cannot pass on a silent eager fallback) and compiled once.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+def test_compiled_decoding_step_writes_the_cache_in_place(without_shape_checks):
+    """The compiled step writes each new key and value into the cache's own storage, and never
+    allocates a buffer the size of a cache layer: an in-place write into a view of one larger
+    cache tensor compiles into a copy of the whole cache at every step (the layout this replaced)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from gpt2_small.sampling import _decode_step
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=101, n_ctx=32)
+    model = Transformer(cfg).eval()
+    batch, max_pos = 3, 13  # shapes that appear nowhere else in the step
+    cache = KVCache.for_model(model, batch, max_pos, static=True)
+    storage = [t.data_ptr() for t in (*cache.k, *cache.v)]
+    with torch.no_grad():
+        model(torch.randint(0, 101, (batch, 5)), kv_cache=cache)
+        step = torch.compile(_decode_step, fullgraph=True)
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            logits, code = run_and_get_code(step, model, torch.randint(0, 101, (batch, 1)), cache)
+        assert int(cache.cursor) == 6
+        assert all(k[:, 5].abs().sum() > 0 for k in (*cache.k, *cache.v))  # slot 5 written ...
+        assert all(k[:, 6:].abs().sum() == 0 for k in (*cache.k, *cache.v))  # ... and nothing after it
+    assert [t.data_ptr() for t in (*cache.k, *cache.v)] == storage
+    assert logits.shape == (batch, 101)
+    source = "\n".join(code)
+    assert "def call(" in source  # the inductor output was captured
+    layer_shape = f"({batch}, {max_pos}, {cfg.n_heads}, {cfg.d_head})"
+    assert "assert_size_stride(arg" in source and layer_shape in source  # the cache layers are inputs
+    assert not re.search(r"empty_strided_\w+\(" + re.escape(layer_shape), source)  # and never copied
 
 
 def test_blocked_keys_masks_later_keys_and_padding_but_not_a_querys_own_key():

@@ -495,7 +495,13 @@ class Trainer:
             total += loss.detach()
         return total
 
-    def train_step(self) -> dict:
+    def train_step(self, *, wait: bool = True) -> dict:
+        """One optimizer step; returns its metrics row (step, tokens, loss, lr, grad_norm).
+
+        wait=False leaves the loss and gradient norm as device tensors (`finish_row` reads them):
+        reading them waits for the device to finish the step, so `run` reads each step's only
+        after queuing the next one, and a GPU never idles while the host prepares a step.
+        """
         lr = lr_at(self.step, self.cfg, self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -508,8 +514,9 @@ class Trainer:
         if self.dist.enabled:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         self.step += 1
-        return {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.item(),
-                "lr": lr, "grad_norm": float(grad_norm)}  # fmt: skip
+        row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.detach(), "lr": lr,
+               "grad_norm": grad_norm.detach()}  # fmt: skip
+        return finish_row(row) if wait else row
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -549,25 +556,45 @@ class Trainer:
                 self._record({"step": 0, "tokens": 0, "unigram_val_loss": self._unigram()})
                 self._sample("before training")
         bar = tqdm(total=stop, initial=self.step, desc="training", disable=not main, dynamic_ncols=True)
-        try:
-            while self.step < stop:
-                start = time.perf_counter()
-                row = self.train_step()
-                row["tok_per_s"] = self.tokens_per_step / (time.perf_counter() - start)
+        # Each step's row is read (which waits for that step) once the next step is queued, or
+        # before anything else happens at a step: evaluation, samples, a checkpoint, the end. A
+        # step's time runs from its start to the next step's start (or to the reading).
+        unread: list[tuple[float, dict]] = []
+
+        def log_steps(keep: int) -> None:
+            while len(unread) > keep:
+                started, row = unread[0]
+                row = finish_row(row)
+                unread.pop(0)  # only once read: Ctrl-C while waiting leaves it to be logged
+                ended = unread[0][0] if unread else time.perf_counter()
+                row["tok_per_s"] = self.tokens_per_step / (ended - started)
                 if main:
                     self._record(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:,.0f}")
                 bar.update(1)
+
+        try:
+            while self.step < stop:
+                started = time.perf_counter()
+                unread.append((started, self.train_step(wait=False)))
+                log_steps(keep=1)
                 done = self.step == self.max_steps
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done:
-                    self._eval_and_plot(bar)
-                if main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done:
-                    self._sample(f"step {self.step}")
-                if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
+                evaluate = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done
+                sample = main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done
+                checkpoint = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
                     not cfg.checkpoint_interval and cfg.eval_interval and self.step % cfg.eval_interval == 0
-                ):
+                )
+                if not (evaluate or sample or checkpoint or self.step == stop):
+                    continue
+                log_steps(keep=0)
+                if evaluate:
+                    self._eval_and_plot(bar)
+                if sample:
+                    self._sample(f"step {self.step}")
+                if checkpoint:
                     self.save_checkpoint()
         except KeyboardInterrupt:
+            log_steps(keep=0)
             bar.close()
             if main:
                 path = self.save_checkpoint()
@@ -669,6 +696,11 @@ class Trainer:
         if self.dist.is_main:
             _write_rows(self.out_dir / "metrics.jsonl", self.rows)
         logger.info("resumed from %s at step %d", path, self.step)
+
+
+def finish_row(row: dict) -> dict:
+    """A metrics row with its device tensors (loss, grad_norm) read as floats."""
+    return {key: value.item() if isinstance(value, Tensor) else value for key, value in row.items()}
 
 
 def latest_checkpoint(out_dir: os.PathLike) -> Path | None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gpt2_small import training
 from gpt2_small.data import TokenData
 from gpt2_small.training import (
     PRESETS,
@@ -319,16 +320,46 @@ def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatc
     trainer = Trainer(micro_config(tmp_path, eval_interval=0), data=shakespeare_slice)
     real_step = trainer.train_step
 
-    def interrupted():
+    def interrupted(**kwargs):
         if trainer.step == 5:
             raise KeyboardInterrupt
-        return real_step()
+        return real_step(**kwargs)
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert latest_checkpoint(tmp_path).name == "step-0000005"
+    # Step 5's row, still unread when the interrupt came, was logged before the checkpoint.
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(losses(logged)) == [1, 2, 3, 4, 5]
     assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 5
+
+
+def test_each_steps_loss_is_read_only_after_the_next_step_is_queued(tmp_path, shakespeare_slice, monkeypatch):
+    """Reading a loss waits for the device; the run reads step k's after queuing step k + 1 (so a
+    GPU always has the next step to work on), except before an evaluation and at the end."""
+    trainer = Trainer(micro_config(tmp_path, max_steps=6, eval_interval=3), data=shakespeare_slice)
+    events = []
+    real_step, real_eval, real_finish = trainer.train_step, trainer.evaluate, training.finish_row
+
+    def step(**kwargs):
+        row = real_step(**kwargs)
+        assert isinstance(row["loss"], torch.Tensor) and isinstance(row["grad_norm"], torch.Tensor)
+        events.append(f"queue {row['step']}")
+        return row
+
+    def finish(row):
+        events.append(f"read {row['step']}")
+        return real_finish(row)
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    monkeypatch.setattr(trainer, "evaluate", lambda: events.append("eval") or real_eval())
+    monkeypatch.setattr(training, "finish_row", finish)
+    rows = trainer.run()
+    assert events == ["queue 1", "queue 2", "read 1", "queue 3", "read 2", "read 3", "eval",
+                      "queue 4", "queue 5", "read 4", "queue 6", "read 5", "read 6", "eval"]  # fmt: skip
+    assert sorted(losses(rows)) == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(r["loss"], float) and r["tok_per_s"] > 0 for r in rows if "loss" in r)
 
 
 # --- distributed ------------------------------------------------------------------------------

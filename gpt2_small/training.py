@@ -185,6 +185,10 @@ def unembed_lm_loss(
     pass only scales those by the incoming gradient. Same value and gradients as lm_loss
     (tested), with the softmax in float32 also under bf16 autocast. chunk_rows=None bounds the
     float32 softmax chunk at 2**26 values (256 MiB).
+
+    Under torch.compile the saving is lost: the graph partitioner moves the gradient products
+    (which the loss itself does not need) into the backward graph and keeps the [positions d_vocab]
+    softmax - onehot for them, as much as the plain path keeps.
     """
     if not (torch.is_grad_enabled() and (resid_normalized.requires_grad or unembed.W_U.requires_grad)):
         return lm_loss(unembed(resid_normalized), targets)

@@ -89,7 +89,8 @@ class SamplingSettings:
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= d_vocab
         ):
             raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {self.top_k!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         for name in ("freq_penalty", "presence_penalty"):
             value = getattr(self, name)

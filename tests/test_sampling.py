@@ -461,6 +461,8 @@ def test_max_new_tokens_zero_returns_the_prompt(sampling_pair):
         (dict(top_k=50258), r"got 50258"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\].*got 0\.0"),
         (dict(top_p=1.5), r"got 1\.5"),
+        (dict(top_p=True), r"top_p must be in \(0, 1\].*got True"),
+        (dict(top_k=True), r"top_k must be an int.*got True"),
         (dict(freq_penalty=math.inf), "freq_penalty"),
     ],
 )

@@ -46,7 +46,7 @@ first generation compiles, which takes seconds to a minute; later generations re
 fuses the bias adds, GELU, residual adds and LayerNorms of a step into fewer kernels; with a
 CUDA graph the graph then replays the compiled kernels. It uses a static cache, refuses hooks
 like cuda_graph=True, and gives the eager step's tokens (tested on CPU; on a CPU it does not
-speed decoding up, which is bound by the matrix-vector products there).
+speed batch-1 decoding up, which is bound by the matrix-vector products there).
 """
 
 import codecs

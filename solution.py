@@ -137,8 +137,9 @@ class KVCache:
 
     Pre-allocated for `max_pos` positions of a `batch` of sequences: `k[layer]` and `v[layer]`
     are [batch max_pos n_heads d_head]. `model(tokens, kv_cache=cache)` writes the new positions'
-    keys and values into slots [length, length + pos) and advances `length`. `key_mask` records which slots hold real tokens; left padding (attention_mask 0)
-    does not, and no query ever attends to it.
+    keys and values into slots [length, length + pos) and advances `length`. `key_mask` records
+    which slots hold real tokens; left padding (attention_mask 0) does not, and no query ever
+    attends to it.
 
     Two layouts of the same computation:
       dynamic (default): attention runs over the filled slots [0, length + pos) only;

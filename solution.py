@@ -108,7 +108,10 @@ class Embedding(nn.Module):
         self.W_E = _normal(cfg.d_vocab, cfg.d_model, std=cfg.init_range)
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.W_E[tokens]
+        # The same rows as W_E[tokens]. Indexing's backward, though, adds repeated tokens' gradients
+        # in an order that varies from run to run on CPUs, so training would not be reproducible;
+        # F.embedding's backward adds them in a fixed order.
+        return F.embedding(tokens, self.W_E)
 
 
 class PositionalEmbedding(nn.Module):

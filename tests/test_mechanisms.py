@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import gpt2_small
 import solution
-from solution import Attention, LayerNorm, Transformer, TransformerConfig
+from solution import Attention, Embedding, LayerNorm, Transformer, TransformerConfig
 
 TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16)
 
@@ -27,6 +27,29 @@ def tiny_model(attn_impl: str = "sdpa", seed: int = 0, **overrides) -> Transform
 
 def random_tokens(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, TINY.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+# --- Embedding -----------------------------------------------------------------------------
+
+
+def test_embedding_gradient_sums_repeated_tokens_the_same_way_every_time():
+    """Real text repeats tokens. Their gradients must add up to the right rows, and in the same
+    order on every run, or CPU training is not reproducible (indexing's backward was not)."""
+    torch.manual_seed(0)
+    embed = Embedding(TransformerConfig(d_model=128, n_heads=4, d_head=32, d_vocab=50304))
+    tokens = torch.randint(0, 300, (4, 128))  # each id about 1.7 times on average
+    upstream = torch.randn(4, 128, 128)
+    grads = []
+    for _ in range(10):
+        embed.W_E.grad = None
+        (embed(tokens) * upstream).sum().backward()
+        grads.append(embed.W_E.grad.clone())
+    assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
+    expected = torch.zeros(50304, 128, dtype=torch.float64).index_add_(
+        0, tokens.flatten(), upstream.reshape(-1, 128).double()
+    )
+    torch.testing.assert_close(grads[0].double(), expected, rtol=1e-6, atol=1e-6)
+    assert grads[0][300:].abs().sum() == 0 and grads[0][tokens[0, 0]].abs().sum() > 0
 
 
 # --- LayerNorm -----------------------------------------------------------------------------

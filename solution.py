@@ -132,7 +132,7 @@ class PositionalEmbedding(nn.Module):
         batch, pos = tokens.shape
         if positions is None:
             return einops.repeat(self.W_pos[:pos], "pos d_model -> batch pos d_model", batch=batch)
-        return self.W_pos[positions]
+        return F.embedding(positions, self.W_pos)  # not W_pos[positions]: see Embedding.forward
 
 
 class KVCache:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import gpt2_small
 import solution
-from solution import Attention, Embedding, LayerNorm, Transformer, TransformerConfig
+from solution import Attention, Embedding, LayerNorm, PositionalEmbedding, Transformer, TransformerConfig
 
 TINY = TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=16)
 
@@ -32,24 +32,32 @@ def random_tokens(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
 # --- Embedding -----------------------------------------------------------------------------
 
 
-def test_embedding_gradient_sums_repeated_tokens_the_same_way_every_time():
-    """Real text repeats tokens. Their gradients must add up to the right rows, and in the same
-    order on every run, or CPU training is not reproducible (indexing's backward was not)."""
+@pytest.mark.parametrize("which", ["token", "position"])
+def test_embedding_gradient_sums_repeated_ids_the_same_way_every_time(which):
+    """Real text repeats tokens, and left-padded batches repeat positions. Their gradients must add
+    up to the right rows, and in the same order on every run, or CPU training is not reproducible
+    (indexing's backward was not)."""
     torch.manual_seed(0)
-    embed = Embedding(TransformerConfig(d_model=128, n_heads=4, d_head=32, d_vocab=50304))
-    tokens = torch.randint(0, 300, (4, 128))  # each id about 1.7 times on average
+    cfg = TransformerConfig(d_model=128, n_heads=4, d_head=32, d_vocab=50304)
+    ids = torch.randint(0, 300, (4, 128))  # each id about 1.7 times on average
+    if which == "token":
+        module = Embedding(cfg)
+        weight, embed = module.W_E, lambda: module(ids)
+    else:
+        module = PositionalEmbedding(cfg)
+        weight, embed = module.W_pos, lambda: module(ids, positions=ids)
     upstream = torch.randn(4, 128, 128)
     grads = []
     for _ in range(10):
-        embed.W_E.grad = None
-        (embed(tokens) * upstream).sum().backward()
-        grads.append(embed.W_E.grad.clone())
+        weight.grad = None
+        (embed() * upstream).sum().backward()
+        grads.append(weight.grad.clone())
     assert all(torch.equal(grad, grads[0]) for grad in grads[1:])
-    expected = torch.zeros(50304, 128, dtype=torch.float64).index_add_(
-        0, tokens.flatten(), upstream.reshape(-1, 128).double()
+    expected = torch.zeros(weight.shape, dtype=torch.float64).index_add_(
+        0, ids.flatten(), upstream.reshape(-1, 128).double()
     )
     torch.testing.assert_close(grads[0].double(), expected, rtol=1e-6, atol=1e-6)
-    assert grads[0][300:].abs().sum() == 0 and grads[0][tokens[0, 0]].abs().sum() > 0
+    assert grads[0][300:].abs().sum() == 0 and grads[0][ids[0, 0]].abs().sum() > 0
 
 
 # --- LayerNorm -----------------------------------------------------------------------------

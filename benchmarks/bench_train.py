@@ -13,7 +13,8 @@ median of as many steps, each waited for, so that the GPU idles while the host s
 one; the earlier rows in RESULTS.md, those without this column, were timed that way. On a CPU the
 defaults shrink (B=2, T=128, eager only) so the script finishes; the ratio to HF is the figure.
 `-fusedloss` (ours only) computes the loss as the trainer does by default: the model up to its
-last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never stores the logits.
+last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never stores the logits
+when it runs eagerly (compiled, it keeps as much as the plain loss: see its docstring).
 
 MFU counts 6 FLOPs per parameter per token for every matrix multiply (the embedding lookups are
 not multiplies; the unembedding is) plus 12 * n_layers * T * d_model for attention, as in the PaLM

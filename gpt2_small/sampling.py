@@ -91,7 +91,7 @@ class SamplingSettings:
             raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {self.top_k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
         for name in ("freq_penalty", "presence_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -518,8 +518,8 @@ class Trainer:
         if self.dist.enabled:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         self.step += 1
-        row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.detach(), "lr": lr,
-               "grad_norm": grad_norm.detach()}  # fmt: skip
+        row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss, "lr": lr,
+               "grad_norm": grad_norm}  # fmt: skip
         return finish_row(row) if wait else row
 
     @torch.no_grad()

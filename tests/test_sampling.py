@@ -5,6 +5,7 @@ import copy
 import math
 import re
 
+import einops
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -319,14 +320,20 @@ def test_weight_edits_take_effect_in_the_next_generation(sampling_pair):
     assert not torch.equal(before, after)
 
 
-def test_stacked_qkv_is_laid_out_for_the_einsum():
+def test_stacked_qkv_is_laid_out_for_the_matrix_multiply():
     attn = (
         Transformer(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=8)).blocks[0].attn
     )
+    with torch.no_grad():
+        for bias in (attn.b_Q, attn.b_K, attn.b_V):
+            bias.normal_()  # zero at initialisation, which would match any order
     W_QKV, b_QKV = attn.stacked_qkv()
-    assert W_QKV.shape == (3, 2, 32, 16) and b_QKV.shape == (3, 2, 16)
-    assert torch.equal(W_QKV[0], attn.W_Q) and torch.equal(W_QKV[1], attn.W_K) and torch.equal(W_QKV[2], attn.W_V)
-    assert W_QKV.permute(2, 0, 1, 3).is_contiguous()  # d_model-major: the einsum's GEMM reads it without a copy
+    assert W_QKV.shape == (32, 3 * 32) and b_QKV.shape == (3 * 32,)
+    W = einops.rearrange(W_QKV, "d_model (qkv n_heads d_head) -> qkv n_heads d_model d_head", qkv=3, n_heads=2)
+    b = einops.rearrange(b_QKV, "(qkv n_heads d_head) -> qkv n_heads d_head", qkv=3, n_heads=2)
+    assert torch.equal(W[0], attn.W_Q) and torch.equal(W[1], attn.W_K) and torch.equal(W[2], attn.W_V)
+    assert torch.equal(b[0], attn.b_Q) and torch.equal(b[1], attn.b_K) and torch.equal(b[2], attn.b_V)
+    assert W_QKV.is_contiguous()  # the GEMM reads it without a copy
 
 
 # --- sampling rules, statistically ------------------------------------------------------------

@@ -522,7 +522,10 @@ class Unembedding(nn.Module):
         self.b_U = _zeros(cfg.d_vocab)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return x @ self.W_U + self.b_U  # [batch pos d_model] @ [d_model d_vocab]
+        # [batch pos d_model] @ [d_model d_vocab]. As a matmul (not einsum's batched product),
+        # backward writes W_U's gradient in W_U's own vocab-major layout: aligned, and no copy
+        # when it is accumulated (tested).
+        return x @ self.W_U + self.b_U
 
 
 CHECKPOINT_WEIGHTS = "model.safetensors"

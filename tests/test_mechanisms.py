@@ -204,6 +204,28 @@ def test_hooks_on_the_pattern_switch_sdpa_to_the_eager_path():
     assert cache["blocks.0.attn.hook_pattern"].shape == (1, TINY.n_heads, 5, 5)
 
 
+# --- Unembedding ---------------------------------------------------------------------------
+
+
+def test_unembedding_gradient_comes_out_in_W_U_s_vocab_major_layout():
+    """W_U is stored [d_vocab d_model]-major so that its GEMMs have the aligned leading dimension
+    d_model rather than GPT-2's odd 50257. Its gradient must come out of backward in that same
+    layout: written [d_model d_vocab]-major, the weight-gradient GEMM would have the odd leading
+    dimension, and accumulating it into .grad would copy it once more (einsum's backward did that)."""
+    model = tiny_model()
+    W_U, tokens = model.unembed.W_U, random_tokens(3, 16)
+    assert W_U.stride() == (1, TINY.d_model)
+    raw = []
+    W_U.register_hook(lambda grad: raw.append(grad))  # sees the gradient before accumulation
+    model(tokens).logsumexp(dim=-1).sum().backward()
+    assert raw[0].stride() == W_U.stride() == W_U.grad.stride()
+    # The value, against F.linear on an lm_head-style [d_vocab d_model] copy of W_U.
+    x = model.ln_final(model(tokens, stop_at_layer=TINY.n_layers)).detach()
+    lm_head = W_U.detach().T.clone().requires_grad_()
+    F.linear(x, lm_head, model.unembed.b_U.detach()).logsumexp(dim=-1).sum().backward()
+    torch.testing.assert_close(raw[0], lm_head.grad.T, rtol=1e-6, atol=1e-7)
+
+
 # --- the whole model -----------------------------------------------------------------------
 
 

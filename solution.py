@@ -565,8 +565,9 @@ class Transformer(HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
         kv_cache: KVCache | None = None,
         stop_at_layer: int | None = None,
-    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
-        """Logits for `tokens`.
+        logits_to_keep: int | None = None,
+    ) -> Float[Tensor, "batch kept_pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
+        """Logits for `tokens` (kept_pos = pos unless logits_to_keep is given).
 
         attention_mask: 1/True for real tokens and 0/False for (left) padding, as in Hugging Face.
             Padding is never attended to, and a real token's position counts only the real tokens
@@ -576,9 +577,15 @@ class Transformer(HookedRootModule):
         stop_at_layer: as in TransformerLens, run the embeddings and blocks [0, stop_at_layer)
             only (negative values count from the end) and return the residual stream there,
             before ln_final: 0 gives the embeddings, n_layers the last block's resid_post.
+        logits_to_keep: as in Hugging Face, return the logits of the last logits_to_keep positions
+            only. Generation needs the last one alone, and ln_final and the unembedding then run
+            on it alone, not on every prompt position (the [batch pos d_vocab] logits of a long
+            prompt are large). ln_final's hooks see just those positions.
         """
         if stop_at_layer is not None:
             self._check_stop_at_layer(stop_at_layer, kv_cache)
+        if logits_to_keep is not None:
+            self._check_logits_to_keep(logits_to_keep, tokens.shape[1], stop_at_layer)
         batch, pos = tokens.shape
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
@@ -592,6 +599,8 @@ class Transformer(HookedRootModule):
             return residual
         if kv_cache is not None:
             kv_cache.advance(pos)
+        if logits_to_keep is not None:
+            residual = residual[:, pos - logits_to_keep :]  # LayerNorm and unembedding act per position
         return self.unembed(self.ln_final(residual))
 
     def _check_stop_at_layer(self, stop_at_layer: object, kv_cache: KVCache | None) -> None:
@@ -606,6 +615,15 @@ class Transformer(HookedRootModule):
             raise ValueError(
                 "stop_at_layer cannot be used with a kv_cache: the later layers' caches would not be filled"
             )
+
+    @staticmethod
+    def _check_logits_to_keep(logits_to_keep: object, pos: int, stop_at_layer: int | None) -> None:
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+            raise TypeError(f"logits_to_keep must be an int or None, got {logits_to_keep!r}")
+        if not 1 <= logits_to_keep <= pos:
+            raise ValueError(f"logits_to_keep={logits_to_keep} must be in [1, {pos}], the number of positions given")
+        if stop_at_layer is not None:
+            raise ValueError("logits_to_keep cannot be used with stop_at_layer, which returns the residual stream")
 
     @staticmethod
     def _dynamic_slots(

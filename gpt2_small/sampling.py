@@ -31,7 +31,8 @@ every cached key would have to be recomputed, and the model never saw shifted co
 
 Hooks: with the KV cache, each forward call sees only its new positions (the prompt first, then
 one token per step), so hooks fire on those alone and patterns span the cached keys. Hooks that
-must see the whole sequence at every step need use_kv_cache=False.
+must see the whole sequence at every step need use_kv_cache=False. Either way only the last
+position's logits are computed (logits_to_keep=1), so ln_final's hooks see that position alone.
 
 CUDA graphs: on a CUDA device, by default, the decoding steps run against a static KVCache (all
 shapes fixed, write position on the device) and the first step is captured as a CUDA graph that
@@ -230,7 +231,7 @@ def _use_cuda_graph(model: Transformer, cuda_graph: bool | None, use_kv_cache: b
 
 
 def _decode_step(model: Transformer, tokens: Int[Tensor, "batch 1"], cache: KVCache) -> Float[Tensor, "batch d_vocab"]:
-    return model(tokens, kv_cache=cache)[:, -1]
+    return model(tokens, kv_cache=cache, logits_to_keep=1)[:, -1]
 
 
 @functools.cache
@@ -306,7 +307,7 @@ class _Decoder:
         self.fast_step: _FastStep | None = None  # made (compiled, captured) at the first step
 
     def prefill(self) -> Float[Tensor, "batch d_vocab"]:
-        return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache)[:, -1]
+        return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache, logits_to_keep=1)[:, -1]
 
     def step(self, new_tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         new = einops.rearrange(new_tokens, "batch -> batch 1")
@@ -315,11 +316,11 @@ class _Decoder:
                 self.fast_step = _FastStep(self.model, self.cache, self.cuda_graph, self.compiled)
             return self.fast_step(new)
         if self.cache is not None:
-            return self.model(new, kv_cache=self.cache)[:, -1]
+            return self.model(new, kv_cache=self.cache, logits_to_keep=1)[:, -1]
         self.tokens = torch.cat([self.tokens, new], dim=1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, torch.ones_like(new, dtype=self.mask.dtype)], dim=1)
-        return self.model(self.tokens, attention_mask=self.mask)[:, -1]
+        return self.model(self.tokens, attention_mask=self.mask, logits_to_keep=1)[:, -1]
 
     def reorder(self, index: Int[Tensor, " batch"]) -> None:
         if self.cache is not None:

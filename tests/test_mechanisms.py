@@ -293,6 +293,31 @@ def test_stop_at_layer_rejects_what_it_cannot_do():
     assert cache.length == 0
 
 
+@pytest.mark.parametrize("keep", [1, 3])
+def test_logits_to_keep_gives_the_last_positions_logits_and_runs_ln_final_on_them_alone(keep):
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding: positions still line up
+    seen = []
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: seen.append(x.shape[1]))]):
+        kept = model(tokens, attention_mask=mask, logits_to_keep=keep)
+    full = model(tokens, attention_mask=mask)
+    assert kept.shape == (2, keep, TINY.d_vocab) and seen == [keep]
+    # Per-position arithmetic on fewer rows: equal up to the GEMM's blocking, not necessarily bitwise.
+    torch.testing.assert_close(kept, full[:, -keep:], rtol=1e-6, atol=1e-6)
+
+
+def test_logits_to_keep_rejects_what_it_cannot_do():
+    model, tokens = tiny_model(), random_tokens(1, 3)
+    with pytest.raises(ValueError, match=r"logits_to_keep=4 must be in \[1, 3\], the number of positions given"):
+        model(tokens, logits_to_keep=4)
+    with pytest.raises(ValueError, match=r"logits_to_keep=0 must be in \[1, 3\]"):
+        model(tokens, logits_to_keep=0)
+    with pytest.raises(TypeError, match="logits_to_keep must be an int or None, got True"):
+        model(tokens, logits_to_keep=True)
+    with pytest.raises(ValueError, match="logits_to_keep cannot be used with stop_at_layer"):
+        model(tokens, logits_to_keep=1, stop_at_layer=1)
+
+
 def test_parameter_names_and_shapes():
     cfg = TransformerConfig(d_model=24, n_layers=2, n_heads=3, d_head=8, d_mlp=40, d_vocab=50, n_ctx=7)
     with torch.device("meta"):

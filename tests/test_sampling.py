@@ -294,6 +294,19 @@ def test_kv_cache_with_a_pattern_hook_runs_eager_and_gives_the_same_tokens(sampl
     assert shapes == [(1, 4, 3, 3), (1, 4, 1, 4), (1, 4, 1, 5), (1, 4, 1, 6)]
 
 
+@pytest.mark.parametrize("use_kv_cache", [True, False], ids=["cache", "no-cache"])
+def test_generation_unembeds_only_the_last_position(sampling_pair, use_kv_cache):
+    """Sampling reads the last position's logits alone, so the prompt's other positions never go
+    through ln_final and the unembedding (for a long prompt, most of a prefill's logits)."""
+    model, tokens = sampling_pair.model, torch.tensor([[10, 20, 30, 40, 50], [60, 70, 80, 90, 100]])
+    shapes = []
+    with model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: shapes.append(tuple(x.shape[:2])))]):
+        generate(model, tokens, 3, temperature=0, stop_at_eos=False, use_kv_cache=use_kv_cache)
+        beam_search(model, tokens[:1], num_beams=2, max_new_tokens=2, use_kv_cache=use_kv_cache)
+    # generate: the prompt, then 2 steps, 2 rows each; beam search: the same with 2 beams of 1 prompt
+    assert shapes == [(2, 1)] * 5
+
+
 def test_kv_cache_reorder_selects_batch_items(sampling_pair):
     model = sampling_pair.model
     cache = KVCache.for_model(model, batch=3, max_pos=8)

@@ -8,6 +8,11 @@ a 16-token prompt. tokens/s counts generated tokens over all rows: batch * new_t
 prefill included. Each row also says whether the variant produced exactly the tokens of the
 float32 HF run. Prints a table and appends it to benchmarks/RESULTS.md with the device and date.
 
+For our variants a further, separate run waits for every token, to show where the time goes:
+"set-up + prefill" (cache, the prompt, the first token), "1st step" (the first decoding step,
+which captures the CUDA graph) and "step" (the median of the later decoding steps, each with its
+sampling). The waits cost a little, so these times add up to slightly more than "seconds".
+
 Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA also `ours-bf16`,
 `ours-bf16-compiled`, `ours-bf16-eager` and `hf-static-bf16` (HF's pre-allocated static cache in
 bf16). On CUDA our sampler replays each decoding step as a CUDA graph; `-eager` turns that off
@@ -17,7 +22,9 @@ tokens) so that the script finishes in minutes; the ratio to HF is the figure.
 """
 
 import argparse
+import functools
 import gc
+import itertools
 import statistics
 import sys
 import tempfile
@@ -30,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import publish  # noqa: E402
-from gpt2_small import Transformer, generate  # noqa: E402
+from gpt2_small import Transformer, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
 
@@ -44,16 +51,39 @@ def hf_model(directory: Path, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(model: Transformer, prompt: torch.Tensor, new_tokens: int, **options) -> dict[str, float]:
+    """Milliseconds for set-up + prefill, the first decoding step and the median later step,
+    from one generation that waits for every token."""
+    device = model.device
+    sync(device)
+    marks = [time.perf_counter()]
+    with torch.no_grad():
+        for _ in stream(model, prompt, new_tokens, temperature=0, stop_at_eos=False, **options):
+            sync(device)
+            marks.append(time.perf_counter())
+    gaps = [1000 * (b - a) for a, b in itertools.pairwise(marks)]
+    return {"prefill_ms": gaps[0], "first_step_ms": gaps[1], "step_ms": statistics.median(gaps[2:])}
+
+
 def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens: int, device, repeats: int):
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
+    profile = None
     if variant.startswith("ours"):
         model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
-
-        cuda_graph = False if variant.endswith("-eager") else None
-        compiled = variant.endswith("-compiled")
+        options = {
+            "cuda_graph": False if variant.endswith("-eager") else None,
+            "compile": variant.endswith("-compiled"),
+        }
 
         def call(n: int) -> torch.Tensor:
-            return generate(model, prompt, n, temperature=0, stop_at_eos=False, cuda_graph=cuda_graph, compile=compiled)
+            return generate(model, prompt, n, temperature=0, stop_at_eos=False, **options)
+
+        profile = functools.partial(step_times, model, prompt, new_tokens, **options)
     else:
         model = hf_model(directory, device, dtype)
         extra = {"cache_implementation": "static"} if "static" in variant else {}
@@ -62,24 +92,20 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                   max_new_tokens=n, **extra)  # fmt: skip
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     # Warm-up: kernels, allocator, static cache set-up. A compiled step is compiled for the cache's
     # shape, so its warm-up runs the timed length (a shorter one would compile twice).
     warm_up = new_tokens if variant.endswith("-compiled") else min(8, new_tokens)
     with torch.no_grad():
         call(warm_up)
-        sync()
+        sync(device)
         times, out = [], None
         for _ in range(repeats):
             start = time.perf_counter()
             out = call(new_tokens)
-            sync()
+            sync(device)
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return out.cpu(), prompt.shape[0] * new_tokens / seconds, seconds
+    return out.cpu(), prompt.shape[0] * new_tokens / seconds, seconds, (profile() if profile and new_tokens > 2 else {})
 
 
 def main() -> None:
@@ -117,18 +143,25 @@ def main() -> None:
         prompt = prompt.to(device)
         outputs = {}
         for variant in variants:
-            out, tok_s, seconds = run_variant(variant, directory, prompt, new_tokens, device, repeats)
+            out, tok_s, seconds, steps = run_variant(variant, directory, prompt, new_tokens, device, repeats)
             gc.collect()  # the variant's model went out of scope with run_variant()
             if gpu:
                 torch.cuda.empty_cache()
             outputs[variant] = out
-            rows.append({"batch": batch, "variant": variant, "tok_s": tok_s, "seconds": seconds})
+            rows.append({"batch": batch, "variant": variant, "tok_s": tok_s, "seconds": seconds, **steps})
         reference = outputs.get("hf")
         for row in rows[-len(variants) :]:
             same = outputs[row["variant"]]
             row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
 
-    lines = [f"| {r['batch']} | {r['variant']} | {r['tok_s']:,.0f} | {r['seconds']:.2f} | {r['same']} |" for r in rows]
+    def ms(row: dict, key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else "n/a"
+
+    lines = [
+        f"| {r['batch']} | {r['variant']} | {r['tok_s']:,.0f} | {r['seconds']:.2f} | {r['same']} | "
+        f"{ms(r, 'prefill_ms')} | {ms(r, 'first_step_ms')} | {ms(r, 'step_ms')} |"
+        for r in rows
+    ]
     ratios = []
     for batch in batch_sizes:
         cell = {r["variant"]: r["tok_s"] for r in rows if r["batch"] == batch}
@@ -137,7 +170,8 @@ def main() -> None:
                 ratios.append(f"batch {batch}: {ours} / {hf} = {cell[ours] / cell[hf]:.2f}x")
     publish(
         f"bench_generate: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens", device,
-        "| batch | variant | tokens/s | seconds | same tokens as hf fp32 |\n|---:|---|---:|---:|---|",
+        "| batch | variant | tokens/s | seconds | same tokens as hf fp32 | set-up + prefill (ms) | 1st step (ms) "
+        "| step (ms) |\n|---:|---|---:|---:|---|---:|---:|---:|",
         lines, ratios, args.results,
     )  # fmt: skip
 

@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish  # noqa: E402
+from benchmarks.common import publish, sync  # noqa: E402
 from gpt2_small import Transformer, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
@@ -49,11 +49,6 @@ def hf_model(directory: Path, device: torch.device, dtype: torch.dtype):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_times(model: Transformer, prompt: torch.Tensor, new_tokens: int, **options) -> dict[str, float]:

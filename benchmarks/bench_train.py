@@ -36,7 +36,7 @@ import torch._inductor.config
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish  # noqa: E402
+from benchmarks.common import publish, sync  # noqa: E402
 from gpt2_small.training import PADDED_VOCAB, lm_loss, unembed_lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
 
@@ -117,21 +117,17 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     compile_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    sync()
+    sync(device)
     warmup_s = time.perf_counter() - compile_start
     # Throughput: steps back to back, one synchronisation at each end, as a training loop runs
     # them (the host queues the next step while the device finishes the last one).
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    sync()
+    sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     tok_s = args.batch_size * args.seq_len / step_s
     # Latency: each step alone, waited for (the device idles while the host starts the next).
@@ -139,7 +135,7 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     synced_s = statistics.median(times)
     peak = peak_flops(device)

@@ -6,6 +6,12 @@ import platform
 import torch
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU, whose ops finish as they return)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_line(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-22' (or 'CPU (x86_64), ...')."""
     if device.type == "cuda":

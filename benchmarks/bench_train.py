@@ -157,7 +157,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (median reported)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help='timed steps, run back to back (then as many again, each waited for: "step alone", median)',
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))

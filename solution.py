@@ -584,9 +584,9 @@ class Transformer(HookedRootModule):
         """
         if stop_at_layer is not None:
             self._check_stop_at_layer(stop_at_layer, kv_cache)
-        if logits_to_keep is not None:
-            self._check_logits_to_keep(logits_to_keep, tokens.shape[1], stop_at_layer)
         batch, pos = tokens.shape
+        if logits_to_keep is not None:
+            self._check_logits_to_keep(logits_to_keep, pos, stop_at_layer)
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
         else:

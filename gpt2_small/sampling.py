@@ -316,7 +316,7 @@ class _Decoder:
                 self.fast_step = _FastStep(self.model, self.cache, self.cuda_graph, self.compiled)
             return self.fast_step(new)
         if self.cache is not None:
-            return self.model(new, kv_cache=self.cache, logits_to_keep=1)[:, -1]
+            return _decode_step(self.model, new, self.cache)
         self.tokens = torch.cat([self.tokens, new], dim=1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, torch.ones_like(new, dtype=self.mask.dtype)], dim=1)

@@ -93,6 +93,19 @@ def _zeros(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape))
 
 
+def affine(
+    x: Float[Tensor, "batch pos d_in"], W: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"]
+) -> Float[Tensor, "batch pos d_out"]:
+    """x @ W + b, with the bias added by the matrix multiply itself.
+
+    F.linear computes x @ weight.T + bias as one addmm (as HF's Conv1D does), so it is handed
+    W.T, a view. A separate `+ b` is a second kernel and a second pass over the output: in a
+    one-token decoding step, where every kernel is tiny, launches are what the time goes on.
+    Under autocast, b is cast with x and W, and the output is in the autocast dtype, as nn.Linear's.
+    """
+    return F.linear(x, W.T, b)
+
+
 def _residual_init_std(cfg: TransformerConfig) -> float:
     # GPT-2 shrinks the two projections that write into the residual stream (W_O, W_out) by
     # 1/sqrt(2 * n_layers), so the stream's variance does not grow with depth.
@@ -328,12 +341,12 @@ class Attention(nn.Module):
         to layer `layer` of the cache, and attention runs over all cached positions.
         """
         # One matrix multiply for all three projections instead of three (fewer, larger GEMMs).
-        # Weight products are written `x @ W`, einops naming the head axes around them: the same
-        # GEMM as einops.einsum, bit for bit, without its ~35 us of host-side planning per call,
-        # which at 49 calls came to 6% of a one-token decoding step of GPT-2 small on a CPU.
+        # Weight products are `affine` (x @ W + b), einops naming the head axes around them:
+        # einops.einsum spends ~35 us of host-side planning per call, which at 49 calls came to
+        # 6% of a one-token decoding step of GPT-2 small on a CPU.
         W_QKV, b_QKV = self.stacked_qkv() if kv_cache is None else kv_cache.weights(layer, self.stacked_qkv)
         qkv = einops.rearrange(
-            x @ W_QKV + b_QKV,
+            affine(x, W_QKV, b_QKV),
             "batch pos (qkv n_heads d_head) -> batch pos qkv n_heads d_head",
             qkv=3,
             n_heads=self.cfg.n_heads,
@@ -349,7 +362,8 @@ class Attention(nn.Module):
         z = self.hook_z(z)
         # Summing the heads' writes is one matrix multiply over (n_heads d_head).
         z_flat = einops.rearrange(z, "batch pos n_heads d_head -> batch pos (n_heads d_head)")
-        return z_flat @ einops.rearrange(self.W_O, "n_heads d_head d_model -> (n_heads d_head) d_model") + self.b_O
+        W_O = einops.rearrange(self.W_O, "n_heads d_head d_model -> (n_heads d_head) d_model")
+        return affine(z_flat, W_O, self.b_O)
 
     def stacked_qkv(self) -> tuple[Float[Tensor, "d_model 3*d_model"], Float[Tensor, " 3*d_model"]]:
         """W_Q, W_K, W_V side by side as one [d_model (qkv n_heads d_head)] matrix (and b_Q, b_K,
@@ -469,9 +483,9 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch pos d_mlp]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)  # [batch pos d_model] @ [d_model d_mlp]
+        pre = self.hook_pre(affine(x, self.W_in, self.b_in))  # [batch pos d_model] @ [d_model d_mlp]
         post = self.hook_post(F.gelu(pre, approximate="tanh"))
-        return post @ self.W_out + self.b_out  # [batch pos d_mlp] @ [d_mlp d_model]
+        return affine(post, self.W_out, self.b_out)  # [batch pos d_mlp] @ [d_mlp d_model]
 
 
 class TransformerBlock(nn.Module):
@@ -524,7 +538,9 @@ class Unembedding(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         # [batch pos d_model] @ [d_model d_vocab]. As a matmul (not einsum's batched product),
         # backward writes W_U's gradient in W_U's own vocab-major layout: aligned, and no copy
-        # when it is accumulated (tested).
+        # when it is accumulated (tested). Not `affine`: under bf16 autocast the product is bf16
+        # and b_U float32, so the logits come out in float32, which the softmax over 50257 of
+        # them keeps (and the trainer's fused loss matches); addmm would round them to bf16.
         return x @ self.W_U + self.b_U
 
 

@@ -1,5 +1,6 @@
 """Unit tests that each isolate one mechanism of the model, on small random models."""
 
+import collections
 import copy
 import math
 
@@ -202,6 +203,22 @@ def test_hooks_on_the_pattern_switch_sdpa_to_the_eager_path():
     assert not attn.uses_eager_path()
     _, cache = model.run_with_cache(random_tokens(1, 5), names_filter="blocks.0.attn.hook_pattern")
     assert cache["blocks.0.attn.hook_pattern"].shape == (1, TINY.n_heads, 5, 5)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_weight_products_add_their_bias_inside_the_matrix_multiply(attn_impl):
+    """Attention's and the MLP's four weight products (QKV, W_O, W_in, W_out) are each one addmm,
+    as in HF's Conv1D: not a matrix multiply followed by `+ b`, a second kernel and a second pass
+    over the output. In a one-token decoding step every kernel is tiny and their number is what
+    the time goes on."""
+    block = tiny_model(attn_impl).blocks[0]
+    x = torch.randn(2, 5, TINY.d_model)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        block.attn(x)
+        block.mlp(x)
+    ops = collections.Counter(event.name for event in prof.events())
+    assert ops["aten::addmm"] == 4
+    assert ops["aten::add"] == ops["aten::mm"] == 0
 
 
 # --- Unembedding ---------------------------------------------------------------------------

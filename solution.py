@@ -330,12 +330,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        blocked: Bool[Tensor, "batch 1 pos key_pos"] | None = None,
+        attn_bias: Float[Tensor, "batch 1 pos key_pos"] | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """`blocked` is True where a query may not attend (see `blocked_keys`); None means plain
-        causal attention, the queries being the last positions of the keys.
+        """`attn_bias` is added to the attention scores: 0 where a query may attend and the most
+        negative finite value where it may not (see `attention_bias`); None means plain causal
+        attention, the queries being the last positions of the keys.
 
         With a `kv_cache`, x holds only the new positions: their keys and values are appended
         to layer `layer` of the cache, and attention runs over all cached positions.
@@ -356,9 +357,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.extend(layer, k, v)
         if self.uses_eager_path():
-            z = self._attend_eager(q, k, v, blocked)
+            z = self._attend_eager(q, k, v, attn_bias)
         else:
-            z = self._attend_sdpa(q, k, v, blocked)
+            z = self._attend_sdpa(q, k, v, attn_bias)
         z = self.hook_z(z)
         # Summing the heads' writes is one matrix multiply over (n_heads d_head).
         z_flat = einops.rearrange(z, "batch pos n_heads d_head -> batch pos (n_heads d_head)")
@@ -394,16 +395,14 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
-        blocked: Bool[Tensor, "batch 1 query_pos key_pos"] | None = None,
+        attn_bias: Float[Tensor, "batch 1 query_pos key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         scores = einops.einsum(
             q, k, "batch query_pos n_heads d_head, batch key_pos n_heads d_head -> batch n_heads query_pos key_pos"
         ) / math.sqrt(self.cfg.d_head)
-        # The most negative finite value rather than -inf: a fully masked row then softmaxes to
-        # uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
-        if blocked is None:
-            blocked = causal_mask(q.shape[1], k.shape[1], q.device)
-        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        if attn_bias is None:
+            attn_bias = attention_bias(causal_mask(q.shape[1], k.shape[1], q.device), scores.dtype)
+        scores = scores + attn_bias
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
         return einops.einsum(
@@ -417,20 +416,21 @@ class Attention(nn.Module):
         q: Float[Tensor, "batch query_pos n_heads d_head"],
         k: Float[Tensor, "batch key_pos n_heads d_head"],
         v: Float[Tensor, "batch key_pos n_heads d_head"],
-        blocked: Bool[Tensor, "batch 1 query_pos key_pos"] | None = None,
+        attn_bias: Float[Tensor, "batch 1 query_pos key_pos"] | None = None,
     ) -> Float[Tensor, "batch query_pos n_heads d_head"]:
         query_pos, key_pos = q.shape[1], k.shape[1]
         # Without a mask, two cases need no mask tensor: the plain causal triangle (which has a
         # dedicated flash kernel), and one new query after cached keys (it sees them all).
-        triangle = blocked is None and query_pos == key_pos
-        unmasked = blocked is None and query_pos == 1
-        if blocked is None and not (triangle or unmasked):
-            blocked = causal_mask(query_pos, key_pos, q.device)
+        triangle = attn_bias is None and query_pos == key_pos
+        unmasked = attn_bias is None and query_pos == 1
+        if attn_bias is None and not (triangle or unmasked):
+            attn_bias = attention_bias(causal_mask(query_pos, key_pos, q.device), q.dtype)
         z = F.scaled_dot_product_attention(
             einops.rearrange(q, "batch query_pos n_heads d_head -> batch n_heads query_pos d_head"),
             einops.rearrange(k, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
             einops.rearrange(v, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
-            attn_mask=None if triangle or unmasked else ~blocked,
+            # A float mask is used as it is; a boolean one SDPA would convert in every layer.
+            attn_mask=None if triangle or unmasked else attn_bias.to(q.dtype),
             is_causal=triangle,
         )
         return einops.rearrange(z, "batch n_heads query_pos d_head -> batch query_pos n_heads d_head")
@@ -464,6 +464,21 @@ def blocked_keys(
     )
     padding = einops.rearrange(~key_mask, "batch key_pos -> batch 1 key_pos") & ~own
     return einops.rearrange(after | padding, "batch query_pos key_pos -> batch 1 query_pos key_pos")
+
+
+def attention_bias(
+    blocked: Bool[Tensor, "*leading query_pos key_pos"], dtype: torch.dtype
+) -> Float[Tensor, "*leading query_pos key_pos"]:
+    """The mask as a term added to the attention scores: 0 where a query may attend, and where
+    it may not (`blocked`), the most negative finite value of `dtype`.
+
+    Added to finite scores, that value absorbs them (it is ~1e31 times their size), so the sum
+    equals masked_fill(blocked, min) exactly. It is not -inf, so that a fully masked row would
+    softmax to uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
+    The model builds it once per forward call and every layer adds it: given a boolean mask,
+    SDPA would build this itself in each layer (two kernels there, per decoding step).
+    """
+    return torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill_(blocked, torch.finfo(dtype).min)
 
 
 class MLP(nn.Module):
@@ -507,12 +522,12 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         resid_pre: Float[Tensor, "batch pos d_model"],
-        blocked: Bool[Tensor, "batch 1 pos key_pos"] | None = None,
+        attn_bias: Float[Tensor, "batch 1 pos key_pos"] | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), blocked, kv_cache, layer))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), attn_bias, kv_cache, layer))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
@@ -608,9 +623,10 @@ class Transformer(HookedRootModule):
         else:
             positions, blocked = self._dynamic_slots(attention_mask, kv_cache, batch, pos, tokens.device)
         residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
+        attn_bias = None if blocked is None else attention_bias(blocked, self._scores_dtype(residual))
         blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
         for layer, block in enumerate(blocks):
-            residual = block(residual, blocked, kv_cache, layer)
+            residual = block(residual, attn_bias, kv_cache, layer)
         if stop_at_layer is not None:
             return residual
         if kv_cache is not None:
@@ -618,6 +634,14 @@ class Transformer(HookedRootModule):
         if logits_to_keep is not None:
             residual = residual[:, pos - logits_to_keep :]  # LayerNorm and unembedding act per position
         return self.unembed(self.ln_final(residual))
+
+    @staticmethod
+    def _scores_dtype(residual: Tensor) -> torch.dtype:
+        # Attention scores come out of matrix products: in autocast's dtype under autocast.
+        device_type = residual.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return residual.dtype
 
     def _check_stop_at_layer(self, stop_at_layer: object, kv_cache: KVCache | None) -> None:
         n_layers = self.cfg.n_layers

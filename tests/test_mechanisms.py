@@ -185,6 +185,49 @@ def test_causal_mask_with_cached_keys_offsets_the_triangle():
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_bias_added_to_scores_equals_masked_fill_exactly(dtype):
+    """The additive mask's most negative finite value absorbs any realistic score, so adding it
+    is bit for bit the masked_fill it replaces; where it is 0 the scores pass unchanged."""
+    scores = (torch.randn(2, 3, 4, 6, generator=torch.Generator().manual_seed(0)) * 1e4).to(dtype)
+    blocked = torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    bias = solution.attention_bias(blocked, dtype)
+    assert bias.dtype == dtype and torch.equal(bias == 0, ~blocked)
+    assert torch.equal(scores + bias, scores.masked_fill(blocked, torch.finfo(dtype).min))
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_the_attention_mask_is_built_once_per_forward_not_once_per_layer(attn_impl):
+    """With padding, the model turns the boolean mask into the scores' additive term once, and
+    every layer adds that: the mask work must not grow with depth. (Handed a boolean mask, SDPA
+    converts it in every layer, and inverting one for it costs a kernel per layer too.)"""
+    tokens, mask = gpt2_small.pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    mask_ops = {"aten::where", "aten::bitwise_not", "aten::logical_not", "aten::masked_fill", "aten::masked_fill_"}
+    counts = []
+    for n_layers in (1, 3):
+        model = tiny_model(attn_impl, n_layers=n_layers)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            model(tokens, attention_mask=mask)
+        names = [event.name for event in prof.events()]
+        sdpa_calls = names.count("aten::_scaled_dot_product_flash_attention_for_cpu")
+        assert sdpa_calls == (n_layers if attn_impl == "sdpa" else 0)
+        counts.append(sum(name in mask_ops for name in names))
+    assert counts[0] == counts[1] > 0
+
+
+def test_attention_bias_follows_autocast_s_dtype():
+    """Under bf16 autocast the scores are bf16, so the masked ones hold bf16's most negative
+    finite value (a float32 bias would round to -inf there), and sdpa and eager still agree."""
+    tokens, mask = gpt2_small.pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    eager, sdpa = tiny_model("eager"), tiny_model("sdpa")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, cache = eager.run_with_cache(tokens, attention_mask=mask)
+        scores = cache["blocks.0.attn.hook_attn_scores"]
+        assert scores.dtype == torch.bfloat16
+        assert scores[1, 0, 3, 0] == torch.finfo(torch.bfloat16).min  # row 1's first key is padding
+        torch.testing.assert_close(sdpa(tokens, attention_mask=mask)[1, 2:], logits[1, 2:], rtol=2e-2, atol=2e-2)
+
+
 def test_sdpa_path_equals_eager_path():
     tokens = random_tokens(3, 16)
     eager, sdpa = tiny_model("eager"), tiny_model("sdpa")
@@ -218,7 +261,8 @@ def test_weight_products_add_their_bias_inside_the_matrix_multiply(attn_impl):
         block.mlp(x)
     ops = collections.Counter(event.name for event in prof.events())
     assert ops["aten::addmm"] == 4
-    assert ops["aten::add"] == ops["aten::mm"] == 0
+    assert ops["aten::mm"] == 0
+    assert ops["aten::add"] == (1 if attn_impl == "eager" else 0)  # eager: the causal mask, added to the scores
 
 
 # --- Unembedding ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from solution import (
     TransformerBlock,
     TransformerConfig,
     Unembedding,
+    attention_bias,
     blocked_keys,
     causal_mask,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "WeightLoadError",
     "activation_patching",
     "asset_path",
+    "attention_bias",
     "beam_search",
     "blocked_keys",
     "causal_mask",

@@ -429,7 +429,8 @@ class Attention(nn.Module):
             einops.rearrange(q, "batch query_pos n_heads d_head -> batch n_heads query_pos d_head"),
             einops.rearrange(k, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
             einops.rearrange(v, "batch key_pos n_heads d_head -> batch n_heads key_pos d_head"),
-            # A float mask is used as it is; a boolean one SDPA would convert in every layer.
+            # Float, already in q's dtype (the cast is a no-op); SDPA would convert a boolean
+            # mask to this form in every layer.
             attn_mask=None if triangle or unmasked else attn_bias.to(q.dtype),
             is_causal=triangle,
         )
@@ -472,8 +473,8 @@ def attention_bias(
     """The mask as a term added to the attention scores: 0 where a query may attend, and where
     it may not (`blocked`), the most negative finite value of `dtype`.
 
-    Added to finite scores, that value absorbs them (it is ~1e31 times their size), so the sum
-    equals masked_fill(blocked, min) exactly. It is not -inf, so that a fully masked row would
+    Added to a score s, min + s rounds back to min (any realistic s is far below half the
+    spacing of floats there, ~1e31), so the sum equals masked_fill(blocked, min) exactly. It is not -inf, so that a fully masked row would
     softmax to uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
     The model builds it once per forward call and every layer adds it: given a boolean mask,
     SDPA would build this itself in each layer (two kernels there, per decoding step).

@@ -433,6 +433,25 @@ def test_modules_follow_the_input_dtype():
     assert rel < 4 * torch.finfo(torch.bfloat16).eps, rel
 
 
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_bfloat16_autocast_keeps_the_residual_stream_and_logits_in_float32(attn_impl):
+    """Under autocast the weight products run in bf16 with their bias (as nn.Linear), so what
+    attention and the MLP compute is bf16; the residual stream they add into, the LayerNorms
+    and the logits (b_U added in float32) stay float32, as the loss needs."""
+    model = tiny_model(attn_impl)
+    pattern_hooks = ("hook_attn_scores", "hook_pattern")  # hooking these would switch sdpa to eager
+    keep = (lambda name: True) if attn_impl == "eager" else (lambda name: not name.endswith(pattern_hooks))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, cache = model.run_with_cache(random_tokens(2, 6), names_filter=keep)
+    assert logits.dtype == torch.float32
+    low = {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z"}
+    low |= {"hook_attn_out", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out"}
+    assert len(cache) == 4 + TINY.n_layers * (17 if attn_impl == "eager" else 15)
+    for name, activation in cache.items():
+        expected = torch.bfloat16 if name.split(".", 2)[-1] in low else torch.float32
+        assert activation.dtype == expected, name
+
+
 def test_package_reexports_the_same_objects():
     for name in ("TransformerConfig", "Embedding", "PositionalEmbedding", "LayerNorm", "Attention", "MLP",
                  "TransformerBlock", "Unembedding", "Transformer"):  # fmt: skip

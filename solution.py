@@ -474,8 +474,9 @@ def attention_bias(
     it may not (`blocked`), the most negative finite value of `dtype`.
 
     Added to a score s, min + s rounds back to min (any realistic s is far below half the
-    spacing of floats there, ~1e31), so the sum equals masked_fill(blocked, min) exactly. It is not -inf, so that a fully masked row would
-    softmax to uniform instead of NaN, and the cached scores equal TransformerLens's bridge.
+    spacing of floats there, ~1e31), so the sum equals masked_fill(blocked, min) exactly. It
+    is not -inf, so that a fully masked row would softmax to uniform instead of NaN, and the
+    cached scores equal TransformerLens's bridge.
     The model builds it once per forward call and every layer adds it: given a boolean mask,
     SDPA would build this itself in each layer (two kernels there, per decoding step).
     """

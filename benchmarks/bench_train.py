@@ -1,5 +1,8 @@
 """Training throughput: our Transformer against HF GPT2LMHeadModel (sdpa), same shapes, same run.
 
+A third peer, `nanogpt`, is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py (tied
+embeddings, fused c_attn, SDPA is_causal), since issue 3's goal is stated against nanoGPT.
+
     python benchmarks/bench_train.py                      # GPU: GPT-2 124M, B=16, T=1024, bf16 autocast
     python benchmarks/bench_train.py --variants ours,hf   # eager only
     python benchmarks/bench_train.py --variants ours-padded-compiled-graphs   # + CUDA graphs
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import publish, sync  # noqa: E402
+from benchmarks.nanogpt_style import NanoGPTStyle  # noqa: E402
 from gpt2_small.training import PADDED_VOCAB, lm_loss, unembed_lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
 
@@ -56,12 +60,26 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     return 6 * matmul_params + 12 * cfg.n_layers * seq_len * cfg.d_model
 
 
+PEERS = ("ours", "hf", "nanogpt")
+
+
+def check_variant(variant: str) -> None:
+    """Refuse a variant name before anything runs, rather than after minutes of other variants."""
+    peer = variant.split("-")[0]
+    if peer not in PEERS:
+        raise ValueError(f"variant {variant!r} must start with one of {', '.join(PEERS)}")
+    if "-fusedloss" in variant and peer != "ours":
+        raise ValueError(f"variant {variant!r}: -fusedloss applies to ours only")
+
+
 def build(variant: str, cfg: TransformerConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     if "-padded" in variant:
         cfg = dataclasses.replace(cfg, d_vocab=PADDED_VOCAB)
     if variant.startswith("ours"):
         model = Transformer(cfg)
+    elif variant.startswith("nanogpt"):
+        model = NanoGPTStyle(cfg)
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -151,7 +169,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="comma list of {ours,hf}[-padded][-fusedloss][-cdtuned][-maxautotune][-compiled[-graphs]]; "
+        help="comma list of {ours,hf,nanogpt}[-padded][-fusedloss][-cdtuned][-maxautotune][-compiled[-graphs]]; "
+        "nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
         "-padded rounds the vocabulary up to 50304; -fusedloss (ours only) uses the trainer's fused "
         "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants",
     )
@@ -181,9 +200,15 @@ def main() -> None:
     default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled" if gpu else "ours,hf"
     if gpu:
         default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs,ours-padded-fusedloss-compiled"
+        default += ",nanogpt-padded-compiled"
     else:
         default += ",ours-fusedloss"
     variants = (args.variants or default).split(",")
+    for variant in variants:
+        try:
+            check_variant(variant)
+        except ValueError as e:
+            parser.error(str(e))
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -206,8 +231,13 @@ def main() -> None:
             f"{r['synced_ms']:.1f} | {r['warmup_s']:.1f} | {mem} |"
         )
     by_name = {r["variant"]: r["tok_s"] for r in rows}
-    pairs = [(v, "hf" + v[len("ours") :].replace("-fusedloss", "")) for v in by_name if v.startswith("ours")]
-    ratios = [f"{ours} / {hf}: {by_name[ours] / by_name[hf]:.2f}x" for ours, hf in pairs if hf in by_name]
+    ratios = [
+        f"{ours} / {peer}: {by_name[ours] / by_name[peer]:.2f}x"
+        for ours in by_name
+        if ours.startswith("ours")
+        for peer in (p + ours[len("ours") :].replace("-fusedloss", "") for p in PEERS[1:])
+        if peer in by_name
+    ]
     publish(
         f"bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW", device,
         "| variant | params | tokens/s | step (ms) | MFU | step alone (ms) | warmup (s) | peak mem (GiB) |\n"

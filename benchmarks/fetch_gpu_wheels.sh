@@ -8,8 +8,8 @@
 # in .venv, and installed there without dependency resolution:
 #
 #   bash benchmarks/fetch_gpu_wheels.sh
-#   # on the GPU machine, with .whl carried along:
-#   python3 -m pip install -q --no-deps .whl/*.whl
+#   # on the GPU machine, with .whl carried along (installs them, then tests and benchmarks):
+#   bash benchmarks/gpu_session.sh sampling
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

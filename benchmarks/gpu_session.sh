@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU work of one session, in two parts that each fit the lent machine's 10-minute limit per
+# command. Run on the GPU machine, from the repository root, with .whl/ (benchmarks/fetch_gpu_wheels.sh)
+# carried along:
+#
+#   bash benchmarks/gpu_session.sh sampling   # tests/test_cuda.py, then bench_generate.py (~5 min)
+#   bash benchmarks/gpu_session.sh training   # bench_train.py, the compiled variants that matter (~8 min)
+#
+# Each appends its tables to benchmarks/RESULTS.md and, where $OUT is set, copies that file there,
+# also when a step fails, so that whatever was measured comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+part="${1:-}"
+case "$part" in
+    sampling | training) ;;
+    *)
+        echo "usage: bash benchmarks/gpu_session.sh sampling|training (got '${part}')" >&2
+        exit 2
+        ;;
+esac
+if ! ls .whl/*.whl > /dev/null 2>&1; then
+    echo "no wheels in .whl/: run 'bash benchmarks/fetch_gpu_wheels.sh' online and carry .whl" >&2
+    exit 2
+fi
+copy_results() { [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/"; }
+trap copy_results EXIT
+
+# the image's site-packages may not be writable: install beside it, as the device README advises
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ "$part" = sampling ]; then
+    # addopts off: shapes are the CPU suite's to check; these tests check CUDA behaviour only
+    python3 -m pytest -q -o addopts="" tests/test_cuda.py
+    tests=$?
+    python3 benchmarks/bench_generate.py || exit 1
+    exit "$tests"
+fi
+python3 benchmarks/bench_train.py --variants \
+    ours-padded-compiled,hf-padded-compiled,nanogpt-padded-compiled,ours-padded-compiled-graphs,ours-padded-fusedloss-compiled,ours-compiled,hf-compiled

@@ -166,7 +166,8 @@ class KVCache:
 
     The weights are taken to be fixed while a cache is in use (one generation): it also keeps
     each layer's stacked W_Q/W_K/W_V, because re-stacking them for every token would cost more
-    than the one-token matrix multiply itself.
+    than the one-token matrix multiply itself. `reset()` empties a cache for the next generation
+    without reallocating it, and has those kept weights rebuilt, in place, at their next use.
     """
 
     def __init__(
@@ -195,6 +196,7 @@ class KVCache:
         self.cursor = torch.zeros((), dtype=torch.long, device=device)  # filled slots, on the device (static)
         self.slots: Int[Tensor, " pos"] | None = None  # static: the slots the forward call in progress writes
         self._weights: dict[int, tuple[Tensor, ...]] = {}
+        self._stale: set[int] = set()  # layers whose kept weights predate the last reset()
 
     @classmethod
     def for_model(cls, model: "Transformer", batch: int, max_pos: int, *, static: bool = False) -> "KVCache":
@@ -243,7 +245,24 @@ class KVCache:
             return build()
         if layer not in self._weights:
             self._weights[layer] = build()
+        elif layer in self._stale:
+            # In place: a CUDA graph captured on this cache reads these very buffers.
+            for kept, fresh in zip(self._weights[layer], build(), strict=True):
+                kept.copy_(fresh)
+            self._stale.discard(layer)
         return self._weights[layer]
+
+    def reset(self) -> None:
+        """Forget every cached position, keeping the buffers (a captured CUDA graph reads them by
+        address), for a new generation of the same shape. The model's weights may have changed
+        since (a training step, an edit through .data), so each kept weight is rebuilt at its next
+        use."""
+        self.cursor.zero_()
+        self.key_mask.zero_()
+        self._length = 0
+        self.padded = False
+        self.slots = None
+        self._stale = set(self._weights)
 
     def reorder(self, index: Int[Tensor, " new_batch"]) -> None:
         """Keep batch items `index` (in that order, repeats allowed), as beam search needs.

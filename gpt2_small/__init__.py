@@ -21,6 +21,7 @@ from gpt2_small.sampling import (
     generate,
     generate_text,
     pad_prompts,
+    release_decoding_state,
     stream,
     stream_text,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "get_tokenizer",
     "load_model",
     "pad_prompts",
+    "release_decoding_state",
     "stream",
     "stream_text",
     "to_str_tokens",

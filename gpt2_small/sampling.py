@@ -48,11 +48,24 @@ fuses the bias adds, GELU, residual adds and LayerNorms of a step into fewer ker
 CUDA graph the graph then replays the compiled kernels. It uses a static cache, refuses hooks
 like cuda_graph=True, and gives the eager step's tokens (tested on CPU; on a CPU it does not
 speed batch-1 decoding up, which is bound by the matrix-vector products there).
+
+Kept between generations: a graphed or compiled generation leaves its static cache and decoding
+step (with the captured graph) with the model, and the next one of the same batch size, prompt +
+new tokens, dtype and mode starts from them: no allocation, no warm-up steps, no capture. The
+graph reads the parameters where they are, and the cache rebuilds what it derives from them, so
+weights changed in place in between (a training step, an edit through .data) are followed;
+parameters that moved (.to(), load_state_dict(assign=True)) make a new state. One state per
+model: a new shape replaces it. It holds the cache's memory (2 * n_layers * batch * positions *
+d_model values) until `release_decoding_state(model)` or until the model is deleted. Two
+generations interleaved on one model (two open streams) each get their own.
 """
 
 import codecs
+import contextlib
 import functools
+import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -248,19 +261,20 @@ class _FastStep:
 
     Each call copies the new tokens into one input buffer: the graph reads it, and the compiled
     code, which guards on strides, always sees the same layout. With a graph the returned logits
-    live in the graph's output buffer until the next call.
+    live in the graph's output buffer until the next call. The model is passed to each call, not
+    kept: a _FastStep outlives its generation (see _KeptState), and must not keep a model alive.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, cuda_graph: bool, compiled: bool):
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=model.device)
         self.run = _compiled_decode_step() if compiled else _decode_step
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph:
-            self._capture()
+            self._capture(model)
 
-    def _capture(self) -> None:
-        model, cache = self.model, self.cache
+    def _capture(self, model: Transformer) -> None:
+        cache = self.cache
         cursor = cache.cursor.clone()
         # Warm-up runs (compilation, cuBLAS handles, workspaces) and the capture itself each write
         # one step at the current slot; rewinding makes the first real step overwrite that slot.
@@ -276,16 +290,77 @@ class _FastStep:
             self.logits = self.run(model, self.tokens, cache)
         cache.cursor.copy_(cursor)
 
-    def __call__(self, new_tokens: Int[Tensor, "batch 1"]) -> Float[Tensor, "batch d_vocab"]:
+    def __call__(self, model: Transformer, new_tokens: Int[Tensor, "batch 1"]) -> Float[Tensor, "batch d_vocab"]:
         self.tokens.copy_(new_tokens)
         if self.graph is None:
-            return self.run(self.model, self.tokens, self.cache)
+            return self.run(model, self.tokens, self.cache)
         self.graph.replay()  # also advances the cache's device cursor
         return self.logits
 
 
+# --- what a generation leaves for the next one -------------------------------------------------
+
+
+@dataclass(eq=False)
+class _KeptState:
+    """A static KVCache and its fast decoding step, kept with a model after a generation.
+
+    The next generation with the same key (batch size, prompt + new tokens, mode, autocast, and
+    the address of every parameter and buffer, which a CUDA graph reads) resets the cache and
+    reuses both: no allocation, no warm-up runs, no capture. Weights changed in place (training,
+    edits) are fine: the graph reads the parameters themselves, and the cache rebuilds what it
+    derives from them at the next prefill (KVCache.reset).
+    """
+
+    key: tuple
+    cache: KVCache
+    cuda_graph: bool
+    compiled: bool
+    step: _FastStep | None = None  # made (compiled, captured) at the first decoding step
+    busy: bool = False  # a generation is using it (another one, interleaved, gets its own)
+
+
+# One entry per model, dropped with the model. A WeakKeyDictionary rather than an attribute,
+# so that copy.deepcopy(model) never meets a CUDA graph.
+_KEPT: "weakref.WeakKeyDictionary[Transformer, _KeptState]" = weakref.WeakKeyDictionary()
+
+
+def _acquire_state(model: Transformer, batch: int, max_pos: int, cuda_graph: bool, compiled: bool) -> _KeptState:
+    """The model's kept state if it fits and is free; otherwise a new one, kept in its place."""
+    device_type = model.device.type
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    key = (
+        batch, max_pos, cuda_graph, compiled, model.dtype, model.device,
+        torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
+        tuple(t.data_ptr() for t in tensors),
+    )  # fmt: skip
+    kept = _KEPT.get(model)
+    if kept is not None and not kept.busy and kept.key == key:
+        kept.cache.reset()
+    else:
+        share = kept is None or not kept.busy
+        if share:
+            _KEPT.pop(model, None)  # before allocating: never hold two states' memory at once
+        kept = _KeptState(key, KVCache.for_model(model, batch, max_pos, static=True), cuda_graph, compiled)
+        if share:
+            _KEPT[model] = kept
+    kept.busy = True
+    return kept
+
+
+def release_decoding_state(model: Transformer) -> bool:
+    """Free the static KVCache and CUDA graph that the model's last fast generation left for the
+    next one (see the module docstring); True if there was one. Deleting the model frees them too.
+    """
+    return _KEPT.pop(model, None) is not None
+
+
 class _Decoder:
-    """Feeds a model a prompt and then one token per row per step; returns the last logits."""
+    """Feeds a model a prompt and then one token per row per step; returns the last logits.
+
+    `kept`: a static cache and fast step (from _acquire_state) to decode with instead of a cache
+    of its own; the caller releases it.
+    """
 
     def __init__(
         self,
@@ -294,27 +369,26 @@ class _Decoder:
         attention_mask: Tensor | None,
         use_kv_cache: bool,
         max_pos: int,
-        cuda_graph: bool = False,
-        compiled: bool = False,
+        kept: _KeptState | None = None,
     ):
         self.model = model
         self.tokens, self.mask = tokens, attention_mask
+        self.kept = kept
         self.cache = None
-        self.fast = cuda_graph or compiled
-        if use_kv_cache:
-            self.cache = KVCache.for_model(model, tokens.shape[0], max_pos, static=self.fast)
-        self.cuda_graph, self.compiled = cuda_graph, compiled
-        self.fast_step: _FastStep | None = None  # made (compiled, captured) at the first step
+        if kept is not None:
+            self.cache = kept.cache
+        elif use_kv_cache:
+            self.cache = KVCache.for_model(model, tokens.shape[0], max_pos)
 
     def prefill(self) -> Float[Tensor, "batch d_vocab"]:
         return self.model(self.tokens, attention_mask=self.mask, kv_cache=self.cache, logits_to_keep=1)[:, -1]
 
     def step(self, new_tokens: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         new = einops.rearrange(new_tokens, "batch -> batch 1")
-        if self.fast:
-            if self.fast_step is None:
-                self.fast_step = _FastStep(self.model, self.cache, self.cuda_graph, self.compiled)
-            return self.fast_step(new)
+        if self.kept is not None:
+            if self.kept.step is None:
+                self.kept.step = _FastStep(self.model, self.kept.cache, self.kept.cuda_graph, self.kept.compiled)
+            return self.kept.step(self.model, new)
         if self.cache is not None:
             return _decode_step(self.model, new, self.cache)
         self.tokens = torch.cat([self.tokens, new], dim=1)
@@ -328,6 +402,26 @@ class _Decoder:
             return
         self.tokens = self.tokens[index]
         self.mask = None if self.mask is None else self.mask[index]
+
+
+@contextlib.contextmanager
+def _decoding(
+    model: Transformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Tensor | None,
+    use_kv_cache: bool,
+    max_pos: int,
+    cuda_graph: bool,
+    compiled: bool,
+) -> Iterator[_Decoder]:
+    """A _Decoder for one generation; a fast one (graphed or compiled) decodes with the model's
+    kept state, handed back for the next generation at the end."""
+    kept = _acquire_state(model, tokens.shape[0], max_pos, cuda_graph, compiled) if cuda_graph or compiled else None
+    try:
+        yield _Decoder(model, tokens, attention_mask, use_kv_cache, max_pos, kept)
+    finally:
+        if kept is not None:
+            kept.busy = False
 
 
 def stream(
@@ -371,24 +465,26 @@ def stream(
         real = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         counts.scatter_add_(1, tokens, real.float())
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    decoder = _Decoder(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens, graphed, compiled)
     # no_grad around each model call, not as a decorator: a decorator on a generator function
     # only covers its body if it sees the generator itself, which another wrapper (jaxtyping's
     # runtime checks, say) hides; and a `with` spanning a yield would leak into the caller's code.
-    with torch.no_grad():
-        logits = decoder.prefill()
-    for step in range(max_new_tokens):
-        next_tokens = sample_next_token(logits, settings, counts, generator)
-        if stop_at_eos:
-            next_tokens = next_tokens.masked_fill(finished, eos_token_id)
-            finished |= next_tokens == eos_token_id
-        yield next_tokens
-        if step + 1 == max_new_tokens or (stop_at_eos and bool(finished.all())):
-            return
-        if counts is not None:
-            counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
+    # (_decoding does span the yields: it only hands the kept state back, when the stream ends,
+    # is closed, or is garbage-collected.)
+    with _decoding(model, tokens, attention_mask, use_kv_cache, pos + max_new_tokens, graphed, compiled) as decoder:
         with torch.no_grad():
-            logits = decoder.step(next_tokens)
+            logits = decoder.prefill()
+        for step in range(max_new_tokens):
+            next_tokens = sample_next_token(logits, settings, counts, generator)
+            if stop_at_eos:
+                next_tokens = next_tokens.masked_fill(finished, eos_token_id)
+                finished |= next_tokens == eos_token_id
+            yield next_tokens
+            if step + 1 == max_new_tokens or (stop_at_eos and bool(finished.all())):
+                return
+            if counts is not None:
+                counts.scatter_add_(1, next_tokens[:, None], (~finished).float()[:, None])
+            with torch.no_grad():
+                logits = decoder.step(next_tokens)
 
 
 def generate(
@@ -555,52 +651,53 @@ def beam_search(
     in_top_beams = torch.arange(keep, device=device) < num_beams
 
     flat = "batch beam pos -> (batch beam) pos"
-    decoder = _Decoder(
-        model, einops.rearrange(running[:, :, :prompt_len], flat), None, use_kv_cache, max_len, graphed, compiled
-    )
-    logits = decoder.prefill()
-    for cur_len in range(prompt_len, max_len):
-        log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)
-        if no_repeat_ngram_size:
-            for row, seq in enumerate(einops.rearrange(running[:, :, :cur_len], flat).tolist()):
-                log_probs[row, banned_ngram_tokens(seq, no_repeat_ngram_size)] = float("-inf")
-        d_vocab = log_probs.shape[-1]
-        totals = einops.rearrange(log_probs, "(batch beam) d_vocab -> batch beam d_vocab", beam=num_beams)
-        totals = einops.rearrange(totals + running_scores[..., None], "batch beam d_vocab -> batch (beam d_vocab)")
-        top_scores, top_index = totals.topk(keep, dim=-1)
-        source_beam, token = top_index // d_vocab, top_index % d_vocab
-        candidates = _gather(running, source_beam)
-        candidates[:, :, cur_len] = token
-        stops = (token == eos_token_id) | (cur_len + 1 == max_len)
+    prompts = einops.rearrange(running[:, :, :prompt_len], flat)
+    with _decoding(model, prompts, None, use_kv_cache, max_len, graphed, compiled) as decoder:
+        logits = decoder.prefill()
+        for cur_len in range(prompt_len, max_len):
+            log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)
+            if no_repeat_ngram_size:
+                for row, seq in enumerate(einops.rearrange(running[:, :, :cur_len], flat).tolist()):
+                    log_probs[row, banned_ngram_tokens(seq, no_repeat_ngram_size)] = float("-inf")
+            d_vocab = log_probs.shape[-1]
+            totals = einops.rearrange(log_probs, "(batch beam) d_vocab -> batch beam d_vocab", beam=num_beams)
+            totals = einops.rearrange(totals + running_scores[..., None], "batch beam d_vocab -> batch (beam d_vocab)")
+            top_scores, top_index = totals.topk(keep, dim=-1)
+            source_beam, token = top_index // d_vocab, top_index % d_vocab
+            candidates = _gather(running, source_beam)
+            candidates[:, :, cur_len] = token
+            stops = (token == eos_token_id) | (cur_len + 1 == max_len)
 
-        # The k best candidates that did not stop run on.
-        live_scores = top_scores + stops.float() * _DROPPED
-        best_live = live_scores.topk(num_beams, dim=-1).indices
-        running = _gather(candidates, best_live)
-        running_scores = _gather(live_scores, best_live)
-        beam_origin = _gather(source_beam, best_live)
+            # The k best candidates that did not stop run on.
+            live_scores = top_scores + stops.float() * _DROPPED
+            best_live = live_scores.topk(num_beams, dim=-1).indices
+            running = _gather(candidates, best_live)
+            running_scores = _gather(live_scores, best_live)
+            beam_origin = _gather(source_beam, best_live)
 
-        # Those of the k best that stopped join the finished hypotheses, if they beat the worst.
-        length = cur_len + 1 - prompt_len
-        newly_finished = stops & in_top_beams & can_improve[:, None]
-        penalised = top_scores / length**length_penalty + (~newly_finished).float() * _DROPPED
-        merged = torch.cat([finished_scores, penalised], dim=1).topk(num_beams, dim=-1).indices
-        finished = _gather(torch.cat([finished, candidates], dim=1), merged)
-        finished_sums = _gather(torch.cat([finished_sums, top_scores], dim=1), merged)
-        finished_lengths = _gather(torch.cat([finished_lengths, torch.full_like(token, length)], dim=1), merged)
-        finished_scores = _gather(torch.cat([finished_scores, penalised], dim=1), merged)
-        is_finished = _gather(torch.cat([is_finished, newly_finished], dim=1), merged)
+            # Those of the k best that stopped join the finished hypotheses, if they beat the worst.
+            length = cur_len + 1 - prompt_len
+            newly_finished = stops & in_top_beams & can_improve[:, None]
+            penalised = top_scores / length**length_penalty + (~newly_finished).float() * _DROPPED
+            merged = torch.cat([finished_scores, penalised], dim=1).topk(num_beams, dim=-1).indices
+            finished = _gather(torch.cat([finished, candidates], dim=1), merged)
+            finished_sums = _gather(torch.cat([finished_sums, top_scores], dim=1), merged)
+            finished_lengths = _gather(torch.cat([finished_lengths, torch.full_like(token, length)], dim=1), merged)
+            finished_scores = _gather(torch.cat([finished_scores, penalised], dim=1), merged)
+            is_finished = _gather(torch.cat([is_finished, newly_finished], dim=1), merged)
 
-        # HF's early_stopping=False heuristic: the best running beam, at its current length, must
-        # still beat the worst finished hypothesis (of a full set of k) for the row to go on.
-        best_possible = running_scores[:, 0] / length**length_penalty
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _DROPPED)
-        can_improve &= (best_possible[:, None] > worst_finished).any(dim=1)
-        if not bool(can_improve.any()) or bool(stops.all()):
-            break
-        index = einops.rearrange(beam_origin + torch.arange(batch, device=device)[:, None] * num_beams, "b k -> (b k)")
-        decoder.reorder(index)
-        logits = decoder.step(einops.rearrange(running[:, :, cur_len], "batch beam -> (batch beam)"))
+            # HF's early_stopping=False heuristic: the best running beam, at its current length, must
+            # still beat the worst finished hypothesis (of a full set of k) for the row to go on.
+            best_possible = running_scores[:, 0] / length**length_penalty
+            worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, _DROPPED)
+            can_improve &= (best_possible[:, None] > worst_finished).any(dim=1)
+            if not bool(can_improve.any()) or bool(stops.all()):
+                break
+            index = einops.rearrange(
+                beam_origin + torch.arange(batch, device=device)[:, None] * num_beams, "b k -> (b k)"
+            )
+            decoder.reorder(index)
+            logits = decoder.step(einops.rearrange(running[:, :, cur_len], "batch beam -> (batch beam)"))
 
     out_len = prompt_len + int(finished_lengths[:, 0].max())
     return BeamSearchOutput(
@@ -621,6 +718,7 @@ __all__ = [
     "mask_padding_ids",
     "pad_prompts",
     "process_logits",
+    "release_decoding_state",
     "sample_next_token",
     "stream",
     "stream_text",

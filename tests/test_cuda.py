@@ -82,6 +82,32 @@ def test_compiled_cuda_graph_decoding_equals_eager(cuda_model, without_shape_che
     torch.testing.assert_close(beams.scores, eager.scores)
 
 
+def test_a_second_cuda_graph_generation_replays_the_kept_graph_with_edited_weights(cuda_model):
+    """The graph captured by one generation is replayed by the next of the same shape (no new
+    capture), and it reads the parameters themselves: an in-place edit shows in its tokens."""
+    from gpt2_small.sampling import _KEPT
+
+    model = copy.deepcopy(cuda_model)
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79]], device="cuda")
+    kwargs = {"temperature": 0, "attention_mask": mask, "stop_at_eos": False}
+    first = generate(model, tokens, 30, cuda_graph=True, **kwargs)
+    graph = _KEPT[model].step.graph
+    assert graph is not None
+    assert torch.equal(generate(model, tokens, 30, cuda_graph=True, **kwargs), first)
+    assert _KEPT[model].step.graph is graph
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in.data.mul_(-2.0)
+        model.blocks[1].attn.W_Q.data.mul_(3.0)
+    edited = generate(model, tokens, 30, cuda_graph=True, **kwargs)
+    assert _KEPT[model].step.graph is graph
+    assert torch.equal(edited, generate(model, tokens, 30, cuda_graph=False, **kwargs))
+    assert not torch.equal(edited, first)
+    bf16 = model.bfloat16()  # new parameter storage: the kept graph must not be replayed
+    graphed = generate(bf16, tokens, 30, cuda_graph=True, **kwargs)
+    assert _KEPT[bf16].step.graph is not graph
+    assert torch.equal(graphed, generate(bf16, tokens, 30, cuda_graph=False, **kwargs))
+
+
 def test_fused_unembed_loss_under_cuda_bf16_autocast_equals_lm_loss():
     """The trainer's default loss on the GPU path: bf16 autocast, vocabulary 50304, several chunks."""
     torch.manual_seed(0)

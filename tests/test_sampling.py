@@ -2,8 +2,10 @@
 full recomputation, the statistics of each sampling rule, and the errors."""
 
 import copy
+import gc
 import math
 import re
+import weakref
 
 import einops
 import pytest
@@ -170,6 +172,35 @@ def test_static_kv_cache_attends_over_every_slot_with_the_unfilled_ones_masked(s
     assert cache.key_mask.tolist() == [[True] * 4 + [False] * 3]
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_kv_cache_reset_serves_a_new_generation_with_edited_weights_in_the_same_buffers(sampling_pair, static):
+    """After reset() a used cache gives a fresh cache's logits for another prompt, also when the
+    weights were edited in place through .data (which no version counter sees), and keeps its
+    buffers. Without the rebuild, the stacked W_Q/W_K/W_V kept from the first use would be stale."""
+    model = copy.deepcopy(sampling_pair.model)
+    cache = KVCache.for_model(model, batch=2, max_pos=10, static=static)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), kv_cache=cache)
+        model(torch.tensor([[9], [10]]), kv_cache=cache)
+        buffers = [t.data_ptr() for t in (*cache.k, *cache.v, cache.key_mask, *cache._weights[1])]
+        model.blocks[1].attn.W_K.data.mul_(-2.0)
+        model.blocks[1].attn.b_V.data.add_(0.5)
+        cache.reset()
+        assert cache.length == 0 and not cache.key_mask.any()
+
+        tokens, mask = pad_prompts([[11, 12, 13], [14, 15]])
+        fresh = KVCache.for_model(model, batch=2, max_pos=10, static=static)
+        reused_logits = [model(tokens, attention_mask=mask, kv_cache=cache)[:, -1]]
+        fresh_logits = [model(tokens, attention_mask=mask, kv_cache=fresh)[:, -1]]
+        for token in (16, 17):
+            step = torch.tensor([[token], [token]])
+            reused_logits.append(model(step, kv_cache=cache)[:, -1])
+            fresh_logits.append(model(step, kv_cache=fresh)[:, -1])
+    torch.testing.assert_close(torch.stack(reused_logits), torch.stack(fresh_logits), rtol=0, atol=0)
+    assert [t.data_ptr() for t in (*cache.k, *cache.v, cache.key_mask, *cache._weights[1])] == buffers
+    torch.testing.assert_close(cache._weights[1][0], model.blocks[1].attn.stacked_qkv()[0], rtol=0, atol=0)
+
+
 def test_cuda_graph_is_refused_where_it_cannot_run(sampling_pair):
     tokens = torch.tensor([[10, 20, 30]])
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got device cpu"):
@@ -225,6 +256,61 @@ def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without
 
     # The compiled step ran (the test cannot pass on a silent eager fallback) and compiled once.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+@pytest.mark.slow
+def test_a_fast_generation_reuses_the_kept_cache_and_step_and_follows_weight_edits(
+    small_vocab_pair, without_shape_checks
+):
+    """A second fast (here compiled) generation of the same shape reuses the first one's static
+    cache and decoding step, and gives the eager tokens, also after an in-place weight edit; a new
+    shape replaces the kept state; release_decoding_state and deleting the model free it."""
+    from gpt2_small.sampling import _KEPT
+
+    model, eos = copy.deepcopy(small_vocab_pair.model), small_vocab_pair.eos
+    tokens, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
+    kwargs = {"temperature": 0, "attention_mask": mask, "stop_at_eos": False}
+    first = generate(model, tokens, 20, compile=True, **kwargs)
+    kept = _KEPT[model]
+    cache, step = kept.cache, kept.step
+    assert step is not None and not kept.busy
+    assert torch.equal(generate(model, tokens, 20, compile=True, **kwargs), first)
+    assert _KEPT[model] is kept and kept.cache is cache and kept.step is step
+
+    with torch.no_grad():
+        model.blocks[0].attn.W_V.data.mul_(-3.0)
+        model.blocks[1].mlp.b_out.data.add_(torch.linspace(-2, 2, model.cfg.d_model))
+    edited = generate(model, tokens, 20, compile=True, **kwargs)
+    assert _KEPT[model] is kept and kept.cache is cache  # reused ...
+    assert torch.equal(edited, generate(model, tokens, 20, **kwargs))  # ... with the edited weights
+    assert not torch.equal(edited, first)
+
+    generate(model, tokens, 19, compile=True, **kwargs)  # another max_pos: a new state replaces it
+    assert _KEPT[model] is not kept and _KEPT[model].cache.max_pos == 4 + 19
+    assert gpt2_small.release_decoding_state(model) and model not in _KEPT
+    assert not gpt2_small.release_decoding_state(model)
+
+    generate(model, tokens, 20, compile=True, **kwargs)
+    alive, kept_states = weakref.ref(model), len(_KEPT)
+    del model
+    gc.collect()
+    assert alive() is None and len(_KEPT) == kept_states - 1
+
+
+@pytest.mark.slow
+def test_interleaved_fast_streams_of_one_shape_do_not_share_a_cache(small_vocab_pair, without_shape_checks):
+    """Two streams of one model and shape, advanced in turn: the second finds the kept state busy
+    and decodes with one of its own, so each gives what it gives alone."""
+    model, eos = small_vocab_pair.model, small_vocab_pair.eos
+    a, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
+    b = torch.tensor([[11, 12, 13, 14], [15, 16, 17, 18]])
+    kwargs = {"temperature": 0, "stop_at_eos": False, "compile": True}
+    alone_a = generate(model, a, 20, attention_mask=mask, **kwargs)[:, 4:]
+    alone_b = generate(model, b, 20, **kwargs)[:, 4:]
+    assert not torch.equal(alone_a, alone_b)
+    pairs = list(zip(stream(model, a, 20, attention_mask=mask, **kwargs), stream(model, b, 20, **kwargs), strict=True))
+    assert torch.equal(torch.stack([x for x, _ in pairs], dim=1), alone_a)
+    assert torch.equal(torch.stack([y for _, y in pairs], dim=1), alone_b)
 
 
 def test_compiled_decoding_step_writes_the_cache_in_place(without_shape_checks):

@@ -51,13 +51,13 @@ speed batch-1 decoding up, which is bound by the matrix-vector products there).
 
 Kept between generations: a graphed or compiled generation leaves its static cache and decoding
 step (with the captured graph) with the model, and the next one of the same batch size, prompt +
-new tokens, dtype and mode starts from them: no allocation, no warm-up steps, no capture. The
-graph reads the parameters where they are, and the cache rebuilds what it derives from them, so
-weights changed in place in between (a training step, an edit through .data) are followed;
-parameters that moved (.to(), load_state_dict(assign=True)) make a new state. One state per
-model: a new shape replaces it. It holds the cache's memory (2 * n_layers * batch * positions *
-d_model values) until `release_decoding_state(model)` or until the model is deleted. Two
-generations interleaved on one model (two open streams) each get their own.
+new tokens, dtype, mode, autocast and inference mode starts from them: no allocation, no warm-up
+steps, no capture. The graph reads the parameters where they are, and the cache rebuilds what it
+derives from them, so weights changed in place in between (a training step, an edit through
+.data) are followed; parameters that moved (.to(), load_state_dict(assign=True)) make a new
+state. One state per model: a new shape replaces it. It holds the cache's memory (2 * n_layers *
+batch * positions * d_model values) until `release_decoding_state(model)` or until the model is
+deleted. Two generations interleaved on one model (two open streams) each get their own.
 """
 
 import codecs
@@ -305,11 +305,11 @@ class _FastStep:
 class _KeptState:
     """A static KVCache and its fast decoding step, kept with a model after a generation.
 
-    The next generation with the same key (batch size, prompt + new tokens, mode, autocast, and
-    the address of every parameter and buffer, which a CUDA graph reads) resets the cache and
-    reuses both: no allocation, no warm-up runs, no capture. Weights changed in place (training,
-    edits) are fine: the graph reads the parameters themselves, and the cache rebuilds what it
-    derives from them at the next prefill (KVCache.reset).
+    The next generation with the same key (batch size, prompt + new tokens, mode, inference mode,
+    autocast, and the address of every parameter and buffer, which a CUDA graph reads) resets the
+    cache and reuses both: no allocation, no warm-up runs, no capture. Weights changed in place
+    (training, edits) are fine: the graph reads the parameters themselves, and the cache rebuilds
+    what it derives from them at the next prefill (KVCache.reset).
     """
 
     key: tuple
@@ -329,8 +329,9 @@ def _acquire_state(model: Transformer, batch: int, max_pos: int, cuda_graph: boo
     """The model's kept state if it fits and is free; otherwise a new one, kept in its place."""
     device_type = model.device.type
     tensors = itertools.chain(model.parameters(), model.buffers())
+    # Inference mode is in the key because tensors made under it refuse in-place updates outside.
     key = (
-        batch, max_pos, cuda_graph, compiled, model.dtype, model.device,
+        batch, max_pos, cuda_graph, compiled, model.dtype, model.device, torch.is_inference_mode_enabled(),
         torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type),
         tuple(t.data_ptr() for t in tensors),
     )  # fmt: skip

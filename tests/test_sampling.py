@@ -285,6 +285,14 @@ def test_a_fast_generation_reuses_the_kept_cache_and_step_and_follows_weight_edi
     assert torch.equal(edited, generate(model, tokens, 20, **kwargs))  # ... with the edited weights
     assert not torch.equal(edited, first)
 
+    # A state made under inference mode holds inference tensors, which refuse in-place updates
+    # outside it: the next generation outside makes its own.
+    assert gpt2_small.release_decoding_state(model)
+    with torch.inference_mode():
+        assert torch.equal(generate(model, tokens, 20, compile=True, **kwargs), edited)
+    assert torch.equal(generate(model, tokens, 20, compile=True, **kwargs), edited)
+    kept = _KEPT[model]
+
     generate(model, tokens, 19, compile=True, **kwargs)  # another max_pos: a new state replaces it
     assert _KEPT[model] is not kept and _KEPT[model].cache.max_pos == 4 + 19
     assert gpt2_small.release_decoding_state(model) and model not in _KEPT

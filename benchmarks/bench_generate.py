@@ -10,10 +10,11 @@ produced exactly the tokens of the float32 HF run. Prints a table and appends it
 benchmarks/RESULTS.md with the device and date.
 
 Every variant first makes one untimed call of the timed shape, reported as "1st call (s)": it
-pays the one-time costs (kernels, allocator, compilation, HF's static cache, our CUDA graph
-capture). The timed calls then run as later calls of a session do: our fast variants replay the
-static cache and CUDA graph that the first call left with the model (gpt2_small.sampling), and
-HF's static cache is likewise reused by its later calls.
+pays the one-time costs (kernels, allocator, compilation, our CUDA graph capture). The timed
+calls then run as later calls of a session do: our fast variants replay the static cache and
+CUDA graph that the first call left with the model (gpt2_small.sampling), and HF's static-cache
+generate reuses the decoding forward that transformers 5 compiles at its first call on a GPU
+(it allocates a new static cache per call).
 
 For our variants a further, separate run waits for every token, to show where the time goes:
 "set-up + prefill" (cache, the prompt, the first token), "1st step" (the first decoding step)

@@ -95,21 +95,17 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                   max_new_tokens=n, **extra)  # fmt: skip
 
-    # The first call, of the timed shape: a compiled step and a CUDA graph are made for the
-    # cache's shape, so a shorter call would leave the timed ones to make theirs again.
+    # The first call is of the timed shape too: a compiled step and a CUDA graph are made for
+    # the cache's shape, so a shorter call would leave the timed ones to make theirs again.
     with torch.no_grad():
         sync(device)
-        start = time.perf_counter()
-        call(new_tokens)
-        sync(device)
-        first_call = time.perf_counter() - start
         times, out = [], None
-        for _ in range(repeats):
+        for _ in range(1 + repeats):
             start = time.perf_counter()
             out = call(new_tokens)
             sync(device)
             times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    first_call, seconds = times[0], statistics.median(times[1:])
     steps = profile() if profile and new_tokens > 2 else {}
     return out.cpu(), prompt.shape[0] * new_tokens / seconds, seconds, {"first_call_s": first_call, **steps}
 

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh sampling   # tests/test_cuda.py, then bench_generate.py (~5 min)
 #   bash benchmarks/gpu_session.sh training   # bench_train.py, the compiled variants that matter (~8 min)
+#   bash benchmarks/gpu_session.sh profile    # profile_decode.py: kernels and device time per decoding step (~2 min)
 #
 # Each appends its tables to benchmarks/RESULTS.md and, where $OUT is set, copies that file there,
 # also when a step fails, so that whatever was measured comes back.
@@ -13,9 +14,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    sampling | training) ;;
+    sampling | training | profile) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh sampling|training (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh sampling|training|profile (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -36,6 +37,10 @@ if [ "$part" = sampling ]; then
     tests=$?
     python3 benchmarks/bench_generate.py || exit 1
     exit "$tests"
+fi
+if [ "$part" = profile ]; then
+    python3 benchmarks/profile_decode.py --batch 1 && python3 benchmarks/profile_decode.py --batch 64 --top 6
+    exit $?
 fi
 python3 benchmarks/bench_train.py --variants \
     ours-padded-compiled,hf-padded-compiled,nanogpt-padded-compiled,ours-padded-compiled-graphs,ours-padded-fusedloss-compiled,ours-compiled,hf-compiled

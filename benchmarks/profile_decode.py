@@ -94,6 +94,8 @@ def profile_variant(variant: str, batch: int, new_tokens: int, device: torch.dev
             sync(device)
             wall_us = 1e6 * (time.perf_counter() - start)
     kernels = kernel_events(prof, device)
+    if not kernels:
+        raise RuntimeError(f"{variant}: the profiler recorded no {device.type} kernels; nothing to report")
     busy_us = sum(us for _, us in kernels)
     row = {
         "variant": variant, "batch": batch, "steps": n_steps, "step_ms": wall_us / n_steps / 1000,
@@ -128,6 +130,9 @@ def main() -> None:
     if new_tokens < 3:
         parser.error(f"--new-tokens must be >= 3 (the first token is left out of the profile), got {new_tokens}")
     variants = (args.variants or ("ours-bf16-eager,ours-bf16,ours-bf16-compiled" if gpu else "ours")).split(",")
+    known = {f"ours{dtype}{mode}" for dtype in ("", "-bf16") for mode in ("", "-compiled", "-eager")}
+    if unknown := [v for v in variants if v not in known]:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(known)}")
 
     rows, tops = [], []
     for variant in variants:

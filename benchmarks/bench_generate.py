@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish, sync  # noqa: E402
+from benchmarks.common import publish, sampler_options, sync  # noqa: E402
 from gpt2_small import Transformer, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
@@ -78,10 +78,7 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
     profile = None
     if variant.startswith("ours"):
         model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
-        options = {
-            "cuda_graph": False if variant.endswith("-eager") else None,
-            "compile": variant.endswith("-compiled"),
-        }
+        options = sampler_options(variant)
 
         def call(n: int) -> torch.Tensor:
             return generate(model, prompt, n, temperature=0, stop_at_eos=False, **options)

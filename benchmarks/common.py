@@ -12,6 +12,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sampler_options(variant: str) -> dict:
+    """Our sampler's arguments for a bench variant: `-compiled` compiles the decoding step,
+    `-eager` turns CUDA graphs off (otherwise they are on for a CUDA model)."""
+    return {"cuda_graph": False if variant.endswith("-eager") else None, "compile": variant.endswith("-compiled")}
+
+
 def device_line(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, 2026-11-22' (or 'CPU (x86_64), ...')."""
     if device.type == "cuda":

@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish, sync  # noqa: E402
+from benchmarks.common import publish, sampler_options, sync  # noqa: E402
 from gpt2_small import Transformer, TransformerConfig, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
@@ -74,10 +74,7 @@ def profile_variant(variant: str, batch: int, new_tokens: int, device: torch.dev
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     torch.manual_seed(0)
     model = Transformer(TransformerConfig()).to(device=device, dtype=dtype).eval()
-    options = {
-        "temperature": 0, "stop_at_eos": False, "compile": "-compiled" in variant,
-        "cuda_graph": False if variant.endswith("-eager") else None,
-    }  # fmt: skip
+    options = {"temperature": 0, "stop_at_eos": False, **sampler_options(variant)}
     prompt = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities):

@@ -45,8 +45,6 @@ class NanoGPTStyle(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        if cfg.n_heads * cfg.d_head != cfg.d_model:
-            raise ValueError(f"nanoGPT's layout needs n_heads * d_head == d_model, got {cfg.n_heads} * {cfg.d_head}")
         self.wte = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
         self.h = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2_small.training import PRESETS, TrainConfig, Trainer  # noqa: E402
+from gpt2_small.training import PRESET_LR, PRESETS, TrainConfig, Trainer  # noqa: E402
 
 HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
@@ -36,8 +36,12 @@ HELP = {
     "cache_dir": "token cache directory (default ~/.cache/gpt2_small/tokens)",
     "batch_size": "sequences per micro-batch, per process",
     "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate",
-    "min_lr": "learning rate the cosine schedule decays to",
+    "lr": "peak learning rate (default by preset: "
+    + ", ".join(f"{name} {lr:.1e}" for name, (lr, _) in sorted(PRESET_LR.items()))
+    + ")",
+    "min_lr": "learning rate the cosine schedule decays to (default by preset: "
+    + ", ".join(f"{name} {min_lr:.1e}" for name, (_, min_lr) in sorted(PRESET_LR.items()))
+    + "; lr / 10 when --lr is given)",
     "warmup_steps": "steps of linear warmup",
     "max_steps": "optimizer steps (ignored if --epochs is given)",
     "epochs": "train for this many passes over the training windows",

@@ -58,6 +58,9 @@ PRESETS: dict[str, TransformerConfig] = {
     # GPT-2 small's shape: 124M parameters with tied embeddings, 163M as here (untied, padded).
     "gpt2": TransformerConfig(d_vocab=PADDED_VOCAB),
 }
+# Peak and floor learning rates when TrainConfig.lr is not given. tiny: the README's sweep on
+# Shakespeare (3e-3 spiked the gradient norm); gpt2: GPT-3's 125M model and nanoGPT's 6e-4.
+PRESET_LR: dict[str, tuple[float, float]] = {"tiny": (1.5e-3, 1.5e-4), "gpt2": (6e-4, 6e-5)}
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
@@ -83,9 +86,8 @@ class TrainConfig:
     # optimisation
     batch_size: int = 4  # sequences per micro-batch, per process (16+ on a GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
-    # Tiny preset on Shakespeare, 3 seeds (README): 1.5e-3 ended lowest; 3e-3 spiked the gradient norm.
-    lr: float = 1.5e-3  # peak learning rate, reached after warmup (6e-4 suits the gpt2 preset)
-    min_lr: float = 1.5e-4  # the floor the cosine decays to
+    lr: float | None = None  # peak learning rate, reached after warmup; None: the preset's (PRESET_LR)
+    min_lr: float | None = None  # the floor the cosine decays to; None: the preset's with its lr, else lr / 10
     warmup_steps: int = 30  # linear warmup from lr / warmup_steps to lr
     max_steps: int = 400  # optimizer steps; ignored when epochs is set
     epochs: float | None = None  # train for this many passes over the training windows instead
@@ -119,6 +121,13 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is None:
+            if self.preset not in PRESET_LR:
+                raise ValueError(f"preset {self.preset!r} has no default learning rate in PRESET_LR; pass lr")
+            self.lr, preset_min_lr = PRESET_LR[self.preset]
+            self.min_lr = preset_min_lr if self.min_lr is None else self.min_lr
+        elif self.min_lr is None:
+            self.min_lr = self.lr / 10
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.epochs is not None and self.epochs <= 0:
@@ -752,6 +761,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 __all__ = [
     "PRESETS",
+    "PRESET_LR",
     "CheckpointMismatchError",
     "DataPosition",
     "TrainConfig",

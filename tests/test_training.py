@@ -74,6 +74,18 @@ def test_lr_schedule_warmup_peak_and_floor():
     assert all(a >= b for a, b in itertools.pairwise(values))  # monotone decay
 
 
+def test_learning_rates_default_by_preset_and_floor_to_a_tenth_of_a_given_lr():
+    tiny, gpt2 = TrainConfig(), TrainConfig(preset="gpt2")
+    assert (tiny.lr, tiny.min_lr) == (1.5e-3, 1.5e-4)  # exactly the values the README's sweep chose
+    assert (gpt2.lr, gpt2.min_lr) == (6e-4, 6e-5)
+    given = TrainConfig(preset="gpt2", lr=2e-4)  # the floor follows the given peak, never above it
+    assert (given.lr, given.min_lr) == (2e-4, pytest.approx(2e-5))
+    assert TrainConfig(lr=1e-4).min_lr == pytest.approx(1e-5)  # below the tiny preset's floor: no error
+    assert TrainConfig(preset="gpt2", min_lr=1e-5).lr == 6e-4  # a given floor is kept under the preset's peak
+    with pytest.raises(ValueError, match="preset 'micro' has no default learning rate"):
+        TrainConfig(preset="micro")  # registered by the autouse fixture, with no entry in PRESET_LR
+
+
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     with torch.device("meta"):
         model = Transformer(MICRO)

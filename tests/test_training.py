@@ -127,6 +127,14 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="dtype must be"):
         TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1.0"):
+        TrainConfig(grad_clip=-1.0)
+    # Refused before any data is read, not after a hub dataset has been downloaded and tokenized.
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        TrainConfig(val_fraction=1.5)
+    for name in ("stride", "max_examples", "num_proc"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1 or None, got 0"):
+            TrainConfig(**{name: 0})
 
 
 def test_samples_longer_than_the_context_are_refused_up_front(tmp_path, shakespeare_slice):

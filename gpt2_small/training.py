@@ -65,6 +65,11 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
 RUN_FILES = ("metrics.jsonl", "samples.txt", "loss_curve.png")
+# TrainConfig fields that leave the training trajectory alone: a resumed run may change them freely.
+_OUTSIDE_TRAJECTORY = {
+    "out_dir", "overwrite", "eval_interval", "eval_batches", "sample_interval", "sample_prompt",
+    "sample_tokens", "keep_checkpoints", "checkpoint_interval", "num_proc", "cache_dir",
+}  # fmt: skip
 
 
 @dataclass
@@ -713,10 +718,33 @@ class Trainer:
             )  # fmt: skip
             self.position = DataPosition(self.position.epoch, consumed)
         _set_rng_state(state["rng"])
+        self._warn_about_changed_settings(path)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
         if self.dist.is_main:
             _write_rows(self.out_dir / "metrics.jsonl", self.rows)
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _warn_about_changed_settings(self, checkpoint: Path) -> None:
+        """Say which settings that shape training (lr, max_steps, data, ...) differ from the checkpoint's.
+
+        Changing them on resume is allowed (extending max_steps is common), but the run then no
+        longer continues as the interrupted one would have.
+        """
+        saved_file = checkpoint / TRAIN_CONFIG
+        if not (self.dist.is_main and saved_file.is_file()):
+            return
+        saved = json.loads(saved_file.read_text())
+        changed = {
+            name: (saved[name], value)
+            for name, value in dataclasses.asdict(self.cfg).items()
+            if name in saved and name not in _OUTSIDE_TRAJECTORY and saved[name] != value
+        }
+        if changed:
+            logger.warning(
+                "resuming with settings that differ from the checkpoint's, so later steps differ from an "
+                "uninterrupted run (field: (checkpoint, now)): %s",
+                changed,
+            )
 
 
 def finish_row(row: dict) -> dict:

@@ -300,6 +300,18 @@ def test_resume_continues_exactly(tmp_path, shakespeare_slice):
     assert [r["val_loss"] for r in whole if "val_loss" in r] == [r["val_loss"] for r in resumed if "val_loss" in r]
 
 
+def test_resume_warns_when_settings_that_shape_training_changed(tmp_path, shakespeare_slice, caplog):
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=3)
+    caplog.set_level("WARNING", logger="gpt2_small.training")
+    Trainer(micro_config(tmp_path, eval_batches=1, keep_checkpoints=3), data=shakespeare_slice, resume=True)
+    assert not [r for r in caplog.records if "differ from the checkpoint" in r.getMessage()]  # outside the trajectory
+
+    Trainer(micro_config(tmp_path, lr=5e-3, max_steps=12), data=shakespeare_slice, resume=True)
+    (warning,) = [r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.getMessage()]
+    assert "'lr': (0.01, 0.005)" in warning and "'max_steps': (8, 12)" in warning
+    assert "min_lr" not in warning  # given explicitly in both runs (1e-3): unchanged
+
+
 def test_resume_crosses_an_epoch_boundary_exactly(tmp_path):
     rng = np.random.default_rng(0)
     data = TokenData(rng.integers(0, 50257, 6 * 17 + 1).astype(np.uint16), rng.integers(0, 50257, 200), "tiny")

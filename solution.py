@@ -860,6 +860,10 @@ class Transformer(HookedRootModule):
             raise ValueError(f"{config_file} is not a gpt2_small checkpoint config (format={meta.get('format')!r})")
         model = cls(TransformerConfig(**meta["config"]))
         state = load_file(weights_file)
+        if not state:
+            raise ValueError(
+                f"{weights_file} holds no tensors; Transformer.load expects one written by Transformer.save"
+            )
         model.to(next(iter(state.values())).dtype)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype)

@@ -226,3 +226,8 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a gpt2_small checkpoint config"):
         Transformer.load(tmp_path)
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    Transformer(cfg).save(tmp_path)
+    save_file({}, tmp_path / "model.safetensors")  # a valid safetensors file with nothing in it
+    with pytest.raises(ValueError, match="model.safetensors holds no tensors"):
+        Transformer.load(tmp_path)

@@ -4,6 +4,7 @@
 #   bash setup_env.sh                      # torch 2.13.0 from PyPI (CUDA build on Linux, MPS on macOS)
 #   TORCH_SPEC="torch==2.13.0" bash setup_env.sh
 #   PIP_INDEX_URL=https://download.pytorch.org/whl/cpu bash setup_env.sh   # CPU-only wheels, a much smaller download
+#   GPT2_SMALL_UNPINNED=1 bash setup_env.sh   # newest releases within pyproject.toml's ranges, not constraints.txt
 #
 # torch is installed first and pinned, because an unpinned `torch` pulled in by a dependency
 # takes whatever build the index offers first. Re-running the script reuses .venv.
@@ -32,8 +33,18 @@ else
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 fi
 
+# constraints.txt pins the versions the suite was tested with; its numpy and transformers need
+# Python >= 3.11, so on 3.10 the ranges in pyproject.toml decide.
+CONSTRAINTS=constraints.txt
+if [ -n "${GPT2_SMALL_UNPINNED:-}" ]; then
+    CONSTRAINTS=
+    echo "==> GPT2_SMALL_UNPINNED set: newest releases within pyproject.toml's ranges, not constraints.txt"
+elif ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    CONSTRAINTS=
+    echo "==> Python 3.10: constraints.txt needs 3.11+, so versions come from pyproject.toml's ranges (untested)"
+fi
 echo "==> installing gpt2-small (editable) with dev extras"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
 
 "$VENV/bin/python" - <<'PY'
 from importlib.metadata import version

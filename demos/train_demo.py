@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2_small.training import PRESET_LR, PRESETS, TrainConfig, Trainer  # noqa: E402
+from gpt2_small.training import PRESET_LR, PRESETS, NonFiniteLossError, TrainConfig, Trainer  # noqa: E402
 
 HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"train_demo: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"train_demo: training diverged at {e}", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         rows = trainer.rows
         val = [r["val_loss"] for r in rows if "val_loss" in r]

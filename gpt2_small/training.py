@@ -384,6 +384,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written for another model configuration than this run's."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a step's loss or gradient norm is NaN or infinite."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: TokenData | None = None):
         self.cfg = cfg
@@ -598,6 +602,9 @@ class Trainer:
                     self._record(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_per_s']:,.0f}")
                 bar.update(1)
+                if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                    bar.close()
+                    self._diverged(row)
 
         try:
             while self.step < stop:
@@ -633,6 +640,21 @@ class Trainer:
         if main and self.step == self.max_steps:
             self._sample(f"step {self.step} (end)")
         return self.rows
+
+    def _diverged(self, row: dict) -> None:
+        """Stop at the first non-finite loss or gradient norm. Every row is read before a checkpoint
+        is written, so none holds the weights this step has already updated with NaN or inf
+        gradients, and pruning never deletes the good checkpoints for a broken one."""
+        if self.dist.is_main:
+            plot_loss_curve(self.rows, self.out_dir / "loss_curve.png")
+        last = latest_checkpoint(self.out_dir)
+        raise NonFiniteLossError(
+            f"step {row['step']}: loss {row['loss']}, gradient norm {row['grad_norm']} at lr {row['lr']:.2e}; "
+            f"training stopped without saving these weights. "
+            + (f"The newest checkpoint, {last}, is intact: " if last else "No checkpoint was written yet: ")
+            + "lower --lr or lengthen --warmup-steps"
+            + (", then --resume." if last else ", then start again with --overwrite.")
+        )
 
     def _eval_and_plot(self, bar) -> None:
         val_loss = self.evaluate()
@@ -799,6 +821,7 @@ __all__ = [
     "PRESET_LR",
     "CheckpointMismatchError",
     "DataPosition",
+    "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
     "latest_checkpoint",

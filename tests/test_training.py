@@ -19,6 +19,7 @@ from gpt2_small.data import TokenData
 from gpt2_small.training import (
     PRESETS,
     CheckpointMismatchError,
+    NonFiniteLossError,
     TrainConfig,
     Trainer,
     latest_checkpoint,
@@ -365,6 +366,42 @@ def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatc
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sorted(losses(logged)) == [1, 2, 3, 4, 5]
     assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 5
+
+
+@pytest.mark.parametrize("broken", ["weights", "gradients"])
+def test_divergence_stops_training_before_a_checkpoint_of_the_broken_weights(tmp_path, shakespeare_slice, broken):
+    cfg = micro_config(tmp_path, max_steps=8, eval_interval=4)  # without the check, step 4 would be checkpointed
+    Trainer(cfg, data=shakespeare_slice).run(stop_at=3)
+    trainer = Trainer(cfg, data=shakespeare_slice, resume=True)
+    ln_w = trainer.model.blocks[0].ln1.w
+    if broken == "weights":  # step 4's loss is NaN
+        with torch.no_grad():
+            ln_w[0] = float("nan")
+    else:  # step 4's loss is finite, its gradient infinite
+        ln_w.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+    with pytest.raises(NonFiniteLossError, match=r"step 4: loss .*step-0000003, is intact.*--resume") as error:
+        trainer.run()
+    assert ("loss nan" in str(error.value)) == (broken == "weights")
+    assert latest_checkpoint(tmp_path).name == "step-0000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000003"]
+    saved = Transformer.load(latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(losses(logged)) == 4  # the bad step is logged, nothing after it ran
+
+    resumed = Trainer(cfg, data=shakespeare_slice, resume=True).run()  # from step 3, undamaged
+    assert all(math.isfinite(r["loss"]) for r in resumed if "loss" in r) and max(losses(resumed)) == 8
+
+
+def test_divergence_before_any_checkpoint_says_to_start_again(tmp_path, shakespeare_slice):
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    trainer.model.unembed.b_U.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 1: .*gradient norm nan.*No checkpoint was written yet.*--overwrite"
+    ):
+        trainer.run()
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_each_steps_loss_is_read_only_after_the_next_step_is_queued(tmp_path, shakespeare_slice, monkeypatch):

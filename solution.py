@@ -15,7 +15,8 @@ This file defines, in data-flow order:
 
 Parameter names, shapes and hook names are TransformerLens's (W_Q is
 [n_heads d_model d_head], the pattern is at blocks.{i}.attn.hook_pattern, ...), so
-`model.run_with_cache(tokens)` returns the activations a TransformerLens user expects.
+`model.run_with_cache(tokens)` returns the activations a TransformerLens user expects, and
+`model.W_Q` (every layer's, stacked), `model.OV` and the like are TransformerLens's too.
 The logits equal Hugging Face's GPT2LMHeadModel and every hooked activation equals the
 TransformerLens 4 TransformerBridge on the same weights; tests/ checks both.
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from transformer_lens import HookedRootModule
+from transformer_lens import FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 _ATTN_IMPLS = ("sdpa", "eager")
@@ -803,6 +804,95 @@ class Transformer(HookedRootModule):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.W_E.dtype
+
+    # --- TransformerLens's weight shortcuts ----------------------------------------------
+    # model.W_E is the parameter itself; model.W_Q and the other per-layer names stack every
+    # layer's parameter along a leading n_layers axis, a copy as in TransformerLens (gradients
+    # flow through it; to edit the model, edit model.blocks[i].attn.W_Q).
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        return self.pos_embed.W_pos
+
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """W_E and W_pos as one table, rows of tokens then of positions."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.unembed.b_U
+
+    def _stacked(self, name: str) -> Tensor:
+        return torch.stack([block.get_parameter(name) for block in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stacked("attn.W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stacked("attn.W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stacked("attn.W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        return self._stacked("attn.W_O")
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stacked("attn.b_Q")
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stacked("attn.b_K")
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stacked("attn.b_V")
+
+    @property
+    def b_O(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stacked("attn.b_O")
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        return self._stacked("mlp.W_in")
+
+    @property
+    def b_in(self) -> Float[Tensor, "n_layers d_mlp"]:
+        return self._stacked("mlp.b_in")
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        return self._stacked("mlp.W_out")
+
+    @property
+    def b_out(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stacked("mlp.b_out")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's W_Q W_K^T, [n_layers n_heads d_model d_model], kept factored (rank d_head):
+        the bilinear form scoring a query residual against a key residual, before 1/sqrt(d_head)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """Each head's W_V W_O, [n_layers n_heads d_model d_model], kept factored (rank d_head):
+        what the head writes to the residual stream for each residual direction it attends to."""
+        return FactoredMatrix(self.W_V, self.W_O)
 
     # --- weights -------------------------------------------------------------------------
 

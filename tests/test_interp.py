@@ -24,7 +24,7 @@ def model() -> Transformer:
     model = Transformer(SMALL).eval()
     with torch.no_grad():  # non-zero biases, so that every bias term is exercised
         for name, p in model.named_parameters():
-            if name.endswith(("b_O", "b_out", "b_U", ".b")):
+            if name.endswith(("b_Q", "b_K", "b_V", "b_O", "b_in", "b_out", "b_U", ".b")):
                 p.normal_(std=0.1)
     return model
 
@@ -94,6 +94,28 @@ def test_stacked_head_results_plus_b_O_are_attn_out(model, run):
         cache.stack_head_results(layer=0)
     with pytest.raises(ValueError, match=r"layer 7 is outside \[0, n_layers=3\]"):
         cache.accumulated_resid(layer=7)
+
+
+def test_QK_is_the_bilinear_form_of_the_attention_scores_without_the_biases(model, run):
+    _, cache = run
+    for layer in range(3):
+        attn = model.blocks[layer].attn
+        x = cache[f"blocks.{layer}.ln1.hook_normalized"] * model.blocks[layer].ln1.w + model.blocks[layer].ln1.b
+        q, k = cache["q", layer] - attn.b_Q, cache["k", layer] - attn.b_K  # [batch pos n_heads d_head]
+        expected = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        QK = model.QK[layer].AB  # [n_heads d_model d_model]
+        torch.testing.assert_close(torch.einsum("bqm,hmn,bkn->bhqk", x, QK, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_OV_is_what_each_head_writes_for_what_it_attends_to(model, run):
+    _, cache = run
+    for layer in range(3):
+        attn = model.blocks[layer].attn
+        x = cache[f"blocks.{layer}.ln1.hook_normalized"] * model.blocks[layer].ln1.w + model.blocks[layer].ln1.b
+        written = torch.einsum("bhqk,bkm,hmn->bqn", cache["pattern", layer], x, model.OV[layer].AB)
+        # Each pattern row sums to 1, so the value bias reaches the output as b_V W_O, once per head.
+        bias = torch.einsum("hd,hdm->m", attn.b_V, attn.W_O) + attn.b_O
+        torch.testing.assert_close(written + bias, cache["attn_out", layer], rtol=1e-5, atol=1e-5)
 
 
 def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):

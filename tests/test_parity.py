@@ -186,3 +186,19 @@ def test_weights_match_bridge_weights(ref):
             )
     W_E = ref.model.embed.W_E
     torch.testing.assert_close(ref.model.unembed.W_U, W_E.T, rtol=0, atol=0)
+
+
+STACKED = ["W_E", "W_pos", "W_E_pos", "W_U", "b_U", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
+           "W_in", "b_in", "W_out", "b_out"]  # fmt: skip
+
+
+def test_weight_shortcuts_equal_the_bridges(ref):
+    """model.W_Q (every layer's, stacked), model.QK, ...: TransformerLens's names, shapes and values."""
+    for name in STACKED:
+        torch.testing.assert_close(getattr(ref.model, name), getattr(ref.bridge, name), rtol=0, atol=0, msg=name)
+    assert ref.model.W_E is ref.model.embed.W_E and ref.model.W_U is ref.model.unembed.W_U  # the parameters
+    for name in ("QK", "OV"):
+        ours, theirs = getattr(ref.model, name), getattr(ref.bridge, name)
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours.A, theirs.A, rtol=0, atol=0, msg=f"{name}.A")
+        torch.testing.assert_close(ours.B, theirs.B, rtol=0, atol=0, msg=f"{name}.B")

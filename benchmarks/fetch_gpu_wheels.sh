@@ -9,7 +9,7 @@
 #
 #   bash benchmarks/fetch_gpu_wheels.sh
 #   # on the GPU machine, with .whl carried along (installs them, then tests and benchmarks):
-#   bash benchmarks/gpu_session.sh sampling
+#   bash benchmarks/gpu_session.sh tests   # (or sampling, profile, training)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU work of one session, in two parts that each fit the lent machine's 10-minute limit per
+# The GPU work of one session, in parts that each fit the lent machine's 10-minute limit per
 # command. Run on the GPU machine, from the repository root, with .whl/ (benchmarks/fetch_gpu_wheels.sh)
 # carried along:
 #
-#   bash benchmarks/gpu_session.sh sampling   # tests/test_cuda.py, then bench_generate.py (~5 min)
+#   bash benchmarks/gpu_session.sh tests      # tests/test_cuda.py: graphed decoding, the trainer on CUDA (~3 min)
+#   bash benchmarks/gpu_session.sh sampling   # bench_generate.py (~4 min)
 #   bash benchmarks/gpu_session.sh training   # bench_train.py, the compiled variants that matter (~8 min)
 #   bash benchmarks/gpu_session.sh profile    # profile_decode.py: kernels and device time per decoding step (~2 min)
 #
@@ -14,9 +15,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    sampling | training | profile) ;;
+    tests | sampling | training | profile) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh sampling|training|profile (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|training|profile (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -31,12 +32,14 @@ trap copy_results EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-if [ "$part" = sampling ]; then
+if [ "$part" = tests ]; then
     # addopts off: shapes are the CPU suite's to check; these tests check CUDA behaviour only
     python3 -m pytest -q -o addopts="" tests/test_cuda.py
-    tests=$?
-    python3 benchmarks/bench_generate.py || exit 1
-    exit "$tests"
+    exit $?
+fi
+if [ "$part" = sampling ]; then
+    python3 benchmarks/bench_generate.py
+    exit $?
 fi
 if [ "$part" = profile ]; then
     python3 benchmarks/profile_decode.py --batch 1 && python3 benchmarks/profile_decode.py --batch 64 --top 6

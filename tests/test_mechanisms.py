@@ -324,6 +324,33 @@ def test_run_with_hooks_intervenes():
     assert not model.blocks[0].attn.hook_z.has_hooks()
 
 
+def test_backward_hooks_receive_the_gradient_of_their_activation():
+    """bwd_hooks (attribution patching's tool) see d(metric)/d(activation), as autograd computes it;
+    one on hook_pattern alone is enough to make the pattern real (the eager path)."""
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    names = ["blocks.1.hook_resid_mid", "blocks.0.attn.hook_pattern"]
+    grads = {}
+    logits = model.run_with_hooks(
+        tokens,
+        bwd_hooks=[(name, lambda grad, hook: grads.__setitem__(hook.name, grad.detach())) for name in names],
+        reset_hooks_end=False,  # backward runs after the call
+    )
+    logits[:, -1, 3].sum().backward()
+    model.reset_hooks()
+
+    activations = {}
+
+    def keep(x, hook):
+        x.retain_grad()
+        activations[hook.name] = x
+
+    model.zero_grad()
+    model.run_with_hooks(tokens, fwd_hooks=[(name, keep) for name in names])[:, -1, 3].sum().backward()
+    for name in names:
+        assert grads[name].shape == activations[name].shape and grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], activations[name].grad, rtol=0, atol=0, msg=name)
+
+
 def test_stop_at_layer_returns_the_residual_stream_there():
     # The eager attention path, which run_with_cache also takes: the two runs are then bit-identical.
     model, tokens = tiny_model("eager"), random_tokens(2, 6)

@@ -25,7 +25,9 @@ Variants: `ours` (float32) and `hf` (float32, dynamic cache) everywhere; on CUDA
 `ours-bf16-compiled`, `ours-bf16-eager` and `hf-static-bf16` (HF's pre-allocated static cache in
 bf16). On CUDA our sampler replays each decoding step as a CUDA graph; `-eager` turns that off
 (cuda_graph=False) and `-compiled` compiles the step first (compile=True; the untimed warm-up run
-compiles it, at the timed runs' shapes). On a CPU the defaults shrink (batch 1 and 16, 64 new
+compiles it, at the timed runs' shapes); `-cdtuned-compiled` compiles it with inductor's
+coordinate-descent tuning of its kernels' launch parameters (gpt-fast's setting for one-token
+decoding; a longer compile). On a CPU the defaults shrink (batch 1 and 16, 64 new
 tokens) so that the script finishes in minutes; the ratio to HF is the figure.
 """
 
@@ -79,6 +81,9 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
     if variant.startswith("ours"):
         model = Transformer.from_pretrained(directory, device=device, dtype=dtype)
         options = sampler_options(variant)
+        if options["compile"]:
+            torch._dynamo.reset()  # compile anew, under this variant's inductor settings
+            torch._inductor.config.coordinate_descent_tuning = "-cdtuned" in variant
 
         def call(n: int) -> torch.Tensor:
             return generate(model, prompt, n, temperature=0, stop_at_eos=False, **options)
@@ -116,7 +121,7 @@ def main() -> None:
         "--variants",
         default=None,
         help="comma list of ours, hf, ours-bf16, ours-bf16-compiled, ours-bf16-eager, hf-static-bf16 "
-        "(any ours variant takes -compiled or -eager)",
+        "(any ours variant takes -compiled, -cdtuned-compiled or -eager)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests      # tests/test_cuda.py: graphed decoding, the trainer on CUDA (~3 min)
 #   bash benchmarks/gpu_session.sh sampling   # bench_generate.py (~4 min)
+#   bash benchmarks/gpu_session.sh tuned      # batch 1: compiled decoding with and without coordinate-descent tuning
 #   bash benchmarks/gpu_session.sh training   # bench_train.py, the compiled variants that matter (~8 min)
 #   bash benchmarks/gpu_session.sh profile    # profile_decode.py: kernels and device time per decoding step (~2 min)
 #
@@ -15,9 +16,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    tests | sampling | training | profile) ;;
+    tests | sampling | tuned | training | profile) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|training|profile (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -39,6 +40,10 @@ if [ "$part" = tests ]; then
 fi
 if [ "$part" = sampling ]; then
     python3 benchmarks/bench_generate.py
+    exit $?
+fi
+if [ "$part" = tuned ]; then
+    python3 benchmarks/bench_generate.py --batch-sizes 1 --variants ours-bf16-compiled,ours-bf16-cdtuned-compiled,hf-static-bf16
     exit $?
 fi
 if [ "$part" = profile ]; then

@@ -679,7 +679,7 @@ class Trainer:
     def _record(self, row: dict) -> None:
         self.rows.append(row)
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(_json_line(row))
 
     # checkpoints -----------------------------------------------------------------------------
 
@@ -812,8 +812,14 @@ def _read_rows(path: Path, up_to_step: int) -> list[dict]:
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text("".join(_json_line(r) for r in rows), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _json_line(row: dict) -> str:
+    # NaN and infinity are not JSON (json.dumps would write NaN, which jq and JavaScript reject): null.
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 __all__ = [

@@ -387,8 +387,10 @@ def test_divergence_stops_training_before_a_checkpoint_of_the_broken_weights(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000003"]
     saved = Transformer.load(latest_checkpoint(tmp_path))
     assert all(torch.isfinite(p).all() for p in saved.parameters())
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line, parse_constant=pytest.fail) for line in lines]  # strict JSON: NaN written as null
     assert max(losses(logged)) == 4  # the bad step is logged, nothing after it ran
+    assert (logged[-1]["loss"] is None) == (broken == "weights") and logged[-1]["grad_norm"] is None
 
     resumed = Trainer(cfg, data=shakespeare_slice, resume=True).run()  # from step 3, undamaged
     assert all(math.isfinite(r["loss"]) for r in resumed if "loss" in r) and max(losses(resumed)) == 8

@@ -29,7 +29,7 @@ HELP = {
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",
     "config_name": "configuration of the hub dataset, if it has several",
-    "max_examples": "read only the first N documents",
+    "max_examples": "read only the first N documents (a hub dataset then streams them instead of downloading the split)",
     "val_fraction": "last fraction of the token stream held out for validation",
     "stride": "window stride in tokens (default n_ctx; smaller gives overlapping windows)",
     "num_proc": "processes for tokenization (default: by dataset size)",

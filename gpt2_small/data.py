@@ -5,7 +5,8 @@ Three sources, all through Hugging Face `datasets`:
 - "shakespeare" (the default): the 42 works bundled in the package, one document per work;
   it needs no network.
 - a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json, .parquet.
-- any hub dataset id when online, e.g. "roneneldan/TinyStories" or "NeelNanda/pile-10k".
+- any hub dataset id when online, e.g. "roneneldan/TinyStories" or "NeelNanda/pile-10k"; with
+  `max_examples`, only those first documents are streamed, not the whole split downloaded.
 
 Documents are tokenized with the GPT-2 encoding (`datasets.map`, batched, `num_proc` workers)
 and joined with <|endoftext|> after each. The stream is stored as uint16 (every GPT-2 id fits)
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
@@ -71,8 +73,10 @@ def load_text_dataset(
         text_column = "text"
     elif path.exists():
         ds = _load_local(path, split)
-    else:
+    elif max_examples is None:
         ds = _load_hub(source, config_name, split)
+    else:
+        ds = _stream_hub(source, config_name, split, max_examples, text_column)
 
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {ds.column_names}")
@@ -102,12 +106,12 @@ def _load_local(path: Path, split: str):
     return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
 
 
-def _load_hub(source: str, config_name: str | None, split: str):
+def _load_hub(source: str, config_name: str | None, split: str, streaming: bool = False):
     import datasets
     from huggingface_hub import constants
 
     try:
-        return datasets.load_dataset(source, config_name, split=split)
+        return datasets.load_dataset(source, config_name, split=split, streaming=streaming)
     except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
         offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
         raise ValueError(
@@ -115,6 +119,28 @@ def _load_hub(source: str, config_name: str | None, split: str):
             f"could not provide it ({type(e).__name__}). Offline, use the bundled {EMBEDDED_DATASET!r} or a local "
             f".txt/.jsonl/.parquet file."
         ) from e
+
+
+def _stream_hub(source: str, config_name: str | None, split: str, max_examples: int, text_column: str):
+    """The first max_examples documents of a hub dataset, streamed: a prepared dataset would need
+    the whole split downloaded first (tens of GB for a web corpus) to keep a few of its rows.
+
+    The rows become an in-memory Dataset, whose fingerprint hashes its content, so the token
+    cache is hit again only for the same documents.
+    """
+    import datasets
+
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    texts = []
+    rows = _load_hub(source, config_name, split, streaming=True).take(max_examples)
+    for row in tqdm(rows, total=max_examples, desc=f"streaming {source}", unit="doc"):
+        if text_column not in row:
+            raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
+        texts.append(row[text_column])
+    if not texts:
+        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+    return datasets.Dataset.from_dict({text_column: texts})
 
 
 def _cache_key(ds, text_column: str) -> str:

@@ -83,6 +83,42 @@ def test_max_examples(tmp_path):
     assert load_text_dataset(str(path), max_examples=3)["text"] == ["0", "1", "2"]
 
 
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """'someone/corpus' on a pretend hub: load_dataset serves it from a local JSONL file (streamed
+    when asked) and records how it was asked."""
+    import datasets
+
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"id": i, "text": f"hub document {i}"} for i in range(40)])
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(source, config_name=None, *, split, streaming=False, **kwargs):
+        if source != "someone/corpus":
+            return real(source, config_name, split=split, streaming=streaming, **kwargs)
+        calls.append({"split": split, "streaming": streaming})
+        return real("json", data_files={split: str(path)}, split=split, streaming=streaming)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_max_examples_of_a_hub_dataset_are_streamed_not_downloaded_whole(tmp_path, fake_hub, caplog):
+    whole = load_text_dataset("someone/corpus")
+    assert fake_hub == [{"split": "train", "streaming": False}] and len(whole) == 40
+    first = load_text_dataset("someone/corpus", max_examples=5)
+    assert fake_hub[-1] == {"split": "train", "streaming": True}
+    assert first["text"] == whole["text"][:5] == [f"hub document {i}" for i in range(5)]
+    assert first.column_names == ["text"]
+    with caplog.at_level(logging.INFO, logger="gpt2_small.data"):
+        tokens = tokenize_dataset(first, cache_dir=tmp_path / "cache")
+        again = tokenize_dataset(load_text_dataset("someone/corpus", max_examples=5), cache_dir=tmp_path / "cache")
+    assert "tokenization skipped" in caplog.text and np.array_equal(tokens, again)  # streamed again, cached
+    more = tokenize_dataset(load_text_dataset("someone/corpus", max_examples=6), cache_dir=tmp_path / "cache")
+    assert len(more) > len(tokens)  # other documents, another cache entry
+    with pytest.raises(ValueError, match=r"no text column 'body'; its columns are \['id', 'text'\]"):
+        load_text_dataset("someone/corpus", text_column="body", max_examples=2)
+
+
 def test_missing_text_column_names_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x", "id": 1}])
     with pytest.raises(ValueError, match=r"no text column 'text'; its columns are \['body', 'id'\]"):

@@ -9,7 +9,9 @@ and renamed, with a `latest` pointer), metrics.jsonl (one row per step and per e
 loss_curve.png (redrawn at every evaluation) and samples.txt.
 
 Resuming (`resume=True`) restores all of it, so a run stopped at step k continues with the same
-losses an uninterrupted run would have had. Ctrl-C saves a checkpoint before exiting.
+losses an uninterrupted run would have had. Ctrl-C saves a checkpoint before exiting. A NaN or
+infinite loss or gradient norm stops the run (NonFiniteLossError) before the damaged weights
+are checkpointed, so the newest checkpoint stays one to resume from.
 
 Under `torchrun --nproc_per_node=N`, the model is wrapped in DistributedDataParallel (NCCL on
 GPUs, gloo on CPUs); each process reads its own shard of every epoch, and only rank 0 logs,

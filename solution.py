@@ -785,7 +785,7 @@ class Transformer(HookedRootModule):
         from gpt2_small.interp import ActivationCache
 
         out, cache = super().run_with_cache(*model_args, **kwargs)
-        return out, ActivationCache(cache, self)
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.

@@ -69,11 +69,14 @@ class ActivationCache(dict):
 
     A plain dict underneath (so `cache["blocks.0.hook_resid_pre"]` works), plus `cache["resid_pre", 0]`.
     Needs a cache of every hook (run_with_cache with no names_filter) for the helpers below.
+    `run_with_cache(tokens, remove_batch_dim=True)` on one prompt gives activations without their
+    batch axis (has_batch_dim False), as in TransformerLens; the helpers then return none either.
     """
 
-    def __init__(self, activations: dict[str, Tensor], model: Transformer):
+    def __init__(self, activations: dict[str, Tensor], model: Transformer, has_batch_dim: bool = True):
         super().__init__(activations)
         self.model = model
+        self.has_batch_dim = has_batch_dim
 
     def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
         if isinstance(key, tuple):
@@ -96,7 +99,7 @@ class ActivationCache(dict):
 
     def accumulated_resid(
         self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
         """The residual stream before each of layers 0 .. layer-1, and after the last block if layer = n_layers.
 
         layer=None means n_layers: the final entry is then the input of ln_final. incl_mid adds
@@ -124,7 +127,7 @@ class ActivationCache(dict):
 
     def decompose_resid(
         self, layer: int | None = None, mlp_input: bool = False, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
         """What each part of the model wrote into the residual stream read by `layer`.
 
         embed, pos_embed, then every earlier block's attn_out and mlp_out (and, with mlp_input,
@@ -146,7 +149,7 @@ class ActivationCache(dict):
 
     def stack_head_results(
         self, layer: int | None = None, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
+    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
         """Each head's write into the residual stream, z[h] @ W_O[h], for every head of layers 0 .. layer-1.
 
         Labels are "L{layer}H{head}". b_O belongs to no head and is left out (it is
@@ -158,7 +161,7 @@ class ActivationCache(dict):
             per_head = einops.einsum(
                 self["z", i],
                 self.model.blocks[i].attn.W_O,
-                "batch pos n_heads d_head, n_heads d_head d_model -> n_heads batch pos d_model",
+                "... n_heads d_head, n_heads d_head d_model -> n_heads ... d_model",  # ...: [batch] pos
             )
             parts.append(per_head)
             labels += [f"L{i}H{h}" for h in range(per_head.shape[0])]
@@ -171,10 +174,10 @@ class ActivationCache(dict):
 
     def apply_ln_to_stack(
         self,
-        stack: Float[Tensor, "component batch pos d_model"],
+        stack: Float[Tensor, "component *batch pos d_model"],
         layer: int | None = None,
         mlp_input: bool = False,
-    ) -> Float[Tensor, "component batch pos d_model"]:
+    ) -> Float[Tensor, "component *batch pos d_model"]:
         """Centre every component and divide by the cached LayerNorm scale of the stream it is part of.
 
         The LayerNorm is ln_final for layer = n_layers (or None), else blocks[layer].ln1 (ln2 with
@@ -255,6 +258,10 @@ def direct_logit_attribution(
     direction = W_U[:, correct] - W_U[:, incorrect]. The contributions sum exactly to the logit
     difference minus `bias` = ln_final.b @ direction + b_U[correct] - b_U[incorrect].
     """
+    if not cache.has_batch_dim:
+        raise ValueError(
+            "direct_logit_attribution needs the cache's batch axis; run_with_cache without remove_batch_dim=True"
+        )
     final = cache["resid_post", model.cfg.n_layers - 1]
     logits = model.unembed(model.ln_final(einops.rearrange(final[:, pos], "batch d_model -> batch 1 d_model")))[:, 0]
     batch, n_heads = logits.shape[0], model.cfg.n_heads

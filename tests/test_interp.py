@@ -96,6 +96,21 @@ def test_stacked_head_results_plus_b_O_are_attn_out(model, run):
         cache.accumulated_resid(layer=7)
 
 
+def test_a_cache_without_its_batch_axis_gives_the_same_helpers_without_it(model, tokens):
+    with torch.no_grad():
+        _, batched = model.run_with_cache(tokens[:1])
+        _, single = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert batched.has_batch_dim and not single.has_batch_dim
+    assert single["pattern", 1].shape == batched["pattern", 1].shape[1:] == (4, 10, 10)
+    for helper in ("accumulated_resid", "decompose_resid", "stack_head_results"):
+        ours, labels = getattr(single, helper)(apply_ln=True, return_labels=True)
+        expected, expected_labels = getattr(batched, helper)(apply_ln=True, return_labels=True)
+        assert labels == expected_labels
+        torch.testing.assert_close(ours, expected[:, 0], rtol=0, atol=0, msg=helper)
+    with pytest.raises(ValueError, match="without remove_batch_dim=True"):
+        direct_logit_attribution(model, single, correct=1, incorrect=2)
+
+
 def test_QK_is_the_bilinear_form_of_the_attention_scores_without_the_biases(model, run):
     _, cache = run
     for layer in range(3):

@@ -62,6 +62,8 @@ def load_text_dataset(
     """A `datasets.Dataset` with one document per row in `text_column`."""
     import datasets
 
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     path = Path(source).expanduser()
     if source == EMBEDDED_DATASET:
         ds = datasets.load_dataset(
@@ -81,8 +83,6 @@ def load_text_dataset(
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {ds.column_names}")
     if max_examples is not None:
-        if max_examples < 1:
-            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
         ds = ds.select(range(min(max_examples, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
@@ -130,16 +130,12 @@ def _stream_hub(source: str, config_name: str | None, split: str, max_examples: 
     """
     import datasets
 
-    if max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     texts = []
     rows = _load_hub(source, config_name, split, streaming=True).take(max_examples)
     for row in tqdm(rows, total=max_examples, desc=f"streaming {source}", unit="doc"):
         if text_column not in row:
             raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
         texts.append(row[text_column])
-    if not texts:
-        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     return datasets.Dataset.from_dict({text_column: texts})
 
 

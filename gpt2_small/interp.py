@@ -70,7 +70,7 @@ class ActivationCache(dict):
     A plain dict underneath (so `cache["blocks.0.hook_resid_pre"]` works), plus `cache["resid_pre", 0]`.
     Needs a cache of every hook (run_with_cache with no names_filter) for the helpers below.
     `run_with_cache(tokens, remove_batch_dim=True)` on one prompt gives activations without their
-    batch axis (has_batch_dim False), as in TransformerLens; the helpers then return none either.
+    batch axis (has_batch_dim False), as in TransformerLens; the helpers' results then lack it too.
     """
 
     def __init__(self, activations: dict[str, Tensor], model: Transformer, has_batch_dim: bool = True):

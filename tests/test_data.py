@@ -117,6 +117,9 @@ def test_max_examples_of_a_hub_dataset_are_streamed_not_downloaded_whole(tmp_pat
     assert len(more) > len(tokens)  # other documents, another cache entry
     with pytest.raises(ValueError, match=r"no text column 'body'; its columns are \['id', 'text'\]"):
         load_text_dataset("someone/corpus", text_column="body", max_examples=2)
+    with pytest.raises(ValueError, match="max_examples must be >= 1, got 0"):
+        load_text_dataset("someone/corpus", max_examples=0)
+    assert len(fake_hub) == 5  # refused before anything was asked of the hub
 
 
 def test_missing_text_column_names_the_columns(tmp_path):

@@ -321,6 +321,9 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
         fig = interp.plot_patching(torch.randn(3, 10), token_labels=labels, path=path)
     else:
         fig = interp.plot_induction_scores(torch.rand(3, 4), path=path)
-    width, height = (fig.get_size_inches() * fig.dpi).round().astype(int)
+    width, height = fig.get_size_inches() * fig.dpi
     assert path.stat().st_size > 1000
-    assert _png_size(path) == (width, height)
+    # Saved at the figure's own size, not cropped: 0.35 * 3 + 1.8 inches is 284.999... pixels,
+    # which matplotlib 3.10 truncates and 3.11 rounds, so either whole number is the right size.
+    size = _png_size(path)
+    assert size[0] in {int(width), round(width)} and size[1] in {int(height), round(height)}, (size, width, height)

@@ -308,6 +308,18 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def mean_over_ranks(self, value: Tensor) -> Tensor:
+        """The mean of a scalar tensor over all processes (itself in a single process).
+
+        A sum divided by world_size, not ReduceOp.AVG: Gloo (the CPU backend) refuses AVG in
+        older torch releases ("Cannot use ReduceOp.AVG with Gloo" in torch 2.6).
+        """
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
 
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun set up (WORLD_SIZE > 1); a no-op for a single process."""
@@ -543,8 +555,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dist.enabled:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss = self.dist.mean_over_ranks(loss)
         self.step += 1
         row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss, "lr": lr,
                "grad_norm": grad_norm}  # fmt: skip
@@ -565,10 +576,7 @@ class Trainer:
                 losses.append(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)))
             if len(losses) == cfg.eval_batches:
                 break
-        loss = torch.stack(losses).mean()
-        if self.dist.enabled:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        return loss.item()
+        return self.dist.mean_over_ranks(torch.stack(losses).mean()).item()
 
     # the loop --------------------------------------------------------------------------------
 

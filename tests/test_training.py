@@ -452,13 +452,15 @@ def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir):
     assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel)
     half = inputs.shape[0] // world_size
     rows = slice(rank * half, (rank + 1) * half)
-    trainer.forward_backward([(inputs[rows], targets[rows])])
+    loss = trainer.forward_backward([(inputs[rows], targets[rows])])
     grads = {n: p.grad for n, p in trainer.model.named_parameters()}
+    grads["loss over ranks"] = trainer.dist.mean_over_ranks(loss)  # what the step logs
     torch.save(grads, Path(out_dir) / f"grads-{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tmp_path, shakespeare_slice):
+    """And the loss the step logs, the mean over ranks, is the whole batch's loss."""
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
     targets = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
@@ -466,9 +468,11 @@ def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tmp_path, shake
         _ddp_worker, args=(2, _free_port(), shakespeare_slice, inputs, targets, str(tmp_path)), nprocs=2, join=True
     )
     single = Trainer(micro_config(tmp_path / "single"), data=shakespeare_slice)
-    single.forward_backward([(inputs, targets)])
+    loss = single.forward_backward([(inputs, targets)])
+    assert single.dist.mean_over_ranks(loss) is loss  # one process: nothing to average
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
+        torch.testing.assert_close(grads.pop("loss over ranks"), loss, rtol=1e-6, atol=0, msg=f"rank {rank} loss")
         for name, p in single.model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
 

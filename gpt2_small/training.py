@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import no_type_check
 
 import einops
 import numpy as np
@@ -231,16 +230,9 @@ def unembed_lm_loss(
 
 
 class _UnembedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of x W_U + b_U against targets; the gradients are computed in forward.
-
-    forward and backward are no_type_check so that jaxtyping's import hook (the test suite's
-    shape checks) leaves them unwrapped: torch.compile in torch 2.10 and earlier cannot trace an
-    autograd.Function through the wrapper and splits the step in three graphs. unembed_lm_loss,
-    which calls it, is checked.
-    """
+    """Mean cross-entropy of x W_U + b_U against targets; the gradients are computed in forward."""
 
     @staticmethod
-    @no_type_check
     def forward(ctx, x: Tensor, W_U: Tensor, b_U: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -274,7 +266,6 @@ class _UnembedCrossEntropy(torch.autograd.Function):
         return loss / rows
 
     @staticmethod
-    @no_type_check
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         grad_x, grad_W, grad_b = ctx.saved_tensors
         x_dtype, W_dtype, b_dtype = ctx.dtypes

@@ -125,7 +125,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "sample_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
+        for name in (
+            "warmup_steps",
+            "eval_interval",
+            "sample_interval",
+            "checkpoint_interval",
+            "grad_clip",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is None:
@@ -141,9 +148,6 @@ class TrainConfig:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         # The data's own checks would only run after a hub dataset is downloaded and tokenized.
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -846,10 +846,10 @@ __all__ = [
     "Trainer",
     "latest_checkpoint",
     "lm_loss",
-    "unembed_lm_loss",
     "lr_at",
     "param_groups",
     "pick_device",
     "plot_loss_curve",
     "sample_text",
+    "unembed_lm_loss",
 ]

@@ -23,6 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2_small.training import PRESET_LR, PRESETS, NonFiniteLossError, TrainConfig, Trainer  # noqa: E402
 
+
+def _by_preset(index: int) -> str:
+    """PRESET_LR's peak (0) or floor (1) learning rate of each preset, for the help text."""
+    return ", ".join(f"{name} {rates[index]:.1e}" for name, rates in sorted(PRESET_LR.items()))
+
+
 HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
     "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
@@ -36,12 +42,8 @@ HELP = {
     "cache_dir": "token cache directory (default ~/.cache/gpt2_small/tokens)",
     "batch_size": "sequences per micro-batch, per process",
     "grad_accum": "micro-batches per optimizer step",
-    "lr": "peak learning rate (default by preset: "
-    + ", ".join(f"{name} {lr:.1e}" for name, (lr, _) in sorted(PRESET_LR.items()))
-    + ")",
-    "min_lr": "learning rate the cosine schedule decays to (default by preset: "
-    + ", ".join(f"{name} {min_lr:.1e}" for name, (_, min_lr) in sorted(PRESET_LR.items()))
-    + "; lr / 10 when --lr is given)",
+    "lr": f"peak learning rate (default by preset: {_by_preset(0)})",
+    "min_lr": f"learning rate the cosine schedule decays to (default by preset: {_by_preset(1)}; lr / 10 when --lr is given)",
     "warmup_steps": "steps of linear warmup",
     "max_steps": "optimizer steps (ignored if --epochs is given)",
     "epochs": "train for this many passes over the training windows",

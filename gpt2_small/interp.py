@@ -246,8 +246,8 @@ class LogitAttribution:
 def direct_logit_attribution(
     model: Transformer,
     cache: ActivationCache,
-    correct: int | Int[Tensor, " batch"],
-    incorrect: int | Int[Tensor, " batch"],
+    correct: int | Int[Tensor, ""] | Int[Tensor, " batch"],
+    incorrect: int | Int[Tensor, ""] | Int[Tensor, " batch"],
     pos: int = -1,
 ) -> LogitAttribution:
     """How much each head, MLP and embedding writes directly onto logit[correct] - logit[incorrect] at `pos`.

@@ -176,6 +176,9 @@ def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(
     assert dla.bias.abs().min() > 1e-3  # the biases are non-zero here, so leaving them out would fail
     top = dla.top(3)
     assert len(top) == 3 and abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
+    # a 0-d tensor, as indexing to_tokens(...) gives, means the same as the int
+    as_scalar_tensor = direct_logit_attribution(model, cache, correct, torch.tensor(incorrect))
+    torch.testing.assert_close(as_scalar_tensor.contributions, dla.contributions, rtol=0, atol=0)
 
 
 # --- activation patching -------------------------------------------------------------------

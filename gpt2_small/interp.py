@@ -398,7 +398,10 @@ def induction_score(
         bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
     offset = 0 if bos is None else 1
     if offset + 2 * seq_len > model.cfg.n_ctx:
-        raise ValueError(f"2 * seq_len + {offset} = {offset + 2 * seq_len} exceeds n_ctx={model.cfg.n_ctx}")
+        raise ValueError(
+            f"2 * seq_len + {offset} = {offset + 2 * seq_len} exceeds n_ctx={model.cfg.n_ctx}; "
+            f"pass seq_len <= {(model.cfg.n_ctx - offset) // 2}"
+        )
     tokens = repeated_tokens(model.cfg.d_vocab, seq_len, batch, seed, bos).to(model.device)
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)

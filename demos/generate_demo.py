@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from demos._cli import HelpFormatter  # noqa: E402
 from gpt2_small import (  # noqa: E402
     SamplingSettings,
     Transformer,
@@ -38,9 +39,7 @@ DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--model",
         default=None,
@@ -52,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="temperature of the sampled examples (0 = greedy)"
     )
-    parser.add_argument("--top-k", type=int, default=None, help="top-k of the sampled examples")
-    parser.add_argument("--top-p", type=float, default=None, help="top-p (nucleus) of the sampled examples")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k of the sampled examples (default: off)")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="top-p (nucleus) of the sampled examples (default: off)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for every sample")
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu) or a torch device")
     parser.add_argument(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demos._cli import HelpFormatter  # noqa: E402
 from gpt2_small.training import PRESET_LR, PRESETS, NonFiniteLossError, TrainConfig, Trainer  # noqa: E402
 
 
@@ -34,8 +35,8 @@ HELP = {
     "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",
-    "config_name": "configuration of the hub dataset, if it has several",
-    "max_examples": "read only the first N documents (a hub dataset then streams them instead of downloading the split)",
+    "config_name": "configuration of the hub dataset, if it has several (default: the dataset's own)",
+    "max_examples": "read only the first N documents (a hub dataset then streams them instead of downloading the split) (default: all)",
     "val_fraction": "last fraction of the token stream held out for validation",
     "stride": "window stride in tokens (default n_ctx; smaller gives overlapping windows)",
     "num_proc": "processes for tokenization (default: by dataset size)",
@@ -46,7 +47,7 @@ HELP = {
     "min_lr": f"learning rate the cosine schedule decays to (default by preset: {_by_preset(1)}; lr / 10 when --lr is given)",
     "warmup_steps": "steps of linear warmup",
     "max_steps": "optimizer steps (ignored if --epochs is given)",
-    "epochs": "train for this many passes over the training windows",
+    "epochs": "train for this many passes over the training windows (default: none; --max-steps decides)",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "weight_decay": "AdamW weight decay on weight matrices (W_*, embeddings included)",
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Results land in --out-dir; generate from them with demos/generate_demo.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -1,6 +1,7 @@
 """The demos as a user runs them, and load_model, which they load through."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,21 @@ def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_p
     assert "no train_demo checkpoint and no network for gpt2: training the tiny model for 3 steps" in result.stdout
     assert (tmp_path / "interp" / "train" / "checkpoints").is_dir()
     assert len(list((tmp_path / "interp").glob("*.png"))) == 5
+
+
+@pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
+def test_demo_help_states_each_options_default_once(demo):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--help"], env=OFFLINE, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    # One block per option: its line in the usage listing and the wrapped help lines under it.
+    blocks = re.split(r"\n(?=  -)", result.stdout.split("\noptions:\n", 1)[1])
+    assert len(blocks) > 5, result.stdout
+    for block in blocks:
+        if block.lstrip().startswith("-h, --help"):
+            continue
+        said = re.findall(r"\bdefault\b", block)
+        # argparse would append "(default: None)" after a help that already describes the default
+        assert len(said) == 1, block
+        assert "(default: None)" not in " ".join(block.split()), block

@@ -1,0 +1,16 @@
+"""What the three demos share on the command line."""
+
+import argparse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, unless the help already says what the default is.
+
+    Options whose default is worked out at run time (by preset, by dataset size, the newest
+    checkpoint) describe it in words; argparse alone would append "(default: None)" after that.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)

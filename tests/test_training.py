@@ -26,6 +26,7 @@ from gpt2_small.training import (
     lm_loss,
     lr_at,
     param_groups,
+    pick_device,
     plot_loss_curve,
     unembed_lm_loss,
 )
@@ -136,6 +137,25 @@ def test_train_config_rejects_bad_values():
     for name in ("stride", "max_examples", "num_proc"):
         with pytest.raises(ValueError, match=f"{name} must be >= 1 or None, got 0"):
             TrainConfig(**{name: 0})
+
+
+def test_pick_device_takes_a_named_device_and_refuses_what_is_not_there(monkeypatch):
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert pick_device("auto") == torch.device("cpu")
+    for name in ("foo", "cuda:x", "gpu"):
+        with pytest.raises(ValueError, match=f"device '{name}' is not a torch device; use 'auto', 'cpu'"):
+            pick_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda:1' requested, but CUDA is not available here"):
+        pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(
+        ValueError, match=r"'cuda:2' requested, but this machine has 2 CUDA device\(s\): use cuda:0 to cuda:1"
+    ):
+        pick_device("cuda:2")
 
 
 def test_samples_longer_than_the_context_are_refused_up_front(tmp_path, shakespeare_slice):

@@ -94,6 +94,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         device = pick_device(args.device)
+    except ValueError as e:
+        print(f"generate_demo: {e}", file=sys.stderr)
+        return 2
+    try:
         model, origin = load(args.model, Path(args.run_dir), device)
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
         print(f"generate_demo: could not load {args.model!r}: {e}", file=sys.stderr)
@@ -104,15 +108,18 @@ def main(argv=None) -> int:
     print(f"model: {origin}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
           f"{model.num_params():,} parameters, on {device}")  # fmt: skip
     try:
-        SamplingSettings(**sampled).check(model.cfg.d_vocab)  # before any output, not halfway through
-        run_sections(model, tok, prompt, n, sampled, args.seed)
+        # Bad settings are refused before any output, not halfway through: the sampling rules here,
+        # the prompt and its length by the first generation, the greedy one that two sections show.
+        SamplingSettings(**sampled).check(model.cfg.d_vocab)
+        greedy = generate_text(model, tok, prompt, n, temperature=0)
+        run_sections(model, tok, prompt, n, sampled, args.seed, greedy)
     except ValueError as e:  # bad settings: say which, without a traceback
         print(f"generate_demo: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-def run_sections(model: Transformer, tok, prompt: str, n: int, sampled: dict, seed: int) -> None:
+def run_sections(model: Transformer, tok, prompt: str, n: int, sampled: dict, seed: int, greedy: str) -> None:
     section("a random-init model of the same shape, for contrast")
     torch.manual_seed(seed)
     random_model = Transformer(model.cfg).to(model.device).eval()
@@ -120,9 +127,9 @@ def run_sections(model: Transformer, tok, prompt: str, n: int, sampled: dict, se
     del random_model
 
     section("the same prompt at several temperatures")
-    for temperature in (0.0, 0.5, 1.0, 1.5):
-        label = "greedy (T=0)" if temperature == 0 else f"T={temperature}"
-        show(label, generate_text(model, tok, prompt, n, temperature=temperature, seed=seed), prompt)
+    show("greedy (T=0)", greedy, prompt)
+    for temperature in (0.5, 1.0, 1.5):
+        show(f"T={temperature}", generate_text(model, tok, prompt, n, temperature=temperature, seed=seed), prompt)
 
     section("top-k and top-p (T=1)")
     for label, kw in [("top_k=10", dict(top_k=10)), ("top_k=100", dict(top_k=100)),
@@ -130,7 +137,7 @@ def run_sections(model: Transformer, tok, prompt: str, n: int, sampled: dict, se
         show(label, generate_text(model, tok, prompt, n, seed=seed, **kw), prompt)
 
     section("greedy against sampling with your settings, and beam search")
-    show("greedy", generate_text(model, tok, prompt, n, temperature=0), prompt)
+    show("greedy", greedy, prompt)
     described = ", ".join(f"{k}={v}" for k, v in sampled.items() if v is not None)
     for s in (seed, seed + 1):
         show(f"{described}, seed {s}", generate_text(model, tok, prompt, n, seed=s, **sampled), prompt)

@@ -83,15 +83,15 @@ def single_token(text: str) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    device = pick_device(args.device)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        device = pick_device(args.device)
         model, source = load(args, device)
         good, bad = (single_token(a) for a in args.answers)
     except (ValueError, FileNotFoundError) as e:
         print(f"interp_demo: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     print(f"model: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, n_ctx {cfg.n_ctx}, on {device}")
     if cfg.n_layers < 2:

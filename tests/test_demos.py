@@ -63,11 +63,21 @@ def test_generate_demo_runs_every_section_on_a_train_demo_checkpoint(train_run):
     assert "Traceback" not in result.stderr
 
 
-def test_generate_demo_reports_bad_settings_in_one_line(train_run):
-    result = run_demo("--run-dir", str(train_run), "--top-p", "1.5")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "1.5"], "top_p must be in (0, 1] or None, got 1.5"),
+        (["--prompt", ""], "the prompt is empty; use '<|endoftext|>' for an unconditional sample"),
+        (["--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
+        (["--max-new-tokens", "100"], "prompt of 3 tokens + max_new_tokens=100 = 103 exceeds n_ctx=64; "
+                                      "shorten the prompt or ask for fewer tokens"),
+    ],
+)  # fmt: skip
+def test_generate_demo_reports_bad_settings_in_one_line(train_run, args, message):
+    result = run_demo("--run-dir", str(train_run), *args)
     assert result.stdout.count("===") == 0  # refused before any sample
     assert result.returncode == 2
-    assert result.stderr.strip() == "generate_demo: top_p must be in (0, 1] or None, got 1.5"
+    assert result.stderr.strip() == f"generate_demo: {message}"
 
 
 def test_generate_demo_reports_an_unloadable_model_in_one_line(tmp_path):
@@ -112,6 +122,20 @@ def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_p
     assert "no train_demo checkpoint and no network for gpt2: training the tiny model for 3 steps" in result.stdout
     assert (tmp_path / "interp" / "train" / "checkpoints").is_dir()
     assert len(list((tmp_path / "interp").glob("*.png"))) == 5
+
+
+@pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
+def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
+    cmd = [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--device", "foo", "--out-dir", str(tmp_path / "out")]
+    if demo == "generate_demo":
+        cmd[-2:] = ["--run-dir", str(tmp_path)]  # it writes nothing; the flag keeps it off the repo's runs/
+    result = subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        == f"{demo}: device 'foo' is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    )
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])

@@ -588,7 +588,7 @@ CHECKPOINT_CONFIG = "gpt2_small_config.json"
 class Transformer(HookedRootModule):
     """GPT-2: tokens [batch pos] -> logits [batch pos d_vocab].
 
-    Tokens are checked before forward runs (see `check_tokens`): integer dtype, shape
+    Tokens are checked before forward runs (see `check_tokens`): dtype torch.long or int32, shape
     [batch pos] with 1 <= pos <= n_ctx, ids in [0, d_vocab). A 1-D tensor is refused rather
     than guessed to be one sequence; pass `tokens[None]`.
     """
@@ -730,8 +730,10 @@ class Transformer(HookedRootModule):
         """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
         if not isinstance(tokens, Tensor):
             raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-            raise ValueError(f"tokens must have an integer dtype (torch.long, int32, ...), got {tokens.dtype}")
+        if tokens.dtype not in (torch.long, torch.int32):  # the index types F.embedding takes
+            integer = not (tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex())
+            hint = "; convert with tokens.long()" if integer else ""
+            raise ValueError(f"tokens must have dtype torch.long or torch.int32, got {tokens.dtype}{hint}")
         if tokens.ndim != 2:
             hint = "; for one sequence pass tokens[None]" if tokens.ndim == 1 else ""
             raise ValueError(f"tokens must have shape [batch, pos] (ndim 2), got shape {tuple(tokens.shape)}{hint}")

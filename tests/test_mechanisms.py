@@ -491,8 +491,11 @@ def test_package_reexports_the_same_objects():
 @pytest.mark.parametrize(
     "tokens, error, message",
     [
-        (torch.zeros(1, 4), ValueError, "integer dtype"),
-        (torch.zeros(1, 4, dtype=torch.bool), ValueError, "integer dtype"),
+        (torch.zeros(1, 4), ValueError, r"dtype torch.long or torch.int32, got torch.float32$"),
+        (torch.zeros(1, 4, dtype=torch.bool), ValueError, r"dtype torch.long or torch.int32, got torch.bool$"),
+        # the dtype the trainer's token cache holds: F.embedding would refuse it with a RuntimeError
+        (torch.zeros(1, 4, dtype=torch.uint16), ValueError, r"got torch.uint16; convert with tokens.long\(\)"),
+        (torch.zeros(1, 4, dtype=torch.int16), ValueError, r"got torch.int16; convert with tokens.long\(\)"),
         (torch.zeros(4, dtype=torch.long), ValueError, r"shape \[batch, pos\].*tokens\[None\]"),
         (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"ndim 2\), got shape \(1, 2, 3\)"),
         (
@@ -506,7 +509,20 @@ def test_package_reexports_the_same_objects():
         (torch.tensor([[1, 101]]), ValueError, r"token id 101 is outside \[0, d_vocab=101\)"),
         ([[1, 2]], TypeError, "torch.Tensor"),
     ],
-    ids=["float", "bool", "1-D", "3-D", "too-long", "empty", "no-batch", "negative-id", "id-too-large", "list"],
+    ids=[
+        "float",
+        "bool",
+        "uint16",
+        "int16",
+        "1-D",
+        "3-D",
+        "too-long",
+        "empty",
+        "no-batch",
+        "negative-id",
+        "id-too-large",
+        "list",
+    ],
 )
 def test_bad_tokens_raise_a_named_error(tokens, error, message):
     model = tiny_model()

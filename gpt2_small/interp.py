@@ -242,6 +242,19 @@ class LogitAttribution:
         return [(self.labels[i], float(mean[i])) for i in order]
 
 
+def _token_ids(name: str, ids: int | Tensor, d_vocab: int, batch: int) -> Int[Tensor, " batch"]:
+    """`ids` (one id, or one per batch item) as a [batch] tensor, or a ValueError naming what is wrong."""
+    ids = torch.as_tensor(ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} must be token ids (ints), got dtype {ids.dtype}")
+    if ids.ndim > 1 or (ids.ndim == 1 and ids.shape[0] != batch):
+        raise ValueError(f"{name} must be one token id or one per batch item ({batch}), got shape {tuple(ids.shape)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= d_vocab:
+        raise ValueError(f"{name} token id {low if low < 0 else high} is outside [0, d_vocab={d_vocab})")
+    return ids.long().expand(batch)
+
+
 @torch.no_grad()
 def direct_logit_attribution(
     model: Transformer,
@@ -263,10 +276,13 @@ def direct_logit_attribution(
             "direct_logit_attribution needs the cache's batch axis; run_with_cache without remove_batch_dim=True"
         )
     final = cache["resid_post", model.cfg.n_layers - 1]
+    batch, n_pos = final.shape[:2]
+    if isinstance(pos, bool) or not isinstance(pos, int) or not -n_pos <= pos < n_pos:
+        raise ValueError(f"pos={pos!r} is outside the cache's {n_pos} positions ([{-n_pos}, {n_pos}))")
+    correct = _token_ids("correct", correct, model.cfg.d_vocab, batch).to(final.device)
+    incorrect = _token_ids("incorrect", incorrect, model.cfg.d_vocab, batch).to(final.device)
     logits = model.unembed(model.ln_final(einops.rearrange(final[:, pos], "batch d_model -> batch 1 d_model")))[:, 0]
-    batch, n_heads = logits.shape[0], model.cfg.n_heads
-    correct = torch.as_tensor(correct, device=logits.device).expand(batch)
-    incorrect = torch.as_tensor(incorrect, device=logits.device).expand(batch)
+    n_heads = model.cfg.n_heads
     W_U, b_U = model.unembed.W_U, model.unembed.b_U
     direction = W_U[:, correct] - W_U[:, incorrect]  # [d_model batch]
     heads, head_labels = cache.stack_head_results(return_labels=True)
@@ -362,7 +378,10 @@ def activation_patching(
     for layer, i in tqdm(cells, desc=f"patching {hook} by {by}", disable=not progress, leave=False):
         where = {"pos": i} if by == "position" else {"head": i}
         logits = patched_logits(model, corrupted_tokens, clean_cache, names[layer], **where)
-        result[layer, i] = float(metric(logits))
+        value = metric(logits)
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise ValueError(f"metric must return a scalar, got a tensor of shape {tuple(value.shape)}")
+        result[layer, i] = float(value)
     return result
 
 
@@ -394,6 +413,9 @@ def induction_score(
     the first copy's position j + 1, seq_len - 1 positions back. 1 = always, ~1/pos = uniform.
     bos="auto" prepends <|endoftext|> when the vocabulary has it (as TransformerLens does).
     """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        # with 1, "the token after the first occurrence" is the query itself
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if bos == "auto":
         bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
     offset = 0 if bos is None else 1

@@ -174,11 +174,29 @@ def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(
     torch.testing.assert_close(dla.logit_diff, expected)
     torch.testing.assert_close(dla.contributions.sum(dim=0), expected - dla.bias, rtol=1e-5, atol=1e-5)
     assert dla.bias.abs().min() > 1e-3  # the biases are non-zero here, so leaving them out would fail
+    assert not dla.contributions.requires_grad  # an analysis result, not part of a graph to backpropagate
     top = dla.top(3)
     assert len(top) == 3 and abs(top[0][1]) >= abs(top[1][1]) >= abs(top[2][1])
     # a 0-d tensor, as indexing to_tokens(...) gives, means the same as the int
     as_scalar_tensor = direct_logit_attribution(model, cache, correct, torch.tensor(incorrect))
     torch.testing.assert_close(as_scalar_tensor.contributions, dla.contributions, rtol=0, atol=0)
+
+
+def test_direct_logit_attribution_names_bad_token_ids_and_positions(model, run):
+    _, cache = run  # batch 3, 10 positions, d_vocab 101
+    for correct, match in [
+        (101, r"correct token id 101 is outside \[0, d_vocab=101\)"),
+        (-1, r"correct token id -1 is outside \[0, d_vocab=101\)"),  # would silently index the last column
+        (torch.tensor([1, 2]), r"one token id or one per batch item \(3\), got shape \(2,\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            direct_logit_attribution(model, cache, correct, 7)
+    with pytest.raises(ValueError, match=r"incorrect token id 500 is outside"):
+        direct_logit_attribution(model, cache, 7, torch.tensor([1, 2, 500]))
+    with pytest.raises(ValueError, match=r"pos=10 is outside the cache's 10 positions \(\[-10, 10\)\)"):
+        direct_logit_attribution(model, cache, 1, 7, pos=10)
+    first = direct_logit_attribution(model, cache, 1, 7, pos=-10)  # the first position, in range
+    torch.testing.assert_close(first.contributions, direct_logit_attribution(model, cache, 1, 7, pos=0).contributions)
 
 
 # --- activation patching -------------------------------------------------------------------
@@ -236,6 +254,8 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
         activation_patching(model, tokens, corrupted, restored_fraction, hook="resid_pre", by="head")
     with pytest.raises(ValueError, match="must have the same shape"):
         activation_patching(model, tokens, corrupted[:, :5], restored_fraction)
+    with pytest.raises(ValueError, match=r"metric must return a scalar, got a tensor of shape \(3,\)"):
+        activation_patching(model, tokens, corrupted, lambda logits: logits[:, -1, 0], progress=False)
 
 
 # --- induction heads -----------------------------------------------------------------------
@@ -292,6 +312,9 @@ def test_induction_score_finds_the_hand_built_induction_head_and_not_a_random_mo
     with pytest.raises(ValueError, match="exceeds n_ctx=32; pass seq_len <= 16"):
         induction_score(random_model, seq_len=17)
     assert induction_score(random_model, seq_len=16).shape == (2, 2)
+    for seq_len in (0, 1):  # no second copy, or one whose "next token" is the query itself
+        with pytest.raises(ValueError, match=f"seq_len must be an int >= 2, got {seq_len}"):
+            induction_score(random_model, seq_len=seq_len)
 
 
 def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():

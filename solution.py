@@ -939,6 +939,7 @@ class Transformer(HookedRootModule):
         """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
         from safetensors.torch import load_file
 
+        _check_placement(device, dtype)
         path = Path(path)
         config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
         for f in (config_file, weights_file):
@@ -959,6 +960,37 @@ class Transformer(HookedRootModule):
         model.to(next(iter(state.values())).dtype)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError naming it if it is not one this machine has."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch's message lists every backend it was built to know of
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(
+            f"device {str(device)!r} requested, but this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}"
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but MPS is not available here")
+    return resolved
+
+
+def _check_placement(device: object, dtype: object) -> None:
+    """Refuse a bad device or dtype before any weights are read (or downloaded)."""
+    if device is not None:
+        check_device(device)
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be floating point (torch.float32, bfloat16 or float16), got {dtype}")
 
 
 def _host_reads_possible(tokens: Tensor) -> bool:

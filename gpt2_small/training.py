@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from gpt2_small.data import EMBEDDED_DATASET, TokenData
 from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
-from solution import Transformer, TransformerConfig, Unembedding
+from solution import Transformer, TransformerConfig, Unembedding, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -285,22 +285,7 @@ class _UnembedCrossEntropy(torch.autograd.Function):
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """The requested device, or the best available one: cuda, then mps, then cpu."""
     if requested != "auto":
-        try:
-            device = torch.device(requested)
-        except RuntimeError:  # torch's message lists every backend it was built to know of
-            raise ValueError(
-                f"device {requested!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-            ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} requested, but CUDA is not available here")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {requested!r} requested, but this machine has {torch.cuda.device_count()} CUDA "
-                f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {requested!r} requested, but MPS is not available here")
-        return device
+        return check_device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if torch.backends.mps.is_available():

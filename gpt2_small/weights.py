@@ -21,7 +21,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig
+from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig, _check_placement
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ def load_hf_gpt2(
     model_class: type[Transformer] = Transformer,
 ) -> Transformer:
     """A Transformer holding the weights of a Hugging Face GPT-2 checkpoint (directory or hub id)."""
+    _check_placement(device, dtype)
     directory = resolve_checkpoint_dir(name_or_path)
     hf_config, hf_state = read_hf_checkpoint(directory)
     cfg = config_from_hf(hf_config)

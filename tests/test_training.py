@@ -144,7 +144,9 @@ def test_pick_device_takes_a_named_device_and_refuses_what_is_not_there(monkeypa
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert pick_device("auto") == torch.device("cpu")
     for name in ("foo", "cuda:x", "gpu"):
-        with pytest.raises(ValueError, match=f"device '{name}' is not a torch device; use 'auto', 'cpu'"):
+        with pytest.raises(
+            ValueError, match=f"device '{name}' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ):
             pick_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda:1' requested, but CUDA is not available here"):

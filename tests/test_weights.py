@@ -185,6 +185,24 @@ def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
         Transformer.from_pretrained("gpt2")
 
 
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        (dict(device="foo"), r"device 'foo' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        (dict(dtype=torch.int8), r"dtype must be floating point \(torch.float32, bfloat16 or float16\), got torch.int8"),
+    ],
+)  # fmt: skip
+def test_a_bad_device_or_dtype_is_refused_before_any_weights_are_read(monkeypatch, tmp_path, placement, message):
+    # Offline with an empty cache, a hub id raises OSError once it is looked up: the ValueError
+    # shows the check came first (online, before a download of up to 6 GB).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained("gpt2", **placement)
+    with pytest.raises(ValueError, match=message):
+        Transformer.load(tmp_path / "no checkpoint here", **placement)
+
+
 # --- our own checkpoints -------------------------------------------------------------------
 
 

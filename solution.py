@@ -966,19 +966,20 @@ def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or a ValueError naming it if it is not one this machine has."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    name = str(device)
     try:
         resolved = torch.device(device)
     except RuntimeError:  # torch's message lists every backend it was built to know of
-        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+        raise ValueError(f"device {name!r} is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available here")
+        raise ValueError(f"device {name!r} requested, but CUDA is not available here")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise ValueError(
-            f"device {str(device)!r} requested, but this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}"
+            f"device {name!r} requested, but this machine has {n} CUDA device(s): use cuda:0 to cuda:{n - 1}"
         )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but MPS is not available here")
+        raise ValueError(f"device {name!r} requested, but MPS is not available here")
     return resolved
 
 

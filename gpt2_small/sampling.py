@@ -174,7 +174,9 @@ def pad_prompts(
     prompts: Sequence[Sequence[int]], pad_id: int = EOT_ID, device: torch.device | str | None = None
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Left-pad token lists to one batch; returns (tokens, attention_mask) with 0 at padding."""
-    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass at least one")
+    if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (empty prompt given)")
     pos = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), pos), pad_id, dtype=torch.long)
@@ -448,9 +450,9 @@ def stream(
     With stop_at_eos, a row that produced eos_token_id yields it from then on, and the stream
     ends once every row has.
     """
+    _check_request(model, tokens, attention_mask, max_new_tokens)
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
     settings.check(model.cfg.d_vocab)
-    _check_request(model, tokens, attention_mask, max_new_tokens)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
     if max_new_tokens == 0:
@@ -514,15 +516,17 @@ def generate(
     RNG. attention_mask marks left padding (see pad_prompts). cuda_graph and compile: see the
     module docstring (cuda_graph None: on for a CUDA model without hooks; compile: off).
     """
-    pieces = [tokens.to(model.device)]
-    for next_tokens in stream(
-        model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        freq_penalty=freq_penalty, presence_penalty=presence_penalty, stop_at_eos=stop_at_eos,
-        eos_token_id=eos_token_id, seed=seed, use_kv_cache=use_kv_cache, attention_mask=attention_mask,
-        cuda_graph=cuda_graph, compile=compile,
-    ):  # fmt: skip
-        pieces.append(einops.rearrange(next_tokens, "batch -> batch 1"))
-    return torch.cat(pieces, dim=1)
+    # stream checks every argument at its first step, so tokens is known to be a Tensor by the time it is moved
+    new_tokens = [
+        einops.rearrange(next_tokens, "batch -> batch 1")
+        for next_tokens in stream(
+            model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            freq_penalty=freq_penalty, presence_penalty=presence_penalty, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id, seed=seed, use_kv_cache=use_kv_cache, attention_mask=attention_mask,
+            cuda_graph=cuda_graph, compile=compile,
+        )
+    ]  # fmt: skip
+    return torch.cat([tokens.to(model.device), *new_tokens], dim=1)
 
 
 def _encode(tokenizer, prompt: str) -> list[int]:
@@ -543,6 +547,8 @@ def generate_text(
     default). kwargs are generate's.
     """
     single = isinstance(prompt, str)
+    if not single and not isinstance(prompt, Sequence):
+        raise TypeError(f"prompt must be a str or a sequence of str, got {type(prompt).__name__}")
     prompts = [prompt] if single else list(prompt)
     tokens, mask = pad_prompts([_encode(tokenizer, p) for p in prompts], device=model.device)
     out = generate(model, tokens, max_new_tokens, attention_mask=mask, **kwargs)

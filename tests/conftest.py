@@ -230,8 +230,9 @@ def small_vocab_pair(tmp_path_factory) -> SamplingPair:
 
 @pytest.fixture
 def without_shape_checks():
-    """Turn jaxtyping's runtime shape checks off for one test: torch.compile (dynamo) cannot trace
-    the checker. The other tests run the same modules with the checks on."""
+    """Turn jaxtyping's runtime shape checks off for one test, as in a user's code: torch.compile
+    (dynamo) cannot trace the checker, and a wrongly typed argument would otherwise be refused by
+    beartype before our own checks run. The other tests run the same modules with the checks on."""
     jaxtyping.config.update("jaxtyping_disable", True)
     try:
         yield

@@ -601,6 +601,25 @@ def test_invalid_requests_raise(sampling_pair):
         beam_search(model, torch.tensor([[1, 2]]), 0, 5)
 
 
+def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shape_checks):
+    """What a user's code, run without jaxtyping's checks, sees (before: AttributeError from inside generate)."""
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
+        generate(model, [[1, 2, 3]], 3)
+    with pytest.raises(TypeError, match="model must be a gpt2_small.Transformer, got NoneType"):
+        generate(None, tokens, 3)
+    with pytest.raises(TypeError, match="prompt must be a str or a sequence of str, got int"):
+        generate_text(model, get_tokenizer(), 5, 3)
+    assert generate(model, tokens, 3, temperature=0).shape == (1, 5)  # the same calls, well typed
+
+
+def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():
+    with pytest.raises(ValueError, match="no prompts given"):
+        pad_prompts([])
+    with pytest.raises(ValueError, match=r"every prompt needs at least one token \(empty prompt given\)"):
+        pad_prompts([[1, 2], []])
+
+
 def test_forward_rejects_bad_masks_and_caches(sampling_pair):
     model = sampling_pair.model
     tokens = torch.tensor([[1, 2, 3]])

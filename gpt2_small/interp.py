@@ -200,8 +200,18 @@ class LogitLens:
     logits: Float[Tensor, "component batch pos d_vocab"]  # ln_final + unembed of each residual stream
     labels: list[str]  # "0_pre" ... "{n_layers-1}_pre", "final_post"
 
-    def log_probs_of(self, targets: Int[Tensor, "batch pos"]) -> Float[Tensor, "component batch pos"]:
-        """log-probability each layer's reading gives to `targets` (e.g. the actual next tokens)."""
+    def log_probs_of(self, targets: Int[Tensor, "batch target_pos"]) -> Float[Tensor, "component batch target_pos"]:
+        """log-probability each layer's reading at position i gives to targets[:, i].
+
+        targets may be shorter than the lens: tokens[:, 1:], the actual next tokens, scores every
+        position but the last, which has no next token.
+        """
+        batch, n_pos = self.logits.shape[1:3]
+        if targets.ndim != 2 or targets.shape[0] != batch or not 1 <= targets.shape[1] <= n_pos:
+            raise ValueError(
+                f"targets must have shape [batch={batch}, target_pos <= {n_pos}] (one id per position read), "
+                f"got {tuple(targets.shape)}"
+            )
         log_probs = self.logits.float().log_softmax(dim=-1)
         index = einops.repeat(targets, "batch pos -> component batch pos 1", component=log_probs.shape[0])
         return log_probs.gather(-1, index).squeeze(-1)
@@ -360,6 +370,10 @@ def activation_patching(
     """
     if by not in ("position", "head"):
         raise ValueError(f"by must be 'position' or 'head', got {by!r}")
+    if not callable(metric):
+        raise TypeError(f"metric must be a function of the patched logits, got {type(metric).__name__}")
+    model.check_tokens(clean_tokens)
+    model.check_tokens(corrupted_tokens)
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError(
             f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupted_tokens.shape)} "
@@ -416,6 +430,8 @@ def induction_score(
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         # with 1, "the token after the first occurrence" is the query itself
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     if bos == "auto":
         bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
     offset = 0 if bos is None else 1

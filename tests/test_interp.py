@@ -160,6 +160,12 @@ def test_logit_lens_ends_at_the_model_logits_and_starts_at_the_embeddings(model,
     log_probs = lens.log_probs_of(targets)
     assert log_probs.shape == (4, 3, 9)
     torch.testing.assert_close(log_probs[-1], logits[:, :-1].log_softmax(-1).gather(-1, targets[..., None])[..., 0])
+    # a batch prefix would otherwise be gathered silently, and a longer target fail inside torch.gather
+    for wrong in (targets[:1], torch.zeros(3, 11, dtype=torch.long)):
+        with pytest.raises(
+            ValueError, match=rf"targets must have shape \[batch=3, target_pos <= 10\].*got \({wrong.shape[0]}, "
+        ):
+            lens.log_probs_of(wrong)
 
 
 def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(model, run):
@@ -258,6 +264,23 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
         activation_patching(model, tokens, corrupted, lambda logits: logits[:, -1, 0], progress=False)
 
 
+def test_activation_patching_checks_its_arguments_before_the_clean_run(model, tokens, without_shape_checks):
+    """Wrong types, as a user's code without jaxtyping's checks passes them (before: AttributeError
+    or a TypeError from the first patched run), and bad ids before any run."""
+    clean_runs = []
+    model.hook_embed.add_hook(lambda x, hook: clean_runs.append(1))
+    try:
+        with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
+            activation_patching(model, tokens, tokens.tolist(), lambda logits: logits.sum())
+        with pytest.raises(TypeError, match="metric must be a function of the patched logits, got NoneType"):
+            activation_patching(model, tokens, tokens, None)
+        with pytest.raises(ValueError, match=r"token id 101 is outside \[0, d_vocab=101\)"):
+            activation_patching(model, tokens, torch.full_like(tokens, 101), lambda logits: logits.sum())
+        assert clean_runs == []
+    finally:
+        model.reset_hooks()
+
+
 # --- induction heads -----------------------------------------------------------------------
 
 
@@ -315,6 +338,9 @@ def test_induction_score_finds_the_hand_built_induction_head_and_not_a_random_mo
     for seq_len in (0, 1):  # no second copy, or one whose "next token" is the query itself
         with pytest.raises(ValueError, match=f"seq_len must be an int >= 2, got {seq_len}"):
             induction_score(random_model, seq_len=seq_len)
+    for batch in (0, -2):  # before: "tokens has batch size 0" from the forward pass, and torch's RuntimeError
+        with pytest.raises(ValueError, match=f"batch must be an int >= 1, got {batch}"):
+            induction_score(random_model, seq_len=4, batch=batch)
 
 
 def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():

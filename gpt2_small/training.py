@@ -133,8 +133,11 @@ class TrainConfig:
             "grad_clip",
             "weight_decay",
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too: it would reach the weights at the first step
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr is None:
             if self.preset not in PRESET_LR:
                 raise ValueError(f"preset {self.preset!r} has no default learning rate in PRESET_LR; pass lr")
@@ -142,10 +145,10 @@ class TrainConfig:
             self.min_lr = preset_min_lr if self.min_lr is None else self.min_lr
         elif self.min_lr is None:
             self.min_lr = self.lr / 10
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if not 0 < self.min_lr <= self.lr < math.inf:
+            raise ValueError(f"need 0 < min_lr <= lr, both finite, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         # The data's own checks would only run after a hub dataset is downloaded and tokenized.

@@ -129,8 +129,24 @@ def test_train_config_rejects_bad_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="dtype must be"):
         TrainConfig(dtype="float16")
-    with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="grad_clip must be a finite number >= 0, got -1.0"):
         TrainConfig(grad_clip=-1.0)
+    # Values the first optimizer step would have turned into NaN weights (or torch refused only
+    # once the data was loaded, or int() refused with an OverflowError).
+    for name, value in [("grad_clip", math.nan), ("weight_decay", math.nan), ("weight_decay", math.inf)]:
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value}"):
+            TrainConfig(**{name: value})
+    for name, value in [("beta1", 1.5), ("beta2", -0.1), ("beta2", 1.0), ("beta1", math.nan)]:
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\), got {value}"):
+            TrainConfig(**{name: value})
+    with pytest.raises(ValueError, match="need 0 < min_lr <= lr, both finite, got min_lr=inf, lr=inf"):
+        TrainConfig(lr=math.inf)
+    with pytest.raises(ValueError, match="min_lr=nan"):
+        TrainConfig(min_lr=math.nan)
+    for epochs in (0.0, math.inf):
+        with pytest.raises(ValueError, match=f"epochs must be a finite number > 0, got {epochs}"):
+            TrainConfig(epochs=epochs)
+    assert TrainConfig(beta1=0.0, beta2=0.999, grad_clip=0.0, weight_decay=0.0, epochs=0.5).epochs == 0.5
     # Refused before any data is read, not after a hub dataset has been downloaded and tokenized.
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
         TrainConfig(val_fraction=1.5)

@@ -421,6 +421,12 @@ class Trainer:
                 f"sample_prompt ({prompt_len} tokens with <|endoftext|>) + sample_tokens={cfg.sample_tokens} "
                 f"exceed the {cfg.preset} preset's n_ctx={n_ctx}; lower sample_tokens or shorten the prompt"
             )
+        # Before the data, which may be a long download: a path that cannot become a directory
+        # otherwise fails only at the first write.
+        blocker = next((p for p in (self.out_dir, *self.out_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "is a file" if blocker == self.out_dir else f"lies under {blocker}, which is a file"
+            raise ValueError(f"out_dir {str(self.out_dir)!r} {where}; choose a directory (it is created if missing)")
         if not resume:
             self._claim_out_dir()
 

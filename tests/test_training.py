@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -401,6 +402,20 @@ def test_a_fresh_run_refuses_an_out_dir_with_an_earlier_run_unless_overwrite(tmp
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == rows and max(r["step"] for r in logged) == 2  # none of the earlier run's rows
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    def no_data(self):
+        raise AssertionError("the data was read before out_dir was checked")
+
+    monkeypatch.setattr(Trainer, "_load_data", no_data)
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    with pytest.raises(ValueError, match=rf"out_dir '{re.escape(str(file))}' is a file; choose a directory"):
+        Trainer(micro_config(file))
+    with pytest.raises(ValueError, match=rf"out_dir '.*run' lies under {re.escape(str(file))}, which is a file"):
+        Trainer(micro_config(file / "run"), resume=True)
+    assert file.read_text() == "a file"
 
 
 def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatch):

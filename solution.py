@@ -780,14 +780,25 @@ class Transformer(HookedRootModule):
                 "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
             )
 
-    def run_with_cache(self, *model_args, **kwargs) -> tuple[Tensor, "ActivationCache"]:  # noqa: F821
+    def run_with_cache(
+        self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
+    ) -> tuple[Tensor, "ActivationCache | dict[str, Tensor]"]:  # noqa: F821
         """HookedRootModule.run_with_cache (names_filter, device, ... as there), with the cache as a
         gpt2_small.interp.ActivationCache: a dict of hook name -> activation with TransformerLens's
-        accumulated_resid, decompose_resid, stack_head_results and apply_ln_to_stack."""
+        accumulated_resid, decompose_resid, stack_head_results and apply_ln_to_stack; a plain dict
+        with return_cache_object=False, as in TransformerLens."""
         from gpt2_small.interp import ActivationCache
 
-        out, cache = super().run_with_cache(*model_args, **kwargs)
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        tokens = model_args[0] if model_args else kwargs.get("tokens")
+        if remove_batch_dim and isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[0] != 1:
+            # HookedRootModule would assert this only after the forward pass
+            raise ValueError(
+                f"remove_batch_dim=True needs one sequence (batch size 1), got batch size {tokens.shape[0]}"
+            )
+        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
 
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.

@@ -109,6 +109,24 @@ def test_a_cache_without_its_batch_axis_gives_the_same_helpers_without_it(model,
         torch.testing.assert_close(ours, expected[:, 0], rtol=0, atol=0, msg=helper)
     with pytest.raises(ValueError, match="without remove_batch_dim=True"):
         direct_logit_attribution(model, single, correct=1, incorrect=2)
+    # before: HookedRootModule's AssertionError, after the forward pass
+    with pytest.raises(ValueError, match="remove_batch_dim=True needs one sequence .*got batch size 3"):
+        model.run_with_cache(tokens, remove_batch_dim=True)
+
+
+def test_run_with_cache_gives_a_plain_dict_with_return_cache_object_false(model, tokens, run):
+    logits, cache = run
+    with torch.no_grad():
+        plain_logits, plain = model.run_with_cache(tokens, return_cache_object=False)
+        _, plain_single = model.run_with_cache(tokens[:1], return_cache_object=False, remove_batch_dim=True)
+        _, single = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert type(plain) is dict and type(cache) is ActivationCache
+    assert plain.keys() == cache.keys()
+    torch.testing.assert_close(plain_logits, logits, rtol=0, atol=0)
+    for name in cache:
+        torch.testing.assert_close(plain[name], cache[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(plain_single[name], single[name], rtol=0, atol=0, msg=name)
+    assert plain_single["blocks.0.attn.hook_pattern"].shape == (4, 10, 10)
 
 
 def test_QK_is_the_bilinear_form_of_the_attention_scores_without_the_biases(model, run):

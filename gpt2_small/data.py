@@ -82,6 +82,7 @@ def load_text_dataset(
 
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {ds.column_names}")
+    _check_text_column(ds, text_column)  # here, while the other columns are there to be named
     if max_examples is not None:
         ds = ds.select(range(min(max_examples, len(ds))))
     if len(ds) == 0:
@@ -151,9 +152,23 @@ def _cache_key(ds, text_column: str) -> str:
 
 
 def _encode_batch(batch: Mapping[str, list], text_column: str) -> dict[str, list]:
-    enc = get_tokenizer()
-    ids = [ids + [EOT_ID] for ids in enc.encode_ordinary_batch(batch[text_column])]
+    """Each document's ids and <|endoftext|>; a null document (a missing value) gives no tokens at all."""
+    texts = batch[text_column]
+    encoded = iter(get_tokenizer().encode_ordinary_batch([text for text in texts if text is not None]))
+    ids = [[] if text is None else next(encoded) + [EOT_ID] for text in texts]
     return {"ids": ids, "n": [len(x) for x in ids]}
+
+
+def _check_text_column(ds, text_column: str) -> None:
+    import datasets
+
+    feature = ds.features[text_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        held = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else repr(feature)
+        raise ValueError(
+            f"the text column {text_column!r} holds {held}, not strings; name the column of documents with "
+            f"text_column (--text-column); the columns are {ds.column_names}"
+        )
 
 
 def tokenize_dataset(
@@ -161,6 +176,7 @@ def tokenize_dataset(
 ) -> np.ndarray:
     """The whole dataset as one uint16 token stream, <|endoftext|> after each document; cached."""
     text_column = text_column or ds.column_names[0]
+    _check_text_column(ds, text_column)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_file = cache_dir / f"tokens-{_cache_key(ds, text_column)}.npy"
     if cache_file.is_file():
@@ -178,7 +194,10 @@ def tokenize_dataset(
         remove_columns=ds.column_names,
         desc="tokenizing",
     )
-    total = sum(mapped["n"])
+    lengths = mapped["n"]
+    total = sum(lengths)
+    if nulls := lengths.count(0):  # an empty string still gives its <|endoftext|>
+        logger.warning("skipped %s of %s documents whose %r is null", f"{nulls:,}", f"{len(ds):,}", text_column)
     tokens = np.empty(total, dtype=np.uint16)
     offset = 0
     for batch in mapped.iter(batch_size=1000):

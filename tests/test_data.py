@@ -3,6 +3,7 @@
 import json
 import logging
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -40,6 +41,32 @@ def test_documents_are_separated_by_endoftext(tmp_path):
     tokens = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
     enc = get_tokenizer()
     assert tokens.tolist() == enc.encode("Hello world") + [EOT_ID] + enc.encode(" the end") + [EOT_ID]
+
+
+def test_null_documents_are_skipped_with_a_warning(tmp_path, caplog):
+    rows = [{"text": "Hello world"}, {"text": None}, {"text": ""}, {"text": " the end"}]
+    path = write_jsonl(tmp_path / "docs.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="gpt2_small.data"):
+        tokens = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+    enc = get_tokenizer()
+    # the empty document keeps its <|endoftext|>; the missing one leaves no trace (before: tiktoken's TypeError)
+    assert tokens.tolist() == enc.encode("Hello world") + [EOT_ID, EOT_ID] + enc.encode(" the end") + [EOT_ID]
+    assert "skipped 1 of 4 documents whose 'text' is null" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "value, held",
+    [(5, "int64 values"), (["a", "b"], r".*string.*"), (None, "null values")],
+    ids=["int", "list", "all-null"],
+)
+def test_a_text_column_that_holds_no_strings_is_refused(tmp_path, value, held):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": value, "body": "x"}] * 2)
+    with pytest.raises(ValueError, match=rf"the text column 'text' holds {held}, not strings; .*\['text', 'body'\]"):
+        load_text_dataset(str(path))
+    own = datasets.Dataset.from_dict({"text": [value] * 2})  # a user's own dataset, straight to the tokenizer
+    with pytest.raises(ValueError, match=rf"the text column 'text' holds {held}, not strings; .*\['text'\]"):
+        tokenize_dataset(own, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_second_run_reads_the_token_cache(tmp_path, caplog):

@@ -104,7 +104,12 @@ def _load_local(path: Path, split: str):
     builder = builders.pop()
     data_files = [str(p) for p in files]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
+    try:
+        return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+        hint = "; text files must be UTF-8" if isinstance(cause, UnicodeDecodeError) else ""
+        raise ValueError(f"{path}: could not read it as {builder} ({type(cause).__name__}: {cause}){hint}") from e
 
 
 def _load_hub(source: str, config_name: str | None, split: str, streaming: bool = False):

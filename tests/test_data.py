@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import datasets
 import numpy as np
@@ -164,6 +165,26 @@ def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="found \\['no files'\\]"):
         load_text_dataset(str(tmp_path / "empty"))
     assert len(ds) == 1
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        (
+            "latin1.txt",
+            "café crème\n".encode("latin-1"),
+            r"as text \(UnicodeDecodeError: .*\); text files must be UTF-8",
+        ),
+        ("cut.jsonl", b'{"text": "a"}\n{"text": \n', r"as json \(ArrowInvalid: JSON parse error"),
+        ("fake.parquet", b"not parquet", r"as parquet \(ArrowInvalid: Parquet magic bytes not found"),
+    ],
+)
+def test_unreadable_local_files_are_named(tmp_path, name, content, match):
+    """Before: datasets' DatasetGenerationError ("An error occurred while generating the dataset") and
+    a traceback from train_demo, or pyarrow's message without the file's name."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}: could not read it {match}"):
+        load_text_dataset(str(tmp_path / name))
 
 
 def test_mixed_file_kinds_are_refused(tmp_path):

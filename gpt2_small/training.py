@@ -824,7 +824,17 @@ def _set_rng_state(state: dict) -> None:
 def _read_rows(path: Path, up_to_step: int) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            # A crash (or a full disk) in the middle of an append leaves the last line cut off;
+            # it must not stand between the user and the checkpoint written before it.
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({e}); fix or delete that line") from e
+            logger.warning("%s: dropping its last line, cut off in the middle of a write: %r", path, line[:80])
     return [r for r in rows if r["step"] <= up_to_step]
 
 

@@ -356,6 +356,25 @@ def test_resume_continues_exactly(tmp_path, shakespeare_slice):
     assert [r["val_loss"] for r in whole if "val_loss" in r] == [r["val_loss"] for r in resumed if "val_loss" in r]
 
 
+def test_resume_survives_a_metrics_line_cut_off_by_a_crash(tmp_path, shakespeare_slice, caplog):
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    split = tmp_path / "split"
+    Trainer(micro_config(split), data=shakespeare_slice).run(stop_at=4)
+    with (split / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "tokens": 3')  # a crash in the middle of the next append
+    caplog.set_level("WARNING", logger="gpt2_small.training")
+    resumed = Trainer(micro_config(split), data=shakespeare_slice, resume=True).run()  # before: JSONDecodeError
+    assert "dropping its last line, cut off in the middle of a write" in caplog.text
+    assert losses(resumed) == losses(whole)
+    logged = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert logged == resumed
+    # anywhere but at the end, a broken line is not a torn write: say where it is instead of guessing
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    (split / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON .*; fix or delete that line"):
+        Trainer(micro_config(split), data=shakespeare_slice, resume=True)
+
+
 def test_resume_warns_when_settings_that_shape_training_changed(tmp_path, shakespeare_slice, caplog):
     Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=3)
     caplog.set_level("WARNING", logger="gpt2_small.training")

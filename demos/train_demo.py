@@ -22,7 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from demos._cli import HelpFormatter  # noqa: E402
-from gpt2_small.training import PRESET_LR, PRESETS, NonFiniteLossError, TrainConfig, Trainer  # noqa: E402
+from gpt2_small.training import (  # noqa: E402
+    PRESET_LR,
+    PRESETS,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+)
 
 
 def _by_preset(index: int) -> str:
@@ -97,7 +104,12 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, resume=resume)
         trainer.run()
     except KeyboardInterrupt:
-        print("interrupted; the checkpoint above holds the progress (continue with --resume)", file=sys.stderr)
+        # Interrupted while loading the data there is no checkpoint yet, unless an earlier run left one.
+        last = latest_checkpoint(args["out_dir"])
+        if last is None:
+            print("interrupted before any checkpoint was written; there is nothing to --resume", file=sys.stderr)
+        else:
+            print(f"interrupted; the newest checkpoint is {last} (continue with --resume)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"train_demo: {e}", file=sys.stderr)

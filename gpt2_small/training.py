@@ -792,7 +792,7 @@ def finish_row(row: dict) -> dict:
     return {key: value.item() if isinstance(value, Tensor) else value for key, value in row.items()}
 
 
-def latest_checkpoint(out_dir: os.PathLike) -> Path | None:
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory under out_dir/checkpoints, or None."""
     root = Path(out_dir) / CHECKPOINTS
     pointer = root / "latest"

@@ -1,5 +1,6 @@
 """The demos as a user runs them, and load_model, which they load through."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -122,6 +123,27 @@ def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_p
     assert "no train_demo checkpoint and no network for gpt2: training the tiny model for 3 steps" in result.stdout
     assert (tmp_path / "interp" / "train" / "checkpoints").is_dir()
     assert len(list((tmp_path / "interp").glob("*.png"))) == 5
+
+
+def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, monkeypatch, capsys):
+    """Before: "the checkpoint above holds the progress (continue with --resume)" also after a Ctrl-C
+    while the data was loading, when there was no checkpoint and --resume would fail."""
+    spec = importlib.util.spec_from_file_location("train_demo_under_test", REPO / "demos" / "train_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    class InterruptedWhileLoading:
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "Trainer", InterruptedWhileLoading)
+    assert demo.main(["--out-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "interrupted before any checkpoint was written; there is nothing to --resume\n"
+    checkpoint = tmp_path / "checkpoints" / "step-0000004"  # an earlier run's, as --resume finds it
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"")
+    assert demo.main(["--out-dir", str(tmp_path), "--resume"]) == 130
+    assert capsys.readouterr().err == f"interrupted; the newest checkpoint is {checkpoint} (continue with --resume)\n"
 
 
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])

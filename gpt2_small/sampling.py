@@ -74,10 +74,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN
+from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
 from solution import KVCache, Transformer
 
-GPT2_VOCAB = 50257  # real GPT-2 tokens; ids at or above are padding of a padded vocabulary
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 
 

@@ -6,6 +6,7 @@ the ids of Hugging Face's GPT2Tokenizer: "Hello world" -> [15496, 995]. The lite
 """
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import tiktoken
@@ -19,6 +20,7 @@ from gpt2_small.assets import asset_path
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
+GPT2_VOCAB = EOT_ID + 1  # real GPT-2 tokens; ids at or above are padding of a padded vocabulary
 TOKENIZER_ASSET = "gpt2.tiktoken"
 
 
@@ -51,34 +53,59 @@ def to_tokens(
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
+def _decodable(tokens: Tensor | Sequence[int], caller: str, ndim: int = 1) -> list:
+    """tokens as (nested) lists of ids that have text, or a ValueError/TypeError naming the one that has not.
+
+    Before this check tiktoken raised KeyError for an id of a padded vocabulary's extra rows
+    (50257 and up, which an untrained model's argmax can pick) and OverflowError for a negative one.
+    """
+    if isinstance(tokens, Tensor):
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"{caller} decodes integer token ids, got a tensor of dtype {tokens.dtype}")
+        if ndim == 1 and tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != ndim:
+            shape = "[pos] or [1, pos]" if ndim == 1 else "[batch, pos]"
+            hint = ". For a batch use to_strings" if ndim == 1 and tokens.ndim == 2 else ""
+            raise ValueError(f"{caller} expects shape {shape}, got {tuple(tokens.shape)}{hint}")
+        tokens = tokens.tolist()
+    return [_ids(row, caller) for row in tokens] if ndim == 2 else _ids(tokens, caller)
+
+
+def _ids(tokens: Sequence, caller: str) -> list[int]:
+    ids = []
+    for token in tokens:
+        try:
+            if isinstance(token, bool):
+                raise TypeError
+            token = operator.index(token)  # ints, numpy's included
+        except TypeError:
+            raise TypeError(f"{caller} decodes integer token ids, got {token!r}") from None
+        if not 0 <= token < GPT2_VOCAB:
+            padding = " (ids from 50257 up are a padded vocabulary's unused rows)" if token >= GPT2_VOCAB else ""
+            raise ValueError(
+                f"{caller}: token id {token} is outside GPT-2's vocabulary [0, {GPT2_VOCAB}), so it has no text"
+                f"{padding}"
+            )
+        ids.append(token)
+    return ids
+
+
 def to_string(tokens: Tensor | Sequence[int]) -> str:
     """Decode one sequence: a list of ids, a [pos] tensor or a [1, pos] tensor."""
-    if isinstance(tokens, Tensor):
-        if tokens.ndim == 2 and tokens.shape[0] == 1:
-            tokens = tokens[0]
-        if tokens.ndim != 1:
-            raise ValueError(
-                f"to_string decodes one sequence, shape [pos] or [1, pos]; got {tuple(tokens.shape)}. "
-                f"For a batch use to_strings"
-            )
-        tokens = tokens.tolist()
-    return get_tokenizer().decode(list(tokens))
+    return get_tokenizer().decode(_decodable(tokens, "to_string"))
 
 
 def to_strings(tokens: Int[Tensor, "batch pos"]) -> list[str]:
     """Decode each row of a [batch, pos] tensor."""
-    if tokens.ndim != 2:
-        raise ValueError(f"to_strings expects shape [batch, pos], got {tuple(tokens.shape)}")
-    return get_tokenizer().decode_batch(tokens.tolist())
+    return get_tokenizer().decode_batch(_decodable(tokens, "to_strings", ndim=2))
 
 
 def to_str_tokens(tokens: Tensor | Sequence[int] | str) -> list[str]:
     """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"]."""
     if isinstance(tokens, str):
         tokens = to_tokens(tokens)[0]
-    if isinstance(tokens, Tensor):
-        if tokens.ndim == 2 and tokens.shape[0] == 1:
-            tokens = tokens[0]
-        tokens = tokens.tolist()
     enc = get_tokenizer()
-    return [enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in tokens]
+    return [
+        enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in _decodable(tokens, "to_str_tokens")
+    ]

@@ -3,6 +3,7 @@
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,39 @@ def test_batches_and_str_tokens():
         to_string(tokens)
     assert to_str_tokens("Hello world") == ["Hello", " world"]
     assert to_str_tokens(tokens[:1]) == ["Hello", " world"]
+
+
+def test_decoding_names_an_id_that_has_no_text():
+    """Before: tiktoken's KeyError for a padded vocabulary's ids (an untrained tiny model's argmax
+    picks them), OverflowError for a negative id, and a TypeError about a list for a batch."""
+    for decode, tokens in [
+        (to_string, [15496, 50300]),
+        (to_strings, torch.tensor([[15496], [50300]])),
+        (to_str_tokens, torch.tensor([50300])),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=rf"{decode.__name__}: token id 50300 is outside GPT-2's vocabulary \[0, 50257\), so it has no "
+            r"text \(ids from 50257 up are a padded vocabulary's unused rows\)",
+        ):
+            decode(tokens)
+    with pytest.raises(ValueError, match=r"to_string: token id -1 is outside .*, so it has no text$"):
+        to_string([-1])
+    with pytest.raises(
+        ValueError, match=r"expects shape \[pos\] or \[1, pos\], got \(2, 2\)\. For a batch use to_strings"
+    ):
+        to_str_tokens(torch.tensor([[15496, 995], [995, 15496]]))
+    with pytest.raises(TypeError, match="to_string decodes integer token ids, got a tensor of dtype torch.float32"):
+        to_string(torch.tensor([1.0, 2.0]))
+    assert to_string([15496, EOT_ID]) == "Hello<|endoftext|>"  # the last id with text
+
+
+def test_decoding_takes_numpy_ids(without_shape_checks):
+    # not a Sequence[int] to beartype, but what list(np_array) and a token cache hold
+    assert (
+        to_string(np.array([15496, 995])) == to_string(list(np.array([15496, 995], dtype=np.uint16))) == "Hello world"
+    )
+    assert to_str_tokens(np.array([15496, 995])) == ["Hello", " world"]
 
 
 def test_bad_text():

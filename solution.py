@@ -585,6 +585,13 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "gpt2_small_config.json"
 
 
+def _training_run_hint(path: Path) -> str:
+    """What to say when a loader is pointed at a training run's output directory instead of one checkpoint."""
+    if not (path / "checkpoints").is_dir():  # gpt2_small.training's layout: out_dir/checkpoints/step-NNNNNNN
+        return ""
+    return f"; {path} holds a training run: gpt2_small.load_model({str(path)!r}) loads its newest checkpoint"
+
+
 class Transformer(HookedRootModule):
     """GPT-2: tokens [batch pos] -> logits [batch pos d_vocab].
 
@@ -957,7 +964,7 @@ class Transformer(HookedRootModule):
             if not f.is_file():
                 raise FileNotFoundError(
                     f"{f} not found: Transformer.load expects a directory written by Transformer.save "
-                    f"(for Hugging Face checkpoints use Transformer.from_pretrained)"
+                    f"(for Hugging Face checkpoints use Transformer.from_pretrained){_training_run_hint(path)}"
                 )
         meta = json.loads(config_file.read_text())
         if meta.get("format") != "gpt2_small":

@@ -21,7 +21,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig, _check_placement
+from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig, _check_placement, _training_run_hint
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
     """config.json and the weights of a Hugging Face GPT-2 checkpoint directory."""
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found; a Hugging Face checkpoint directory needs config.json")
+        raise FileNotFoundError(
+            f"{config_file} not found; a Hugging Face checkpoint directory needs config.json"
+            f"{_training_run_hint(directory)}"
+        )
     hf_config = json.loads(config_file.read_text())
     safetensors_file, bin_file = (directory / f for f in _WEIGHT_FILES)
     if safetensors_file.is_file():

@@ -44,6 +44,17 @@ def test_load_model_reads_every_kind_of_directory(train_run, tiny_checkpoint):
     assert not from_run.training
 
 
+def test_loaders_pointed_at_a_training_run_say_that_load_model_reads_it(train_run, tmp_path):
+    hint = re.escape(f"; {train_run} holds a training run: gpt2_small.load_model('{train_run}') loads its newest")
+    with pytest.raises(FileNotFoundError, match=r"gpt2_small_config.json not found: .*" + hint):
+        Transformer.load(train_run)
+    with pytest.raises(FileNotFoundError, match=r"config.json not found; .*" + hint):
+        Transformer.from_pretrained(train_run)
+    with pytest.raises(FileNotFoundError) as elsewhere:  # any other directory: no such hint
+        Transformer.load(tmp_path)
+    assert "training run" not in str(elsewhere.value)
+
+
 def test_load_model_errors_name_the_problem(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):

@@ -18,6 +18,7 @@ GPUs, gloo on CPUs); each process reads its own shard of every epoch, and only r
 plots and checkpoints.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -334,7 +335,20 @@ def init_distributed(device_type: str) -> DistInfo:
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+        atexit.register(_leave_process_group)
     return info
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group init_distributed joined, at exit while the interpreter is whole.
+
+    Left to interpreter finalization, Gloo's worker threads may still hold tensors whose release
+    then needs the GIL of a dying interpreter: the process aborts ("terminate called without an
+    active exception", SIGABRT) after its work is done, and torchrun reports the run as failed
+    (pytorch/pytorch#179291; seen here once in the two-process test). A no-op if already destroyed.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sample_text(

@@ -1,5 +1,6 @@
 """The trainer: schedule, decay groups, learning, exact resume, Ctrl-C, DDP."""
 
+import atexit
 import itertools
 import json
 import math
@@ -545,6 +546,23 @@ def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir):
     grads["loss over ranks"] = trainer.dist.mean_over_ranks(loss)  # what the step logs
     torch.save(grads, Path(out_dir) / f"grads-{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+def _exit_worker(rank, world_size, port, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    training.init_distributed("cpu")
+    joined = torch.distributed.is_initialized()
+    atexit._run_exitfuncs()  # what interpreter exit runs before it tears the interpreter down
+    Path(out_dir, f"rank-{rank}").write_text(f"{joined} {torch.distributed.is_initialized()}")
+
+
+def test_the_process_group_is_destroyed_at_exit(tmp_path):
+    """Left to interpreter finalization, Gloo aborted a rank after its work ("terminate called
+    without an active exception"; torchrun then reported failure): once in the torchrun test below."""
+    mp.spawn(_exit_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank-{rank}").read_text() for rank in range(2)] == ["True False"] * 2
 
 
 def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tmp_path, shakespeare_slice):

@@ -93,6 +93,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
+        return run(args)
+    except KeyboardInterrupt:
+        # The newline ends a half-streamed line, so the shell prompt does not land after it.
+        print("\ngenerate_demo: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
         device = pick_device(args.device)
     except ValueError as e:
         print(f"generate_demo: {e}", file=sys.stderr)

@@ -84,6 +84,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
+        return run(args)
+    except KeyboardInterrupt:
+        # The PNGs are written one by one as each experiment ends, so those already there are complete.
+        done = sorted(p.name for p in Path(args.out_dir).glob("*.png"))
+        kept = f"PNGs in {args.out_dir}: {', '.join(done)}" if done else "no PNG was written yet"
+        print(f"\ninterp_demo: interrupted; {kept}", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
         device = pick_device(args.device)
         model, source = load(args, device)
         good, bad = (single_token(a) for a in args.answers)

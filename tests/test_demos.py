@@ -136,18 +136,24 @@ def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_p
     assert len(list((tmp_path / "interp").glob("*.png"))) == 5
 
 
+def import_demo(name: str):
+    """A demo script as a module, so that a test can call its main() and patch what it calls."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO / "demos" / f"{name}.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, monkeypatch, capsys):
     """Before: "the checkpoint above holds the progress (continue with --resume)" also after a Ctrl-C
     while the data was loading, when there was no checkpoint and --resume would fail."""
-    spec = importlib.util.spec_from_file_location("train_demo_under_test", REPO / "demos" / "train_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = import_demo("train_demo")
 
-    class InterruptedWhileLoading:
-        def __init__(self, *args, **kwargs):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo, "Trainer", InterruptedWhileLoading)
+    monkeypatch.setattr(demo, "Trainer", interrupt)  # while the data loads, before any checkpoint
     assert demo.main(["--out-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "interrupted before any checkpoint was written; there is nothing to --resume\n"
     checkpoint = tmp_path / "checkpoints" / "step-0000004"  # an earlier run's, as --resume finds it
@@ -155,6 +161,29 @@ def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, mon
     (checkpoint / "trainer_state.pt").write_bytes(b"")
     assert demo.main(["--out-dir", str(tmp_path), "--resume"]) == 130
     assert capsys.readouterr().err == f"interrupted; the newest checkpoint is {checkpoint} (continue with --resume)\n"
+
+
+def test_generate_demo_ends_an_interrupted_stream_in_one_line(train_run, monkeypatch, capsys):
+    """Before: a Ctrl-C printed Python's KeyboardInterrupt traceback after the half-streamed line."""
+    demo = import_demo("generate_demo")
+    monkeypatch.setattr(demo, "stream_text", interrupt)  # the last section, after all the others printed
+    assert demo.main(["--run-dir", str(train_run), "--max-new-tokens", "2"]) == 130
+    out, err = capsys.readouterr()
+    assert "=== streaming" in out and "=== greedy against sampling" in out
+    assert err == "\ngenerate_demo: interrupted\n"
+
+
+def test_interp_demo_interrupted_names_the_pngs_already_written(train_run, tmp_path, monkeypatch, capsys):
+    """Before: a Ctrl-C printed Python's KeyboardInterrupt traceback and nothing about the PNGs."""
+    demo = import_demo("interp_demo")
+    out_dir = tmp_path / "interp"
+    monkeypatch.setattr(demo.interp, "plot_attention_patterns", interrupt)  # the second plot, after the first
+    assert demo.main(["--run-dir", str(train_run), "--out-dir", str(out_dir)]) == 130
+    assert capsys.readouterr().err == f"\ninterp_demo: interrupted; PNGs in {out_dir}: induction_scores.png\n"
+    monkeypatch.setattr(demo.interp, "induction_score", interrupt)  # the first experiment
+    (out_dir / "induction_scores.png").unlink()
+    assert demo.main(["--run-dir", str(train_run), "--out-dir", str(out_dir)]) == 130
+    assert capsys.readouterr().err == "\ninterp_demo: interrupted; no PNG was written yet\n"
 
 
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])

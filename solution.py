@@ -73,8 +73,7 @@ class TransformerConfig:
         if self.n_heads * self.d_head != self.d_model:
             raise ValueError(
                 f"TransformerConfig.d_model={self.d_model} must equal n_heads * d_head = "
-                f"{self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}; "
-                f"set d_head={self.d_model // self.n_heads} or change n_heads"
+                f"{self.n_heads} * {self.d_head} = {self.n_heads * self.d_head}; {self._head_split_hint()}"
             )
         for name in ("layer_norm_eps", "init_range"):
             value = getattr(self, name)
@@ -84,6 +83,16 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig.{name} must be a positive number, got {value}")
         if self.attn_impl not in _ATTN_IMPLS:
             raise ValueError(f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
+
+    def _head_split_hint(self) -> str:
+        """How to make n_heads * d_head == d_model: a d_head when n_heads divides d_model, else the
+        head counts nearest n_heads that do (a d_head of d_model // n_heads would leave a remainder)."""
+        if self.d_model % self.n_heads == 0:
+            return f"set d_head={self.d_model // self.n_heads} or change n_heads"
+        below = max(h for h in range(1, self.n_heads) if self.d_model % h == 0)
+        above = next((h for h in range(self.n_heads + 1, self.d_model + 1) if self.d_model % h == 0), None)
+        choices = " or ".join(f"n_heads={h} with d_head={self.d_model // h}" for h in (below, above) if h)
+        return f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}; use {choices}"
 
 
 def _normal(*shape: int, std: float) -> nn.Parameter:

@@ -550,6 +550,14 @@ def test_config_defaults_are_gpt2_small():
     "overrides, error, message",
     [
         ({"d_model": 100}, ValueError, r"d_model=100 must equal n_heads \* d_head = 12 \* 64 = 768"),
+        ({"d_model": 96}, ValueError, "= 768; set d_head=8 or change n_heads$"),
+        # Before: "set d_head=7", and 4 * 7 = 28 is no fix; only a head count dividing d_model is.
+        (
+            {"d_model": 30, "n_heads": 4},
+            ValueError,
+            "d_model=30 is not a multiple of n_heads=4; use n_heads=3 with d_head=10 or n_heads=5 with d_head=6$",
+        ),
+        ({"d_model": 7, "n_heads": 12}, ValueError, "not a multiple of n_heads=12; use n_heads=7 with d_head=1$"),
         ({"n_layers": 0}, ValueError, "n_layers must be positive, got 0"),
         ({"d_vocab": -5}, ValueError, "d_vocab must be positive, got -5"),
         # A wrong type is refused by beartype (in tests) or __post_init__; both name field and value.

@@ -745,7 +745,12 @@ class Transformer(HookedRootModule):
     def check_tokens(self, tokens: object) -> None:
         """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
         if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+            hint = ""
+            if isinstance(tokens, str):  # TransformerLens's forward takes text; this one takes ids only
+                hint = "; for text pass gpt2_small.to_tokens(text)"
+            elif isinstance(tokens, (list, tuple)):
+                hint = "; wrap a nested list of ids as torch.tensor(ids)"
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}{hint}")
         if tokens.dtype not in (torch.long, torch.int32):  # the index types F.embedding takes
             integer = not (tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex())
             hint = "; convert with tokens.long()" if integer else ""

@@ -532,6 +532,17 @@ def test_bad_tokens_raise_a_named_error(tokens, error, message):
         model(tokens=tokens)
 
 
+def test_text_or_a_list_in_place_of_tokens_gets_a_hint(without_shape_checks):
+    """Without jaxtyping, as in a user's code, our own check is the one that answers."""
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"got str; for text pass gpt2_small.to_tokens\(text\)$"):
+        model("Hello world")
+    with pytest.raises(TypeError, match=r"got list; wrap a nested list of ids as torch.tensor\(ids\)$"):
+        model([[1, 2]])
+    with pytest.raises(TypeError, match="of token ids, got int$"):
+        model(3)
+
+
 def test_int32_tokens_are_accepted():
     model = tiny_model()
     torch.testing.assert_close(model(random_tokens(1, 4).int()), model(random_tokens(1, 4)))

@@ -441,8 +441,9 @@ class Trainer:
         if blocker is not None and not blocker.is_dir():
             where = "is a file" if blocker == self.out_dir else f"lies under {blocker}, which is a file"
             raise ValueError(f"out_dir {str(self.out_dir)!r} {where}; choose a directory (it is created if missing)")
-        if not resume:
-            self._claim_out_dir()
+        # An earlier run is refused now, before the data (perhaps a long download), but --overwrite
+        # deletes it only once the data has loaded: a typo in --dataset must not cost that run.
+        earlier = [] if resume else self._earlier_run()
 
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model_config).to(self.device)
@@ -467,6 +468,10 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * n_ctx * cfg.grad_accum * self.dist.world_size
         if resume:
             self._resume()
+        elif earlier and self.dist.is_main:
+            logger.warning("overwrite: deleting the earlier run in %s", self.out_dir)
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
         model: torch.nn.Module = self.model
         if self.dist.enabled:
@@ -477,25 +482,20 @@ class Trainer:
         # the cross-entropy fuses into a kernel that reads the bf16 logits once.
         self.loss_fn = torch.compile(self._loss) if cfg.compile else self._loss
 
-    def _claim_out_dir(self) -> None:
-        """Refuse to mix a fresh run into an earlier one's outputs, unless told to delete them.
+    def _earlier_run(self) -> list[Path]:
+        """The outputs of an earlier run in out_dir, which --overwrite deletes; without it, refused.
 
         Appending would interleave two runs' metrics, and pruning old checkpoints would delete the
         new run's (an earlier step-0000600 sorts after a new step-0000400).
         """
         earlier = [self.out_dir / name for name in (CHECKPOINTS, *RUN_FILES) if (self.out_dir / name).exists()]
-        if not earlier:
-            return
-        if not self.cfg.overwrite:
+        if earlier and not self.cfg.overwrite:
             names = ", ".join(p.name for p in earlier)
             raise FileExistsError(
                 f"{self.out_dir} holds an earlier run ({names}); pass --resume to continue it, "
                 f"--overwrite to delete it and start afresh, or choose another --out-dir"
             )
-        if self.dist.is_main:
-            logger.warning("overwrite: deleting the earlier run in %s", self.out_dir)
-            for path in earlier:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return earlier
 
     def _loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         if not self.cfg.fused_loss:

@@ -424,6 +424,19 @@ def test_a_fresh_run_refuses_an_out_dir_with_an_earlier_run_unless_overwrite(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002"]
 
 
+def test_overwrite_keeps_the_earlier_run_when_the_data_cannot_be_loaded(tmp_path, shakespeare_slice, caplog):
+    """Before: --overwrite deleted the earlier run first, so a wrong --dataset cost it."""
+    run = tmp_path / "run"
+    Trainer(micro_config(run, max_steps=2, eval_interval=2), data=shakespeare_slice).run()
+    before = sorted(p.name for p in run.rglob("*"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "cut off mid-wr')
+    with pytest.raises(ValueError, match="could not read it as json"):
+        Trainer(micro_config(run, overwrite=True, dataset=str(broken), cache_dir=str(tmp_path / "tokens")))
+    assert sorted(p.name for p in run.rglob("*")) == before and latest_checkpoint(run) is not None
+    assert "deleting" not in caplog.text
+
+
 def test_an_out_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
     def no_data(self):
         raise AssertionError("the data was read before out_dir was checked")

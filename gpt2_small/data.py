@@ -51,6 +51,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GPT2_SMALL_CACHE", Path.home() / ".cache" / "gpt2_small")) / "tokens"
 
 
+def check_directory_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse a path that cannot become a directory, it or a folder above it being a file.
+
+    Called before long work (a download, tokenization), which would otherwise end in errno 17 or
+    20 at the first write.
+    """
+    path = Path(path).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
+        raise ValueError(f"{what} {str(path)!r} {where}; choose a directory (it is created if missing)")
+
+
 def load_text_dataset(
     source: str = EMBEDDED_DATASET,
     *,
@@ -182,7 +195,8 @@ def tokenize_dataset(
     """The whole dataset as one uint16 token stream, <|endoftext|> after each document; cached."""
     text_column = text_column or ds.column_names[0]
     _check_text_column(ds, text_column)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    check_directory_path(cache_dir, "cache_dir")
     cache_file = cache_dir / f"tokens-{_cache_key(ds, text_column)}.npy"
     if cache_file.is_file():
         tokens = np.load(cache_file, mmap_mode="r")

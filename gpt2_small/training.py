@@ -41,7 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gpt2_small.data import EMBEDDED_DATASET, TokenData
+from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
 from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
 from solution import Transformer, TransformerConfig, Unembedding, check_device
@@ -435,12 +435,9 @@ class Trainer:
                 f"sample_prompt ({prompt_len} tokens with <|endoftext|>) + sample_tokens={cfg.sample_tokens} "
                 f"exceed the {cfg.preset} preset's n_ctx={n_ctx}; lower sample_tokens or shorten the prompt"
             )
-        # Before the data, which may be a long download: a path that cannot become a directory
-        # otherwise fails only at the first write.
-        blocker = next((p for p in (self.out_dir, *self.out_dir.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            where = "is a file" if blocker == self.out_dir else f"lies under {blocker}, which is a file"
-            raise ValueError(f"out_dir {str(self.out_dir)!r} {where}; choose a directory (it is created if missing)")
+        # Before the data, which may be a long download.
+        check_directory_path(self.out_dir, "out_dir")
+        check_directory_path(default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir, "cache_dir")
         # An earlier run is refused now, before the data (perhaps a long download), but --overwrite
         # deletes it only once the data has loaded: a typo in --dataset must not cost that run.
         earlier = [] if resume else self._earlier_run()

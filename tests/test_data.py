@@ -86,6 +86,18 @@ def test_second_run_reads_the_token_cache(tmp_path, caplog):
     assert not np.array_equal(first, third)
 
 
+def test_a_cache_dir_that_is_a_file_is_refused_before_tokenizing(tmp_path, monkeypatch):
+    """Before: "[Errno 17] File exists" after the whole dataset had been tokenized."""
+    ds = datasets.Dataset.from_dict({"text": ["a document", "another"]})
+    monkeypatch.setattr(type(ds), "map", lambda *a, **k: pytest.fail("tokenized before cache_dir was checked"))
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    with pytest.raises(ValueError, match=rf"cache_dir '{re.escape(str(file))}' is a file; choose a directory"):
+        tokenize_dataset(ds, cache_dir=file)
+    with pytest.raises(ValueError, match=rf"cache_dir '.*tokens' lies under {re.escape(str(file))}, which is a file"):
+        tokenize_dataset(ds, cache_dir=file / "tokens")
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_local_files(tmp_path, kind):
     docs = ["First document.\nWith two lines.", "Second document."]

@@ -451,6 +451,20 @@ def test_an_out_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, 
     assert file.read_text() == "a file"
 
 
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """Before: "[Errno 17] File exists" once the whole dataset had been tokenized."""
+
+    def no_data(self):
+        raise AssertionError("the data was read before cache_dir was checked")
+
+    monkeypatch.setattr(Trainer, "_load_data", no_data)
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    with pytest.raises(ValueError, match=rf"cache_dir '{re.escape(str(file))}' is a file; choose a directory"):
+        Trainer(micro_config(tmp_path / "run", cache_dir=str(file)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatch):
     trainer = Trainer(micro_config(tmp_path, eval_interval=0), data=shakespeare_slice)
     real_step = trainer.train_step

@@ -78,6 +78,7 @@ def load_text_dataset(
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     path = Path(source).expanduser()
+    _refuse_options_that_do_not_apply(source, path, text_column=text_column, split=split, config_name=config_name)
     if source == EMBEDDED_DATASET:
         ds = datasets.load_dataset(
             "text", data_files=str(asset_path("shakespeare.txt.gz")), sample_by="document", split="train"
@@ -101,6 +102,25 @@ def load_text_dataset(
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     return ds.select_columns([text_column])
+
+
+def _refuse_options_that_do_not_apply(source: str, path: Path, **given) -> None:
+    """Name the options a source cannot honour, rather than read the same data whatever they say."""
+    if source == EMBEDDED_DATASET:
+        defaults = {"text_column": "text", "split": "train", "config_name": None}
+        what = f"the bundled {source!r} has one split, 'train', one text column, 'text', and no configurations"
+        fix = ""
+    elif path.exists():
+        defaults = {"split": "train", "config_name": None}  # `split` only names the one split made
+        what = f"a local file or folder ({source}) is read whole, as one split, and has no configurations"
+        fix = ", and point the dataset at the files you mean"
+    else:
+        return
+    off = [f"{name}={given[name]!r} (--{name.replace('_', '-')})" for name in defaults if given[name] != defaults[name]]
+    if off:
+        raise ValueError(
+            f"{what}: {' and '.join(off)} cannot apply; leave {'it' if len(off) == 1 else 'them'} out{fix}"
+        )
 
 
 def _load_local(path: Path, split: str):

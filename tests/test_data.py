@@ -98,6 +98,30 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_tokenizing(tmp_path, monke
         tokenize_dataset(ds, cache_dir=file / "tokens")
 
 
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"text_column": "body"}, r"text_column='body' \(--text-column\) cannot apply; leave it out$"),
+        ({"split": "validation", "config_name": "x"}, r"split='validation' \(--split\) and config_name='x'"),
+    ],
+)
+def test_options_the_bundled_corpus_cannot_honour_are_refused(options, named):
+    """Before: the same 42 works were read whatever these said."""
+    with pytest.raises(ValueError, match=rf"^the bundled 'shakespeare' has one split, 'train', .*: {named}"):
+        load_text_dataset("shakespeare", **options)
+
+
+def test_options_a_local_path_cannot_honour_are_refused(tmp_path):
+    """Before: the whole file was read as `split`, whatever that said, and config_name was dropped."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "a document"}])
+    for options, named in [({"split": "test"}, "split='test'"), ({"config_name": "en"}, "config_name='en'")]:
+        with pytest.raises(
+            ValueError, match=rf"read whole, as one split, .*: {named} .*point the dataset at the files"
+        ):
+            load_text_dataset(str(path), **options)
+    assert load_text_dataset(str(path), split="train", config_name=None)["text"] == ["a document"]
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_local_files(tmp_path, kind):
     docs = ["First document.\nWith two lines.", "Second document."]

@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         # Bad settings are refused before any output, not halfway through: the sampling rules here,
         # the prompt and its length by the first generation, the greedy one that two sections show.
         SamplingSettings(**sampled).check(model.cfg.d_vocab)
+        if n == 0:  # generate returns the bare prompt for 0; beam search, the fourth section, refuses it
+            raise ValueError("max_new_tokens=0 leaves nothing to show; ask for at least 1")
         greedy = generate_text(model, tok, prompt, n, temperature=0)
         run_sections(model, tok, prompt, n, sampled, args.seed, greedy)
     except ValueError as e:  # bad settings: say which, without a traceback

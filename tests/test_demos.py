@@ -81,6 +81,8 @@ def test_generate_demo_runs_every_section_on_a_train_demo_checkpoint(train_run):
         (["--top-p", "1.5"], "top_p must be in (0, 1] or None, got 1.5"),
         (["--prompt", ""], "the prompt is empty; use '<|endoftext|>' for an unconditional sample"),
         (["--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
+        # Before: three sections of bare prompts, then beam search's refusal.
+        (["--max-new-tokens", "0"], "max_new_tokens=0 leaves nothing to show; ask for at least 1"),
         (["--max-new-tokens", "100"], "prompt of 3 tokens + max_new_tokens=100 = 103 exceeds n_ctx=64; "
                                       "shorten the prompt or ask for fewer tokens"),
     ],

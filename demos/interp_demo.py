@@ -29,6 +29,7 @@ from gpt2_small import (  # noqa: E402
     to_str_tokens,
     to_tokens,
 )
+from gpt2_small.data import check_directory_path  # noqa: E402
 from gpt2_small.training import TrainConfig, Trainer, latest_checkpoint, pick_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,21 +94,38 @@ def main(argv=None) -> int:
         return 130
 
 
+def tokens_of(text: str, flag: str, at_least: int) -> torch.Tensor:
+    tokens = to_tokens(text) if text else torch.zeros(1, 0, dtype=torch.long)
+    if tokens.shape[1] < at_least:
+        n = tokens.shape[1]
+        raise ValueError(f"{flag} {text!r} is {n} token{'' if n == 1 else 's'}; it needs at least {at_least}")
+    return tokens
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        # Every argument is checked before the model loads, which may mean a fallback training run.
+        check_directory_path(args.out_dir, "--out-dir")
+        if args.train_steps < 1:
+            raise ValueError(f"--train-steps must be >= 1, got {args.train_steps}")
+        prompt = tokens_of(args.prompt, "--prompt", at_least=2)  # the logit lens scores each next token
+        clean, corrupted = tokens_of(args.clean, "--clean", 1), tokens_of(args.corrupted, "--corrupted", 1)
+        if clean.shape != corrupted.shape:
+            raise ValueError(f"--clean is {clean.shape[1]} tokens, --corrupted {corrupted.shape[1]}; they must match")
+        good, bad = (single_token(a) for a in args.answers)
         device = pick_device(args.device)
         model, source = load(args, device)
-        good, bad = (single_token(a) for a in args.answers)
+        cfg = model.cfg
+        if cfg.n_layers < 2:
+            raise ValueError(f"induction heads need at least 2 layers; {source} has {cfg.n_layers}")
+        if clean.shape[1] > cfg.n_ctx:
+            raise ValueError(f"--clean and --corrupted are {clean.shape[1]} tokens, more than n_ctx={cfg.n_ctx}")
     except (ValueError, FileNotFoundError) as e:
         print(f"interp_demo: {e}", file=sys.stderr)
         return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
     print(f"model: {source}; {cfg.n_layers} layers x {cfg.n_heads} heads, n_ctx {cfg.n_ctx}, on {device}")
-    if cfg.n_layers < 2:
-        print("interp_demo: induction heads need at least 2 layers", file=sys.stderr)
-        return 2
 
     # 1. Induction heads: repeated random tokens.
     seq_len = min(50, (cfg.n_ctx - 1) // 2)
@@ -121,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {score:.3f}")
 
     # 2. Attention patterns of the best induction head's layer on a repeated line of text.
-    tokens = to_tokens(args.prompt)[:, : cfg.n_ctx].to(device)
+    tokens = prompt[:, : cfg.n_ctx].to(device)
     labels = to_str_tokens(tokens[0])
     best_layer = int(top[0][0][1:].split("H")[0])
     with torch.no_grad():
@@ -139,11 +157,7 @@ def run(args: argparse.Namespace) -> int:
           f"{second_half:.2f} (a model with induction heads predicts the second copy far better)")  # fmt: skip
 
     # 4. Activation patching: which positions and heads carry "who gets the rose".
-    clean, corrupted = to_tokens(args.clean).to(device), to_tokens(args.corrupted).to(device)
-    if clean.shape != corrupted.shape:
-        print(f"interp_demo: --clean is {clean.shape[1]} tokens, --corrupted {corrupted.shape[1]}; they must match",
-              file=sys.stderr)  # fmt: skip
-        return 2
+    clean, corrupted = clean.to(device), corrupted.to(device)
     with torch.no_grad():
         clean_last, corrupted_last = model(clean)[0, -1], model(corrupted)[0, -1]
     clean_diff = float(clean_last[good] - clean_last[bad])

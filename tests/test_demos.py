@@ -188,6 +188,42 @@ def test_interp_demo_interrupted_names_the_pngs_already_written(train_run, tmp_p
     assert capsys.readouterr().err == "\ninterp_demo: interrupted; no PNG was written yet\n"
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", ""], "--prompt '' is 0 tokens; it needs at least 2"),
+        (["--prompt", "a"], "--prompt 'a' is 1 token; it needs at least 2"),
+        (["--clean", "", "--corrupted", ""], "--clean '' is 0 tokens; it needs at least 1"),
+        (["--corrupted", "short"], "--clean is 14 tokens, --corrupted 1; they must match"),
+        (["--answers", " Romeo", " Julietttt"], "answer ' Julietttt' is 3 tokens; the logit difference needs"),
+        (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
+    ],
+)
+def test_interp_demo_refuses_bad_arguments_before_loading_the_model(args, message, tmp_path, monkeypatch, capsys):
+    """Before: a traceback (empty or one-token prompts), or a refusal after minutes of work (a
+    --corrupted of another length came after three experiments, a bad answer after a fallback training)."""
+    demo = import_demo("interp_demo")
+    monkeypatch.setattr(demo, "load", lambda *a: pytest.fail("the model was loaded before the arguments were checked"))
+    assert demo.main(["--out-dir", str(tmp_path / "out"), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"interp_demo: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_interp_demo_refuses_an_out_dir_that_is_a_file_and_prompts_longer_than_the_model(train_run, tmp_path, capsys):
+    demo = import_demo("interp_demo")
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    assert demo.main(["--run-dir", str(train_run), "--out-dir", str(file)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"interp_demo: --out-dir '{file}' is a file; choose a directory (it is created if missing)\n"
+    )
+    long = ["--clean", "a" + " a" * 70, "--corrupted", "b" + " b" * 70]  # 71 tokens each; n_ctx is 64
+    assert demo.main(["--run-dir", str(train_run), "--out-dir", str(tmp_path / "out"), *long]) == 2
+    assert capsys.readouterr().err == "interp_demo: --clean and --corrupted are 71 tokens, more than n_ctx=64\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
 def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
     cmd = [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--device", "foo", "--out-dir", str(tmp_path / "out")]

@@ -477,6 +477,13 @@ def _finish(fig, path: str | Path | None):
     return fig
 
 
+def _check_labels(labels: Sequence[str] | None, count: int, name: str, of: str) -> None:
+    # matplotlib's own error ("The number of FixedLocator locations (6), usually from a call to
+    # set_ticks, does not match the number of labels (2)") names neither the argument nor the axis.
+    if labels is not None and len(labels) != count:
+        raise ValueError(f"{name} has {len(labels)} labels for {count} {of}")
+
+
 def _heatmap(
     values: Tensor,
     *,
@@ -532,6 +539,7 @@ def plot_attention_patterns(
 ):
     """One heatmap per head (query rows, key columns), labelled with the tokens. Returns the Figure."""
     n_heads, pos = pattern.shape[0], pattern.shape[-1]
+    _check_labels(token_labels, pos, "token_labels", "key positions")
     cols = min(n_heads, 4)
     rows = -(-n_heads // cols)
     fig = _figure(3.2 * cols, 3.0 * rows + 0.4)
@@ -560,6 +568,8 @@ def plot_logit_lens(
     path: str | Path | None = None,
 ):
     """Heatmap of a logit-lens quantity, layers down the side, positions across. Returns the Figure."""
+    _check_labels(layer_labels, values.shape[0], "layer_labels", "rows (components)")
+    _check_labels(token_labels, values.shape[1], "token_labels", "positions")
     return _heatmap(values, cmap="viridis", center=False, label="log-prob", title=title, path=path,
                     x_labels=token_labels, y_labels=layer_labels)  # fmt: skip
 
@@ -572,6 +582,11 @@ def plot_patching(
     path: str | Path | None = None,
 ):
     """Heatmap of activation_patching's result (layers x positions or layers x heads). Returns the Figure."""
+    if by not in ("position", "head"):
+        raise ValueError(f"by must be 'position' or 'head', as given to activation_patching, got {by!r}")
+    if by == "head" and token_labels is not None:
+        raise ValueError("token_labels label positions; a by='head' map has heads across (labelled by number)")
+    _check_labels(token_labels, values.shape[1], "token_labels", "positions")
     x_labels = token_labels if by == "position" else None
     return _heatmap(values, cmap="RdBu_r", center=True, label="metric", title=title, path=path, x_labels=x_labels,
                     xlabel=None if x_labels is not None else by, ylabel="layer")  # fmt: skip

@@ -399,3 +399,28 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
     # which matplotlib 3.10 truncates and 3.11 rounds, so either whole number is the right size.
     size = _png_size(path)
     assert size[0] in {int(width), round(width)} and size[1] in {int(height), round(height)}, (size, width, height)
+
+
+def test_plots_name_labels_that_do_not_fit_the_values(run, tmp_path):
+    """Before: matplotlib's "The number of FixedLocator locations (10) ... does not match the number
+    of labels (9)", naming neither the argument nor the axis; a by='head' map dropped token_labels."""
+    _, cache = run
+    labels = [f"t{i}" for i in range(9)]  # one short of the 10 positions
+    path = tmp_path / "plot.png"
+    with pytest.raises(ValueError, match="^token_labels has 9 labels for 10 key positions$"):
+        interp.plot_attention_patterns(cache["pattern", 0][0], labels, path=path)
+    with pytest.raises(ValueError, match=r"^layer_labels has 2 labels for 3 rows \(components\)$"):
+        interp.plot_logit_lens(torch.randn(3, 9), ["0_pre", "1_pre"], labels, path=path)
+    with pytest.raises(ValueError, match="^token_labels has 9 labels for 10 positions$"):
+        interp.plot_logit_lens(torch.randn(3, 10), ["a", "b", "c"], labels, path=path)
+    with pytest.raises(ValueError, match="^token_labels has 9 labels for 10 positions$"):
+        interp.plot_patching(torch.randn(3, 10), token_labels=labels, path=path)
+    with pytest.raises(ValueError, match="a by='head' map has heads across"):
+        interp.plot_patching(torch.randn(3, 4), by="head", token_labels=labels, path=path)
+    with pytest.raises(
+        ValueError, match="by must be 'position' or 'head', as given to activation_patching, got 'layer'"
+    ):
+        interp.plot_patching(torch.randn(3, 4), by="layer", path=path)
+    assert not path.exists()
+    interp.plot_logit_lens(torch.randn(3, 9), ["a", "b", "c"], labels, path=path)  # labels that fit
+    assert path.stat().st_size > 1000

@@ -254,6 +254,11 @@ class LogitAttribution:
 
 def _token_ids(name: str, ids: int | Tensor, d_vocab: int, batch: int) -> Int[Tensor, " batch"]:
     """`ids` (one id, or one per batch item) as a [batch] tensor, or a ValueError naming what is wrong."""
+    if isinstance(ids, str):  # torch.as_tensor would say only "new(): invalid data type 'str'"
+        raise TypeError(
+            f"{name} must be a token id (int) or a tensor of ids, got the str {ids!r}; "
+            f"pass get_tokenizer().encode({ids!r})[0] if that is one token"
+        )
     ids = torch.as_tensor(ids)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise ValueError(f"{name} must be token ids (ints), got dtype {ids.dtype}")

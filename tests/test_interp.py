@@ -206,6 +206,16 @@ def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(
     torch.testing.assert_close(as_scalar_tensor.contributions, dla.contributions, rtol=0, atol=0)
 
 
+def test_direct_logit_attribution_takes_no_text_for_a_token(model, run, without_shape_checks):
+    """Before, in a user's code (no jaxtyping): torch's "new(): invalid data type 'str'"."""
+    _, cache = run
+    with pytest.raises(TypeError, match=r"^correct must be a token id \(int\) or a tensor of ids, got the str ' Romeo'; "
+                       r"pass get_tokenizer\(\).encode\(' Romeo'\)\[0\] if that is one token$"):  # fmt: skip
+        direct_logit_attribution(model, cache, " Romeo", 7)
+    with pytest.raises(TypeError, match="^incorrect must be a token id"):
+        direct_logit_attribution(model, cache, 7, "x")
+
+
 def test_direct_logit_attribution_names_bad_token_ids_and_positions(model, run):
     _, cache = run  # batch 3, 10 positions, d_vocab 101
     for correct, match in [

@@ -175,6 +175,11 @@ def pad_prompts(
     """Left-pad token lists to one batch; returns (tokens, attention_mask) with 0 at padding."""
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one")
+    if text := next((p for p in prompts if isinstance(p, str)), None):
+        raise TypeError(
+            f"pad_prompts takes lists of token ids, got the str {text!r}; encode text first "
+            f"(get_tokenizer().encode), or give strings to generate_text"
+        )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (empty prompt given)")
     pos = max(len(p) for p in prompts)
@@ -184,6 +189,14 @@ def pad_prompts(
         tokens[row, pos - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, pos - len(prompt) :] = 1
     return tokens.to(device), mask.to(device)
+
+
+def _check_eos(eos_token_id: object) -> None:
+    # An id >= d_vocab is allowed: it is the default's case on a model of a small vocabulary, and
+    # only means that no row stops early. A negative id is never a token.
+    eos = eos_token_id
+    if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
+        raise ValueError(f"eos_token_id must be a token id, an int >= 0, got {eos!r}")
 
 
 def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
@@ -452,6 +465,7 @@ def stream(
     _check_request(model, tokens, attention_mask, max_new_tokens)
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
     settings.check(model.cfg.d_vocab)
+    _check_eos(eos_token_id)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
     if max_new_tokens == 0:
@@ -510,7 +524,8 @@ def generate(
     """The prompt followed by up to max_new_tokens sampled tokens per row.
 
     temperature 0 is greedy. With stop_at_eos, rows that finished are padded with eos_token_id
-    and generation ends early once all have, as in Hugging Face. `seed` makes the draw
+    and generation ends early once all have, as in Hugging Face (an eos_token_id >= d_vocab, the
+    default on a model of a small vocabulary, never ends a row). `seed` makes the draw
     reproducible (a generator of its own; the global RNG is left alone); None uses the global
     RNG. attention_mask marks left padding (see pad_prompts). cuda_graph and compile: see the
     module docstring (cuda_graph None: on for a CUDA model without hooks; compile: off).
@@ -637,6 +652,7 @@ def beam_search(
     _check_request(model, tokens, None, max_new_tokens)
     if max_new_tokens == 0:
         raise ValueError("max_new_tokens must be >= 1 for beam search")
+    _check_eos(eos_token_id)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
     device = model.device

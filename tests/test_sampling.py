@@ -585,6 +585,27 @@ def test_invalid_sampling_settings_raise(sampling_pair, kwargs, match):
         generate(sampling_pair.model, torch.tensor([[1, 2]]), 5, **kwargs)
 
 
+def test_a_negative_eos_id_is_refused(sampling_pair, small_vocab_pair, without_shape_checks):
+    """Before: accepted, and no row could ever stop at it. (Without jaxtyping, as in a user's code,
+    our check also answers for the float.)"""
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    for eos, shown in ((-1, "-1"), (2.0, "2.0")):
+        message = rf"^eos_token_id must be a token id, an int >= 0, got {shown}$"
+        with pytest.raises(ValueError, match=message):
+            generate(model, tokens, 3, eos_token_id=eos)
+        with pytest.raises(ValueError, match=message):
+            beam_search(model, tokens, 2, 3, eos_token_id=eos)
+    # An id past the vocabulary, as the default 50256 is for this 100-token model, never stops a row.
+    small = small_vocab_pair.model
+    assert small.cfg.d_vocab == 100 and generate(small, tokens, 3, temperature=0).shape == (1, 5)
+
+
+def test_pad_prompts_names_text_given_for_token_ids(without_shape_checks):
+    """Before, in a user's code (no jaxtyping): torch's "too many dimensions 'str'"."""
+    with pytest.raises(TypeError, match=r"^pad_prompts takes lists of token ids, got the str 'b'; encode text first"):
+        pad_prompts([[1, 2], "b"])
+
+
 def test_invalid_requests_raise(sampling_pair):
     model = sampling_pair.model
     with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0, got -1"):

@@ -969,8 +969,6 @@ class Transformer(HookedRootModule):
         dtype: torch.dtype | None = None,
     ) -> "Transformer":
         """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
-        from safetensors.torch import load_file
-
         _check_placement(device, dtype)
         path = Path(path)
         config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
@@ -980,11 +978,11 @@ class Transformer(HookedRootModule):
                     f"{f} not found: Transformer.load expects a directory written by Transformer.save "
                     f"(for Hugging Face checkpoints use Transformer.from_pretrained){_training_run_hint(path)}"
                 )
-        meta = json.loads(config_file.read_text())
+        meta = _read_json(config_file)
         if meta.get("format") != "gpt2_small":
             raise ValueError(f"{config_file} is not a gpt2_small checkpoint config (format={meta.get('format')!r})")
         model = cls(TransformerConfig(**meta["config"]))
-        state = load_file(weights_file)
+        state = _read_safetensors(weights_file)
         if not state:
             raise ValueError(
                 f"{weights_file} holds no tensors; Transformer.load expects one written by Transformer.save"
@@ -992,6 +990,28 @@ class Transformer(HookedRootModule):
         model.to(next(iter(state.values())).dtype)
         model.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype)
+
+
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON config, or a ValueError naming the damaged file (json's own error names none)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: save or download it again") from e
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's tensors, or a ValueError naming the file, which safetensors' SafetensorError
+    (not a ValueError, so callers that catch those would see a traceback) leaves out."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a complete safetensors file ({e}); it is damaged or cut short: save or download it again"
+        ) from e
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -11,7 +11,6 @@ x @ W; here it is split into W_Q, W_K, W_V and reshaped to TransformerLens's
 the checkpoint carries an lm_head.weight of its own.
 """
 
-import json
 import logging
 import os
 import re
@@ -21,7 +20,15 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import CHECKPOINT_CONFIG, Transformer, TransformerConfig, _check_placement, _training_run_hint
+from solution import (
+    CHECKPOINT_CONFIG,
+    Transformer,
+    TransformerConfig,
+    _check_placement,
+    _read_json,
+    _read_safetensors,
+    _training_run_hint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ def config_from_hf(hf_config: dict) -> TransformerConfig:
     ):
         if hf_config.get(flag, supported) != supported:
             raise ValueError(f"{flag}={hf_config[flag]!r} is not supported; GPT-2 uses {flag}={supported}")
+    if missing := [key for key in ("n_embd", "n_head", "n_layer", "vocab_size") if key not in hf_config]:
+        raise ValueError(f"the GPT-2 config.json lacks {', '.join(missing)}; every GPT2Config writes them")
     d_model, n_heads = hf_config["n_embd"], hf_config["n_head"]
     if d_model % n_heads:
         raise ValueError(f"n_embd={d_model} is not divisible by n_head={n_heads}")
@@ -177,14 +186,20 @@ def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
             f"{config_file} not found; a Hugging Face checkpoint directory needs config.json"
             f"{_training_run_hint(directory)}"
         )
-    hf_config = json.loads(config_file.read_text())
+    hf_config = _read_json(config_file)
     safetensors_file, bin_file = (directory / f for f in _WEIGHT_FILES)
     if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        return hf_config, load_file(safetensors_file)
+        return hf_config, _read_safetensors(safetensors_file)
     if bin_file.is_file():
-        return hf_config, torch.load(bin_file, map_location="cpu", weights_only=True)
+        try:
+            return hf_config, torch.load(bin_file, map_location="cpu", weights_only=True)
+        # What a cut-off or foreign file gives. Not UnpicklingError: torch's own message for a pickle
+        # that weights_only refuses (it would run code) says more than ours could.
+        except (RuntimeError, EOFError, KeyError) as e:
+            raise ValueError(
+                f"{bin_file} is not a complete PyTorch checkpoint ({type(e).__name__}: {e}); it is damaged or cut "
+                f"short: download or save it again"
+            ) from e
     raise FileNotFoundError(f"{directory} holds none of {_WEIGHT_FILES}")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -176,6 +177,59 @@ def test_missing_directory_and_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text("{cut off"), r"config.json is not valid JSON \(Expecting"),
+        (lambda d: (d / "model.safetensors").write_bytes(b""), r"model.safetensors is not a complete safetensors file"),
+        (lambda d: _truncate(d / "model.safetensors"), r"model.safetensors is not a complete safetensors file"),
+        (
+            lambda d: _edit_json(d / "config.json", drop="n_embd"),
+            r"the GPT-2 config.json lacks n_embd; every GPT2Config",
+        ),
+    ],
+    ids=["config-json", "empty-weights", "cut-weights", "config-key"],
+)
+def test_a_damaged_hf_checkpoint_is_named_in_a_value_error(tiny_checkpoint, tmp_path, damage, message):
+    """Before: json's JSONDecodeError or a KeyError naming no file, or safetensors' SafetensorError,
+    which is no ValueError, so the demos showed a traceback."""
+    shutil.copytree(tiny_checkpoint[0], tmp_path, dirs_exist_ok=True)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_a_cut_off_pytorch_model_bin_is_named_in_a_value_error(tiny_checkpoint, tmp_path):
+    directory, hf = tiny_checkpoint
+    shutil.copy(directory / "config.json", tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    _truncate(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin is not a complete PyTorch checkpoint \(RuntimeError"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin is not a complete PyTorch checkpoint \(EOFError"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    Transformer(cfg).save(tmp_path)
+    _truncate(tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file"):
+        Transformer.load(tmp_path)
+    (tmp_path / "gpt2_small_config.json").write_text('{"format": "gpt2_sm')
+    with pytest.raises(ValueError, match=r"gpt2_small_config.json is not valid JSON"):
+        Transformer.load(tmp_path)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_json(path: Path, drop: str) -> None:
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != drop}))
 
 
 def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):

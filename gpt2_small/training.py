@@ -771,6 +771,14 @@ class Trainer:
         _set_rng_state(state["rng"])
         self._warn_about_changed_settings(path)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
+        if self.step >= self.max_steps:  # run() would only write the same checkpoint and end sample again
+            budget = f"max_steps={self.max_steps}"
+            if self.cfg.epochs:
+                budget = f"epochs={self.cfg.epochs} ({self.max_steps} steps)"
+            raise ValueError(
+                f"--resume: the checkpoint {path.name} is at step {self.step}, and {budget} leaves nothing to "
+                f"train; raise --max-steps (or --epochs) to train on"
+            )
         if self.dist.is_main:
             _write_rows(self.out_dir / "metrics.jsonl", self.rows)
         logger.info("resumed from %s at step %d", path, self.step)

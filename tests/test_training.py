@@ -407,6 +407,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_slic
         Trainer(micro_config(tmp_path, preset="micro2"), data=shakespeare_slice, resume=True)
 
 
+def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_slice):
+    """Before: it wrote the same checkpoint again and appended a second end sample to samples.txt."""
+    Trainer(micro_config(tmp_path, max_steps=3), data=shakespeare_slice).run()
+    samples = (tmp_path / "samples.txt").read_text()
+    for max_steps in (3, 2):
+        with pytest.raises(ValueError, match=rf"checkpoint step-0000003 is at step 3, and max_steps={max_steps} "
+                           r"leaves nothing to train; raise --max-steps \(or --epochs\)"):  # fmt: skip
+            Trainer(micro_config(tmp_path, max_steps=max_steps), data=shakespeare_slice, resume=True)
+    assert (tmp_path / "samples.txt").read_text() == samples
+    assert Trainer(micro_config(tmp_path, max_steps=4), data=shakespeare_slice, resume=True).run()[-1]["step"] == 4
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, shakespeare_slice):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)

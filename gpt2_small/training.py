@@ -757,7 +757,13 @@ class Trainer:
             )
         model = Transformer.load(path, device=self.device)
         self.model.load_state_dict(model.state_dict(), strict=True)
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError) as e:  # a file cut short: torch's zip reader or the unpickler
+            raise ValueError(
+                f"--resume: {path / TRAINER_STATE} is damaged ({type(e).__name__}: {e}); delete {path.name} "
+                f"(and the 'latest' pointer beside it) to resume from the checkpoint before it"
+            ) from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.position = DataPosition(**state["position"])

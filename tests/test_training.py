@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -417,6 +418,18 @@ def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_s
             Trainer(micro_config(tmp_path, max_steps=max_steps), data=shakespeare_slice, resume=True)
     assert (tmp_path / "samples.txt").read_text() == samples
     assert Trainer(micro_config(tmp_path, max_steps=4), data=shakespeare_slice, resume=True).run()[-1]["step"] == 4
+
+
+def test_resume_names_a_damaged_trainer_state(tmp_path, shakespeare_slice):
+    """Before: torch's "PytorchStreamReader failed reading zip archive" traceback from train_demo."""
+    Trainer(micro_config(tmp_path, eval_interval=2), data=shakespeare_slice).run(stop_at=4)
+    state = latest_checkpoint(tmp_path) / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"trainer_state.pt is damaged \(RuntimeError: .*; delete step-0000004 \(and"):
+        Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+    shutil.rmtree(state.parent)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 2  # as the message says
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, shakespeare_slice):

@@ -811,6 +811,14 @@ class Transformer(HookedRootModule):
         from gpt2_small.interp import ActivationCache
 
         tokens = model_args[0] if model_args else kwargs.get("tokens")
+        if kwargs.get("incl_bwd"):
+            # HookedRootModule calls backward() on the output, which only a scalar allows; TransformerLens
+            # has return_type="loss" for that, and this forward always returns logits (or the residual).
+            raise ValueError(
+                "incl_bwd=True calls backward() on forward's output, and this forward returns logits, not a "
+                "scalar; for gradients, cache = model.add_caching_hooks(incl_bwd=True), then call backward() "
+                "on your own loss and model.reset_hooks()"
+            )
         if remove_batch_dim and isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[0] != 1:
             # HookedRootModule would assert this only after the forward pass
             raise ValueError(

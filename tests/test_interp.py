@@ -129,6 +129,24 @@ def test_run_with_cache_gives_a_plain_dict_with_return_cache_object_false(model,
     assert plain_single["blocks.0.attn.hook_pattern"].shape == (4, 10, 10)
 
 
+def test_run_with_cache_incl_bwd_points_to_the_way_that_works(model, tokens):
+    """Before: torch's "grad can be implicitly created only for scalar outputs" after the forward pass."""
+    with pytest.raises(
+        ValueError, match=r"incl_bwd=True calls backward\(\) .* model.add_caching_hooks\(incl_bwd=True\)"
+    ):
+        model.run_with_cache(tokens, incl_bwd=True)
+    assert not any(hook.bwd_hooks or hook.fwd_hooks for hook in model.hook_dict.values())  # nothing left attached
+    # The way the message gives: gradients of one's own loss, cached under TransformerLens's "_grad" names.
+    cache = model.add_caching_hooks(names_filter=lambda name: name.endswith("hook_resid_pre"), incl_bwd=True)
+    try:
+        model(tokens).logsumexp(-1).sum().backward()
+    finally:
+        model.reset_hooks()
+        model.zero_grad(set_to_none=True)
+    grad = cache["blocks.1.hook_resid_pre_grad"]
+    assert grad.shape == cache["blocks.1.hook_resid_pre"].shape and grad.abs().sum() > 0
+
+
 def test_QK_is_the_bilinear_form_of_the_attention_scores_without_the_biases(model, run):
     _, cache = run
     for layer in range(3):

@@ -270,9 +270,10 @@ class TokenWindows(Dataset):
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         if len(tokens) < n_ctx + 1:
+            more = "more data, a larger val_fraction (--val-fraction)" if name == "val" else "more data"
             raise ValueError(
                 f"the {name} split has {len(tokens):,} tokens, shorter than one window of n_ctx + 1 = {n_ctx + 1}; "
-                f"use more data or a smaller n_ctx"
+                f"use {more} or a smaller n_ctx"
             )
         self.tokens, self.n_ctx, self.stride = tokens, n_ctx, stride
 
@@ -356,8 +357,10 @@ class TokenData:
         windows = TokenWindows(tokens, n_ctx, stride, name=which)
         sampler = ResumableSampler(len(windows), seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size)
         if sampler.per_rank() < batch_size:
+            more = " or a larger val_fraction (--val-fraction)" if which == "val" else ""
             raise ValueError(
-                f"the {which} split gives {sampler.per_rank()} windows per process, fewer than batch_size={batch_size}"
+                f"the {which} split gives {sampler.per_rank()} windows per process, fewer than batch_size={batch_size}; "
+                f"use a smaller batch_size (--batch-size), more data{more}"
             )
         # Its own generator, so iterating never draws from (and shifts) the global torch RNG.
         return DataLoader(

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
@@ -460,6 +461,8 @@ class Trainer:
             "train", n_ctx=n_ctx, batch_size=cfg.batch_size, stride=cfg.stride, seed=cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
+        self._val_loader()  # built here only to be checked: a val split too small for a batch would
+        # otherwise be found at the first evaluation, after the training it interrupts
         self.steps_per_epoch = max(1, len(train_windows) // cfg.grad_accum)
         self.max_steps = math.ceil(cfg.epochs * self.steps_per_epoch) if cfg.epochs else cfg.max_steps
         self.tokens_per_step = cfg.batch_size * n_ctx * cfg.grad_accum * self.dist.world_size
@@ -581,16 +584,18 @@ class Trainer:
         return finish_row(row) if wait else row
 
     @torch.no_grad()
+    def _val_loader(self) -> DataLoader:
+        return self.data.loader(
+            "val", n_ctx=self.cfg.model_config.n_ctx, batch_size=self.cfg.batch_size, seed=0,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
+
     def evaluate(self) -> float:
         """Mean validation loss over the same eval_batches batches every time."""
         cfg = self.cfg
         self.model.eval()
-        loader = self.data.loader(
-            "val", n_ctx=cfg.model_config.n_ctx, batch_size=cfg.batch_size, seed=0,
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )  # fmt: skip
         losses = []
-        for inputs, targets in loader:
+        for inputs, targets in self._val_loader():
             with self.autocast():
                 losses.append(lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)))
             if len(losses) == cfg.eval_batches:

@@ -462,6 +462,30 @@ def test_overwrite_keeps_the_earlier_run_when_the_data_cannot_be_loaded(tmp_path
     assert "deleting" not in caplog.text
 
 
+def test_a_val_split_too_small_for_a_batch_is_refused_before_training(tmp_path, shakespeare_slice, monkeypatch):
+    """Before: found at the first evaluation, after the training steps it interrupted (and after
+    --overwrite had deleted the earlier run)."""
+    run = tmp_path / "run"
+    Trainer(micro_config(run, max_steps=2, eval_interval=2), data=shakespeare_slice).run()
+    before = sorted(p.name for p in run.rglob("*"))
+    monkeypatch.setattr(Trainer, "train_step", lambda *a, **k: pytest.fail("trained before the val split was checked"))
+    n_ctx = PRESETS["micro"].n_ctx
+    for val_tokens, message in [
+        (
+            n_ctx,
+            rf"the val split has {n_ctx} tokens, shorter than one window .*a larger val_fraction \(--val-fraction\)",
+        ),
+        (
+            3 * n_ctx + 1,
+            r"the val split gives 3 windows per process, fewer than batch_size=4; use a smaller batch_size",
+        ),
+    ]:
+        data = TokenData(shakespeare_slice.train, shakespeare_slice.val[:val_tokens], "small-val")
+        with pytest.raises(ValueError, match=message):
+            Trainer(micro_config(run, overwrite=True), data=data)
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
 def test_an_out_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
     def no_data(self):
         raise AssertionError("the data was read before out_dir was checked")

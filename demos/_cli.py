@@ -1,6 +1,11 @@
 """What the three demos share on the command line."""
 
 import argparse
+from pathlib import Path
+
+# train_demo writes here and the other two demos read from here, whatever the working directory:
+# a cwd-relative default made generate_demo miss a run that train_demo had started elsewhere.
+TRAIN_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

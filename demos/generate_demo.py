@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from demos._cli import HelpFormatter  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small import (  # noqa: E402
     SamplingSettings,
     Transformer,
@@ -34,8 +34,6 @@ from gpt2_small import (  # noqa: E402
     to_tokens,
 )
 from gpt2_small.training import pick_device  # noqa: E402
-
-DEFAULT_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed for every sample")
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu) or a torch device")
     parser.add_argument(
-        "--run-dir", default=str(DEFAULT_RUN), help="the train_demo --out-dir tried when --model is not given"
+        "--run-dir", default=str(TRAIN_RUN), help="the train_demo --out-dir tried when --model is not given"
     )
     return parser
 

@@ -7,7 +7,7 @@
     python demos/train_demo.py --preset gpt2 --dataset NeelNanda/pile-10k --batch-size 16 --compile
     torchrun --nproc_per_node=8 demos/train_demo.py --preset gpt2 ...   # DistributedDataParallel
 
-Every TrainConfig field is a flag; see --help. Results land in --out-dir (default runs/train_demo):
+Every TrainConfig field is a flag; see --help. Results land in --out-dir (default runs/train_demo in the repository):
 checkpoints/, metrics.jsonl, loss_curve.png, samples.txt. demos/generate_demo.py loads the newest
 checkpoint from there.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demos._cli import HelpFormatter  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
     PRESETS,
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
         parser.add_argument(flag, type=base, default=f.default, help=HELP[f.name])
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    parser.set_defaults(out_dir=str(TRAIN_RUN))  # the repository's runs/, where the other demos look
     return parser
 
 

@@ -224,6 +224,15 @@ def test_interp_demo_refuses_an_out_dir_that_is_a_file_and_prompts_longer_than_t
     assert not (tmp_path / "out").exists()
 
 
+def test_the_demos_share_one_default_training_run_whatever_the_working_directory(tmp_path, monkeypatch):
+    """Before: train_demo wrote to runs/train_demo under the working directory, while generate_demo
+    and interp_demo looked under the repository, so a run started elsewhere was not found."""
+    monkeypatch.chdir(tmp_path)
+    written = import_demo("train_demo").build_parser().parse_args([]).out_dir
+    read = [import_demo(name).build_parser().parse_args([]).run_dir for name in ("generate_demo", "interp_demo")]
+    assert [written, *read] == [str(REPO / "runs" / "train_demo")] * 3
+
+
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
 def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
     cmd = [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--device", "foo", "--out-dir", str(tmp_path / "out")]

@@ -4,7 +4,7 @@ Three sources, all through Hugging Face `datasets`:
 
 - "shakespeare" (the default): the 42 works bundled in the package, one document per work;
   it needs no network.
-- a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json, .parquet.
+- a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json (gzipped too), .parquet.
 - any hub dataset id when online, e.g. "roneneldan/TinyStories" or "NeelNanda/pile-10k"; with
   `max_examples`, only those first documents are streamed, not the whole split downloaded.
 
@@ -34,12 +34,18 @@ from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASET = "shakespeare"
+# By the whole suffix, so that a gzipped JSON Lines file goes to the json builder (which reads
+# gzip); a bare .gz is one text document, as before.
 _TEXT_SUFFIXES = {
     ".txt": "text",
     ".text": "text",
+    ".txt.gz": "text",
+    ".text.gz": "text",
     ".gz": "text",
     ".jsonl": "json",
     ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
     ".parquet": "parquet",
 }
 # Each bundled work opens "TITLE\n\nby William Shakespeare" (one newline for the Sonnets).
@@ -123,6 +129,14 @@ def _refuse_options_that_do_not_apply(source: str, path: Path, **given) -> None:
         )
 
 
+def _suffix(path: Path) -> str:
+    """The suffix that names a file's format: ".jsonl.gz" for a gzipped one, else the last."""
+    inner = Path(path.stem).suffix
+    return (
+        inner + path.suffix if path.suffix == ".gz" and inner in (".txt", ".text", ".jsonl", ".json") else path.suffix
+    )
+
+
 def _load_local(path: Path, split: str):
     import datasets
 
@@ -130,10 +144,12 @@ def _load_local(path: Path, split: str):
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     else:
         files = [path]
-    builders = {_TEXT_SUFFIXES.get(p.suffix) for p in files}
+    builders = {_TEXT_SUFFIXES.get(_suffix(p)) for p in files}
     if len(builders) != 1 or None in builders:
-        kinds = sorted({p.suffix for p in files}) or ["no files"]
-        raise ValueError(f"{path}: expected .txt/.txt.gz, .jsonl/.json or .parquet files of one kind, found {kinds}")
+        kinds = sorted({_suffix(p) for p in files}) or ["no files"]
+        raise ValueError(
+            f"{path}: expected .txt/.txt.gz, .jsonl/.json(.gz) or .parquet files of one kind, found {kinds}"
+        )
     builder = builders.pop()
     data_files = [str(p) for p in files]
     kwargs = {"sample_by": "document"} if builder == "text" else {}

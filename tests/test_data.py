@@ -1,5 +1,6 @@
 """Datasets to token windows: sources, document separators, the cache, splits, errors."""
 
+import gzip
 import json
 import logging
 import re
@@ -122,22 +123,32 @@ def test_options_a_local_path_cannot_honour_are_refused(tmp_path):
     assert load_text_dataset(str(path), split="train", config_name=None)["text"] == ["a document"]
 
 
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+@pytest.mark.parametrize("kind", ["txt", "txt.gz", "jsonl", "jsonl.gz", "parquet"])
 def test_local_files(tmp_path, kind):
+    """Before, a .jsonl.gz was read as one text document of raw JSON lines."""
     docs = ["First document.\nWith two lines.", "Second document."]
     if kind == "txt":
         for i, doc in enumerate(docs):
             (tmp_path / f"{i}.txt").write_text(doc)
         source = tmp_path
+    elif kind == "txt.gz":
+        for i, doc in enumerate(docs):
+            with gzip.open(tmp_path / f"{i}.txt.gz", "wt") as f:
+                f.write(doc)
+        source = tmp_path
     elif kind == "jsonl":
         source = write_jsonl(tmp_path / "d.jsonl", [{"body": d} for d in docs])
+    elif kind == "jsonl.gz":
+        source = tmp_path / "d.jsonl.gz"
+        with gzip.open(source, "wt") as f:
+            f.write("".join(json.dumps({"body": d}) + "\n" for d in docs))
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         source = tmp_path / "d.parquet"
         pq.write_table(pa.table({"body": docs}), source)
-    column = "text" if kind == "txt" else "body"
+    column = "text" if kind.startswith("txt") else "body"
     ds = load_text_dataset(str(source), text_column=column)
     assert sorted(ds[column]) == sorted(docs)  # one document per file / row
 

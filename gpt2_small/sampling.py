@@ -75,7 +75,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
-from solution import KVCache, Transformer
+from solution import KVCache, Transformer, check_device
 
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 
@@ -173,6 +173,8 @@ def pad_prompts(
     prompts: Sequence[Sequence[int]], pad_id: int = EOT_ID, device: torch.device | str | None = None
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Left-pad token lists to one batch; returns (tokens, attention_mask) with 0 at padding."""
+    if device is not None:
+        device = check_device(device)
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one")
     if text := next((p for p in prompts if isinstance(p, str)), None):

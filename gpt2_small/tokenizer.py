@@ -17,6 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from gpt2_small.assets import asset_path
+from solution import check_device
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -45,6 +46,8 @@ def to_tokens(
     """Encode `text` to a [1, pos] long tensor. `prepend_bos` puts <|endoftext|> first, as GPT-2 was never given a BOS token of its own."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if device is not None:
+        device = check_device(device)  # "cuda" without a GPU: torch's AssertionError names no argument
     ids = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
     if prepend_bos:
         ids = [EOT_ID, *ids]
@@ -59,6 +62,8 @@ def _decodable(tokens: Tensor | Sequence[int], caller: str, ndim: int = 1) -> li
     Before this check tiktoken raised KeyError for an id of a padded vocabulary's extra rows
     (50257 and up, which an untrained model's argmax can pick) and OverflowError for a negative one.
     """
+    if isinstance(tokens, str):  # else each character would be named as a bad id
+        raise TypeError(f"{caller} decodes token ids, got the str {tokens!r}; encode text with to_tokens")
     if isinstance(tokens, Tensor):
         if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
             raise TypeError(f"{caller} decodes integer token ids, got a tensor of dtype {tokens.dtype}")

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 import gpt2_small.assets as assets
-from gpt2_small import EOT_ID, AssetChecksumError, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
+from gpt2_small import (
+    EOT_ID,
+    AssetChecksumError,
+    get_tokenizer,
+    pad_prompts,
+    to_str_tokens,
+    to_string,
+    to_strings,
+    to_tokens,
+)
 
 
 @pytest.fixture
@@ -88,6 +97,26 @@ def test_decoding_takes_numpy_ids(without_shape_checks):
         to_string(np.array([15496, 995])) == to_string(list(np.array([15496, 995], dtype=np.uint16))) == "Hello world"
     )
     assert to_str_tokens(np.array([15496, 995])) == ["Hello", " world"]
+
+
+def test_decoding_names_text_given_for_ids(without_shape_checks):
+    """Before: "to_string decodes integer token ids, got 'H'", its first character."""
+    with pytest.raises(
+        TypeError, match=r"^to_string decodes token ids, got the str 'Hello'; encode text with to_tokens$"
+    ):
+        to_string("Hello")
+    with pytest.raises(TypeError, match="^to_strings decodes token ids, got the str 'ab'"):
+        to_strings("ab")
+
+
+@pytest.mark.parametrize("device", ["cuda:99", "gpu"])
+def test_a_device_that_is_not_here_is_named(device):
+    """Before: torch's "Torch not compiled with CUDA enabled" AssertionError (or its device-string
+    RuntimeError), naming no argument."""
+    with pytest.raises(ValueError, match=f"device '{device}'"):
+        to_tokens("Hello", device=device)
+    with pytest.raises(ValueError, match=f"device '{device}'"):
+        pad_prompts([[1, 2]], device=device)
 
 
 def test_bad_text():

@@ -583,13 +583,13 @@ class Trainer:
                "grad_norm": grad_norm}  # fmt: skip
         return finish_row(row) if wait else row
 
-    @torch.no_grad()
     def _val_loader(self) -> DataLoader:
         return self.data.loader(
             "val", n_ctx=self.cfg.model_config.n_ctx, batch_size=self.cfg.batch_size, seed=0,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
 
+    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the same eval_batches batches every time."""
         cfg = self.cfg

@@ -462,6 +462,20 @@ def test_overwrite_keeps_the_earlier_run_when_the_data_cannot_be_loaded(tmp_path
     assert "deleting" not in caplog.text
 
 
+def test_evaluation_builds_no_autograd_graph(tmp_path, shakespeare_slice, monkeypatch):
+    """A graph per validation batch would hold every activation of eval_batches forward passes."""
+    grad_enabled = []
+
+    def recording_loss(logits, targets):
+        grad_enabled.append(torch.is_grad_enabled() or logits.requires_grad)
+        return lm_loss(logits, targets)
+
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    monkeypatch.setattr(training, "lm_loss", recording_loss)
+    assert math.isfinite(trainer.evaluate())
+    assert grad_enabled == [False, False]  # eval_batches=2
+
+
 def test_a_val_split_too_small_for_a_batch_is_refused_before_training(tmp_path, shakespeare_slice, monkeypatch):
     """Before: found at the first evaluation, after the training steps it interrupted (and after
     --overwrite had deleted the earlier run)."""

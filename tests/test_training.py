@@ -500,32 +500,26 @@ def test_a_val_split_too_small_for_a_batch_is_refused_before_training(tmp_path, 
     assert sorted(p.name for p in run.rglob("*")) == before
 
 
-def test_an_out_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["out_dir", "cache_dir"])
+def test_a_directory_that_is_a_file_is_refused_before_the_data_is_read(field, tmp_path, monkeypatch):
+    """Before, for cache_dir: "[Errno 17] File exists" once the whole dataset had been tokenized."""
+
     def no_data(self):
-        raise AssertionError("the data was read before out_dir was checked")
+        raise AssertionError(f"the data was read before {field} was checked")
 
     monkeypatch.setattr(Trainer, "_load_data", no_data)
     file = tmp_path / "notes.txt"
     file.write_text("a file")
-    with pytest.raises(ValueError, match=rf"out_dir '{re.escape(str(file))}' is a file; choose a directory"):
-        Trainer(micro_config(file))
-    with pytest.raises(ValueError, match=rf"out_dir '.*run' lies under {re.escape(str(file))}, which is a file"):
-        Trainer(micro_config(file / "run"), resume=True)
-    assert file.read_text() == "a file"
-
-
-def test_a_cache_dir_that_is_a_file_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
-    """Before: "[Errno 17] File exists" once the whole dataset had been tokenized."""
-
-    def no_data(self):
-        raise AssertionError("the data was read before cache_dir was checked")
-
-    monkeypatch.setattr(Trainer, "_load_data", no_data)
-    file = tmp_path / "notes.txt"
-    file.write_text("a file")
-    with pytest.raises(ValueError, match=rf"cache_dir '{re.escape(str(file))}' is a file; choose a directory"):
-        Trainer(micro_config(tmp_path / "run", cache_dir=str(file)))
-    assert not (tmp_path / "run").exists()
+    for path, where, resume in [
+        (file, "is a file", False),
+        (file / "run", f"lies under {file}, which is a file", True),
+    ]:
+        config = micro_config(path) if field == "out_dir" else micro_config(tmp_path / "run", cache_dir=str(path))
+        with pytest.raises(
+            ValueError, match=rf"{field} '{re.escape(str(path))}' {re.escape(where)}; choose a directory"
+        ):
+            Trainer(config, resume=resume)
+    assert file.read_text() == "a file" and not (tmp_path / "run").exists()
 
 
 def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatch):

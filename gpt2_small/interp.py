@@ -356,6 +356,11 @@ def patched_logits(
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch)])
 
 
+def _check_by(by: str, context: str = "") -> None:
+    if by not in ("position", "head"):
+        raise ValueError(f"by must be 'position' or 'head'{context}, got {by!r}")
+
+
 @torch.no_grad()
 def activation_patching(
     model: Transformer,
@@ -373,8 +378,7 @@ def activation_patching(
     metric maps the patched logits [batch pos d_vocab] to a scalar (e.g. a logit difference,
     normalised so that clean = 1 and corrupted = 0).
     """
-    if by not in ("position", "head"):
-        raise ValueError(f"by must be 'position' or 'head', got {by!r}")
+    _check_by(by)
     if not callable(metric):
         raise TypeError(f"metric must be a function of the patched logits, got {type(metric).__name__}")
     model.check_tokens(clean_tokens)
@@ -587,8 +591,7 @@ def plot_patching(
     path: str | Path | None = None,
 ):
     """Heatmap of activation_patching's result (layers x positions or layers x heads). Returns the Figure."""
-    if by not in ("position", "head"):
-        raise ValueError(f"by must be 'position' or 'head', as given to activation_patching, got {by!r}")
+    _check_by(by, ", as given to activation_patching")
     if by == "head" and token_labels is not None:
         raise ValueError("token_labels label positions; a by='head' map has heads across (labelled by number)")
     _check_labels(token_labels, values.shape[1], "token_labels", "positions")

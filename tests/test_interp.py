@@ -263,12 +263,16 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(model, tokens):
         assert torch.equal(patched_logits(model, tokens, cache, name), logits)
     assert torch.equal(patched_logits(model, tokens, cache, "blocks.1.attn.hook_z", pos=3, head=2), logits)
 
+    grad_enabled = []
+
     def metric(x):
+        grad_enabled.append(torch.is_grad_enabled() or x.requires_grad)
         return x[:, -1, 0].mean()
 
     grid = activation_patching(model, tokens, tokens, metric, progress=False)
     assert grid.shape == (3, 10)
-    torch.testing.assert_close(grid, torch.full((3, 10), float(metric(logits))))
+    assert grad_enabled == [False] * 30  # the 30 patched runs build no autograd graph
+    torch.testing.assert_close(grid, torch.full((3, 10), float(logits[:, -1, 0].mean())))
 
 
 def test_patching_every_position_of_resid_pre_0_restores_the_clean_logits(model, tokens, run):

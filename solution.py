@@ -25,11 +25,13 @@ Loading pretrained weights, the tokenizer, sampling and training live in the pac
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -828,6 +830,38 @@ class Transformer(HookedRootModule):
         if not return_cache_object:
             return out, cache
         return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+
+    # HookedRootModule takes hook points by name in four places. A misspelt name there raised a bare
+    # KeyError (a hook) or, worse, cached nothing at all (a names_filter). These overrides name the
+    # bad entry and the nearest real hook names before anything runs; callables pass through.
+    def _check_hook_names(self, names: object, arg: str) -> None:
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list):
+            return
+        for name in names:
+            if isinstance(name, str) and name in self.hook_dict:
+                continue
+            close = difflib.get_close_matches(name, self.hook_dict, n=3) if isinstance(name, str) else []
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see model.hook_dict for them"
+            raise ValueError(f"{arg}: {name!r} is not the name of a hook point of this model; {hint}")
+
+    def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args, **kwargs) -> None:
+        self._check_hook_names(name, "add_hook")
+        super().add_hook(name, hook, *args, **kwargs)
+
+    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), *args, **kwargs) -> AbstractContextManager:
+        for arg, pairs in (("fwd_hooks", fwd_hooks), ("bwd_hooks", bwd_hooks)):
+            self._check_hook_names([name for name, _ in pairs if not callable(name)], arg)
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+
+    def get_caching_hooks(self, names_filter: object = None, *args, **kwargs) -> tuple:
+        self._check_hook_names(names_filter, "names_filter")
+        return super().get_caching_hooks(names_filter, *args, **kwargs)
+
+    def add_caching_hooks(self, names_filter: object = None, *args, **kwargs) -> dict:
+        self._check_hook_names(names_filter, "names_filter")
+        return super().add_caching_hooks(names_filter, *args, **kwargs)
 
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.

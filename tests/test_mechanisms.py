@@ -3,6 +3,7 @@
 import collections
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -322,6 +323,45 @@ def test_run_with_hooks_intervenes():
     torch.testing.assert_close(hooked, edited)
     assert not torch.allclose(hooked, clean)
     assert not model.blocks[0].attn.hook_z.has_hooks()
+
+
+HOOK_NAME_ROUTES = {
+    "run_with_cache": lambda m, names, t: m.run_with_cache(t, names_filter=names),
+    "add_caching_hooks": lambda m, names, t: m.add_caching_hooks(names_filter=names),
+    "run_with_hooks": lambda m, names, t: m.run_with_hooks(t, fwd_hooks=[(n, lambda x, hook: x) for n in names]),
+    "bwd_hooks": lambda m, names, t: m.run_with_hooks(
+        t, bwd_hooks=[(n, lambda g, hook: None) for n in names], reset_hooks_end=False
+    ),
+    "add_hook": lambda m, names, t: [m.add_hook(n, lambda x, hook: x) for n in names],
+}
+
+
+@pytest.mark.parametrize("route", HOOK_NAME_ROUTES)
+def test_a_misspelt_hook_name_is_refused_before_anything_runs(route):
+    """HookedRootModule took a misspelt name in names_filter as "cache nothing" and in a hook list
+    as a bare KeyError. Each route that takes hook names now names it and the nearest real one, and
+    leaves no hook behind from the valid names listed before it."""
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    good, bad = "blocks.0.hook_resid_post", "blocks.0.attn.hook_patern"
+    expected = f"{bad!r} is not the name of a hook point of this model; did you mean 'blocks.0.attn.hook_pattern'"
+    calls = []
+    model.blocks[0].hook_resid_post.add_hook(lambda x, hook: calls.append(1))  # counts forward passes
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        HOOK_NAME_ROUTES[route](model, [good, bad], tokens)
+    assert calls == [] or route == "add_hook", "the model ran before the name was checked"
+    assert len(model.blocks[0].hook_resid_post.fwd_hooks) == 1 + (route == "add_hook")
+    assert not model.blocks[0].hook_resid_post.bwd_hooks
+    model.reset_hooks()
+
+    # The same routes with real names (and a filter function) still work.
+    HOOK_NAME_ROUTES[route](model, [good, "blocks.0.attn.hook_pattern"], tokens)
+    model.reset_hooks()
+    _, cache = model.run_with_cache(tokens, names_filter=good)
+    assert list(cache) == [good]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_patern"))
+    assert list(cache) == []
+    with pytest.raises(ValueError, match=r"'hook_zzz' is not the name .*; see model.hook_dict for them"):
+        model.run_with_cache(tokens, names_filter="hook_zzz")
 
 
 def test_backward_hooks_receive_the_gradient_of_their_activation():

@@ -466,6 +466,12 @@ class Trainer:
         self.steps_per_epoch = max(1, len(train_windows) // cfg.grad_accum)
         self.max_steps = math.ceil(cfg.epochs * self.steps_per_epoch) if cfg.epochs else cfg.max_steps
         self.tokens_per_step = cfg.batch_size * n_ctx * cfg.grad_accum * self.dist.world_size
+        if cfg.warmup_steps >= self.max_steps and self.dist.is_main:
+            logger.warning(
+                "warmup_steps=%d is not below the run's %d steps: the learning rate rises for the whole run, "
+                "to %.2e at its last step (peak lr=%.2e), and the cosine decay never starts; lower --warmup-steps",
+                cfg.warmup_steps, self.max_steps, lr_at(self.max_steps - 1, cfg, self.max_steps), cfg.lr,
+            )  # fmt: skip
         if resume:
             self._resume()
         elif earlier and self.dist.is_main:

@@ -91,6 +91,24 @@ def test_learning_rates_default_by_preset_and_floor_to_a_tenth_of_a_given_lr():
         TrainConfig(preset="micro")  # registered by the autouse fixture, with no entry in PRESET_LR
 
 
+@pytest.mark.parametrize("warmup_steps", [7, 8, 9])
+def test_a_warmup_as_long_as_the_run_is_warned_about(warmup_steps, tmp_path, shakespeare_slice, caplog):
+    """With warmup_steps >= max_steps the learning rate only rises: it ends below or at the peak and
+    never decays. That is almost always a leftover default on a short run, so it is logged."""
+    caplog.set_level("WARNING", logger="gpt2_small.training")
+    Trainer(micro_config(tmp_path, warmup_steps=warmup_steps), data=shakespeare_slice)  # max_steps=8
+    warned = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+    if warmup_steps < 8:
+        assert warned == []
+    else:
+        last = 1e-2 * 8 / warmup_steps  # lr * (step + 1) / warmup_steps at step 7
+        assert warned == [
+            f"warmup_steps={warmup_steps} is not below the run's 8 steps: the learning rate rises for the whole "
+            f"run, to {last:.2e} at its last step (peak lr=1.00e-02), and the cosine decay never starts; "
+            "lower --warmup-steps"
+        ]
+
+
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     with torch.device("meta"):
         model = Transformer(MICRO)

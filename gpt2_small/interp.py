@@ -390,6 +390,14 @@ def activation_patching(
         )
     if hook is None:
         hook = "resid_pre" if by == "position" else "z"
+    if hook not in _BLOCK_HOOKS:
+        # A full name ("blocks.0.hook_resid_pre") would pass act_name unchanged for every layer, and
+        # each row of the grid would then patch that one layer.
+        short = [k for k, v in _BLOCK_HOOKS.items() if isinstance(hook, str) and hook.endswith(f".{v}")]
+        raise ValueError(
+            f"hook must be a per-layer short name, one of {sorted(_BLOCK_HOOKS)}: activation_patching patches "
+            f"it in each layer in turn; got {hook!r}" + (f", so pass hook={short[0]!r}" if short else "")
+        )
     if by == "head" and hook not in _HEAD_HOOKS:
         raise ValueError(f"by='head' needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook!r}")
     n_layers = model.cfg.n_layers

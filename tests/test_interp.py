@@ -308,6 +308,13 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
         activation_patching(model, tokens, corrupted, restored_fraction, hook="mlp_out", by="head")
     with pytest.raises(ValueError, match="got 'resid_pre'"):  # an explicit hook is never swapped for another
         activation_patching(model, tokens, corrupted, restored_fraction, hook="resid_pre", by="head")
+    # A full hook name names one layer; every row of the grid then patched layer 0.
+    with pytest.raises(
+        ValueError, match=r"patches it in each layer in turn; got 'blocks.1.attn.hook_z', so pass hook='z'"
+    ):
+        activation_patching(model, tokens, corrupted, restored_fraction, hook="blocks.1.attn.hook_z", by="head")
+    with pytest.raises(ValueError, match=r"one of \['attn_out', .*\]: .*; got 'hook_embed'$"):
+        activation_patching(model, tokens, corrupted, restored_fraction, hook="hook_embed")
     with pytest.raises(ValueError, match="must have the same shape"):
         activation_patching(model, tokens, corrupted[:, :5], restored_fraction)
     with pytest.raises(ValueError, match=r"metric must return a scalar, got a tensor of shape \(3,\)"):

@@ -494,6 +494,15 @@ def _finish(fig, path: str | Path | None):
     return fig
 
 
+def _check_values(values: object, axes: str, name: str, hint: str) -> None:
+    # Outside the test suite's jaxtyping checks, a tensor with its batch axis still on reached
+    # imshow, which fails naming neither the argument nor its axes, or with 3 or 4 columns in the
+    # last axis draws the values as RGB colours.
+    if not isinstance(values, Tensor) or values.ndim != len(axes.split()):
+        got = f"shape {tuple(values.shape)}" if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"{name} must be a tensor [{axes}], got {got}; {hint}")
+
+
 def _check_labels(labels: Sequence[str] | None, count: int, name: str, of: str) -> None:
     # matplotlib's own error ("The number of FixedLocator locations (6), usually from a call to
     # set_ticks, does not match the number of labels (2)") names neither the argument nor the axis.
@@ -555,6 +564,7 @@ def plot_attention_patterns(
     path: str | Path | None = None,
 ):
     """One heatmap per head (query rows, key columns), labelled with the tokens. Returns the Figure."""
+    _check_values(pattern, "n_heads query_pos key_pos", "pattern", "for one prompt pass cache['pattern', layer][i]")
     n_heads, pos = pattern.shape[0], pattern.shape[-1]
     _check_labels(token_labels, pos, "token_labels", "key positions")
     cols = min(n_heads, 4)
@@ -585,6 +595,7 @@ def plot_logit_lens(
     path: str | Path | None = None,
 ):
     """Heatmap of a logit-lens quantity, layers down the side, positions across. Returns the Figure."""
+    _check_values(values, "component pos", "values", "for one prompt of a batch pass values[:, i]")
     _check_labels(layer_labels, values.shape[0], "layer_labels", "rows (components)")
     _check_labels(token_labels, values.shape[1], "token_labels", "positions")
     return _heatmap(values, cmap="viridis", center=False, label="log-prob", title=title, path=path,
@@ -599,6 +610,7 @@ def plot_patching(
     path: str | Path | None = None,
 ):
     """Heatmap of activation_patching's result (layers x positions or layers x heads). Returns the Figure."""
+    _check_values(values, "n_layers width", "values", "pass activation_patching's result")
     _check_by(by, ", as given to activation_patching")
     if by == "head" and token_labels is not None:
         raise ValueError("token_labels label positions; a by='head' map has heads across (labelled by number)")
@@ -616,6 +628,7 @@ def plot_induction_scores(
     The scale is fixed to [0, 1] (the score is a fraction of attention), so that a model without
     induction heads looks empty instead of showing its noise at full contrast.
     """
+    _check_values(scores, "n_layers n_heads", "scores", "pass induction_score's result")
     return _heatmap(scores, cmap="Reds", center=False, label="score", title=title, path=path, xlabel="head",
                     ylabel="layer", annotate=True, value_range=(0.0, 1.0))  # fmt: skip
 

@@ -440,6 +440,26 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
     assert size[0] in {int(width), round(width)} and size[1] in {int(height), round(height)}, (size, width, height)
 
 
+def test_plots_name_values_with_the_wrong_number_of_axes(run, tmp_path, without_shape_checks):
+    """A cache entry with its batch axis still on: before, matplotlib's "Invalid shape (2, 4, 10, 10)
+    for image data", or, with 3 or 4 key positions, a pattern drawn as RGB colours without an error.
+    Checked past jaxtyping, as in a user's code."""
+    _, cache = run
+    path = tmp_path / "plot.png"
+    pattern = cache["pattern", 0][:, :, :3, :3]  # [batch n_heads 3 3]: imshow would take it for RGB
+    with pytest.raises(ValueError, match=r"^pattern must be a tensor \[n_heads query_pos key_pos\], got shape "):
+        interp.plot_attention_patterns(pattern, path=path)
+    with pytest.raises(ValueError, match=r"values must be a tensor \[component pos\], got shape \(3, 2, 9\); "):
+        interp.plot_logit_lens(torch.randn(3, 2, 9), ["a", "b", "c"], path=path)
+    with pytest.raises(ValueError, match=r"values must be a tensor \[n_layers width\], got list"):
+        interp.plot_patching([[0.0, 1.0]], path=path)
+    with pytest.raises(ValueError, match=r"scores must be a tensor \[n_layers n_heads\], got shape \(12,\)"):
+        interp.plot_induction_scores(torch.rand(12), path=path)
+    assert not path.exists()
+    interp.plot_attention_patterns(pattern[0], path=path)  # one prompt's pattern
+    assert path.stat().st_size > 1000
+
+
 def test_plots_name_labels_that_do_not_fit_the_values(run, tmp_path):
     """Before: matplotlib's "The number of FixedLocator locations (10) ... does not match the number
     of labels (9)", naming neither the argument nor the axis; a by='head' map dropped token_labels."""

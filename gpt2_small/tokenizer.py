@@ -45,7 +45,14 @@ def to_tokens(
 ) -> Int[Tensor, "1 pos"]:
     """Encode `text` to a [1, pos] long tensor. `prepend_bos` puts <|endoftext|> first, as GPT-2 was never given a BOS token of its own."""
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+        hint = ""
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+            # TransformerLens's to_tokens pads a list of texts into a batch; here that takes the mask
+            hint = (
+                "; for a batch of texts, pad_prompts([get_tokenizer().encode(t) for t in texts]) gives the "
+                "left-padded tokens and their attention_mask"
+            )
+        raise TypeError(f"text must be a str, got {type(text).__name__}{hint}")
     if device is not None:
         device = check_device(device)  # "cuda" without a GPU: torch's AssertionError names no argument
     ids = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})

@@ -127,6 +127,18 @@ def test_bad_text():
     assert to_tokens("", prepend_bos=True).tolist() == [[EOT_ID]]
 
 
+def test_a_list_of_texts_is_pointed_to_pad_prompts(without_shape_checks):
+    """TransformerLens's to_tokens batches a list of texts; here the bare "got list" said nothing
+    of how to batch them. The hint's recipe is followed to the letter."""
+    texts = ["Hello world", "Hi"]
+    with pytest.raises(TypeError, match=r"^text must be a str, got list; for a batch of texts, pad_prompts\("):
+        to_tokens(texts)
+    with pytest.raises(TypeError, match=r"^text must be a str, got list$"):  # not texts: no recipe
+        to_tokens([15496, 995])
+    tokens, mask = pad_prompts([get_tokenizer().encode(t) for t in texts])
+    assert tokens.tolist() == [[15496, 995], [EOT_ID, 17250]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
 def test_tokenizer_builds_with_networking_unavailable(monkeypatch, fresh_caches):
     def no_network(*args, **kwargs):
         raise OSError("network disabled by test")

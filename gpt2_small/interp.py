@@ -19,6 +19,7 @@ centres each component and divides by the scale the LayerNorm computed on the re
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import einops
@@ -78,9 +79,23 @@ class ActivationCache(dict):
         self.model = model
         self.has_batch_dim = has_batch_dim
 
-    def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
+    def __getitem__(self, key: str | tuple) -> Tensor:  # (name, layer), checked below
+        # TransformerLens's shorthands: cache["resid_post", -1] (layers count from the end too) and
+        # cache["embed"]; a per-layer short name without its layer is named by act_name.
         if isinstance(key, tuple):
-            key = act_name(*key)
+            if len(key) != 2:
+                raise KeyError(f"a tuple key is (name, layer), such as ('pattern', 3); got {key!r}")
+            name, layer = key
+            if not (isinstance(layer, Integral) and -self.n_layers <= layer < self.n_layers):
+                raise KeyError(
+                    f"layer {layer!r} is outside [-{self.n_layers}, {self.n_layers}) (n_layers={self.n_layers})"
+                )
+            key = act_name(name, int(layer) % self.n_layers)
+        elif isinstance(key, str) and not dict.__contains__(self, key):
+            try:
+                key = act_name(key)
+            except ValueError as e:
+                raise KeyError(f"{key!r} is not in this cache: {e}") from None
         if not dict.__contains__(self, key):
             raise KeyError(f"{key!r} is not in this cache (it holds {len(self)} activations; see cache.keys())")
         return dict.__getitem__(self, key)

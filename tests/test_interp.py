@@ -1,6 +1,7 @@
 """The interpretability toolkit: cache helpers, logit lens, direct logit attribution, activation
 patching, induction scores and plots, on small random models and one hand-built induction circuit."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,8 +48,22 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
     _, cache = run
     assert isinstance(cache, ActivationCache) and isinstance(cache, dict)
     assert cache["pattern", 1] is cache["blocks.1.attn.hook_pattern"]
+    # TransformerLens's shorthands: layers from the end, and the embeddings by their short names.
+    assert cache["resid_post", -1] is cache["blocks.2.hook_resid_post"]
+    assert cache["z", -3] is cache["blocks.0.attn.hook_z"] is cache["z", np.int64(0)]
+    assert cache["embed"] is cache["hook_embed"] and cache["pos_embed"] is cache["hook_pos_embed"]
+    with pytest.raises(KeyError, match=r"layer 3 is outside \[-3, 3\) \(n_layers=3\)"):
+        cache["resid_pre", 3]
+    with pytest.raises(KeyError, match=r"layer -4 is outside \[-3, 3\)"):
+        cache["resid_pre", -4]
+    with pytest.raises(
+        KeyError, match=r"a tuple key is \(name, layer\), such as \('pattern', 3\); got \('scale', 0, 'ln1'\)"
+    ):
+        cache["scale", 0, "ln1"]
+    with pytest.raises(KeyError, match="'pattern' is not in this cache: hook 'pattern' is per layer: pass a layer"):
+        cache["pattern"]
     with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
-        cache["resid_pre", 9]
+        cache["blocks.9.hook_resid_pre"]
     with pytest.raises(ValueError, match="unknown hook name 'resid'"):
         interp.act_name("resid", 0)
 

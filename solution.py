@@ -30,7 +30,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -850,10 +850,11 @@ class Transformer(HookedRootModule):
         self._check_hook_names(name, "add_hook")
         super().add_hook(name, hook, *args, **kwargs)
 
-    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), *args, **kwargs) -> AbstractContextManager:
+    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), *args, **kwargs) -> AbstractContextManager:
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)  # a generator is read once, here
         for arg, pairs in (("fwd_hooks", fwd_hooks), ("bwd_hooks", bwd_hooks)):
             self._check_hook_names([name for name, _ in pairs if not callable(name)], arg)
-        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+        return super().hooks(fwd_hooks, bwd_hooks, *args, **kwargs)
 
     def get_caching_hooks(self, names_filter: object = None, *args, **kwargs) -> tuple:
         self._check_hook_names(names_filter, "names_filter")

@@ -364,6 +364,16 @@ def test_a_misspelt_hook_name_is_refused_before_anything_runs(route):
         model.run_with_cache(tokens, names_filter="hook_zzz")
 
 
+def test_hooks_takes_a_generator_of_hooks():
+    """TransformerLens's hooks() reads fwd_hooks once; the name check must not use the generator up."""
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    seen = []
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    with model.hooks(fwd_hooks=((name, lambda x, hook: seen.append(hook.name)) for name in names)):
+        model(tokens)
+    assert seen == names
+
+
 def test_backward_hooks_receive_the_gradient_of_their_activation():
     """bwd_hooks (attribution patching's tool) see d(metric)/d(activation), as autograd computes it;
     one on hook_pattern alone is enough to make the pattern real (the eager path)."""

@@ -348,6 +348,9 @@ def patched_logits(
     head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern).
     """
     clean = source[hook_name]
+    if head is not None and not hook_name.endswith(tuple(f".{_BLOCK_HOOKS[h]}" for h in _HEAD_HOOKS)):
+        # Indexing [:, :, head] of a [batch pos d_model] activation would patch one residual dimension.
+        raise ValueError(f"head={head} needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook_name!r}")
 
     def patch(activation: Tensor, hook) -> Tensor:
         if clean.shape != activation.shape:

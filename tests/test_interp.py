@@ -277,6 +277,10 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(model, tokens):
     for name in ("blocks.1.hook_resid_pre", "blocks.2.attn.hook_z", "blocks.0.mlp.hook_post"):
         assert torch.equal(patched_logits(model, tokens, cache, name), logits)
     assert torch.equal(patched_logits(model, tokens, cache, "blocks.1.attn.hook_z", pos=3, head=2), logits)
+    # A head of a hook without a head axis: [:, :, 2] of resid_pre is residual dimension 2, which
+    # was patched without a word.
+    with pytest.raises(ValueError, match=r"head=2 needs a hook with a head axis, .*; got 'blocks.1.hook_resid_pre'"):
+        patched_logits(model, tokens, cache, "blocks.1.hook_resid_pre", head=2)
 
     grad_enabled = []
 

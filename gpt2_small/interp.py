@@ -345,7 +345,8 @@ def patched_logits(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Run `tokens` with activation `hook_name` replaced by source[hook_name] (at one position / head if given).
 
-    head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern).
+    head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern). For attn_scores and
+    pattern, pos is the query position (every key of it is patched).
     """
     clean = source[hook_name]
     if head is not None and not hook_name.endswith(tuple(f".{_BLOCK_HOOKS[h]}" for h in _HEAD_HOOKS)):
@@ -361,14 +362,12 @@ def patched_logits(
         if head is None and pos is None:
             return clean.clone()
         activation = activation.clone()
-        if head is None:
-            activation[:, pos] = clean[:, pos]
-        elif hook_name.endswith(("attn_scores", "pattern")):  # [batch n_heads query_pos key_pos]
-            where = (slice(None), head) if pos is None else (slice(None), head, pos)
-            activation[where] = clean[where]
-        else:  # [batch pos n_heads d_head]
-            where = (slice(None), slice(None), head) if pos is None else (slice(None), pos, head)
-            activation[where] = clean[where]
+        every = slice(None)
+        if hook_name.endswith(("attn_scores", "pattern")):  # [batch n_heads query_pos key_pos]; pos is the query's
+            where = (every, every if head is None else head, every if pos is None else pos)
+        else:  # [batch pos ...], with n_heads next for q, k, v and z
+            where = (every, every if pos is None else pos) + (() if head is None else (head,))
+        activation[where] = clean[where]
         return activation
 
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch)])

@@ -294,6 +294,39 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(model, tokens):
     torch.testing.assert_close(grid, torch.full((3, 10), float(logits[:, -1, 0].mean())))
 
 
+E = slice(None)
+
+
+@pytest.mark.parametrize(
+    ("hook_name", "pos", "head", "where"),
+    [
+        ("blocks.0.attn.hook_pattern", 2, None, (E, E, 2)),  # pos is the query: every head, query 2
+        ("blocks.0.attn.hook_pattern", 2, 1, (E, 1, 2)),
+        ("blocks.0.attn.hook_attn_scores", None, 1, (E, 1)),
+        ("blocks.0.attn.hook_z", 2, None, (E, 2)),
+        ("blocks.0.attn.hook_z", 2, 1, (E, 2, 1)),
+        ("blocks.0.attn.hook_z", None, 1, (E, E, 1)),
+        ("blocks.0.hook_resid_pre", 2, None, (E, 2)),
+    ],
+)
+def test_patched_logits_patches_exactly_the_named_slice(model, tokens, run, hook_name, pos, head, where):
+    """Each layout's (pos, head) picks the right axes. Before, pos without head on a pattern hook
+    indexed its n_heads axis: it patched head 2 at every query instead of query 2 in every head."""
+    _, clean_cache = run
+    corrupted = (tokens + 1) % 101
+
+    def by_hand(activation, hook):
+        activation = activation.clone()
+        activation[where] = clean_cache[hook_name][where]
+        return activation
+
+    with torch.no_grad():
+        expected = model.run_with_hooks(corrupted, fwd_hooks=[(hook_name, by_hand)])
+        patched = patched_logits(model, corrupted, clean_cache, hook_name, pos=pos, head=head)
+        assert not torch.allclose(expected, model(corrupted), atol=1e-4)  # the slice matters
+    torch.testing.assert_close(patched, expected, rtol=0, atol=0)
+
+
 def test_patching_every_position_of_resid_pre_0_restores_the_clean_logits(model, tokens, run):
     clean_logits, clean_cache = run
     corrupted = tokens.clone()

@@ -131,10 +131,8 @@ def _refuse_options_that_do_not_apply(source: str, path: Path, **given) -> None:
 
 def _suffix(path: Path) -> str:
     """The suffix that names a file's format: ".jsonl.gz" for a gzipped one, else the last."""
-    inner = Path(path.stem).suffix
-    return (
-        inner + path.suffix if path.suffix == ".gz" and inner in (".txt", ".text", ".jsonl", ".json") else path.suffix
-    )
+    both = Path(path.stem).suffix + path.suffix
+    return both if path.suffix == ".gz" and both in _TEXT_SUFFIXES else path.suffix
 
 
 def _load_local(path: Path, split: str):

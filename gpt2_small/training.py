@@ -9,9 +9,10 @@ and renamed, with a `latest` pointer), metrics.jsonl (one row per step and per e
 loss_curve.png (redrawn at every evaluation) and samples.txt.
 
 Resuming (`resume=True`) restores all of it, so a run stopped at step k continues with the same
-losses an uninterrupted run would have had. Ctrl-C saves a checkpoint before exiting. A NaN or
-infinite loss or gradient norm stops the run (NonFiniteLossError) before the damaged weights
-are checkpointed, so the newest checkpoint stays one to resume from.
+losses an uninterrupted run would have had. Ctrl-C saves a checkpoint of the last whole step
+before exiting (see _Interrupts and train_step). A NaN or infinite loss or gradient norm stops
+the run (NonFiniteLossError) before the damaged weights are checkpointed, so the newest
+checkpoint stays one to resume from.
 
 Under `torchrun --nproc_per_node=N`, the model is wrapped in DistributedDataParallel (NCCL on
 GPUs, gloo on CPUs); each process reads its own shard of every epoch, and only rank 0 logs,
@@ -27,6 +28,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -419,6 +422,53 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged: a step's loss or gradient norm is NaN or infinite."""
 
 
+class _Interrupts:
+    """Ctrl-C during Trainer.run(): a KeyboardInterrupt at once, as always, except while a step
+    commits its update (optimizer.step() and the step count). One arriving then is held, and run()
+    raises it once that step's row is queued for the log.
+
+    Without the hold, a Ctrl-C inside optimizer.step() (one update per parameter group) or just
+    after it left the weights a step ahead of the step count the checkpoint recorded. Only the
+    main thread receives signals, and only Python's own SIGINT handler is replaced: under another
+    one (a notebook's, a caller's) run() leaves signals alone.
+    """
+
+    def __init__(self) -> None:
+        self.committing = self.held = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if not self.committing:
+            raise KeyboardInterrupt
+        self.held = True
+
+    @contextlib.contextmanager
+    def install(self) -> Iterator[None]:
+        usable = threading.current_thread() is threading.main_thread()
+        if not usable or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+        signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.held = False
+
+    @contextlib.contextmanager
+    def commit(self) -> Iterator[None]:
+        self.committing = True
+        try:
+            yield
+        finally:
+            self.committing = False
+
+    def deliver(self) -> None:
+        """Raise the Ctrl-C held during the last commit, if one came."""
+        if self.held:
+            self.held = False
+            raise KeyboardInterrupt
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: TokenData | None = None):
         self.cfg = cfg
@@ -457,6 +507,7 @@ class Trainer:
         self.position = DataPosition()
         self.rows: list[dict] = []
         self._batches: Iterator | None = None
+        self._interrupts = _Interrupts()
         train_windows = self.data.loader(
             "train", n_ctx=n_ctx, batch_size=cfg.batch_size, stride=cfg.stride, seed=cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size,
@@ -578,15 +629,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.train_model.train()
-        loss = self.forward_backward([self.next_batch() for _ in range(self.cfg.grad_accum)])
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.dist.mean_over_ranks(loss)
-        self.step += 1
-        row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss, "lr": lr,
-               "grad_norm": grad_norm}  # fmt: skip
+        position = dataclasses.replace(self.position)
+        try:
+            loss = self.forward_backward([self.next_batch() for _ in range(self.cfg.grad_accum)])
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            loss = self.dist.mean_over_ranks(loss)
+        except BaseException:
+            # A Ctrl-C lands here more often than anywhere else. Un-read this step's batches, so
+            # that the checkpoint run() then writes (at the last whole step) resumes with them.
+            self.position, self._batches = position, None
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        # The update, the step count and the step's row change together (see _Interrupts).
+        with self._interrupts.commit():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss, "lr": lr,
+                   "grad_norm": grad_norm}  # fmt: skip
         return finish_row(row) if wait else row
 
     def _val_loader(self) -> DataLoader:
@@ -647,25 +708,27 @@ class Trainer:
                     self._diverged(row)
 
         try:
-            while self.step < stop:
-                started = time.perf_counter()
-                unread.append((started, self.train_step(wait=False)))
-                log_steps(keep=1)
-                done = self.step == self.max_steps
-                evaluate = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done
-                sample = main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done
-                checkpoint = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
-                    not cfg.checkpoint_interval and cfg.eval_interval and self.step % cfg.eval_interval == 0
-                )
-                if not (evaluate or sample or checkpoint or self.step == stop):
-                    continue
-                log_steps(keep=0)
-                if evaluate:
-                    self._eval_and_plot(bar)
-                if sample:
-                    self._sample(f"step {self.step}")
-                if checkpoint:
-                    self.save_checkpoint()
+            with self._interrupts.install():  # see _Interrupts
+                while self.step < stop:
+                    started = time.perf_counter()
+                    unread.append((started, self.train_step(wait=False)))
+                    self._interrupts.deliver()
+                    log_steps(keep=1)
+                    done = self.step == self.max_steps
+                    evaluate = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done
+                    sample = main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done
+                    checkpoint = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
+                        not cfg.checkpoint_interval and cfg.eval_interval and self.step % cfg.eval_interval == 0
+                    )
+                    if not (evaluate or sample or checkpoint or self.step == stop):
+                        continue
+                    log_steps(keep=0)
+                    if evaluate:
+                        self._eval_and_plot(bar)
+                    if sample:
+                        self._sample(f"step {self.step}")
+                    if checkpoint:
+                        self.save_checkpoint()
         except KeyboardInterrupt:
             log_steps(keep=0)
             bar.close()

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -557,6 +558,73 @@ def test_ctrl_c_saves_a_checkpoint_first(tmp_path, shakespeare_slice, monkeypatc
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sorted(losses(logged)) == [1, 2, 3, 4, 5]
     assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 5
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ctrl_c_inside_a_step_checkpoints_the_last_whole_step_and_resumes_exactly(
+    tmp_path, shakespeare_slice, grad_accum
+):
+    """A real Ctrl-C mostly lands in the forward or backward pass, after the step drew its batches.
+    Before: checkpoint step-5 counted step 6's batches as read, and the resumed run skipped them."""
+    whole = Trainer(micro_config(tmp_path / "whole", grad_accum=grad_accum), data=shakespeare_slice).run()
+    trainer = Trainer(micro_config(tmp_path / "split", grad_accum=grad_accum), data=shakespeare_slice)
+    real_loss, calls = trainer.loss_fn, []
+
+    def interrupted(inputs, targets):
+        calls.append(trainer.step)
+        if calls.count(5) == grad_accum:  # step 6's last micro-batch
+            raise KeyboardInterrupt
+        return real_loss(inputs, targets)
+
+    trainer.loss_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000005"
+    config = micro_config(tmp_path / "split", grad_accum=grad_accum)
+    resumed = Trainer(config, data=shakespeare_slice, resume=True).run()
+    assert losses(resumed) == losses(whole)  # bit-identical on CPU, steps 6 to 8 included
+
+
+def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_path, shakespeare_slice):
+    """Before: the KeyboardInterrupt left step 6's update in the weights of checkpoint step-5."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
+    real_step = trainer.optimizer.step
+
+    def update_then_ctrl_c(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if trainer.step == 5:
+            signal.raise_signal(signal.SIGINT)  # as the terminal sends it
+        return result
+
+    trainer.optimizer.step = update_then_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000006"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
+    assert losses(resumed) == losses(whole)
+
+
+def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_slice):
+    def callers_handler(signum, frame):
+        pass
+
+    trainer = Trainer(micro_config(tmp_path, max_steps=2, eval_interval=0), data=shakespeare_slice)
+    real_step, seen = trainer.train_step, []
+
+    def step(**kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return real_step(**kwargs)
+
+    trainer.train_step = step
+    previous = signal.signal(signal.SIGINT, callers_handler)
+    try:
+        trainer.run()
+        assert signal.getsignal(signal.SIGINT) is callers_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [callers_handler, callers_handler]
 
 
 @pytest.mark.parametrize("broken", ["weights", "gradients"])

@@ -505,6 +505,7 @@ class Trainer:
         self.data = data if data is not None else self._load_data()
         self.step = 0
         self.position = DataPosition()
+        self.evaluated_at = 0  # the step of the last evaluation (0: none, or the start)
         self.rows: list[dict] = []
         self._batches: Iterator | None = None
         self._interrupts = _Interrupts()
@@ -707,6 +708,8 @@ class Trainer:
                     bar.close()
                     self._diverged(row)
 
+        if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.evaluated_at != self.step:
+            self._eval_and_plot(bar)  # this step's evaluation, which a Ctrl-C cut short before the checkpoint
         try:
             with self._interrupts.install():  # see _Interrupts
                 while self.step < stop:
@@ -761,6 +764,7 @@ class Trainer:
 
     def _eval_and_plot(self, bar) -> None:
         val_loss = self.evaluate()
+        self.evaluated_at = self.step
         if self.dist.is_main:
             self._record({"step": self.step, "tokens": self.step * self.tokens_per_step, "val_loss": val_loss,
                           "val_ppl": math.exp(min(val_loss, 50.0))})  # fmt: skip
@@ -801,6 +805,7 @@ class Trainer:
         state = {
             "step": self.step,
             "position": dataclasses.asdict(self.position),
+            "evaluated_at": self.evaluated_at,
             "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(),
             "rng": _rng_state(),
@@ -840,6 +845,7 @@ class Trainer:
             ) from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        self.evaluated_at = state.get("evaluated_at", self.step)  # checkpoints before it was kept: as they were
         self.position = DataPosition(**state["position"])
         if state["world_size"] != self.dist.world_size:
             consumed = self.position.consumed * state["world_size"] // self.dist.world_size

@@ -606,6 +606,32 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_
     assert losses(resumed) == losses(whole)
 
 
+def test_an_evaluation_cut_short_by_ctrl_c_runs_again_on_resume(tmp_path, shakespeare_slice):
+    """Before: checkpoint step-4 was written, but the val loss of step 4 was never logged."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
+    real_evaluate = trainer.evaluate
+
+    def interrupted():
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return real_evaluate()
+
+    trainer.evaluate = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000004"
+    resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
+    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
+    assert untimed[0] == untimed[1]  # the same log, row for row, the val loss of step 4 included
+    assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
+
+    # A run resumed from a checkpoint whose evaluation did happen does not evaluate it twice.
+    Trainer(micro_config(tmp_path / "again", max_steps=4), data=shakespeare_slice).run()
+    again = Trainer(micro_config(tmp_path / "again", max_steps=8), data=shakespeare_slice, resume=True).run()
+    assert [r["step"] for r in again if "val_loss" in r] == [4, 8]
+
+
 def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_slice):
     def callers_handler(signum, frame):
         pass

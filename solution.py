@@ -1024,7 +1024,17 @@ class Transformer(HookedRootModule):
         meta = _read_json(config_file)
         if meta.get("format") != "gpt2_small":
             raise ValueError(f"{config_file} is not a gpt2_small checkpoint config (format={meta.get('format')!r})")
-        model = cls(TransformerConfig(**meta["config"]))
+        config = meta.get("config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} has no 'config' object; the file is damaged: save it again")
+        fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+        if unknown := sorted(set(config) - fields):
+            # Fields missing from the file keep their defaults, so that older checkpoints load.
+            raise ValueError(
+                f"{config_file} sets {unknown}, which TransformerConfig does not have (a newer gpt2_small or a "
+                f"hand edit?); its fields are {sorted(fields)}"
+            )
+        model = cls(TransformerConfig(**config))
         state = _read_safetensors(weights_file)
         if not state:
             raise ValueError(

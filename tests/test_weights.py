@@ -224,6 +224,23 @@ def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
         Transformer.load(tmp_path)
 
 
+def test_a_gpt2_small_config_with_unknown_fields_is_refused_by_name(tmp_path):
+    """Before: TypeError "unexpected keyword argument 'rotary'", naming no file."""
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    Transformer(cfg).save(tmp_path)
+    config_file = tmp_path / "gpt2_small_config.json"
+    meta = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(meta | {"config": meta["config"] | {"rotary": True}}))
+    with pytest.raises(ValueError, match=r"gpt2_small_config.json sets \['rotary'\], which TransformerConfig does not"):
+        Transformer.load(tmp_path)
+    config_file.write_text(json.dumps({"format": "gpt2_small"}))
+    with pytest.raises(ValueError, match=r"gpt2_small_config.json has no 'config' object"):
+        Transformer.load(tmp_path)
+    # A field the file lacks (a checkpoint older than the field) takes its default.
+    config_file.write_text(json.dumps(meta | {"config": {k: v for k, v in meta["config"].items() if k != "attn_impl"}}))
+    assert Transformer.load(tmp_path).cfg == cfg
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -826,16 +826,15 @@ class Trainer:
         path = latest_checkpoint(self.out_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir / CHECKPOINTS}; start without --resume")
-        saved = Transformer.load(path).cfg
-        if saved != self.cfg.model_config:
-            diff = {k: (v, getattr(self.cfg.model_config, k)) for k, v in dataclasses.asdict(saved).items()
+        saved = Transformer.load(path)  # on the CPU: load_state_dict below copies it onto the device
+        if saved.cfg != self.cfg.model_config:
+            diff = {k: (v, getattr(self.cfg.model_config, k)) for k, v in dataclasses.asdict(saved.cfg).items()
                     if v != getattr(self.cfg.model_config, k)}  # fmt: skip
             raise CheckpointMismatchError(
                 f"checkpoint {path} holds a model with a different config (field: (checkpoint, this run)): {diff}; "
                 f"use the preset it was trained with, or another --out-dir"
             )
-        model = Transformer.load(path, device=self.device)
-        self.model.load_state_dict(model.state_dict(), strict=True)
+        self.model.load_state_dict(saved.state_dict(), strict=True)
         try:
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError) as e:  # a file cut short: torch's zip reader or the unpickler

@@ -708,7 +708,7 @@ class Trainer:
                     bar.close()
                     self._diverged(row)
 
-        if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.evaluated_at != self.step:
+        if self._at_interval(cfg.eval_interval) and self.evaluated_at != self.step:
             self._eval_and_plot(bar)  # this step's evaluation, which a Ctrl-C cut short before the checkpoint
         try:
             with self._interrupts.install():  # see _Interrupts
@@ -718,11 +718,9 @@ class Trainer:
                     self._interrupts.deliver()
                     log_steps(keep=1)
                     done = self.step == self.max_steps
-                    evaluate = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done
-                    sample = main and cfg.sample_interval and self.step % cfg.sample_interval == 0 and not done
-                    checkpoint = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or (
-                        not cfg.checkpoint_interval and cfg.eval_interval and self.step % cfg.eval_interval == 0
-                    )
+                    evaluate = self._at_interval(cfg.eval_interval) or done
+                    sample = main and self._at_interval(cfg.sample_interval) and not done
+                    checkpoint = self._at_interval(cfg.checkpoint_interval or cfg.eval_interval)
                     if not (evaluate or sample or checkpoint or self.step == stop):
                         continue
                     log_steps(keep=0)
@@ -746,6 +744,10 @@ class Trainer:
         if main and self.step == self.max_steps:
             self._sample(f"step {self.step} (end)")
         return self.rows
+
+    def _at_interval(self, interval: int) -> bool:
+        """Whether this step is one of every `interval` steps (never for 0, which turns them off)."""
+        return interval > 0 and self.step % interval == 0
 
     def _diverged(self, row: dict) -> None:
         """Stop at the first non-finite loss or gradient norm. Every row is read before a checkpoint

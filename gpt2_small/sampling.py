@@ -193,10 +193,9 @@ def pad_prompts(
     return tokens.to(device), mask.to(device)
 
 
-def _check_eos(eos_token_id: object) -> None:
+def _check_eos(eos: object) -> None:
     # An id >= d_vocab is allowed: it is the default's case on a model of a small vocabulary, and
     # only means that no row stops early. A negative id is never a token.
-    eos = eos_token_id
     if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
         raise ValueError(f"eos_token_id must be a token id, an int >= 0, got {eos!r}")
 

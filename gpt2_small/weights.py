@@ -8,7 +8,8 @@ saved by `GPT2LMHeadModel.save_pretrained` load alike.
 Hugging Face stores attention as one fused Conv1D, c_attn [d_model, 3 * d_model] applied as
 x @ W; here it is split into W_Q, W_K, W_V and reshaped to TransformerLens's
 [n_heads d_model d_head]. lm_head is tied to wte in GPT-2, so W_U is wte transposed unless
-the checkpoint carries an lm_head.weight of its own.
+the checkpoint carries an lm_head.weight of its own (which it must, if its config says
+tie_word_embeddings=false).
 """
 
 import logging
@@ -80,12 +81,22 @@ def config_from_hf(hf_config: dict) -> TransformerConfig:
     )
 
 
-def convert_hf_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
+def convert_hf_state_dict(
+    hf_state: dict[str, Tensor], cfg: TransformerConfig, *, tie_word_embeddings: bool = True
+) -> dict[str, Tensor]:
     """Map a GPT2LMHeadModel / GPT2Model state dict to this project's parameter names and shapes.
 
+    `tie_word_embeddings` is the checkpoint's config.json flag: when true, a missing lm_head.weight
+    means W_U is wte transposed; when false, lm_head.weight must be in the state dict.
     Raises WeightLoadError naming the key that is missing, unexpected, or of the wrong shape.
     """
     state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    if not tie_word_embeddings and "lm_head.weight" not in state:
+        # Hugging Face would fill this unembedding with random numbers and a warning; wte would be a guess.
+        raise WeightLoadError(
+            "the checkpoint's config sets tie_word_embeddings=false but has no 'lm_head.weight', so its "
+            "unembedding is not in the file; save the model again with its lm_head"
+        )
     d, d_mlp = cfg.d_model, cfg.d_mlp
     expected = {"wte.weight": (cfg.d_vocab, d), "wpe.weight": (cfg.n_ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
     for i in range(cfg.n_layers):
@@ -214,7 +225,7 @@ def load_hf_gpt2(
     directory = resolve_checkpoint_dir(name_or_path)
     hf_config, hf_state = read_hf_checkpoint(directory)
     cfg = config_from_hf(hf_config)
-    state = convert_hf_state_dict(hf_state, cfg)
+    state = convert_hf_state_dict(hf_state, cfg, tie_word_embeddings=hf_config.get("tie_word_embeddings", True))
     with torch.device("meta"):
         model = model_class(cfg)
     model.load_state_dict(state, strict=True, assign=True)

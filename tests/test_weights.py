@@ -8,6 +8,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2_small import Transformer, TransformerConfig, WeightLoadError, config_from_hf, convert_hf_state_dict
 
@@ -125,6 +126,31 @@ def test_an_untied_lm_head_becomes_W_U(tiny_checkpoint, tmp_path):
     )
     assert torch.equal(model.unembed.W_U, lm_head.T)
     assert not torch.equal(model.unembed.W_U, model.embed.W_E.T)
+
+
+def test_an_untied_checkpoint_loads_its_lm_head_and_one_without_it_is_refused(tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=1,
+        n_head=4,
+        n_positions=16,
+        vocab_size=100,
+        bos_token_id=99,
+        eos_token_id=99,
+        tie_word_embeddings=False,
+    )
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "untied")
+    model = Transformer.from_pretrained(tmp_path / "untied")
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+    assert not torch.equal(model.unembed.W_U, model.embed.W_E.T)
+    # Hugging Face would fill the missing unembedding with random numbers; W_E would be a guess just as silent.
+    with pytest.raises(WeightLoadError, match=r"tie_word_embeddings=false but has no 'lm_head.weight'"):
+        Transformer.from_pretrained(
+            copy_with_state(tmp_path / "untied", tmp_path / "cut", lambda s: s.pop("lm_head.weight"))
+        )
 
 
 @pytest.mark.parametrize(

@@ -786,6 +786,12 @@ class Transformer(HookedRootModule):
                 raise ValueError(
                     f"attention_mask must be bool or integer (1 = token, 0 = padding), got {attention_mask.dtype}"
                 )
+            if attention_mask.dtype != torch.bool and _host_reads_possible(attention_mask):
+                low, high = (int(v) for v in torch.aminmax(attention_mask))
+                if low < 0 or high > 1:
+                    raise ValueError(
+                        f"attention_mask values must be 0 (padding) or 1 (token), found {low if low < 0 else high}"
+                    )
         if kv_cache is None:
             return
         if not isinstance(kv_cache, KVCache):

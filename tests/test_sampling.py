@@ -641,6 +641,23 @@ def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():
         pad_prompts([[1, 2], []])
 
 
+@pytest.mark.parametrize("value", [2, -1])
+def test_a_mask_value_other_than_0_or_1_is_refused(sampling_pair, value):
+    # forward reads any nonzero value as a token, but generate's penalties would count a 2 twice.
+    model = sampling_pair.model
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    expected = model(tokens, attention_mask=mask)
+    for same in (mask.bool(), mask.int()):
+        torch.testing.assert_close(model(tokens, attention_mask=same), expected, rtol=0, atol=0)
+    mask[1, 0] = value
+    message = rf"attention_mask values must be 0 \(padding\) or 1 \(token\), found {value}"
+    with pytest.raises(ValueError, match=message):
+        model(tokens, attention_mask=mask)
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokens, 2, attention_mask=mask, freq_penalty=1.0)
+
+
 def test_forward_rejects_bad_masks_and_caches(sampling_pair):
     model = sampling_pair.model
     tokens = torch.tensor([[1, 2, 3]])

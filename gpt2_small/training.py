@@ -506,6 +506,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.evaluated_at = 0  # the step of the last evaluation (0: none, or the start)
+        self._checkpointed: tuple[int, int] | None = None  # (step, evaluated_at) of the newest checkpoint
         self.rows: list[dict] = []
         self._batches: Iterator | None = None
         self._interrupts = _Interrupts()
@@ -708,7 +709,7 @@ class Trainer:
                     bar.close()
                     self._diverged(row)
 
-        if self._at_interval(cfg.eval_interval) and self.evaluated_at != self.step:
+        if (self._at_interval(cfg.eval_interval) or self.step == self.max_steps) and self.evaluated_at != self.step:
             self._eval_and_plot(bar)  # this step's evaluation, which a Ctrl-C cut short before the checkpoint
         try:
             with self._interrupts.install():  # see _Interrupts
@@ -798,7 +799,8 @@ class Trainer:
             return None
         root = self.out_dir / CHECKPOINTS
         final = root / f"step-{self.step:07d}"
-        if (root / "latest").is_file() and (root / "latest").read_text().strip() == final.name:
+        # Written again only when an evaluation that a Ctrl-C cut short has run since (on resume).
+        if self._checkpointed == (self.step, self.evaluated_at):
             return final
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         if tmp.exists():
@@ -814,12 +816,20 @@ class Trainer:
         }
         torch.save(state, tmp / TRAINER_STATE)
         (tmp / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        # Moved aside, not deleted in place: a crash meanwhile must not leave a half-deleted step-*
+        # that latest_checkpoint would take for a complete one.
+        replaced = root / f".old-{final.name}-{os.getpid()}"
+        if replaced.exists():
+            shutil.rmtree(replaced)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
+        self._checkpointed = (self.step, self.evaluated_at)
+        if replaced.exists():
+            shutil.rmtree(replaced)
         for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return final
@@ -847,6 +857,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.evaluated_at = state.get("evaluated_at", self.step)  # checkpoints before it was kept: as they were
+        self._checkpointed = (self.step, self.evaluated_at)
         self.position = DataPosition(**state["position"])
         if state["world_size"] != self.dist.world_size:
             consumed = self.position.consumed * state["world_size"] // self.dist.world_size
@@ -858,7 +869,10 @@ class Trainer:
         _set_rng_state(state["rng"])
         self._warn_about_changed_settings(path)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
-        if self.step >= self.max_steps:  # run() would only write the same checkpoint and end sample again
+        # At max_steps, run() would only write the same checkpoint and end sample again, unless a
+        # Ctrl-C cut the final evaluation short: then run() evaluates, checkpoints and samples.
+        final_evaluation_done = self.step > self.max_steps or self.evaluated_at == self.step
+        if self.step >= self.max_steps and final_evaluation_done:
             budget = f"max_steps={self.max_steps}"
             if self.cfg.epochs:
                 budget = f"epochs={self.cfg.epochs} ({self.max_steps} steps)"

@@ -632,6 +632,66 @@ def test_an_evaluation_cut_short_by_ctrl_c_runs_again_on_resume(tmp_path, shakes
     assert [r["step"] for r in again if "val_loss" in r] == [4, 8]
 
 
+def test_a_final_evaluation_cut_short_by_ctrl_c_runs_on_resume(tmp_path, shakespeare_slice):
+    """Before: the checkpoint at max_steps was written, its val loss never logged, and --resume
+    refused it: "leaves nothing to train". eval_interval=3 makes step 8 an evaluation only as the last."""
+    whole = Trainer(micro_config(tmp_path / "whole", eval_interval=3), data=shakespeare_slice).run()
+    trainer = Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice)
+    real_evaluate = trainer.evaluate
+
+    def interrupted():
+        if trainer.step == 8:
+            raise KeyboardInterrupt
+        return real_evaluate()
+
+    trainer.evaluate = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000008"
+    assert "step 8 (end)" not in (tmp_path / "split" / "samples.txt").read_text()
+    resumed = Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice, resume=True).run()
+    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
+    assert untimed[0] == untimed[1]
+    assert [r["step"] for r in resumed if "val_loss" in r] == [3, 6, 8]
+    assert (tmp_path / "split" / "samples.txt").read_text().count("step 8 (end)") == 1
+    # Now that it is evaluated, the finished run is refused as before.
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice, resume=True)
+
+
+def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_path, shakespeare_slice):
+    """Before: the checkpoint at step 4 was not written again after its evaluation ran on resume,
+    so the next resume evaluated step 4 once more and metrics.jsonl held two val rows for it."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    first = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
+    real_evaluate = first.evaluate
+
+    def evaluation_interrupted():
+        if first.step == 4:
+            raise KeyboardInterrupt
+        return real_evaluate()
+
+    first.evaluate = evaluation_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    second = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    real_forward = second.model.forward
+
+    def step_interrupted(*args, **kwargs):
+        if second.model.training:  # the first training step after the re-run evaluation
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    second.model.forward = step_interrupted
+    with pytest.raises(KeyboardInterrupt):
+        second.run()
+    assert [r["step"] for r in second.rows if "val_loss" in r] == [4]
+    resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
+    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
+    assert untimed[0] == untimed[1]
+    assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
+
+
 def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_slice):
     def callers_handler(signum, frame):
         pass

@@ -50,18 +50,40 @@ _BLOCK_HOOKS = {
     "post": "mlp.hook_post",
 }
 _HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern")  # those with an n_heads axis
+# get_act_name's other spellings of the same hooks.
+_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+            "mlp_pre": "pre", "mlp_post": "post"}  # fmt: skip
+# The layer_type each per-layer hook takes, in get_act_name's spellings (it is implied, so optional).
+_LAYER_TYPES = {"attn.": ("a", "attn", "attention"), "mlp.": ("m", "mlp"), "hook_": ("b", "block", "blocks", "")}
+_LN_HOOKS = ("scale", "normalized")  # per LayerNorm: layer_type "ln1" or "ln2", or no layer for ln_final
 
 
-def act_name(name: str, layer: int | None = None) -> str:
-    """The full hook name: act_name("pattern", 3) == "blocks.3.attn.hook_pattern"; full names pass through."""
-    if name.startswith(("blocks.", "hook_", "ln_final.")):
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """The full hook name, as TransformerLens's get_act_name gives it: act_name("pattern", 3) ==
+    "blocks.3.attn.hook_pattern", act_name("scale", 3, "ln1") == "blocks.3.ln1.hook_scale",
+    act_name("scale") == "ln_final.hook_scale"; full names pass through."""
+    if name.startswith(("blocks.", "hook_", "ln_final.")) and layer is None and layer_type is None:
         return name
-    if name in ("embed", "pos_embed"):
+    name = _ALIASES.get(name, name)
+    if name in _LN_HOOKS:
+        if layer is None and layer_type in (None, "ln_final"):
+            return f"ln_final.hook_{name}"
+        if layer is None or layer_type not in ("ln1", "ln2"):
+            raise ValueError(
+                f"hook {name!r} is a LayerNorm's: pass a layer and layer_type 'ln1' or 'ln2' (a block's), or "
+                f"neither (ln_final's); got layer={layer!r}, layer_type={layer_type!r}"
+            )
+        return f"blocks.{layer}.{layer_type}.hook_{name}"
+    if name in ("embed", "pos_embed") and layer is None and layer_type is None:
         return f"hook_{name}"
     if name not in _BLOCK_HOOKS:
-        raise ValueError(f"unknown hook name {name!r}; use a full name or one of {sorted(_BLOCK_HOOKS)}")
+        known = sorted([*_BLOCK_HOOKS, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
+        raise ValueError(f"unknown hook name {name!r}; use a full name or one of {known}")
     if layer is None:
         raise ValueError(f"hook {name!r} is per layer: pass a layer")
+    allowed = next(types for prefix, types in _LAYER_TYPES.items() if _BLOCK_HOOKS[name].startswith(prefix))
+    if layer_type is not None and layer_type not in allowed:
+        raise ValueError(f"hook {name!r} takes layer_type None or one of {allowed}, got {layer_type!r}")
     return f"blocks.{layer}.{_BLOCK_HOOKS[name]}"
 
 
@@ -80,17 +102,24 @@ class ActivationCache(dict):
         self.has_batch_dim = has_batch_dim
 
     def __getitem__(self, key: str | tuple) -> Tensor:  # (name, layer), checked below
-        # TransformerLens's shorthands: cache["resid_post", -1] (layers count from the end too) and
-        # cache["embed"]; a per-layer short name without its layer is named by act_name.
+        # TransformerLens's shorthands: cache["resid_post", -1] (layers count from the end too),
+        # cache["scale", 3, "ln1"] and cache["embed"]; a per-layer short name without its layer is
+        # named by act_name.
         if isinstance(key, tuple):
-            if len(key) != 2:
-                raise KeyError(f"a tuple key is (name, layer), such as ('pattern', 3); got {key!r}")
-            name, layer = key
+            if len(key) not in (2, 3):
+                raise KeyError(
+                    f"a tuple key is (name, layer) or (name, layer, layer_type), such as ('pattern', 3) or "
+                    f"('scale', 3, 'ln1'); got {key!r}"
+                )
+            name, layer, *layer_type = key
             if not (isinstance(layer, Integral) and -self.n_layers <= layer < self.n_layers):
                 raise KeyError(
                     f"layer {layer!r} is outside [-{self.n_layers}, {self.n_layers}) (n_layers={self.n_layers})"
                 )
-            key = act_name(name, int(layer) % self.n_layers)
+            try:
+                key = act_name(name, int(layer) % self.n_layers, *layer_type)
+            except ValueError as e:
+                raise KeyError(f"{key!r} names no hook: {e}") from None
         elif isinstance(key, str) and not dict.__contains__(self, key):
             try:
                 key = act_name(key)

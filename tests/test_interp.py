@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformer_lens.utilities import get_act_name
 
 from gpt2_small import Transformer, TransformerConfig, interp
 from gpt2_small.interp import (
@@ -56,16 +57,42 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["resid_pre", 3]
     with pytest.raises(KeyError, match=r"layer -4 is outside \[-3, 3\)"):
         cache["resid_pre", -4]
-    with pytest.raises(
-        KeyError, match=r"a tuple key is \(name, layer\), such as \('pattern', 3\); got \('scale', 0, 'ln1'\)"
-    ):
-        cache["scale", 0, "ln1"]
+    assert cache["scale", -1, "ln2"] is cache["blocks.2.ln2.hook_scale"] and cache["attn", 0] is cache["pattern", 0]
+    assert cache["scale"] is cache["ln_final.hook_scale"]
+    with pytest.raises(KeyError, match=r"a tuple key is \(name, layer\) or \(name, layer, layer_type\)"):
+        cache["scale", 0, "ln1", "x"]
+    with pytest.raises(KeyError, match=r"\('scale', 0\) names no hook: .* layer_type 'ln1' or 'ln2'"):
+        cache["scale", 0]
     with pytest.raises(KeyError, match="'pattern' is not in this cache: hook 'pattern' is per layer: pass a layer"):
         cache["pattern"]
     with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
         cache["blocks.9.hook_resid_pre"]
     with pytest.raises(ValueError, match="unknown hook name 'resid'"):
         interp.act_name("resid", 0)
+
+
+def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
+    _, cache = run
+    ours = [
+        *[(name, layer, None) for name in [*interp._BLOCK_HOOKS, *interp._ALIASES] for layer in (0, 2)],
+        *[(name, 1, layer_type) for name in ("scale", "normalized") for layer_type in ("ln1", "ln2")],
+        ("scale", None, None), ("normalized", None, None), ("embed", None, None), ("pos_embed", None, None),
+        ("k", 2, "a"), ("pattern", 0, "attention"), ("pre", 1, "m"), ("resid_mid", 1, "b"), ("attn_out", 0, "block"),
+        ("blocks.1.hook_resid_pre", None, None), ("hook_embed", None, None), ("ln_final.hook_normalized", None, None),
+    ]  # fmt: skip
+    for args in ours:
+        name = interp.act_name(*args)
+        assert name == get_act_name(*args), args
+        assert name in cache, args  # a hook this model has, not merely TransformerLens's spelling of one
+    for args, message in [
+        (("scale", 1, None), "layer_type 'ln1' or 'ln2'"),
+        (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
+        (("k", 2, "mlp"), r"hook 'k' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'mlp'"),
+        (("resid_pre", 2, "ln1"), "hook 'resid_pre' takes layer_type None or one of"),
+        (("result", 0, None), "unknown hook name 'result'"),  # TransformerLens's, with use_attn_result only
+    ]:
+        with pytest.raises(ValueError, match=message):
+            interp.act_name(*args)
 
 
 def test_accumulated_resid_at_the_end_through_ln_final_and_unembed_is_the_logits(model, run):

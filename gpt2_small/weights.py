@@ -176,7 +176,7 @@ def _download_from_hub(repo_id: str) -> Path:
         return directory
     except _hub_errors() as e:
         raise OSError(
-            f"could not load {repo_id!r}: it is not a local directory, and the Hugging Face Hub "
+            f"{repo_id!r} is not a local directory, and the Hugging Face Hub "
             f"did not provide it ({type(e).__name__}: {e}). Offline? Pass a directory saved with "
             f"GPT2LMHeadModel.save_pretrained, or a checkpoint written by Transformer.save."
         ) from e

@@ -143,6 +143,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # named alone: min_lr may only follow from it
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.lr is None:
             if self.preset not in PRESET_LR:
                 raise ValueError(f"preset {self.preset!r} has no default learning rate in PRESET_LR; pass lr")

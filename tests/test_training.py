@@ -161,8 +161,11 @@ def test_train_config_rejects_bad_values():
     for name, value in [("beta1", 1.5), ("beta2", -0.1), ("beta2", 1.0), ("beta1", math.nan)]:
         with pytest.raises(ValueError, match=rf"{name} must be in \[0, 1\), got {value}"):
             TrainConfig(**{name: value})
-    with pytest.raises(ValueError, match="need 0 < min_lr <= lr, both finite, got min_lr=inf, lr=inf"):
-        TrainConfig(lr=math.inf)
+    for lr in (math.inf, -1.0, 0.0, math.nan):  # not "need 0 < min_lr <= lr" about a min_lr the user never set
+        with pytest.raises(ValueError, match=f"^lr must be a finite number > 0, got {lr}$"):
+            TrainConfig(lr=lr)
+    with pytest.raises(ValueError, match="need 0 < min_lr <= lr, both finite, got min_lr=inf, lr=0.001"):
+        TrainConfig(lr=1e-3, min_lr=math.inf)
     with pytest.raises(ValueError, match="min_lr=nan"):
         TrainConfig(min_lr=math.nan)
     for epochs in (0.0, math.inf):

@@ -113,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
         if clean.shape != corrupted.shape:
             raise ValueError(f"--clean is {clean.shape[1]} tokens, --corrupted {corrupted.shape[1]}; they must match")
         good, bad = (single_token(a) for a in args.answers)
+        if good == bad:
+            raise ValueError(
+                f"--answers {args.answers[0]!r} and {args.answers[1]!r} are the same token ({good}); their logit "
+                f"difference is 0 in every run, so there is nothing to patch or attribute"
+            )
         device = pick_device(args.device)
         model, source = load(args, device)
         cfg = model.cfg

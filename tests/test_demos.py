@@ -175,6 +175,17 @@ def test_generate_demo_ends_an_interrupted_stream_in_one_line(train_run, monkeyp
     assert err == "\ngenerate_demo: interrupted\n"
 
 
+def test_interp_demo_refuses_two_answers_that_are_one_token(tmp_path, capsys):
+    """Before: it ran every experiment on a logit difference of 0 and plotted blank patching maps."""
+    demo = import_demo("interp_demo")
+    assert demo.main(["--answers", " Romeo", " Romeo", "--out-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "interp_demo: --answers ' Romeo' and ' Romeo' are the same token (43989); their logit difference is 0 in "
+        "every run, so there is nothing to patch or attribute\n"
+    )
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_interp_demo_interrupted_names_the_pngs_already_written(train_run, tmp_path, monkeypatch, capsys):
     """Before: a Ctrl-C printed Python's KeyboardInterrupt traceback and nothing about the PNGs."""
     demo = import_demo("interp_demo")

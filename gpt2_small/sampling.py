@@ -188,7 +188,14 @@ def pad_prompts(
     tokens = torch.full((len(prompts), pos), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), pos), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        tokens[row, pos - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        ids = torch.as_tensor(list(prompt))
+        # Copied into a long tensor, 1.5 or True would silently become the token 1.
+        if ids.ndim != 1 or ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(
+                f"prompt {row} must be a flat sequence of token ids (ints), got {ids.dtype} values of shape "
+                f"{tuple(ids.shape)}: {list(prompt)[:8]!r}"
+            )
+        tokens[row, pos - len(prompt) :] = ids
         mask[row, pos - len(prompt) :] = 1
     return tokens.to(device), mask.to(device)
 

@@ -8,6 +8,7 @@ import re
 import weakref
 
 import einops
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
@@ -604,6 +605,18 @@ def test_pad_prompts_names_text_given_for_token_ids(without_shape_checks):
     """Before, in a user's code (no jaxtyping): torch's "too many dimensions 'str'"."""
     with pytest.raises(TypeError, match=r"^pad_prompts takes lists of token ids, got the str 'b'; encode text first"):
         pad_prompts([[1, 2], "b"])
+
+
+def test_pad_prompts_refuses_ids_that_are_not_ints(without_shape_checks):
+    """Before: [[1.5, 2]] gave the tokens [[1, 2]], and [[True]] the token 1."""
+    for prompt, dtype in [([1.5, 2], "torch.float32"), ([True], "torch.bool"), (torch.tensor([3.0]), "torch.float32")]:
+        with pytest.raises(TypeError, match=rf"^prompt 1 must be a flat sequence of token ids \(ints\), got {dtype}"):
+            pad_prompts([[7, 8], prompt])
+    with pytest.raises(TypeError, match=r"prompt 0 .* of shape \(1, 2\)"):
+        pad_prompts([[[1, 2]]])
+    tokens, mask = pad_prompts([torch.tensor([5, 6, 7]), np.array([8], dtype=np.uint16), (9, 10)])
+    assert tokens.tolist() == [[5, 6, 7], [50256, 50256, 8], [50256, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]] and tokens.dtype == mask.dtype == torch.long
 
 
 def test_invalid_requests_raise(sampling_pair):

@@ -609,24 +609,31 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_
     assert losses(resumed) == losses(whole)
 
 
-def test_an_evaluation_cut_short_by_ctrl_c_runs_again_on_resume(tmp_path, shakespeare_slice):
-    """Before: checkpoint step-4 was written, but the val loss of step 4 was never logged."""
-    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
-    trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
+def run_with_evaluation_interrupted(trainer: Trainer, step: int) -> None:
+    """trainer.run(), with a Ctrl-C in the evaluation at `step`."""
     real_evaluate = trainer.evaluate
 
     def interrupted():
-        if trainer.step == 4:
+        if trainer.step == step:
             raise KeyboardInterrupt
         return real_evaluate()
 
     trainer.evaluate = interrupted
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
+
+
+def untimed(rows):
+    return [{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows]
+
+
+def test_an_evaluation_cut_short_by_ctrl_c_runs_again_on_resume(tmp_path, shakespeare_slice):
+    """Before: checkpoint step-4 was written, but the val loss of step 4 was never logged."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    run_with_evaluation_interrupted(Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice), step=4)
     assert latest_checkpoint(tmp_path / "split").name == "step-0000004"
     resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
-    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
-    assert untimed[0] == untimed[1]  # the same log, row for row, the val loss of step 4 included
+    assert untimed(resumed) == untimed(whole)  # the same log, row for row, the val loss of step 4 included
     assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
 
     # A run resumed from a checkpoint whose evaluation did happen does not evaluate it twice.
@@ -639,44 +646,24 @@ def test_a_final_evaluation_cut_short_by_ctrl_c_runs_on_resume(tmp_path, shakesp
     """Before: the checkpoint at max_steps was written, its val loss never logged, and --resume
     refused it: "leaves nothing to train". eval_interval=3 makes step 8 an evaluation only as the last."""
     whole = Trainer(micro_config(tmp_path / "whole", eval_interval=3), data=shakespeare_slice).run()
-    trainer = Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice)
-    real_evaluate = trainer.evaluate
-
-    def interrupted():
-        if trainer.step == 8:
-            raise KeyboardInterrupt
-        return real_evaluate()
-
-    trainer.evaluate = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run()
+    split = micro_config(tmp_path / "split", eval_interval=3)
+    run_with_evaluation_interrupted(Trainer(split, data=shakespeare_slice), step=8)
     assert latest_checkpoint(tmp_path / "split").name == "step-0000008"
     assert "step 8 (end)" not in (tmp_path / "split" / "samples.txt").read_text()
-    resumed = Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice, resume=True).run()
-    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
-    assert untimed[0] == untimed[1]
+    resumed = Trainer(split, data=shakespeare_slice, resume=True).run()
+    assert untimed(resumed) == untimed(whole)
     assert [r["step"] for r in resumed if "val_loss" in r] == [3, 6, 8]
     assert (tmp_path / "split" / "samples.txt").read_text().count("step 8 (end)") == 1
     # Now that it is evaluated, the finished run is refused as before.
     with pytest.raises(ValueError, match="leaves nothing to train"):
-        Trainer(micro_config(tmp_path / "split", eval_interval=3), data=shakespeare_slice, resume=True)
+        Trainer(split, data=shakespeare_slice, resume=True)
 
 
 def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_path, shakespeare_slice):
     """Before: the checkpoint at step 4 was not written again after its evaluation ran on resume,
     so the next resume evaluated step 4 once more and metrics.jsonl held two val rows for it."""
     whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
-    first = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
-    real_evaluate = first.evaluate
-
-    def evaluation_interrupted():
-        if first.step == 4:
-            raise KeyboardInterrupt
-        return real_evaluate()
-
-    first.evaluate = evaluation_interrupted
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    run_with_evaluation_interrupted(Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice), step=4)
     second = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
     real_forward = second.model.forward
 
@@ -690,8 +677,7 @@ def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_pat
         second.run()
     assert [r["step"] for r in second.rows if "val_loss" in r] == [4]
     resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
-    untimed = [[{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows] for rows in (whole, resumed)]
-    assert untimed[0] == untimed[1]
+    assert untimed(resumed) == untimed(whole)
     assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
 
 

@@ -74,8 +74,10 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
                 f"neither (ln_final's); got layer={layer!r}, layer_type={layer_type!r}"
             )
         return f"blocks.{layer}.{layer_type}.hook_{name}"
-    if name in ("embed", "pos_embed") and layer is None and layer_type is None:
-        return f"hook_{name}"
+    if name in ("embed", "pos_embed"):
+        if layer is None and layer_type is None:
+            return f"hook_{name}"
+        raise ValueError(f"hook {name!r} is the model's, not a layer's: pass no layer or layer_type")
     if name not in _BLOCK_HOOKS:
         known = sorted([*_BLOCK_HOOKS, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
         raise ValueError(f"unknown hook name {name!r}; use a full name or one of {known}")

@@ -89,6 +89,7 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
         (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
         (("k", 2, "mlp"), r"hook 'k' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'mlp'"),
         (("resid_pre", 2, "ln1"), "hook 'resid_pre' takes layer_type None or one of"),
+        (("embed", 0, None), "hook 'embed' is the model's, not a layer's"),
         (("result", 0, None), "unknown hook name 'result'"),  # TransformerLens's, with use_attn_result only
     ]:
         with pytest.raises(ValueError, match=message):

@@ -232,9 +232,9 @@ class ActivationCache(dict):
         """
         layer = self._layer(layer)
         if layer == self.n_layers:
-            scale = self["ln_final.hook_scale"]
+            scale = self["scale"]
         else:
-            scale = self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+            scale = self["scale", layer, "ln2" if mlp_input else "ln1"]
         return (stack - stack.mean(dim=-1, keepdim=True)) / scale
 
 

@@ -711,7 +711,7 @@ class Trainer:
                     bar.close()
                     self._diverged(row)
 
-        if (self._at_interval(cfg.eval_interval) or self.step == self.max_steps) and self.evaluated_at != self.step:
+        if self._evaluates_here() and self.evaluated_at != self.step:
             self._eval_and_plot(bar)  # this step's evaluation, which a Ctrl-C cut short before the checkpoint
         try:
             with self._interrupts.install():  # see _Interrupts
@@ -720,9 +720,8 @@ class Trainer:
                     unread.append((started, self.train_step(wait=False)))
                     self._interrupts.deliver()
                     log_steps(keep=1)
-                    done = self.step == self.max_steps
-                    evaluate = self._at_interval(cfg.eval_interval) or done
-                    sample = main and self._at_interval(cfg.sample_interval) and not done
+                    evaluate = self._evaluates_here()
+                    sample = main and self._at_interval(cfg.sample_interval) and self.step != self.max_steps
                     checkpoint = self._at_interval(cfg.checkpoint_interval or cfg.eval_interval)
                     if not (evaluate or sample or checkpoint or self.step == stop):
                         continue
@@ -751,6 +750,10 @@ class Trainer:
     def _at_interval(self, interval: int) -> bool:
         """Whether this step is one of every `interval` steps (never for 0, which turns them off)."""
         return interval > 0 and self.step % interval == 0
+
+    def _evaluates_here(self) -> bool:
+        """Whether this step is evaluated: every eval_interval steps, and the last step."""
+        return self._at_interval(self.cfg.eval_interval) or self.step == self.max_steps
 
     def _diverged(self, row: dict) -> None:
         """Stop at the first non-finite loss or gradient norm. Every row is read before a checkpoint

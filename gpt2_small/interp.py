@@ -17,6 +17,7 @@ centres each component and divides by the scale the LayerNorm computed on the re
 """
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -56,14 +57,21 @@ _ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query"
 # The layer_type each per-layer hook takes, in get_act_name's spellings (it is implied, so optional).
 _LAYER_TYPES = {"attn.": ("a", "attn", "attention"), "mlp.": ("m", "mlp"), "hook_": ("b", "block", "blocks", "")}
 _LN_HOOKS = ("scale", "normalized")  # per LayerNorm: layer_type "ln1" or "ln2", or no layer for ln_final
+# get_act_name's compact spelling, name + layer [+ layer_type]: "k6", "pattern10", "scale4ln1". Its
+# own regex: a name with "_" ("resid_pre3") cannot take it, there as here.
+_COMPACT = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
 
 
 def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
     """The full hook name, as TransformerLens's get_act_name gives it: act_name("pattern", 3) ==
     "blocks.3.attn.hook_pattern", act_name("scale", 3, "ln1") == "blocks.3.ln1.hook_scale",
-    act_name("scale") == "ln_final.hook_scale"; full names pass through."""
+    act_name("scale") == "ln_final.hook_scale", and compactly act_name("k6") == "blocks.6.attn.hook_k",
+    act_name("scale4ln1") == "blocks.4.ln1.hook_scale"; full names pass through."""
     if name.startswith(("blocks.", "hook_", "ln_final.")) and layer is None and layer_type is None:
         return name
+    given = name
+    if layer is None and layer_type is None and (compact := _COMPACT.fullmatch(name)):
+        name, layer, layer_type = compact[1], int(compact[2]), compact[3] or None
     name = _ALIASES.get(name, name)
     if name in _LN_HOOKS:
         if layer is None and layer_type in (None, "ln_final"):
@@ -80,7 +88,10 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
         raise ValueError(f"hook {name!r} is the model's, not a layer's: pass no layer or layer_type")
     if name not in _BLOCK_HOOKS:
         known = sorted([*_BLOCK_HOOKS, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
-        raise ValueError(f"unknown hook name {name!r}; use a full name or one of {known}")
+        glued = re.fullmatch(r"(\w+?)(\d+)", given)
+        if glued and glued[1] in known:  # "resid_pre3": get_act_name's compact form takes no "_" either
+            raise ValueError(f"unknown hook name {given!r}; give the layer apart: ({glued[1]!r}, {int(glued[2])})")
+        raise ValueError(f"unknown hook name {given!r}; use a full name or one of {known}")
     if layer is None:
         raise ValueError(f"hook {name!r} is per layer: pass a layer")
     allowed = next(types for prefix, types in _LAYER_TYPES.items() if _BLOCK_HOOKS[name].startswith(prefix))

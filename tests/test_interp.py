@@ -59,6 +59,10 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["resid_pre", -4]
     assert cache["scale", -1, "ln2"] is cache["blocks.2.ln2.hook_scale"] and cache["attn", 0] is cache["pattern", 0]
     assert cache["scale"] is cache["ln_final.hook_scale"]
+    assert cache["k2"] is cache["k", 2] and cache["attn0"] is cache["pattern", 0]  # TransformerLens's compact keys
+    assert cache["scale1ln2"] is cache["blocks.1.ln2.hook_scale"]
+    with pytest.raises(KeyError, match="'blocks.7.attn.hook_k' is not in this cache"):
+        cache["k7"]
     with pytest.raises(KeyError, match=r"a tuple key is \(name, layer\) or \(name, layer, layer_type\)"):
         cache["scale", 0, "ln1", "x"]
     with pytest.raises(KeyError, match=r"\('scale', 0\) names no hook: .* layer_type 'ln1' or 'ln2'"):
@@ -79,6 +83,10 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
         ("scale", None, None), ("normalized", None, None), ("embed", None, None), ("pos_embed", None, None),
         ("k", 2, "a"), ("pattern", 0, "attention"), ("pre", 1, "m"), ("resid_mid", 1, "b"), ("attn_out", 0, "block"),
         ("blocks.1.hook_resid_pre", None, None), ("hook_embed", None, None), ("ln_final.hook_normalized", None, None),
+        # get_act_name's compact spelling, name + layer [+ layer_type], for every name without a "_"
+        *[(f"{name}{layer}", None, None) for name in [*interp._BLOCK_HOOKS, *interp._ALIASES] if "_" not in name
+          for layer in (0, 2)],
+        ("scale1ln2", None, None), ("normalized0ln1", None, None), ("k2a", None, None), ("post1mlp", None, None),
     ]  # fmt: skip
     for args in ours:
         name = interp.act_name(*args)
@@ -91,6 +99,10 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
         (("resid_pre", 2, "ln1"), "hook 'resid_pre' takes layer_type None or one of"),
         (("embed", 0, None), "hook 'embed' is the model's, not a layer's"),
         (("result", 0, None), "unknown hook name 'result'"),  # TransformerLens's, with use_attn_result only
+        (("scale1", None, None), "layer_type 'ln1' or 'ln2'"),  # get_act_name: a blocks.1.hook_scale nothing has
+        (("z0b", None, None), r"hook 'z' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'b'"),
+        (("resid_pre3", None, None), r"unknown hook name 'resid_pre3'; give the layer apart: \('resid_pre', 3\)"),
+        (("foo3", None, None), r"unknown hook name 'foo3'; use a full name or one of \["),
     ]:
         with pytest.raises(ValueError, match=message):
             interp.act_name(*args)

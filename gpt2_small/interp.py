@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gpt2_small.tokenizer import EOT_ID
-from solution import Transformer
+from solution import Transformer, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class ActivationCache(dict):
 
     A plain dict underneath (so `cache["blocks.0.hook_resid_pre"]` works), plus `cache["resid_pre", 0]`.
     Needs a cache of every hook (run_with_cache with no names_filter) for the helpers below.
+    `cache.to("cpu")` moves the activations off the GPU, in place, as in TransformerLens.
     `run_with_cache(tokens, remove_batch_dim=True)` on one prompt gives activations without their
     batch axis (has_batch_dim False), as in TransformerLens; the helpers' results then lack it too.
     """
@@ -142,6 +143,15 @@ class ActivationCache(dict):
             raise KeyError(f"{key!r} is not in this cache (it holds {len(self)} activations; see cache.keys())")
         return dict.__getitem__(self, key)
 
+    def to(self, device: str | torch.device) -> "ActivationCache":
+        """Move every activation to `device`, in place, and return the cache, as TransformerLens's
+        does: cache.to("cpu") frees the GPU memory a big cache holds. The helpers below work on the
+        moved cache; direct_logit_attribution also needs the model on the same device."""
+        device = check_device(device)
+        for key in list(self):
+            dict.__setitem__(self, key, dict.__getitem__(self, key).to(device))
+        return self
+
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
@@ -153,6 +163,18 @@ class ActivationCache(dict):
         if not 0 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} is outside [0, n_layers={self.n_layers}] (or -1/None for all)")
         return layer
+
+    def stack_activation(
+        self, name: str, layer: int | None = -1, sublayer_type: str | None = None
+    ) -> Float[Tensor, "layers_covered ..."]:
+        """cache[name, i] of layers 0 .. layer-1 stacked on a new leading axis, as in TransformerLens:
+        stack_activation("pattern") is every layer's pattern; sublayer_type picks ln1 or ln2 for
+        "scale" and "normalized"."""
+        layer = self._layer(layer)
+        if layer == 0:
+            raise ValueError("layer 0 has no layers before it to stack; pass layer >= 1 (or None/-1 for all)")
+        extra = () if sublayer_type is None else (sublayer_type,)
+        return torch.stack([self[(name, i, *extra)] for i in range(layer)])
 
     def accumulated_resid(
         self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False, return_labels: bool = False

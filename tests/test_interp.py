@@ -108,6 +108,32 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
             interp.act_name(*args)
 
 
+def test_stack_activation_stacks_one_hook_over_the_layers_before(run):
+    _, cache = run
+    patterns = cache.stack_activation("pattern")
+    assert patterns.shape == (3, 3, 4, 10, 10)
+    for layer in range(3):
+        assert torch.equal(patterns[layer], cache["pattern", layer])
+    scales = cache.stack_activation("scale", layer=2, sublayer_type="ln2")
+    assert scales.shape == (2, 3, 10, 1) and torch.equal(scales[1], cache["blocks.1.ln2.hook_scale"])
+    assert torch.equal(cache.stack_activation("resid_post", None), cache.stack_activation("resid_post", 3))
+    with pytest.raises(ValueError, match="layer 0 has no layers before it to stack"):
+        cache.stack_activation("z", 0)
+    with pytest.raises(ValueError, match=r"layer 4 is outside \[0, n_layers=3\]"):
+        cache.stack_activation("z", 4)
+    with pytest.raises(KeyError, match=r"\('scale', 0\) names no hook: .* layer_type 'ln1' or 'ln2'"):
+        cache.stack_activation("scale")
+
+
+def test_to_moves_every_activation_in_place(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("hook_z", "hook_scale")))
+    assert cache.to("meta") is cache  # the meta device: a real move, without a second real device
+    assert len(cache) == 3 + 2 * 3 + 1 and all(value.device.type == "meta" for value in cache.values())
+    assert cache["z", 1].shape == (3, 10, 4, 8)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        cache.to("gpu")
+
+
 def test_accumulated_resid_at_the_end_through_ln_final_and_unembed_is_the_logits(model, run):
     logits, cache = run
     resid, labels = cache.accumulated_resid(return_labels=True)

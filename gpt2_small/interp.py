@@ -3,17 +3,19 @@ activation patching, induction scores, and plots of each.
 
     logits, cache = model.run_with_cache(tokens)        # an ActivationCache (a dict of hook name -> tensor)
     cache["pattern", 3]                                 # = cache["blocks.3.attn.hook_pattern"]
-    resid = cache.accumulated_resid(apply_ln=True)      # [component batch pos d_model]
+    resid = cache.accumulated_resid(apply_ln=True)      # [component batch pos d_model], ln_final of each
     lens = logit_lens(model, tokens)                    # logits read off every layer's residual stream
     dla = direct_logit_attribution(model, cache, correct=tok_a, incorrect=tok_b)
     grid = activation_patching(model, clean, corrupted, metric, hook="resid_pre")  # [n_layers pos]
     scores = induction_score(model)                     # [n_layers n_heads]
     plot_induction_scores(scores, path="induction.png")
 
-Conventions follow TransformerLens's ActivationCache: components are stacked on a new leading
-axis with labels ("embed", "pos_embed", "0_attn_out", "L0H3", ...), and `apply_ln_to_stack`
-centres each component and divides by the scale the LayerNorm computed on the real forward pass
-(cached at hook_scale), without w and b, so that the components still add up.
+Conventions, arguments and results follow TransformerLens 4's ActivationCache (tested against it
+on the bridge): components are stacked on a new leading axis with labels ("embed", "pos_embed",
+"0_attn_out", "L0H3", ...), and `apply_ln_to_stack` centres each component and divides by the
+scale the LayerNorm computed on the real forward pass (cached at hook_scale), without w and b,
+so that the components still add up. The exception, TransformerLens 4's too: accumulated_resid
+with apply_ln over the whole model applies ln_final to each entry on its own (the logit lens).
 """
 
 import logging
@@ -24,10 +26,12 @@ from numbers import Integral
 from pathlib import Path
 
 import einops
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import Slice
 
 from gpt2_small.tokenizer import EOT_ID
 from solution import Transformer, check_device
@@ -98,6 +102,11 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     if layer_type is not None and layer_type not in allowed:
         raise ValueError(f"hook {name!r} takes layer_type None or one of {allowed}, got {layer_type!r}")
     return f"blocks.{layer}.{_BLOCK_HOOKS[name]}"
+
+
+# Which positions a cache helper keeps, as TransformerLens's Slice takes them: an int (the pos
+# axis is then dropped), (start, stop[, step]), a slice, a list or array of positions, or None (all).
+PosSlice = Slice | int | np.integer | tuple | slice | list | np.ndarray | Tensor | None
 
 
 class ActivationCache(dict):
@@ -177,98 +186,167 @@ class ActivationCache(dict):
         return torch.stack([self[(name, i, *extra)] for i in range(layer)])
 
     def accumulated_resid(
-        self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+    ) -> Float[Tensor, "component *batch_and_pos d_model"] | tuple[Tensor, list[str]]:
         """The residual stream before each of layers 0 .. layer-1, and after the last block if layer = n_layers.
 
         layer=None means n_layers: the final entry is then the input of ln_final. incl_mid adds
-        each block's resid_mid. apply_ln applies the LayerNorm that reads the last entry
-        (ln_final for layer = n_layers, else blocks[layer].ln1) to every entry; see apply_ln_to_stack.
+        each earlier block's resid_mid, mlp_input layer's own (the input of its MLP). pos_slice
+        keeps some positions, as TransformerLens's Slice takes it: -1 keeps the last and drops the
+        pos axis, (start, stop) or a slice keeps a range, a list picks positions.
+
+        apply_ln, as in TransformerLens 4: for layer = n_layers, ln_final (w and b included) on
+        each entry with that entry's own statistics, the logit lens (`model.unembed` of it gives
+        each layer's logits); for an earlier layer, the cached scale of the LayerNorm that reads
+        the last entry, blocks[layer].ln1 (ln2 with mlp_input), as in apply_ln_to_stack.
         """
         layer = self._layer(layer)
         labels, parts = [], []
-        for i in range(layer):
+        for i in range(layer + 1):
+            if i == self.n_layers:
+                labels.append("final_post")
+                parts.append(self["resid_post", self.n_layers - 1])
+                continue
             labels.append(f"{i}_pre")
             parts.append(self["resid_pre", i])
-            if incl_mid:
+            if (incl_mid and i < layer) or (mlp_input and i == layer):
                 labels.append(f"{i}_mid")
                 parts.append(self["resid_mid", i])
-        if layer == self.n_layers:
-            labels.append("final_post")
-            parts.append(self["resid_post", self.n_layers - 1])
-        else:
-            labels.append(f"{layer}_pre")
-            parts.append(self["resid_pre", layer])
-        stack = torch.stack(parts)
+        pos_slice = _as_slice(pos_slice)
+        stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer)
+            stack = self.apply_ln_to_stack(
+                stack, layer, mlp_input, pos_slice=pos_slice, recompute_ln=layer == self.n_layers
+            )
         return (stack, labels) if return_labels else stack
 
     def decompose_resid(
-        self, layer: int | None = None, mlp_input: bool = False, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> Float[Tensor, "component *batch_and_pos d_model"] | tuple[Tensor, list[str]]:
         """What each part of the model wrote into the residual stream read by `layer`.
 
         embed, pos_embed, then every earlier block's attn_out and mlp_out (and, with mlp_input,
         layer's own attn_out). They sum to resid_pre of `layer` (resid_mid with mlp_input), or
-        to the final residual stream for layer = n_layers.
+        to the final residual stream for layer = n_layers. As in TransformerLens, mode "attn" or
+        "mlp" keeps only those outputs, incl_embeds=False leaves the embeddings out, and pos_slice
+        is as in accumulated_resid; apply_ln is apply_ln_to_stack (cached scale).
         """
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         layer = self._layer(layer)
-        labels, parts = ["embed", "pos_embed"], [self["hook_embed"], self["hook_pos_embed"]]
+        labels, parts = [], []
+        if incl_embeds:
+            labels += ["embed", "pos_embed"]
+            parts += [self["hook_embed"], self["hook_pos_embed"]]
         for i in range(layer + (1 if mlp_input and layer < self.n_layers else 0)):
-            labels.append(f"{i}_attn_out")
-            parts.append(self["attn_out", i])
-            if i < layer:
+            if mode != "mlp":
+                labels.append(f"{i}_attn_out")
+                parts.append(self["attn_out", i])
+            if i < layer and mode != "attn":
                 labels.append(f"{i}_mlp_out")
                 parts.append(self["mlp_out", i])
-        stack = torch.stack(parts)
+        if not parts:
+            raise ValueError(f"nothing to decompose: layer={layer}, mode={mode!r}, incl_embeds={incl_embeds}")
+        pos_slice = _as_slice(pos_slice)
+        stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input)
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
     def stack_head_results(
-        self, layer: int | None = None, apply_ln: bool = False, return_labels: bool = False
-    ) -> Float[Tensor, "component *batch pos d_model"] | tuple[Tensor, list[str]]:
+        self,
+        layer: int | None = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: PosSlice = None,
+        apply_ln: bool = False,
+    ) -> Float[Tensor, "component *batch_and_pos d_model"] | tuple[Tensor, list[str]]:
         """Each head's write into the residual stream, z[h] @ W_O[h], for every head of layers 0 .. layer-1.
 
         Labels are "L{layer}H{head}". b_O belongs to no head and is left out (it is
-        `model.blocks[i].attn.b_O`): the heads of layer i sum to attn_out minus b_O.
+        `model.blocks[i].attn.b_O`): the heads of layer i sum to attn_out minus b_O. As in
+        TransformerLens, incl_remainder appends "remainder", the rest of the residual stream
+        (resid_post of layer - 1 minus the heads), and pos_slice is as in accumulated_resid.
+        The arguments are in TransformerLens's order (return_labels second).
         """
         layer = self._layer(layer)
+        if layer == 0:
+            # TransformerLens returns an empty stack here, and a remainder from the *last* layer.
+            raise ValueError("layer 0 has no heads before it; pass layer >= 1 (or None/-1 for all)")
+        pos_slice = _as_slice(pos_slice)
         parts, labels = [], []
         for i in range(layer):
             per_head = einops.einsum(
-                self["z", i],
+                pos_slice.apply(self["z", i], dim=-3),  # [batch] pos n_heads d_head
                 self.model.blocks[i].attn.W_O,
-                "... n_heads d_head, n_heads d_head d_model -> n_heads ... d_model",  # ...: [batch] pos
+                "... n_heads d_head, n_heads d_head d_model -> n_heads ... d_model",
             )
             parts.append(per_head)
             labels += [f"L{i}H{h}" for h in range(per_head.shape[0])]
-        if not parts:
-            raise ValueError("layer 0 has no heads before it; pass layer >= 1 (or None for all)")
         stack = torch.cat(parts)
+        if incl_remainder:
+            remainder = pos_slice.apply(self["resid_post", layer - 1], dim=-2) - stack.sum(dim=0)
+            stack = torch.cat([stack, remainder[None]])
+            labels.append("remainder")
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer)
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
     def apply_ln_to_stack(
         self,
-        stack: Float[Tensor, "component *batch pos d_model"],
+        residual_stack: Float[Tensor, "component *batch_and_pos d_model"],
         layer: int | None = None,
         mlp_input: bool = False,
-    ) -> Float[Tensor, "component *batch pos d_model"]:
+        pos_slice: PosSlice = None,
+        batch_slice: PosSlice = None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> Float[Tensor, "component *batch_and_pos_out d_model"]:  # batch_slice may shorten the batch
         """Centre every component and divide by the cached LayerNorm scale of the stream it is part of.
 
         The LayerNorm is ln_final for layer = n_layers (or None), else blocks[layer].ln1 (ln2 with
         mlp_input). Because the scale is the one of the real forward pass, the results still add
         up: the sum of a full decomposition equals that LayerNorm's hook_normalized.
+
+        As in TransformerLens: pos_slice says which positions the stack holds (it is applied to
+        the cached scale only); batch_slice is applied to both, the stack's batch axis being its
+        second (has_batch_dim=False: it has none). recompute_ln=True with layer = n_layers runs
+        ln_final itself (w and b included) on each component, with the component's own statistics.
         """
         layer = self._layer(layer)
+        batch_slice = _as_slice(batch_slice)
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        if recompute_ln and layer == self.n_layers:
+            flat = einops.rearrange(residual_stack, "... d_model -> (...) 1 d_model")  # ln_final's [batch pos d_model]
+            return self.model.ln_final(flat).reshape(residual_stack.shape)
+        residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
         if layer == self.n_layers:
             scale = self["scale"]
         else:
             scale = self["scale", layer, "ln2" if mlp_input else "ln1"]
-        return (stack - stack.mean(dim=-1, keepdim=True)) / scale
+        scale = _as_slice(pos_slice).apply(scale, dim=-2)
+        if self.has_batch_dim:
+            scale = batch_slice.apply(scale, dim=0)
+        return residual_stack / scale
+
+
+def _as_slice(pos_slice: "PosSlice") -> Slice:
+    """TransformerLens's Slice of an int, (start, stop[, step]), slice, list, array or None."""
+    return pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
 
 
 # --- logit lens --------------------------------------------------------------------------------
@@ -304,12 +382,10 @@ def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"]) -> LogitLen
     if the remaining blocks were skipped. The last entry equals the model's logits.
     """
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("resid_pre", "resid_post")))
-    resid, labels = cache.accumulated_resid(return_labels=True)
-    flat = einops.rearrange(resid, "component batch pos d_model -> (component batch) pos d_model")
+    normalized, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # ln_final of each
+    flat = einops.rearrange(normalized, "component batch pos d_model -> (component batch) pos d_model")
     logits = einops.rearrange(
-        model.unembed(model.ln_final(flat)),
-        "(component batch) pos d_vocab -> component batch pos d_vocab",
-        component=len(labels),
+        model.unembed(flat), "(component batch) pos d_vocab -> component batch pos d_vocab", component=len(labels)
     )
     return LogitLens(logits, labels)
 

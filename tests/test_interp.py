@@ -140,14 +140,25 @@ def test_accumulated_resid_at_the_end_through_ln_final_and_unembed_is_the_logits
     assert labels == ["0_pre", "1_pre", "2_pre", "final_post"] and resid.shape == (4, 3, 10, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.unembed(model.ln_final(resid[-1])), logits)
-        # With the cached scale: centred and scaled, then w and b, gives the same logits.
-        normalized = cache.accumulated_resid(apply_ln=True)[-1]
-        torch.testing.assert_close(model.unembed(normalized * model.ln_final.w + model.ln_final.b), logits)
+        # apply_ln at the end is ln_final, w and b included, on each entry with its own statistics
+        # (TransformerLens 4): the logit lens.
+        normalized = cache.accumulated_resid(apply_ln=True)
+        torch.testing.assert_close(model.unembed(normalized[-1]), logits)
+        torch.testing.assert_close(normalized[1], model.ln_final(resid[1]))
+        # The cached final scale instead (apply_ln_to_stack), then w and b, gives the same logits
+        # for the last entry only, whose statistics those are.
+        cached = cache.apply_ln_to_stack(resid) * model.ln_final.w + model.ln_final.b
+        torch.testing.assert_close(model.unembed(cached[-1]), logits)
+        assert not torch.allclose(cached[1], normalized[1], atol=1e-3)
     mid = cache.accumulated_resid(layer=2, incl_mid=True)
     assert mid.shape[0] == 5 and torch.equal(mid[1], cache["resid_mid", 0])
     torch.testing.assert_close(
         cache.accumulated_resid(layer=1, apply_ln=True)[-1], cache["blocks.1.ln1.hook_normalized"]
     )
+    # mlp_input ends at layer's resid_mid, normalised by its ln2's cached scale.
+    to_mlp, labels = cache.accumulated_resid(layer=1, mlp_input=True, apply_ln=True, return_labels=True)
+    assert labels == ["0_pre", "1_pre", "1_mid"]
+    torch.testing.assert_close(to_mlp[-1], cache["blocks.1.ln2.hook_normalized"])
 
 
 def test_decomposed_resid_sums_to_the_residual_stream(run):
@@ -162,6 +173,17 @@ def test_decomposed_resid_sums_to_the_residual_stream(run):
         cache.decompose_resid(apply_ln=True).sum(dim=0), cache["ln_final.hook_normalized"], rtol=1e-5, atol=1e-5
     )
     assert not torch.allclose(parts[2], torch.zeros_like(parts[2]))  # the parts are not trivially zero
+    with pytest.raises(ValueError, match="nothing to decompose: layer=0, mode='attn', incl_embeds=False"):
+        cache.decompose_resid(layer=0, mode="attn", incl_embeds=False)
+
+
+def test_decompose_resid_refuses_a_mode_it_does_not_know(run, without_shape_checks):
+    _, cache = run
+    with pytest.raises(ValueError, match="mode must be 'all', 'attn' or 'mlp', got 'heads'"):
+        cache.decompose_resid(mode="heads")
+    # apply_ln passed positionally, where TransformerLens (and now this) has mode
+    with pytest.raises(ValueError, match="mode must be 'all', 'attn' or 'mlp', got True"):
+        cache.decompose_resid(None, False, True)
 
 
 def test_stacked_head_results_plus_b_O_are_attn_out(model, run):
@@ -260,6 +282,47 @@ def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
     # The residual-stream helpers, fed the bridge's own activations, agree with ours.
     bridge_resid = torch.stack([ref.cache[f"blocks.{i}.hook_resid_pre"] for i in range(ref.spec.n_layer)])
     torch.testing.assert_close(ours.accumulated_resid()[:-1], bridge_resid, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("helper", "kwargs"),
+    [
+        ("accumulated_resid", {}),
+        ("accumulated_resid", {"apply_ln": True}),  # the logit lens: ln_final on each entry
+        ("accumulated_resid", {"incl_mid": True, "apply_ln": True, "pos_slice": [0, 3]}),
+        ("accumulated_resid", {"layer": 1, "incl_mid": True, "apply_ln": True, "pos_slice": -1}),
+        ("accumulated_resid", {"layer": 2, "mlp_input": True, "apply_ln": True, "pos_slice": (1, 5)}),
+        ("decompose_resid", {"apply_ln": True}),
+        ("decompose_resid", {"layer": 1, "mlp_input": True, "apply_ln": True, "pos_slice": -1}),
+        ("decompose_resid", {"mode": "attn", "incl_embeds": False, "pos_slice": slice(2, None)}),
+        ("decompose_resid", {"mode": "mlp", "apply_ln": True}),
+        ("stack_head_results", {"apply_ln": True}),
+        ("stack_head_results", {"layer": 2, "incl_remainder": True, "pos_slice": -1, "apply_ln": True}),
+    ],
+)
+def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref, helper, kwargs):
+    """Our helpers on the bridge's own activations against TransformerLens 4's on its cache: the
+    same components, labels and normalisation, for every argument TransformerLens's take."""
+    with torch.no_grad():
+        _, ours = ref.model.run_with_cache(ref.tokens[:, :8])
+        _, theirs = ref.bridge.run_with_cache(ref.tokens[:, :8])
+        same_inputs = ActivationCache({name: theirs[name] for name in ours}, ref.model)
+        expected, expected_labels = getattr(theirs, helper)(return_labels=True, **kwargs)
+        actual, labels = getattr(same_inputs, helper)(return_labels=True, **kwargs)
+    assert labels == expected_labels
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
+    with torch.no_grad():
+        _, theirs = ref.bridge.run_with_cache(ref.tokens[:, :8])
+        names = [name for name in theirs.keys() if name.endswith(("resid_pre", "resid_post", "hook_scale"))]
+        ours = ActivationCache({name: theirs[name] for name in names}, ref.model)
+        stack = ours.accumulated_resid(layer=2, pos_slice=-1)  # [component batch d_model]
+        for kwargs in ({"layer": 2}, {"layer": 2, "batch_slice": [1]}, {"layer": 1, "mlp_input": True}):
+            expected = theirs.apply_ln_to_stack(stack, pos_slice=-1, **kwargs)
+            torch.testing.assert_close(ours.apply_ln_to_stack(stack, pos_slice=-1, **kwargs), expected)
+        assert ours.apply_ln_to_stack(stack, 2, pos_slice=-1, batch_slice=[1]).shape == (3, 1, ref.spec.n_embd)
 
 
 # --- logit lens and direct logit attribution -----------------------------------------------

@@ -486,8 +486,10 @@ def patched_logits(
     """Run `tokens` with activation `hook_name` replaced by source[hook_name] (at one position / head if given).
 
     head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern). For attn_scores and
-    pattern, pos is the query position (every key of it is patched).
+    pattern, pos is the query position (every key of it is patched). hook_name may be any spelling
+    act_name takes ("blocks.0.attn.hook_z", "z0").
     """
+    hook_name = act_name(hook_name)  # so that a plain dict source, and the hook itself, get the full name
     clean = source[hook_name]
     if head is not None and not hook_name.endswith(tuple(f".{_BLOCK_HOOKS[h]}" for h in _HEAD_HOOKS)):
         # Indexing [:, :, head] of a [batch pos d_model] activation would patch one residual dimension.

@@ -456,6 +456,18 @@ def test_patched_logits_patches_exactly_the_named_slice(model, tokens, run, hook
     torch.testing.assert_close(patched, expected, rtol=0, atol=0)
 
 
+def test_patched_logits_takes_transformer_lens_compact_names(model, tokens, run):
+    _, clean_cache = run
+    corrupted = (tokens + 1) % 101
+    with torch.no_grad():
+        expected = patched_logits(model, corrupted, clean_cache, "blocks.1.attn.hook_z", pos=3, head=2)
+        plain = dict(clean_cache)  # a plain dict of full names, as return_cache_object=False gives
+        torch.testing.assert_close(patched_logits(model, corrupted, plain, "z1", pos=3, head=2), expected)
+        torch.testing.assert_close(patched_logits(model, corrupted, clean_cache, "z1", pos=3, head=2), expected)
+    with pytest.raises(ValueError, match=r"head=0 needs a hook with a head axis.*got 'blocks.1.hook_resid_pre'"):
+        patched_logits(model, corrupted, clean_cache, "blocks.1.hook_resid_pre", head=0)
+
+
 def test_patching_every_position_of_resid_pre_0_restores_the_clean_logits(model, tokens, run):
     clean_logits, clean_cache = run
     corrupted = tokens.clone()

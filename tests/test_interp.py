@@ -325,6 +325,22 @@ def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
         assert ours.apply_ln_to_stack(stack, 2, pos_slice=-1, batch_slice=[1]).shape == (3, 1, ref.spec.n_embd)
 
 
+def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
+    with torch.no_grad():
+        _, theirs = ref.bridge.run_with_cache(ref.tokens[:1, :8], remove_batch_dim=True)
+        _, ours = ref.model.run_with_cache(ref.tokens[:1, :8], remove_batch_dim=True)
+    same_inputs = ActivationCache({name: theirs[name] for name in ours}, ref.model, has_batch_dim=False)
+    for args in [("pattern",), ("scale", -1, "ln2"), ("resid_post", 2)]:
+        assert torch.equal(same_inputs.stack_activation(*args), theirs.stack_activation(*args)), args
+    for helper, kwargs in [
+        ("accumulated_resid", {"apply_ln": True, "pos_slice": -1}),
+        ("decompose_resid", {"apply_ln": True, "mlp_input": True, "layer": 1}),
+        ("stack_head_results", {"apply_ln": True, "pos_slice": (0, 3)}),
+    ]:
+        expected = getattr(theirs, helper)(**kwargs)
+        torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- logit lens and direct logit attribution -----------------------------------------------
 
 

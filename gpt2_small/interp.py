@@ -154,8 +154,9 @@ class ActivationCache(dict):
 
     def to(self, device: str | torch.device) -> "ActivationCache":
         """Move every activation to `device`, in place, and return the cache, as TransformerLens's
-        does: cache.to("cpu") frees the GPU memory a big cache holds. The helpers below work on the
-        moved cache; direct_logit_attribution also needs the model on the same device."""
+        does: cache.to("cpu") frees the GPU memory a big cache holds. What also reads the model's
+        weights (stack_head_results, accumulated_resid's ln_final, direct_logit_attribution)
+        then needs the model on that device too, as in TransformerLens."""
         device = check_device(device)
         for key in list(self):
             dict.__setitem__(self, key, dict.__getitem__(self, key).to(device))

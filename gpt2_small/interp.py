@@ -162,6 +162,19 @@ class ActivationCache(dict):
             dict.__setitem__(self, key, dict.__getitem__(self, key).to(device))
         return self
 
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch axis of a one-sequence cache, in place, and return the cache, as
+        TransformerLens's does: the same as run_with_cache(tokens, remove_batch_dim=True)."""
+        if not self.has_batch_dim:
+            logger.warning("remove_batch_dim: this cache has no batch axis already")
+            return self
+        if sizes := sorted({value.shape[0] for value in self.values()} - {1}):
+            raise ValueError(f"remove_batch_dim needs a cache of one sequence (batch size 1), got batch sizes {sizes}")
+        for key in list(self):
+            dict.__setitem__(self, key, dict.__getitem__(self, key)[0])
+        self.has_batch_dim = False
+        return self
+
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers

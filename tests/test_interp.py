@@ -134,6 +134,21 @@ def test_to_moves_every_activation_in_place(model, tokens):
         cache.to("gpu")
 
 
+def test_remove_batch_dim_equals_caching_without_it(model, tokens, run, caplog):
+    with torch.no_grad():
+        _, expected = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+        _, cache = model.run_with_cache(tokens[:1])
+    assert cache.remove_batch_dim() is cache and not cache.has_batch_dim
+    assert cache.keys() == expected.keys() and all(torch.equal(cache[k], expected[k]) for k in expected)
+    torch.testing.assert_close(cache.decompose_resid(apply_ln=True), expected.decompose_resid(apply_ln=True))
+    with caplog.at_level("WARNING"):
+        cache.remove_batch_dim()
+    assert "no batch axis already" in caplog.text and cache["z", 0].shape == (10, 4, 8)
+    _, three = run
+    with pytest.raises(ValueError, match=r"needs a cache of one sequence \(batch size 1\), got batch sizes \[3\]"):
+        ActivationCache(dict(three), model).remove_batch_dim()
+
+
 def test_accumulated_resid_at_the_end_through_ln_final_and_unembed_is_the_logits(model, run):
     logits, cache = run
     resid, labels = cache.accumulated_resid(return_labels=True)

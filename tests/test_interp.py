@@ -299,6 +299,16 @@ def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
     torch.testing.assert_close(ours.accumulated_resid()[:-1], bridge_resid, rtol=1e-4, atol=1e-4)
 
 
+def bridge_activations(ref, tokens: torch.Tensor, remove_batch_dim: bool = False) -> tuple[ActivationCache, object]:
+    """Our ActivationCache holding the bridge's own activations (of every hook ours has), and the
+    bridge's cache: helpers compared on them differ only in what the helpers do."""
+    with torch.no_grad():
+        _, ours = ref.model.run_with_cache(tokens, remove_batch_dim=remove_batch_dim)
+        _, theirs = ref.bridge.run_with_cache(tokens, remove_batch_dim=remove_batch_dim)
+    same_inputs = ActivationCache({name: theirs[name] for name in ours}, ref.model, has_batch_dim=not remove_batch_dim)
+    return same_inputs, theirs
+
+
 @pytest.mark.parametrize(
     ("helper", "kwargs"),
     [
@@ -318,10 +328,8 @@ def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
 def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref, helper, kwargs):
     """Our helpers on the bridge's own activations against TransformerLens 4's on its cache: the
     same components, labels and normalisation, for every argument TransformerLens's take."""
+    same_inputs, theirs = bridge_activations(ref, ref.tokens[:, :8])
     with torch.no_grad():
-        _, ours = ref.model.run_with_cache(ref.tokens[:, :8])
-        _, theirs = ref.bridge.run_with_cache(ref.tokens[:, :8])
-        same_inputs = ActivationCache({name: theirs[name] for name in ours}, ref.model)
         expected, expected_labels = getattr(theirs, helper)(return_labels=True, **kwargs)
         actual, labels = getattr(same_inputs, helper)(return_labels=True, **kwargs)
     assert labels == expected_labels
@@ -329,10 +337,8 @@ def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref,
 
 
 def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
+    ours, theirs = bridge_activations(ref, ref.tokens[:, :8])
     with torch.no_grad():
-        _, theirs = ref.bridge.run_with_cache(ref.tokens[:, :8])
-        names = [name for name in theirs.keys() if name.endswith(("resid_pre", "resid_post", "hook_scale"))]
-        ours = ActivationCache({name: theirs[name] for name in names}, ref.model)
         stack = ours.accumulated_resid(layer=2, pos_slice=-1)  # [component batch d_model]
         for kwargs in ({"layer": 2}, {"layer": 2, "batch_slice": [1]}, {"layer": 1, "mlp_input": True}):
             expected = theirs.apply_ln_to_stack(stack, pos_slice=-1, **kwargs)
@@ -341,10 +347,7 @@ def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
 
 
 def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
-    with torch.no_grad():
-        _, theirs = ref.bridge.run_with_cache(ref.tokens[:1, :8], remove_batch_dim=True)
-        _, ours = ref.model.run_with_cache(ref.tokens[:1, :8], remove_batch_dim=True)
-    same_inputs = ActivationCache({name: theirs[name] for name in ours}, ref.model, has_batch_dim=False)
+    same_inputs, theirs = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
     for args in [("pattern",), ("scale", -1, "ln2"), ("resid_post", 2)]:
         assert torch.equal(same_inputs.stack_activation(*args), theirs.stack_activation(*args)), args
     for helper, kwargs in [

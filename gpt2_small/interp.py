@@ -158,8 +158,7 @@ class ActivationCache(dict):
         weights (stack_head_results, accumulated_resid's ln_final, direct_logit_attribution)
         then needs the model on that device too, as in TransformerLens."""
         device = check_device(device)
-        for key in list(self):
-            dict.__setitem__(self, key, dict.__getitem__(self, key).to(device))
+        dict.update(self, {key: value.to(device) for key, value in self.items()})
         return self
 
     def remove_batch_dim(self) -> "ActivationCache":
@@ -170,8 +169,7 @@ class ActivationCache(dict):
             return self
         if sizes := sorted({value.shape[0] for value in self.values()} - {1}):
             raise ValueError(f"remove_batch_dim needs a cache of one sequence (batch size 1), got batch sizes {sizes}")
-        for key in list(self):
-            dict.__setitem__(self, key, dict.__getitem__(self, key)[0])
+        dict.update(self, {key: value[0] for key, value in self.items()})
         self.has_batch_dim = False
         return self
 

@@ -16,10 +16,12 @@ Each sampling step turns the last position's logits into the next token, in this
      where count[j] is how often token j occurs in the sequence so far (prompt and generated
      tokens, padding excluded);
   3. temperature 0 takes the argmax (greedy); otherwise the logits are divided by the temperature;
-  4. top_k keeps the k largest logits;
+  4. top_k keeps the k largest logits (and any tied with the k-th);
   5. top_p keeps the smallest set of most likely tokens whose probability (after 3 and 4) sums
      to at least p;
   6. the token is drawn from the softmax of what is left.
+Steps 3 to 5 are HF generate's temperature, top-k and top-p warpers, in its order and with its
+arithmetic, so the distribution drawn from is HF's (tested on the whole vocabulary).
 
 Prompts of different lengths go in one batch left-padded (`pad_prompts`), with an attention
 mask: padding is never attended to, and each real token's position counts only the real tokens
@@ -140,14 +142,18 @@ def process_logits(
         return logits
     logits = logits / settings.temperature
     if settings.top_k is not None and settings.top_k < logits.shape[-1]:
-        top = logits.topk(settings.top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+        # Ties with the k-th largest are kept, as by HF (a bf16 model's logits tie often).
+        kth = logits.topk(settings.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p is not None and settings.top_p < 1:
-        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        # A token is dropped once the more likely tokens before it already reach top_p.
-        dropped_sorted = mass_before >= settings.top_p
-        dropped = torch.zeros_like(dropped_sorted).scatter(-1, order, dropped_sorted)
+        # Summed from the least likely end, as by HF: a token is dropped when it and every less
+        # likely token together hold at most 1 - top_p. (Summed in float32 from the most likely
+        # end, the tail's thousands of tiny probabilities lose their mass to rounding, and a token
+        # or two of a nucleus of p = 0.99 would be dropped.)
+        ascending, order = logits.sort(dim=-1)
+        dropped_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - settings.top_p
+        dropped_sorted[..., -1] = False  # the most likely token always stays
+        dropped = dropped_sorted.scatter(-1, order, dropped_sorted)
         logits = logits.masked_fill(dropped, float("-inf"))
     return logits
 

@@ -492,6 +492,43 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert_frequencies(freq, torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(3)]))
 
 
+def hf_warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """HF generate(do_sample=True)'s warpers, in the order its _get_logits_processor appends them."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    for warper, used in [(TemperatureLogitsWarper(temperature), temperature != 1.0),
+                         (TopKLogitsWarper(top_k or 1), top_k is not None),
+                         (TopPLogitsWarper(top_p or 0.5), top_p is not None and top_p < 1.0)]:  # fmt: skip
+        if used:
+            logits = warper(None, logits)
+        assert logits.dtype == torch.float32
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.5), (None, 0.9), (None, 0.99), (40, None), (1000, 0.99), (5, 0.3)])
+def test_sampling_distribution_equals_hfs_on_the_whole_vocabulary(temperature, top_k, top_p):
+    # The same kept tokens and probabilities as HF's warpers on 50257 logits. With p near 1 the
+    # nucleus ends among thousands of tiny probabilities, where float32 sums taken from the most
+    # likely end lose the tail's mass: that once dropped a token or two of the nucleus per row.
+    logits = 3 * torch.randn(8, 50257, generator=torch.Generator().manual_seed(0))
+    expected = hf_warped(logits.clone(), temperature, top_k, top_p)
+    ours = process_logits(logits, SamplingSettings(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(expected))
+    kept = torch.isfinite(ours).sum(dim=-1)
+    assert 1 < int(kept.max()) and int(kept.max()) < 50257  # more than the argmax was kept, and not everything
+    torch.testing.assert_close(ours.softmax(-1), expected.softmax(-1), rtol=1e-6, atol=1e-9)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_as_hf_does():
+    # Logits of a bf16 model tie often; HF keeps every token whose logit reaches the k-th largest.
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 2.0, 0.0]])
+    kept = torch.isfinite(process_logits(logits, SamplingSettings(top_k=2)))
+    assert kept.tolist() == [[True, True, True, False, True, False]]
+    assert torch.equal(kept, torch.isfinite(hf_warped(logits.clone(), 1.0, 2, None)))
+    assert torch.isfinite(process_logits(logits, SamplingSettings(top_k=1))).sum() == 1  # no tie at the top
+
+
 def test_penalties_lower_repeated_tokens_as_documented():
     counts = torch.tensor([3.0, 0.0, 1.0, 0.0, 0.0, 2.0])
     settings = SamplingSettings(freq_penalty=0.5, presence_penalty=0.3)

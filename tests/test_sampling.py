@@ -78,6 +78,25 @@ def test_left_padded_batch_equals_hf_and_each_prompt_alone(sampling_pair):
         assert torch.equal(alone[0, len(prompt) :], ours[row, tokens.shape[1] :])
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9),
+                                      dict(temperature=1.3, top_k=10), dict(top_k=5, top_p=0.5)])  # fmt: skip
+def test_sampling_with_a_seed_equals_hf_sampling_after_manual_seed(small_vocab_pair, settings):
+    # One multinomial draw over the whole batch per step, as HF's: the same stream of random
+    # numbers picks the same tokens, with rows of left padding that end at eos on the way.
+    pair = small_vocab_pair
+    tokens, mask = pad_prompts([[1, 2, 3, 4], [5, 6], [7, 8, 9]], pad_id=pair.eos)
+    stopped = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = pair.hf.generate(tokens, attention_mask=mask, do_sample=True, max_new_tokens=30,
+                                    pad_token_id=pair.eos, eos_token_id=pair.eos,
+                                    **{"top_k": 0, "top_p": 1.0, **settings})  # fmt: skip
+        ours = generate(pair.model, tokens, 30, seed=seed, attention_mask=mask, eos_token_id=pair.eos, **settings)
+        assert torch.equal(ours, expected), seed
+        stopped += int((ours[:, -1] == pair.eos).sum())
+    assert stopped > 0  # some row ended at eos and was padded
+
+
 @pytest.mark.parametrize("num_beams,length_penalty", [(4, 1.0), (3, 0.5), (4, 2.0), (2, -1.0)])
 def test_beam_search_equals_hf(small_vocab_pair, num_beams, length_penalty):
     pair = small_vocab_pair

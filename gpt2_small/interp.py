@@ -12,7 +12,8 @@ activation patching, induction scores, and plots of each.
 
 Conventions, arguments and results follow TransformerLens 4's ActivationCache (tested against it
 on the bridge): components are stacked on a new leading axis with labels ("embed", "pos_embed",
-"0_attn_out", "L0H3", ...), and `apply_ln_to_stack` centres each component and divides by the
+"0_attn_out", "L0H3", "L0N17", "bias", ...), down to every head and neuron with
+get_full_resid_decomposition, and `apply_ln_to_stack` centres each component and divides by the
 scale the LayerNorm computed on the real forward pass (cached at hook_scale), without w and b,
 so that the components still add up. The exception, TransformerLens 4's too: accumulated_resid
 with apply_ln over the whole model applies ln_final to each entry on its own (the logit lens).
@@ -317,6 +318,170 @@ class ActivationCache(dict):
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
+    def get_neuron_results(
+        self,
+        layer: int,
+        neuron_slice: PosSlice = None,
+        pos_slice: PosSlice = None,
+        project_output_onto: Tensor | None = None,
+    ) -> Float[Tensor, "..."]:  # [*batch_and_pos neuron d_model], less what the arguments drop
+        """What each neuron of layer's MLP writes into the residual stream, post[n] * W_out[n], as in
+        TransformerLens: [*batch_and_pos neuron d_model]. b_out belongs to no neuron and is left out.
+
+        neuron_slice and pos_slice are as pos_slice in accumulated_resid (an int drops its axis).
+        project_output_onto, a [d_model] direction or [d_model n_outputs] directions, replaces
+        d_model by the projections onto them, computed as (W_out @ directions) first, so that the
+        [... neuron d_model] tensor is never built.
+        """
+        project, squeeze = self._projection(project_output_onto)
+        results = self._neuron_results(layer, _as_slice(neuron_slice), _as_slice(pos_slice), project)
+        return results.squeeze(-1) if squeeze else results
+
+    def _neuron_results(
+        self, layer: int, neuron_slice: Slice, pos_slice: Slice, project: Tensor | None, centre: bool = False
+    ) -> Tensor:
+        """get_neuron_results; centre=True takes each neuron's W_out row minus its mean, which is
+        what centring (the first step of a LayerNorm) does to every multiple of it."""
+        post = neuron_slice.apply(pos_slice.apply(self["post", layer], dim=-2), dim=-1)
+        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.W_out, dim=0)  # [neuron] d_model
+        if centre:
+            W_out = W_out - W_out.mean(dim=-1, keepdim=True)
+        if project is not None:
+            W_out = W_out @ project
+        return post[..., None] * W_out
+
+    def stack_neuron_results(
+        self,
+        layer: int | None,
+        pos_slice: PosSlice = None,
+        neuron_slice: PosSlice = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+        project_output_onto: Tensor | None = None,
+        mlp_input: bool = False,
+    ) -> Float[Tensor, "component ..."] | tuple[Tensor, list[str]]:  # [component *batch_and_pos d_model or projections]
+        """Each neuron's write into the residual stream (get_neuron_results) for every neuron of layers
+        0 .. layer-1, stacked on a new leading axis with labels "L{layer}N{neuron}", as in TransformerLens.
+
+        incl_remainder appends "remainder", the rest of the stream that layer reads: resid_pre (or,
+        with mlp_input, resid_mid, and apply_ln then uses ln2's scale). neuron_slice keeps some
+        neurons of each layer (an int keeps one, and the axis). With project_output_onto and
+        apply_ln, the cached-scale LayerNorm is applied before the projection without building the
+        [neuron ... d_model] stack: it is linear, centring each W_out row and dividing by the scale.
+        Every neuron of GPT-2 small is 36,864 components: at d_model each costs 3 KiB per position.
+        """
+        layer = self._layer(layer)
+        if layer == 0:
+            # TransformerLens returns an empty stack here, and a remainder from the *last* layer.
+            raise ValueError("layer 0 has no neurons before it; pass layer >= 1 (or None/-1 for all)")
+        if mlp_input and layer == self.n_layers:
+            raise ValueError(f"mlp_input needs a layer below n_layers={self.n_layers}: there is no MLP after the last")
+        pos_slice, neuron_slice = _as_slice(pos_slice), _as_slice(neuron_slice)
+        if neuron_slice.mode == "int":  # the neuron axis is the stack's: keep it
+            neuron_slice = Slice([neuron_slice.slice])
+        project, squeeze = self._projection(project_output_onto)
+        neurons = neuron_slice.apply(torch.arange(self.model.cfg.d_mlp), dim=0).tolist()
+        labels = [f"L{i}N{n}" for i in range(layer) for n in neurons]
+        folded = apply_ln and project is not None
+        parts = [self._neuron_results(i, neuron_slice, pos_slice, project, centre=folded) for i in range(layer)]
+        stack = einops.rearrange(torch.cat(parts, dim=-2), "... neuron d -> neuron ... d")
+        if folded:
+            stack = stack / self._ln_scale(layer, mlp_input, pos_slice)
+        if incl_remainder:
+            target = self["resid_mid", layer] if mlp_input else self["resid_post", layer - 1]
+            target = pos_slice.apply(target, dim=-2)
+            if folded:
+                target = self.apply_ln_to_stack(target[None], layer, mlp_input, pos_slice=pos_slice)[0]
+            if project is not None:
+                target = target @ project
+            stack = torch.cat([stack, (target - stack.sum(dim=0))[None]])
+            labels.append("remainder")
+        if apply_ln and not folded:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+        stack = stack.squeeze(-1) if squeeze else stack
+        return (stack, labels) if return_labels else stack
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: PosSlice = None,
+        return_labels: bool = False,
+        project_output_onto: Tensor | None = None,
+    ) -> Float[Tensor, "component ..."] | tuple[Tensor, list[str]]:  # [component *batch_and_pos d_model or projections]
+        """The residual stream that `layer` reads, cut into every head, every neuron (or, with
+        expand_neurons=False, every MLP), embed, pos_embed and "bias", in that order, as in
+        TransformerLens. They sum to resid_pre of `layer` (resid_mid with mlp_input; the final
+        stream for layer = n_layers). "bias" is every b_O before (with mlp_input, layer's own
+        too) and, when neurons are expanded, every b_out: what no head or neuron carries.
+        project_output_onto and apply_ln are as in stack_neuron_results.
+        """
+        layer = self._layer(layer)
+        if mlp_input and layer == self.n_layers:
+            raise ValueError(f"mlp_input needs a layer below n_layers={self.n_layers}: there is no MLP after the last")
+        pos_slice = _as_slice(pos_slice)
+        project, squeeze = self._projection(project_output_onto)
+        folded = apply_ln and project is not None
+
+        def finish(stack: Tensor) -> Tensor:  # the per-component LayerNorm, then the projection, when folded
+            if folded:
+                stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+            return stack if project is None else stack @ project
+
+        parts, labels = [], []
+        if layer + int(mlp_input) > 0:  # the heads of layer itself write into resid_mid
+            heads, head_labels = self.stack_head_results(
+                layer + int(mlp_input), return_labels=True, pos_slice=pos_slice
+            )
+            parts.append(finish(heads))
+            labels += head_labels
+        if layer > 0 and expand_neurons:
+            neurons, neuron_labels = self.stack_neuron_results(
+                layer, pos_slice, return_labels=True, apply_ln=folded, project_output_onto=project, mlp_input=mlp_input
+            )
+            parts.append(neurons)
+            labels += neuron_labels
+        elif layer > 0:
+            mlps, mlp_labels = self.decompose_resid(
+                layer, mlp_input, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+            )
+            parts.append(finish(mlps))
+            labels += mlp_labels
+        embed = pos_slice.apply(self["hook_embed"], dim=-2)[None]
+        bias = torch.zeros_like(embed) + self._accumulated_bias(layer, mlp_input, include_b_out=expand_neurons)
+        for name, part in [("embed", embed), ("pos_embed", pos_slice.apply(self["hook_pos_embed"], dim=-2)[None]),
+                           ("bias", bias)]:  # fmt: skip
+            parts.append(finish(part))
+            labels.append(name)
+        stack = torch.cat(parts)
+        if apply_ln and not folded:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+        stack = stack.squeeze(-1) if squeeze else stack
+        return (stack, labels) if return_labels else stack
+
+    def _accumulated_bias(self, layer: int, mlp_input: bool, include_b_out: bool) -> Float[Tensor, " d_model"]:
+        """The sum of b_O (and b_out) of the blocks before `layer`, and layer's own b_O with mlp_input."""
+        blocks = self.model.blocks
+        bias = sum((blocks[i].attn.b_O for i in range(layer + int(mlp_input))), torch.zeros_like(blocks[0].attn.b_O))
+        if include_b_out:
+            bias = bias + sum((blocks[i].mlp.b_out for i in range(layer)), torch.zeros_like(bias))
+        return bias
+
+    def _projection(self, directions: Tensor | None) -> tuple[Tensor | None, bool]:
+        """project_output_onto as [d_model n_outputs], and whether it was one direction (to squeeze)."""
+        if directions is None:
+            return None, False
+        d_model = self.model.cfg.d_model
+        if not isinstance(directions, Tensor) or directions.ndim not in (1, 2) or directions.shape[0] != d_model:
+            shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
+            raise ValueError(
+                f"project_output_onto must be a [d_model={d_model}] or [d_model={d_model}, n_outputs] tensor, got {shape}"
+            )
+        return (directions[:, None], True) if directions.ndim == 1 else (directions, False)
+
     def apply_ln_to_stack(
         self,
         residual_stack: Float[Tensor, "component *batch_and_pos d_model"],
@@ -346,14 +511,20 @@ class ActivationCache(dict):
             flat = einops.rearrange(residual_stack, "... d_model -> (...) 1 d_model")  # ln_final's [batch pos d_model]
             return self.model.ln_final(flat).reshape(residual_stack.shape)
         residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
+        return residual_stack / self._ln_scale(layer, mlp_input, _as_slice(pos_slice), batch_slice)
+
+    def _ln_scale(
+        self, layer: int, mlp_input: bool, pos_slice: Slice, batch_slice: Slice | None = None
+    ) -> Float[Tensor, "*batch_and_pos 1"]:
+        """The cached scale of the LayerNorm that reads the stream into `layer` (n_layers: ln_final)."""
         if layer == self.n_layers:
             scale = self["scale"]
         else:
             scale = self["scale", layer, "ln2" if mlp_input else "ln1"]
-        scale = _as_slice(pos_slice).apply(scale, dim=-2)
-        if self.has_batch_dim:
+        scale = pos_slice.apply(scale, dim=-2)
+        if self.has_batch_dim and batch_slice is not None:
             scale = batch_slice.apply(scale, dim=0)
-        return residual_stack / scale
+        return scale
 
 
 def _as_slice(pos_slice: "PosSlice") -> Slice:

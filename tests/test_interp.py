@@ -214,6 +214,51 @@ def test_stacked_head_results_plus_b_O_are_attn_out(model, run):
         cache.accumulated_resid(layer=7)
 
 
+def test_stacked_neuron_results_plus_b_out_are_mlp_out(model, run):
+    _, cache = run
+    neurons, labels = cache.stack_neuron_results(layer=2, return_labels=True)
+    assert neurons.shape == (2 * 64, 3, 10, 32) and labels[64 + 5] == "L1N5"
+    for layer in range(2):
+        layer_sum = neurons[64 * layer : 64 * layer + 64].sum(dim=0)
+        torch.testing.assert_close(layer_sum + model.blocks[layer].mlp.b_out, cache["mlp_out", layer])
+    one = cache.get_neuron_results(1, neuron_slice=5, pos_slice=-1)  # [batch d_model]
+    torch.testing.assert_close(one, neurons[64 + 5, :, -1])
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        cache.get_neuron_results(1, project_output_onto=direction), neurons[64:].movedim(0, -2) @ direction
+    )
+    with pytest.raises(ValueError, match="layer 0 has no neurons before it"):
+        cache.stack_neuron_results(layer=0)
+
+
+@pytest.mark.parametrize("layer, mlp_input, stream", [(None, False, "final"), (0, False, "resid_pre"),
+                                                      (1, True, "resid_mid"), (2, False, "resid_pre")])  # fmt: skip
+def test_the_full_resid_decomposition_sums_to_the_stream_and_its_normalized_form(run, layer, mlp_input, stream):
+    _, cache = run
+    if stream == "final":
+        target, normalized = cache["resid_post", 2], cache["ln_final.hook_normalized"]
+    else:
+        target, normalized = cache[stream, layer], cache["normalized", layer, "ln2" if mlp_input else "ln1"]
+    for expand_neurons in (True, False):
+        parts, labels = cache.get_full_resid_decomposition(layer, mlp_input, expand_neurons, return_labels=True)
+        assert len(labels) == parts.shape[0] and labels[-3:] == ["embed", "pos_embed", "bias"]
+        torch.testing.assert_close(parts.sum(dim=0), target, rtol=1e-5, atol=1e-5)
+        # the cached-scale LayerNorm is linear, so the normalized components add up to what the block read
+        scaled = cache.get_full_resid_decomposition(layer, mlp_input, expand_neurons, apply_ln=True)
+        torch.testing.assert_close(scaled.sum(dim=0), normalized, rtol=1e-5, atol=1e-5)
+        if layer != 0:  # before layer 0 there is no bias yet
+            assert parts[-1].abs().min() > 0
+
+
+def test_neuron_and_full_decompositions_refuse_what_has_no_meaning(run, without_shape_checks):
+    _, cache = run
+    for helper in ("stack_neuron_results", "get_full_resid_decomposition"):
+        with pytest.raises(ValueError, match="mlp_input needs a layer below n_layers=3"):
+            getattr(cache, helper)(-1, mlp_input=True)
+        with pytest.raises(ValueError, match=r"project_output_onto must be a \[d_model=32\] or .* got \(31,\)"):
+            getattr(cache, helper)(2, project_output_onto=torch.ones(31))
+
+
 def test_a_cache_without_its_batch_axis_gives_the_same_helpers_without_it(model, tokens):
     with torch.no_grad():
         _, batched = model.run_with_cache(tokens[:1])
@@ -323,12 +368,52 @@ def bridge_activations(ref, tokens: torch.Tensor, remove_batch_dim: bool = False
         ("decompose_resid", {"mode": "mlp", "apply_ln": True}),
         ("stack_head_results", {"apply_ln": True}),
         ("stack_head_results", {"layer": 2, "incl_remainder": True, "pos_slice": -1, "apply_ln": True}),
+        ("stack_neuron_results", {"layer": -1, "pos_slice": (2, 4)}),  # 36,864 neurons: 2 positions
+        ("stack_neuron_results", {"layer": 2, "incl_remainder": True, "apply_ln": True, "neuron_slice": (3, 40)}),
+        (
+            "stack_neuron_results",
+            {
+                "layer": 1,
+                "mlp_input": True,
+                "incl_remainder": True,
+                "apply_ln": True,
+                "pos_slice": -1,
+                "neuron_slice": 7,
+            },
+        ),  # fmt: skip
+        ("stack_neuron_results", {"layer": 2, "incl_remainder": True, "project_output_onto": "one"}),
+        ("stack_neuron_results", {"layer": 2, "incl_remainder": True, "apply_ln": True, "project_output_onto": "two"}),
+        (
+            "stack_neuron_results",
+            {
+                "layer": 1,
+                "mlp_input": True,
+                "incl_remainder": True,
+                "apply_ln": True,
+                "project_output_onto": "one",
+                "pos_slice": [0, 5],
+            },
+        ),  # fmt: skip
+        ("get_full_resid_decomposition", {"pos_slice": [1, 6]}),
+        ("get_full_resid_decomposition", {"apply_ln": True, "pos_slice": -1}),
+        ("get_full_resid_decomposition", {"layer": 0}),
+        ("get_full_resid_decomposition", {"layer": 0, "mlp_input": True, "apply_ln": True}),
+        ("get_full_resid_decomposition", {"layer": 2, "mlp_input": True, "expand_neurons": False, "apply_ln": True}),
+        ("get_full_resid_decomposition", {"expand_neurons": False, "apply_ln": True, "project_output_onto": "two"}),
+        ("get_full_resid_decomposition", {"layer": 1, "apply_ln": True, "project_output_onto": "one"}),
+        ("get_full_resid_decomposition", {"layer": 1, "mlp_input": True, "project_output_onto": "two"}),
     ],
 )
 def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref, helper, kwargs):
     """Our helpers on the bridge's own activations against TransformerLens 4's on its cache: the
     same components, labels and normalisation, for every argument TransformerLens's take."""
     same_inputs, theirs = bridge_activations(ref, ref.tokens[:, :8])
+    if "project_output_onto" in kwargs:  # one direction, or two, in the residual stream
+        directions = torch.randn(ref.spec.n_embd, 2, generator=torch.Generator().manual_seed(0))
+        kwargs = {
+            **kwargs,
+            "project_output_onto": directions[:, 0] if kwargs["project_output_onto"] == "one" else directions,
+        }
     with torch.no_grad():
         expected, expected_labels = getattr(theirs, helper)(return_labels=True, **kwargs)
         actual, labels = getattr(same_inputs, helper)(return_labels=True, **kwargs)
@@ -348,12 +433,15 @@ def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
 
 def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
     same_inputs, theirs = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
+    direction = torch.randn(ref.spec.n_embd, generator=torch.Generator().manual_seed(0))  # -> [component]
     for args in [("pattern",), ("scale", -1, "ln2"), ("resid_post", 2)]:
         assert torch.equal(same_inputs.stack_activation(*args), theirs.stack_activation(*args)), args
     for helper, kwargs in [
         ("accumulated_resid", {"apply_ln": True, "pos_slice": -1}),
         ("decompose_resid", {"apply_ln": True, "mlp_input": True, "layer": 1}),
         ("stack_head_results", {"apply_ln": True, "pos_slice": (0, 3)}),
+        ("stack_neuron_results", {"layer": 2, "apply_ln": True, "neuron_slice": 3, "pos_slice": -1}),
+        ("get_full_resid_decomposition", {"apply_ln": True, "pos_slice": -1, "project_output_onto": direction}),
     ]:
         expected = getattr(theirs, helper)(**kwargs)
         torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)

@@ -82,4 +82,5 @@ def test_interpretability_example(run_block):
     assert ns["grid"].shape == (12, 12)  # the last call: by head, [n_layers n_heads]
     assert ns["scores"].shape == (12, 12)
     assert ns["cache"]["pattern", 9].shape == (1, 12, clean.shape[1], clean.shape[1])
+    assert ns["full"].shape == (12 * 12 + 12 * 96 + 3, 1) and ns["full_labels"][-1] == "bias"
     assert Path("induction.png").stat().st_size > 0

@@ -178,12 +178,18 @@ class ActivationCache(dict):
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
 
-    def _layer(self, layer: int | None) -> int:
-        """None or -1 -> n_layers (the whole model), as in TransformerLens."""
+    def _layer(self, layer: int | None, *, stacked: str | None = None, mlp_input: bool = False) -> int:
+        """None or -1 -> n_layers (the whole model), as in TransformerLens. A stack of `stacked`
+        ("heads before it", ...) needs layer >= 1: TransformerLens returns an empty stack at 0,
+        and a remainder from the *last* layer. mlp_input=True needs an MLP after the stream."""
         if layer is None or layer == -1:
-            return self.n_layers
-        if not 0 <= layer <= self.n_layers:
+            layer = self.n_layers
+        elif not 0 <= layer <= self.n_layers:
             raise ValueError(f"layer {layer} is outside [0, n_layers={self.n_layers}] (or -1/None for all)")
+        if stacked is not None and layer == 0:
+            raise ValueError(f"layer 0 has no {stacked}; pass layer >= 1 (or None/-1 for all)")
+        if mlp_input and layer == self.n_layers:
+            raise ValueError(f"mlp_input needs a layer below n_layers={self.n_layers}: there is no MLP after the last")
         return layer
 
     def stack_activation(
@@ -192,9 +198,7 @@ class ActivationCache(dict):
         """cache[name, i] of layers 0 .. layer-1 stacked on a new leading axis, as in TransformerLens:
         stack_activation("pattern") is every layer's pattern; sublayer_type picks ln1 or ln2 for
         "scale" and "normalized"."""
-        layer = self._layer(layer)
-        if layer == 0:
-            raise ValueError("layer 0 has no layers before it to stack; pass layer >= 1 (or None/-1 for all)")
+        layer = self._layer(layer, stacked="layers before it to stack")
         extra = () if sublayer_type is None else (sublayer_type,)
         return torch.stack([self[(name, i, *extra)] for i in range(layer)])
 
@@ -295,10 +299,7 @@ class ActivationCache(dict):
         (resid_post of layer - 1 minus the heads), and pos_slice is as in accumulated_resid.
         The arguments are in TransformerLens's order (return_labels second).
         """
-        layer = self._layer(layer)
-        if layer == 0:
-            # TransformerLens returns an empty stack here, and a remainder from the *last* layer.
-            raise ValueError("layer 0 has no heads before it; pass layer >= 1 (or None/-1 for all)")
+        layer = self._layer(layer, stacked="heads before it")
         pos_slice = _as_slice(pos_slice)
         parts, labels = [], []
         for i in range(layer):
@@ -371,12 +372,7 @@ class ActivationCache(dict):
         [neuron ... d_model] stack: it is linear, centring each W_out row and dividing by the scale.
         Every neuron of GPT-2 small is 36,864 components: at d_model each costs 3 KiB per position.
         """
-        layer = self._layer(layer)
-        if layer == 0:
-            # TransformerLens returns an empty stack here, and a remainder from the *last* layer.
-            raise ValueError("layer 0 has no neurons before it; pass layer >= 1 (or None/-1 for all)")
-        if mlp_input and layer == self.n_layers:
-            raise ValueError(f"mlp_input needs a layer below n_layers={self.n_layers}: there is no MLP after the last")
+        layer = self._layer(layer, stacked="neurons before it", mlp_input=mlp_input)
         pos_slice, neuron_slice = _as_slice(pos_slice), _as_slice(neuron_slice)
         if neuron_slice.mode == "int":  # the neuron axis is the stack's: keep it
             neuron_slice = Slice([neuron_slice.slice])
@@ -419,9 +415,7 @@ class ActivationCache(dict):
         too) and, when neurons are expanded, every b_out: what no head or neuron carries.
         project_output_onto and apply_ln are as in stack_neuron_results.
         """
-        layer = self._layer(layer)
-        if mlp_input and layer == self.n_layers:
-            raise ValueError(f"mlp_input needs a layer below n_layers={self.n_layers}: there is no MLP after the last")
+        layer = self._layer(layer, mlp_input=mlp_input)
         pos_slice = _as_slice(pos_slice)
         project, squeeze = self._projection(project_output_onto)
         folded = apply_ln and project is not None

@@ -513,15 +513,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def hf_warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """HF generate(do_sample=True)'s warpers, in the order its _get_logits_processor appends them."""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
-    for warper, used in [(TemperatureLogitsWarper(temperature), temperature != 1.0),
-                         (TopKLogitsWarper(top_k or 1), top_k is not None),
-                         (TopPLogitsWarper(top_p or 0.5), top_p is not None and top_p < 1.0)]:  # fmt: skip
-        if used:
-            logits = warper(None, logits)
-        assert logits.dtype == torch.float32
-    return logits
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    warped = warpers(None, logits)
+    assert warped.dtype == torch.float32
+    return warped
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.5])

@@ -646,6 +646,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     eos_token_id: int = EOT_ID,
     use_kv_cache: bool = True,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
 ) -> BeamSearchOutput:
@@ -656,6 +657,11 @@ def beam_search(
     finished hypotheses, scored sum / length ** length_penalty, and continues with the k best
     that did not finish. A row stops once no running beam can beat its k finished ones (HF's
     early_stopping=False heuristic). no_repeat_ngram_size > 0 forbids repeating any n-gram.
+
+    attention_mask marks left padding (see pad_prompts): each row then gives what it gives alone,
+    as HF's beam search does with the same mask. The n-grams that no_repeat_ngram_size forbids
+    are those of the real tokens; HF also counts the padding's, which can differ only when a
+    pad id is generated right after the n-1 tokens that followed it in the padding.
     """
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
@@ -663,7 +669,7 @@ def beam_search(
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
     if not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
-    _check_request(model, tokens, None, max_new_tokens)
+    _check_request(model, tokens, attention_mask, max_new_tokens)
     if max_new_tokens == 0:
         raise ValueError("max_new_tokens must be >= 1 for beam search")
     _check_eos(eos_token_id)
@@ -688,12 +694,19 @@ def beam_search(
 
     flat = "batch beam pos -> (batch beam) pos"
     prompts = einops.rearrange(running[:, :, :prompt_len], flat)
-    with _decoding(model, prompts, None, use_kv_cache, max_len, graphed, compiled) as decoder:
+    prompt_mask, padding = None, [[]] * batch
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        prompt_mask = einops.repeat(attention_mask, "batch pos -> (batch beam) pos", beam=num_beams)
+        padding = [(row == 0).nonzero().flatten().tolist() for row in attention_mask.cpu()]
+    with _decoding(model, prompts, prompt_mask, use_kv_cache, max_len, graphed, compiled) as decoder:
         logits = decoder.prefill()
         for cur_len in range(prompt_len, max_len):
             log_probs = mask_padding_ids(logits.float()).log_softmax(dim=-1)
             if no_repeat_ngram_size:
                 for row, seq in enumerate(einops.rearrange(running[:, :, :cur_len], flat).tolist()):
+                    for pos in reversed(padding[row // num_beams]):
+                        del seq[pos]
                     log_probs[row, banned_ngram_tokens(seq, no_repeat_ngram_size)] = float("-inf")
             d_vocab = log_probs.shape[-1]
             totals = einops.rearrange(log_probs, "(batch beam) d_vocab -> batch beam d_vocab", beam=num_beams)

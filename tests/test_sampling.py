@@ -134,6 +134,58 @@ def test_beam_search_no_repeat_ngram_equals_hf(small_vocab_pair):
         assert len(bigrams) == len(set(bigrams))
 
 
+BEAM_PROMPTS = [[3, 14, 15, 92, 65, 35], [89, 79], [5, 6, 7, 8]]
+
+
+def beam_search_alone(pair, prompt, *args, **kwargs) -> tuple[list[int], float]:
+    """A prompt's generated tokens and score, beam-searched in a batch of its own."""
+    alone = beam_search(pair.model, torch.tensor([prompt]), *args, eos_token_id=pair.eos, **kwargs)
+    return alone.tokens[0, len(prompt) : len(prompt) + int(alone.lengths[0])].tolist(), float(alone.scores[0])
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("num_beams,length_penalty", [(3, 1.0), (4, 0.5)])
+def test_beam_search_left_padded_batch_equals_hf_and_each_prompt_alone(
+    small_vocab_pair, num_beams, length_penalty, use_kv_cache
+):
+    pair = small_vocab_pair
+    tokens, mask = pad_prompts(BEAM_PROMPTS, pad_id=pair.eos)
+    ours = beam_search(pair.model, tokens, num_beams, 20, length_penalty=length_penalty, eos_token_id=pair.eos,
+                       attention_mask=mask, use_kv_cache=use_kv_cache)  # fmt: skip
+    theirs = hf_generate(pair.hf, tokens, mask, num_beams=num_beams, max_new_tokens=20, length_penalty=length_penalty,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(ours.tokens, theirs.sequences)
+    torch.testing.assert_close(ours.scores, theirs.sequences_scores, rtol=1e-5, atol=1e-5)
+    for row, prompt in enumerate(BEAM_PROMPTS):
+        generated, score = beam_search_alone(pair, prompt, num_beams, 20, length_penalty=length_penalty)
+        assert ours.tokens[row, tokens.shape[1] : tokens.shape[1] + int(ours.lengths[row])].tolist() == generated
+        assert score == pytest.approx(float(ours.scores[row]), abs=1e-5)
+    unmasked = beam_search(pair.model, tokens, num_beams, 20, length_penalty=length_penalty, eos_token_id=pair.eos)
+    assert not torch.equal(unmasked.tokens, ours.tokens)  # the padding, attended to, changes the result
+
+
+def test_beam_search_no_repeat_ngram_ignores_the_padding(small_vocab_pair):
+    # Padded with the token that the second prompt's best hypothesis starts with, alone and with
+    # no 1-gram repeated: counting the padding as HF does would forbid that token, and does.
+    pair = small_vocab_pair
+    generated, _ = beam_search_alone(pair, BEAM_PROMPTS[1], 3, 10, no_repeat_ngram_size=1)
+    tokens, mask = pad_prompts(BEAM_PROMPTS, pad_id=generated[0])
+    ours = beam_search(pair.model, tokens, 3, 10, no_repeat_ngram_size=1, eos_token_id=pair.eos, attention_mask=mask)
+    start = tokens.shape[1]
+    assert ours.tokens[1, start : start + int(ours.lengths[1])].tolist() == generated
+    for row in (0, 2):
+        expected, _ = beam_search_alone(pair, BEAM_PROMPTS[row], 3, 10, no_repeat_ngram_size=1)
+        assert ours.tokens[row, start : start + int(ours.lengths[row])].tolist() == expected
+    theirs = hf_generate(pair.hf, tokens, mask, num_beams=3, max_new_tokens=10, no_repeat_ngram_size=1)
+    assert generated[0] not in theirs[1, start:].tolist()
+
+
+def test_beam_search_refuses_right_padding(small_vocab_pair):
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        beam_search(small_vocab_pair.model, tokens, 2, 5, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
+
+
 def test_beam_search_with_one_beam_is_greedy(small_vocab_pair):
     pair = small_vocab_pair
     tokens = torch.randint(0, 99, (2, 4), generator=torch.Generator().manual_seed(4))
@@ -258,7 +310,7 @@ def test_compile_is_refused_where_it_cannot_run(sampling_pair):
 @pytest.mark.slow
 def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without_shape_checks):
     """compile=True against the eager step: greedy with left padding, seeded sampling with
-    penalties, and beam search. All three have one cache shape, so one compilation serves them."""
+    penalties, and beam search, each with left padding. All three have one cache shape, so one compilation serves them."""
     model, eos = small_vocab_pair.model, small_vocab_pair.eos
     tokens, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -269,8 +321,10 @@ def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without
     sampled = generate(model, tokens, 20, attention_mask=mask, compile=True, **settings)
     assert torch.equal(sampled, generate(model, tokens, 20, attention_mask=mask, **settings))
     assert not torch.equal(sampled, greedy)
-    beams = beam_search(model, tokens[:1], num_beams=2, max_new_tokens=20, eos_token_id=eos, compile=True)
-    eager_beams = beam_search(model, tokens[:1], num_beams=2, max_new_tokens=20, eos_token_id=eos)
+    # The padded prompt: its masked prefill goes into the static cache, whose key mask beams reorder.
+    beam_kwargs = {"num_beams": 2, "max_new_tokens": 20, "eos_token_id": eos, "attention_mask": mask[1:]}
+    beams = beam_search(model, tokens[1:], compile=True, **beam_kwargs)
+    eager_beams = beam_search(model, tokens[1:], **beam_kwargs)
     assert torch.equal(beams.tokens, eager_beams.tokens)
     torch.testing.assert_close(beams.scores, eager_beams.scores, rtol=1e-5, atol=1e-6)
 

@@ -1,7 +1,8 @@
 """gpt2_small: a readable, exact, hookable GPT-2.
 
 The model itself lives in the top-level module `solution`; this package re-exports it and
-adds the tokenizer, weight loading, sampling, interpretability tools (gpt2_small.interp) and
+adds the tokenizer, weight loading, sampling, interpretability tools (gpt2_small.interp, and
+TransformerLens's weight processing in gpt2_small.processing) and
 (in gpt2_small.training and gpt2_small.data) training.
 """
 
@@ -14,6 +15,7 @@ from gpt2_small.interp import (
     induction_score,
     logit_lens,
 )
+from gpt2_small.processing import process_weights
 from gpt2_small.sampling import (
     BeamSearchOutput,
     SamplingSettings,
@@ -77,6 +79,7 @@ __all__ = [
     "load_model",
     "logit_lens",
     "pad_prompts",
+    "process_weights",
     "release_decoding_state",
     "stream",
     "stream_text",

@@ -418,7 +418,15 @@ def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref,
         expected, expected_labels = getattr(theirs, helper)(return_labels=True, **kwargs)
         actual, labels = getattr(same_inputs, helper)(return_labels=True, **kwargs)
     assert labels == expected_labels
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    if not kwargs.get("incl_remainder"):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        return
+    assert labels[-1] == "remainder"
+    torch.testing.assert_close(actual[:-1], expected[:-1], rtol=1e-5, atol=1e-5)
+    # The remainder is the stream less the sum of every component (6,144 neurons at layer 2 of
+    # GPT-2 small's shape): float32 cancellation leaves ours and TransformerLens's each ~5e-5 from
+    # the float64 value (measured), in directions that vary with the CPU's BLAS kernels.
+    torch.testing.assert_close(actual[-1], expected[-1], rtol=1e-5, atol=1e-4)
 
 
 def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):

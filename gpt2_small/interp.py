@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
-from gpt2_small.tokenizer import EOT_ID
+from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 from solution import Transformer, check_device
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
 # Which positions a cache helper keeps, as TransformerLens's Slice takes them: an int (the pos
 # axis is then dropped), (start, stop[, step]), a slice, a list or array of positions, or None (all).
 PosSlice = Slice | int | np.integer | tuple | slice | list | np.ndarray | Tensor | None
+# Which tokens' logits logit_attrs reads, as TransformerLens takes them: one token (an id, a 0-d
+# tensor, a str of one token), one per sequence ([batch]) or one per sequence and position.
+TokenChoice = str | int | Int[Tensor, ""] | Int[Tensor, " batch"] | Int[Tensor, "batch pos"]
 
 
 class ActivationCache(dict):
@@ -519,6 +522,74 @@ class ActivationCache(dict):
         if self.has_batch_dim and batch_slice is not None:
             scale = batch_slice.apply(scale, dim=0)
         return scale
+
+    def logit_attrs(
+        self,
+        residual_stack: Float[Tensor, "component *batch_and_pos d_model"],
+        tokens: TokenChoice,
+        incorrect_tokens: TokenChoice | None = None,
+        pos_slice: PosSlice = None,
+        batch_slice: PosSlice = None,
+        has_batch_dim: bool = True,
+    ) -> Float[Tensor, "component ..."]:
+        """Each component's direct effect on the logit of `tokens` (less that of `incorrect_tokens`),
+        as TransformerLens's logit_attrs: apply_ln_to_stack(layer=None) of the stack, dotted with
+        W_U[:, tokens].
+
+        tokens, as TransformerLens takes them: one token (an int, a 0-d tensor, or a str that is one
+        token), a [batch] tensor (one per sequence, for every position kept; a 1-D tensor of another
+        length is one token per position), or [batch pos] (one per sequence and position).
+        incorrect_tokens has the same form. pos_slice, batch_slice and has_batch_dim are
+        apply_ln_to_stack's.
+
+        ln_final's w and b are not in it, nor b_U: on a model processed with process_weights (which
+        folds w into W_U and b into b_U) a full decomposition's attributions sum to the logits less
+        b_U[tokens] (tested). Unprocessed, they leave w out, as TransformerLens warns;
+        direct_logit_attribution is exact on either.
+        """
+        directions = self._residual_directions("tokens", tokens)
+        if incorrect_tokens is not None:
+            incorrect = self._residual_directions("incorrect_tokens", incorrect_tokens)
+            if incorrect.shape != directions.shape:
+                raise ValueError(
+                    f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape[:-1])} "
+                    f"and {tuple(incorrect.shape[:-1])}"
+                )
+            directions = directions - incorrect
+        batch_slice = _as_slice(batch_slice)
+        scaled = self.apply_ln_to_stack(
+            residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        per_sequence = directions.ndim == 2 and scaled.ndim == 4 and directions.shape[0] == scaled.shape[1]
+        if has_batch_dim and batch_slice.mode != "int" and per_sequence:
+            # One token per sequence: the same for each of its positions, not one per position.
+            directions = einops.rearrange(directions, "batch d_model -> batch 1 d_model")
+        return (scaled * directions).sum(dim=-1)
+
+    def _residual_directions(self, name: str, tokens: TokenChoice) -> Float[Tensor, "*token_shape d_model"]:
+        """W_U's columns of `tokens`: [d_model] for one token, else the tokens' shape + [d_model]."""
+        d_vocab = self.model.cfg.d_vocab
+        if isinstance(tokens, str):
+            ids = get_tokenizer().encode(tokens, allowed_special={EOT_TOKEN})
+            if len(ids) != 1:
+                raise ValueError(f"{name}={tokens!r} is {len(ids)} tokens, {ids}; give one token, or ids")
+            tokens = ids[0]
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, Tensor)):
+            raise TypeError(f"{name} must be a token id, a str of one token or a tensor of ids, got {tokens!r}")
+        ids = torch.as_tensor(tokens)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+        if ids.ndim > 2:
+            raise ValueError(f"{name} must have at most 2 axes ([batch pos]), got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"{name} is empty")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= d_vocab:
+            raise ValueError(f"{name} holds the id {low if low < 0 else high}, outside [0, d_vocab={d_vocab})")
+        W_U = self.model.unembed.W_U
+        if ids.numel() == 1:  # one token, in any shape: [d_model], as TransformerLens
+            return W_U[:, int(ids.reshape(()))]
+        return einops.rearrange(W_U[:, ids.to(W_U.device)], "d_model ... -> ... d_model")
 
 
 def _as_slice(pos_slice: "PosSlice") -> Slice:

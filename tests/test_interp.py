@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformer_lens.utilities import get_act_name
 
-from gpt2_small import Transformer, TransformerConfig, interp
+from gpt2_small import Transformer, TransformerConfig, interp, process_weights
 from gpt2_small.interp import (
     ActivationCache,
     activation_patching,
@@ -453,6 +453,74 @@ def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
     ]:
         expected = getattr(theirs, helper)(**kwargs)
         torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"tokens": 5},
+        {"tokens": " the"},  # a str of one token
+        {"tokens": torch.tensor(7), "incorrect_tokens": 11},
+        {"tokens": "per-sequence", "incorrect_tokens": "per-sequence"},  # [batch]: every position
+        {"tokens": torch.arange(100, 108)},  # [pos], a length other than the batch's: per position
+        {"tokens": "per-token", "incorrect_tokens": "per-token"},  # [batch pos]
+        {"tokens": "per-sequence", "pos_slice": -1},  # the stack of the last position only
+        {"tokens": "per-sequence", "pos_slice": (2, 5)},
+        {"tokens": 9, "batch_slice": 1},
+        {"tokens": torch.tensor([[3]]), "batch_slice": [0]},  # one token in any shape is one token
+    ],
+)
+def test_logit_attrs_equal_transformer_lens(ref, kwargs):
+    same_inputs, theirs = bridge_activations(ref, ref.tokens[:, :8])
+    gen = torch.Generator().manual_seed(3)
+    batch = ref.spec.batch
+    forms = {"per-sequence": (batch,), "per-token": (batch, 8)}
+    drawn = {k: torch.randint(0, 50257, forms[v], generator=gen) for k, v in kwargs.items() if str(v) in forms}
+    kwargs = {**kwargs, **drawn}
+    with torch.no_grad():
+        stack = theirs.decompose_resid(pos_slice=kwargs.get("pos_slice"))
+        expected = theirs.logit_attrs(stack, **kwargs)
+        actual = same_inputs.logit_attrs(stack, **kwargs)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logit_attrs_of_an_unbatched_cache_equal_transformer_lens(ref):
+    same_inputs, theirs = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
+    stack = theirs.accumulated_resid(layer=2)
+    for kwargs in ({"tokens": torch.arange(200, 208)}, {"tokens": 4, "incorrect_tokens": 6}):
+        expected = theirs.logit_attrs(stack, has_batch_dim=False, **kwargs)
+        torch.testing.assert_close(same_inputs.logit_attrs(stack, has_batch_dim=False, **kwargs), expected)
+
+
+def test_logit_attrs_of_a_processed_model_sum_to_the_logits_less_b_U(tiny_checkpoint):
+    """With ln_final folded into W_U and b_U (process_weights), the attributions of the whole
+    residual stream are the logits but for b_U. Unprocessed, ln_final's w is left out: they are not."""
+    directory, _ = tiny_checkpoint
+    tokens = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(5))
+    for processed in (True, False):
+        model = Transformer.from_pretrained(directory)
+        if processed:
+            process_weights(model)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(tokens)
+            total = cache.logit_attrs(cache.decompose_resid(), targets).sum(dim=0)
+        expected = logits.gather(-1, targets[..., None])[..., 0] - model.b_U[targets]
+        assert torch.allclose(total, expected, rtol=1e-5, atol=1e-5) == processed
+
+
+def test_logit_attrs_refuses_tokens_it_cannot_read(model, run, without_shape_checks):
+    _, cache = run
+    stack = cache.decompose_resid()
+    with pytest.raises(ValueError, match=r"tokens=' Romeo and' is 2 tokens"):
+        cache.logit_attrs(stack, " Romeo and")
+    with pytest.raises(ValueError, match="must have the same shape"):
+        cache.logit_attrs(stack, torch.tensor([1, 2]), incorrect_tokens=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match=f"outside \\[0, d_vocab={model.cfg.d_vocab}\\)"):
+        cache.logit_attrs(stack, model.cfg.d_vocab)
+    with pytest.raises(TypeError, match="integer token ids, got dtype torch.float32"):
+        cache.logit_attrs(stack, torch.tensor([1.0, 2.0]))
 
 
 # --- logit lens and direct logit attribution -----------------------------------------------

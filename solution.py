@@ -44,6 +44,7 @@ from transformer_lens import FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 _ATTN_IMPLS = ("sdpa", "eager")
+_RETURN_TYPES = ("logits", "loss", "both", None)  # Transformer.forward's, as TransformerLens's
 
 
 @dataclass
@@ -592,6 +593,32 @@ class Unembedding(nn.Module):
         return x @ self.W_U + self.b_U
 
 
+def lm_cross_entropy_loss(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
+    per_token: bool = False,
+) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
+    """Next-token cross-entropy, as TransformerLens's: position i's logits predict token i + 1.
+
+    With attention_mask, a pair where either token is padding counts 0 and is left out of the
+    mean. per_token gives each pair's loss, [batch pos-1]. The softmax is taken in float32.
+    """
+    log_probs = logits.float().log_softmax(dim=-1)
+    next_tokens = einops.rearrange(tokens[:, 1:], "batch pos -> batch pos 1")
+    losses = -log_probs[:, :-1].gather(-1, next_tokens)[..., 0]
+    if attention_mask is None:
+        return losses if per_token else losses.mean()
+    real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    losses = losses.masked_fill(~real, 0.0)
+    if per_token:
+        return losses
+    n_pairs = int(real.sum())
+    if n_pairs == 0:
+        raise ValueError("attention_mask leaves no pair of consecutive real tokens, so there is no loss to average")
+    return losses.sum() / n_pairs
+
+
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "gpt2_small_config.json"
 
@@ -601,6 +628,18 @@ def _training_run_hint(path: Path) -> str:
     if not (path / "checkpoints").is_dir():  # gpt2_small.training's layout: out_dir/checkpoints/step-NNNNNNN
         return ""
     return f"; {path} holds a training run: gpt2_small.load_model({str(path)!r}) loads its newest checkpoint"
+
+
+# What Transformer.forward returns: logits (kept_pos = pos unless logits_to_keep), the residual
+# stream (stop_at_layer), the loss or each pair's loss, logits and loss together, or nothing.
+ForwardOutput = (
+    Float[Tensor, "batch kept_pos d_vocab"]
+    | Float[Tensor, "batch pos d_model"]
+    | Float[Tensor, ""]
+    | Float[Tensor, "batch pos-1"]
+    | tuple[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""] | Float[Tensor, "batch pos-1"]]
+    | None
+)
 
 
 class Transformer(HookedRootModule):
@@ -637,7 +676,9 @@ class Transformer(HookedRootModule):
         kv_cache: KVCache | None = None,
         stop_at_layer: int | None = None,
         logits_to_keep: int | None = None,
-    ) -> Float[Tensor, "batch kept_pos d_vocab"] | Float[Tensor, "batch pos d_model"]:
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+    ) -> ForwardOutput:
         """Logits for `tokens` (kept_pos = pos unless logits_to_keep is given).
 
         attention_mask: 1/True for real tokens and 0/False for (left) padding, as in Hugging Face.
@@ -652,12 +693,17 @@ class Transformer(HookedRootModule):
             only. Generation needs the last one alone, and ln_final and the unembedding then run
             on it alone, not on every prompt position (the [batch pos d_vocab] logits of a long
             prompt are large). ln_final's hooks see just those positions.
+        return_type: as in TransformerLens. "logits"; "loss", the mean next-token cross-entropy
+            of `tokens` (lm_cross_entropy_loss, padding left out), or each pair's loss with
+            loss_per_token=True; "both", (logits, loss); None, nothing (the hooks still run, the
+            unembedding does not).
         """
         if stop_at_layer is not None:
             self._check_stop_at_layer(stop_at_layer, kv_cache)
         batch, pos = tokens.shape
         if logits_to_keep is not None:
             self._check_logits_to_keep(logits_to_keep, pos, stop_at_layer)
+        wants_loss = self._check_return_type(return_type, loss_per_token, pos, stop_at_layer, logits_to_keep, kv_cache)
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
         else:
@@ -673,7 +719,14 @@ class Transformer(HookedRootModule):
             kv_cache.advance(pos)
         if logits_to_keep is not None:
             residual = residual[:, pos - logits_to_keep :]  # LayerNorm and unembedding act per position
-        return self.unembed(self.ln_final(residual))
+        residual = self.ln_final(residual)
+        if return_type is None:
+            return None
+        logits = self.unembed(residual)
+        if not wants_loss:
+            return logits
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     @staticmethod
     def _scores_dtype(residual: Tensor) -> torch.dtype:
@@ -704,6 +757,38 @@ class Transformer(HookedRootModule):
             raise ValueError(f"logits_to_keep={logits_to_keep} must be in [1, {pos}], the number of positions given")
         if stop_at_layer is not None:
             raise ValueError("logits_to_keep cannot be used with stop_at_layer, which returns the residual stream")
+
+    @staticmethod
+    def _check_return_type(
+        return_type: object,
+        loss_per_token: object,
+        pos: int,
+        stop_at_layer: int | None,
+        logits_to_keep: int | None,
+        kv_cache: KVCache | None,
+    ) -> bool:
+        """Refuse a return_type, or a combination, that forward cannot honour; True if it wants the loss."""
+        if return_type not in _RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
+        if not isinstance(loss_per_token, bool):
+            raise TypeError(f"loss_per_token must be True or False, got {loss_per_token!r}")
+        if stop_at_layer is not None and return_type != "logits":
+            raise ValueError(
+                f"return_type={return_type!r} cannot be used with stop_at_layer, which returns the residual"
+            )
+        wants_loss = return_type in ("loss", "both")
+        if loss_per_token and not wants_loss:
+            raise ValueError(f"loss_per_token=True needs return_type 'loss' or 'both', got {return_type!r}")
+        if not wants_loss:
+            return False
+        if logits_to_keep is not None or kv_cache is not None:
+            raise ValueError(
+                "return_type='loss' or 'both' needs every position's logits and the tokens after them: "
+                "pass neither logits_to_keep nor kv_cache"
+            )
+        if pos < 2:
+            raise ValueError("the loss needs at least 2 positions (a token and the one after it); got 1")
+        return True
 
     @staticmethod
     def _dynamic_slots(
@@ -819,13 +904,12 @@ class Transformer(HookedRootModule):
         from gpt2_small.interp import ActivationCache
 
         tokens = model_args[0] if model_args else kwargs.get("tokens")
-        if kwargs.get("incl_bwd"):
-            # HookedRootModule calls backward() on the output, which only a scalar allows; TransformerLens
-            # has return_type="loss" for that, and this forward always returns logits (or the residual).
+        if kwargs.get("incl_bwd") and (kwargs.get("return_type", "logits") != "loss" or kwargs.get("loss_per_token")):
+            # HookedRootModule calls backward() on the output, which only a scalar allows.
             raise ValueError(
-                "incl_bwd=True calls backward() on forward's output, and this forward returns logits, not a "
-                "scalar; for gradients, cache = model.add_caching_hooks(incl_bwd=True), then call backward() "
-                "on your own loss and model.reset_hooks()"
+                "incl_bwd=True calls backward() on forward's output, which must then be a scalar: pass "
+                "return_type='loss' (as in TransformerLens), or for another function, cache = "
+                "model.add_caching_hooks(incl_bwd=True), call backward() on it yourself, and model.reset_hooks()"
             )
         if remove_batch_dim and isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[0] != 1:
             # HookedRootModule would assert this only after the forward pass

@@ -43,6 +43,7 @@ from solution import (
     attention_bias,
     blocked_keys,
     causal_mask,
+    lm_cross_entropy_loss,
 )
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "get_tokenizer",
     "induction_score",
     "interp",
+    "lm_cross_entropy_loss",
     "load_model",
     "logit_lens",
     "pad_prompts",

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from transformer_lens.utilities import lm_cross_entropy_loss as tl_lm_cross_entropy_loss
 
 import gpt2_small
 import solution
@@ -454,6 +455,59 @@ def test_logits_to_keep_rejects_what_it_cannot_do():
         model(tokens, logits_to_keep=True)
     with pytest.raises(ValueError, match="logits_to_keep cannot be used with stop_at_layer"):
         model(tokens, logits_to_keep=1, stop_at_layer=1)
+
+
+def test_loss_function_equals_transformer_lenss_with_and_without_padding():
+    logits = torch.randn(3, 8, 50, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [0, 0, 0, 0, 0, 0, 1, 1]])
+    for attention_mask in (None, mask, mask.bool()):
+        for per_token in (False, True):
+            expected = tl_lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
+            actual = solution.lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    # By hand: row 2 has one real pair (positions 6 -> 7); padded pairs count 0 and not in the mean.
+    per_pair = -logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    masked = solution.lm_cross_entropy_loss(logits, tokens, mask, per_token=True)
+    assert torch.equal(masked[2, :6], torch.zeros(6)) and masked[2, 6] == per_pair[2, 6]
+    real_pairs = 5 + 7 + 1
+    torch.testing.assert_close(solution.lm_cross_entropy_loss(logits, tokens, mask), masked.sum() / real_pairs)
+
+
+def test_a_left_padded_loss_is_each_sequences_own():
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    tokens, mask = gpt2_small.pad_prompts(prompts, pad_id=0)
+    with torch.no_grad():
+        per_token = model(tokens, attention_mask=mask, return_type="loss", loss_per_token=True)
+        alone = model(torch.tensor([prompts[1]]), return_type="loss", loss_per_token=True)
+        loss = model(tokens, attention_mask=mask, return_type="loss")
+        unmasked = model(tokens, return_type="loss")
+    torch.testing.assert_close(per_token[1, 3:], alone[0])  # the real pairs of the padded row
+    assert not per_token[1, :3].any()  # pairs with padding count 0
+    torch.testing.assert_close(loss, per_token.sum() / (5 + 2))
+    assert not torch.isclose(loss, unmasked)  # the mask matters: padding would otherwise be predicted
+
+
+def test_return_type_rejects_what_it_cannot_do(without_shape_checks):
+    model, tokens = tiny_model(), random_tokens(1, 3)
+    with pytest.raises(ValueError, match=r"return_type must be one of \('logits', 'loss', 'both', None\), got 'logit'"):
+        model(tokens, return_type="logit")
+    with pytest.raises(ValueError, match="loss_per_token=True needs return_type 'loss' or 'both', got 'logits'"):
+        model(tokens, loss_per_token=True)
+    with pytest.raises(TypeError, match="loss_per_token must be True or False, got 1"):
+        model(tokens, return_type="loss", loss_per_token=1)
+    with pytest.raises(ValueError, match="return_type='loss' cannot be used with stop_at_layer"):
+        model(tokens, return_type="loss", stop_at_layer=1)
+    with pytest.raises(ValueError, match="pass neither logits_to_keep nor kv_cache"):
+        model(tokens, return_type="both", logits_to_keep=1)
+    with pytest.raises(ValueError, match="the loss needs at least 2 positions"):
+        model(tokens[:, :1], return_type="loss")
+    with pytest.raises(ValueError, match="leaves no pair of consecutive real tokens"):
+        model(tokens, return_type="loss", attention_mask=torch.tensor([[0, 0, 1]]))
+    with pytest.raises(ValueError, match="which must then be a scalar: pass return_type='loss'"):
+        model.run_with_cache(tokens, return_type="loss", loss_per_token=True, incl_bwd=True)
+    assert not any(hook.bwd_hooks or hook.fwd_hooks for hook in model.hook_dict.values())
 
 
 def test_parameter_names_and_shapes():

@@ -202,3 +202,42 @@ def test_weight_shortcuts_equal_the_bridges(ref):
         assert ours.shape == theirs.shape
         torch.testing.assert_close(ours.A, theirs.A, rtol=0, atol=0, msg=f"{name}.A")
         torch.testing.assert_close(ours.B, theirs.B, rtol=0, atol=0, msg=f"{name}.B")
+
+
+# --- return_type: the loss, as TransformerLens's forward gives it ------------------------------
+
+
+def test_loss_and_per_token_loss_equal_the_bridges(ref):
+    with torch.no_grad():
+        logits, loss = ref.model(ref.tokens, return_type="both")
+        per_token = ref.model(ref.tokens, return_type="loss", loss_per_token=True)
+        expected = ref.bridge(ref.tokens, return_type="loss")
+        expected_per_token = ref.bridge(ref.tokens, return_type="loss", loss_per_token=True)
+    assert loss.shape == () and per_token.shape == (ref.spec.batch, ref.spec.pos - 1)
+    torch.testing.assert_close(per_token, expected_per_token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, ref.logits)
+    assert ref.model(ref.tokens, return_type=None) is None
+
+
+def test_loss_gradients_cached_with_incl_bwd_equal_the_bridges(ref):
+    """run_with_cache(return_type="loss", incl_bwd=True): the "_grad" entries of every hook. The
+    bridge's hook_resid_mid gradient lacks the residual connection (it is ln2's input there, a
+    branch of the stream), so for it ours is checked to be the bridge's plus resid_post's: what
+    autograd gives for the stream itself."""
+    loss, cache = ref.model.run_with_cache(ref.tokens, return_type="loss", incl_bwd=True)
+    expected_loss, expected = ref.bridge.run_with_cache(ref.tokens, return_type="loss", incl_bwd=True)
+    ref.model.zero_grad(set_to_none=True)
+    ref.bridge.zero_grad(set_to_none=True)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    grads = [name for name in cache if name.endswith("_grad")]
+    assert len(grads) == len(ref.model.hook_dict)
+    for name in grads:
+        theirs = expected[name]
+        if name.endswith("hook_resid_mid_grad"):
+            theirs = theirs + expected[name.replace("resid_mid", "resid_post")]
+        assert rel_error(cache[name], theirs) <= 1e-5, name
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).double().norm() / expected.double().norm())

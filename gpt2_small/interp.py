@@ -177,6 +177,22 @@ class ActivationCache(dict):
         self.has_batch_dim = False
         return self
 
+    def apply_slice_to_batch_dim(self, batch_slice: PosSlice) -> "ActivationCache":
+        """A new cache of the sequences `batch_slice` picks, as TransformerLens's: an int keeps one
+        and drops the batch axis; (start, stop[, step]), a slice or a list keep several."""
+        batch_slice = _as_slice(batch_slice)
+        if not self.has_batch_dim and batch_slice.mode not in ("identity", "empty"):
+            raise ValueError("this cache has no batch axis to slice (it was made with remove_batch_dim)")
+        if not self.has_batch_dim:  # None: the whole cache, as it is
+            return ActivationCache(dict(self), self.model, has_batch_dim=False)
+        batch = max((value.shape[0] for value in self.values() if value.ndim > 0), default=0)
+        # An entry of leading size 1 in a larger batch is broadcast over it, not one sequence's.
+        sliced = {
+            name: batch_slice.apply(value, dim=0) if value.ndim > 0 and value.shape[0] == batch else value
+            for name, value in self.items()
+        }
+        return ActivationCache(sliced, self.model, has_batch_dim=self.has_batch_dim and batch_slice.mode != "int")
+
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers

@@ -455,6 +455,28 @@ def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
         torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_slice", [1, (0, 1), [1, 0], slice(None, None, -1), None])
+def test_apply_slice_to_batch_dim_equals_transformer_lens(ref, batch_slice):
+    same_inputs, theirs = bridge_activations(ref, ref.tokens[:, :8])
+    if isinstance(batch_slice, slice):
+        batch_slice = slice(None, None, 2)  # torch tensors take no negative step; TransformerLens's neither
+    ours, expected = same_inputs.apply_slice_to_batch_dim(batch_slice), theirs.apply_slice_to_batch_dim(batch_slice)
+    assert isinstance(ours, ActivationCache) and ours.has_batch_dim == expected.has_batch_dim
+    assert ours.has_batch_dim == (not isinstance(batch_slice, int))
+    for name, value in ours.items():
+        assert torch.equal(value, expected[name]), name
+    # The helpers work on the sliced cache, its batch axis gone or shortened.
+    stack = ours.accumulated_resid(apply_ln=True, pos_slice=-1)
+    torch.testing.assert_close(stack, expected.accumulated_resid(apply_ln=True, pos_slice=-1))
+
+
+def test_apply_slice_to_batch_dim_refuses_an_unbatched_cache(ref):
+    same_inputs, _ = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
+    with pytest.raises(ValueError, match="no batch axis to slice"):
+        same_inputs.apply_slice_to_batch_dim(0)
+    assert same_inputs.apply_slice_to_batch_dim(None).has_batch_dim is False  # nothing to slice: as it was
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -11,6 +11,7 @@ This file defines, in data-flow order:
     MLP                  W_in, gelu_new, W_out                    (HF: mlp.c_fc, mlp.c_proj)
     TransformerBlock     pre-LayerNorm residual block
     Unembedding          residual stream -> logits                (HF: lm_head)
+    lm_cross_entropy_loss  next-token loss, TransformerLens's (forward's return_type="loss")
     Transformer          the whole model, a TransformerLens HookedRootModule
 
 Parameter names, shapes and hook names are TransformerLens's (W_Q is

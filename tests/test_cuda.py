@@ -45,10 +45,13 @@ def test_cuda_graph_sampling_with_a_seed_equals_eager(cuda_model):
     assert not torch.equal(graphed, generate(cuda_model, tokens, 30, cuda_graph=True, **{**kwargs, "seed": 8}))
 
 
-def test_cuda_graph_beam_search_equals_eager(cuda_model):
+@pytest.mark.parametrize("padded", [False, True], ids=["equal-length", "left-padded"])
+def test_cuda_graph_beam_search_equals_eager(cuda_model, padded):
     tokens = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(4)).cuda()
-    graphed = beam_search(cuda_model, tokens, num_beams=4, max_new_tokens=12, cuda_graph=True)
-    eager = beam_search(cuda_model, tokens, num_beams=4, max_new_tokens=12, cuda_graph=False)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], device="cuda") if padded else None
+    kwargs = {"num_beams": 4, "max_new_tokens": 12, "attention_mask": mask}
+    graphed = beam_search(cuda_model, tokens, cuda_graph=True, **kwargs)
+    eager = beam_search(cuda_model, tokens, cuda_graph=False, **kwargs)
     assert torch.equal(graphed.tokens, eager.tokens)
     torch.testing.assert_close(graphed.scores, eager.scores)
 

@@ -23,9 +23,9 @@ import torch  # noqa: E402
 from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small import (  # noqa: E402
     Transformer,
-    get_tokenizer,
     interp,  # noqa: E402
     load_model,
+    to_single_token,
     to_str_tokens,
     to_tokens,
 )
@@ -74,11 +74,11 @@ def load(args, device: torch.device) -> tuple[Transformer, str]:
     return load_model(fallback, device=device), f"{fallback} (tiny model, {args.train_steps} steps)"
 
 
-def single_token(text: str) -> int:
-    ids = get_tokenizer().encode(text)
-    if len(ids) != 1:
-        raise ValueError(f"answer {text!r} is {len(ids)} tokens; the logit difference needs single-token answers")
-    return ids[0]
+def answer_token(text: str) -> int:
+    try:
+        return to_single_token(text)
+    except ValueError as e:
+        raise ValueError(f"--answers must be single tokens, for the logit difference: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         clean, corrupted = tokens_of(args.clean, "--clean", 1), tokens_of(args.corrupted, "--corrupted", 1)
         if clean.shape != corrupted.shape:
             raise ValueError(f"--clean is {clean.shape[1]} tokens, --corrupted {corrupted.shape[1]}; they must match")
-        good, bad = (single_token(a) for a in args.answers)
+        good, bad = (answer_token(a) for a in args.answers)
         if good == bad:
             raise ValueError(
                 f"--answers {args.answers[0]!r} and {args.answers[1]!r} are the same token ({good}); their logit "

@@ -27,7 +27,15 @@ from gpt2_small.sampling import (
     stream,
     stream_text,
 )
-from gpt2_small.tokenizer import EOT_ID, get_tokenizer, to_str_tokens, to_string, to_strings, to_tokens
+from gpt2_small.tokenizer import (
+    EOT_ID,
+    get_tokenizer,
+    to_single_token,
+    to_str_tokens,
+    to_string,
+    to_strings,
+    to_tokens,
+)
 from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict, load_model
 from solution import (
     MLP,
@@ -85,6 +93,7 @@ __all__ = [
     "release_decoding_state",
     "stream",
     "stream_text",
+    "to_single_token",
     "to_str_tokens",
     "to_string",
     "to_strings",

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
-from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
+from gpt2_small.tokenizer import EOT_ID, to_single_token
 from solution import Transformer, check_device
 
 logger = logging.getLogger(__name__)
@@ -586,10 +586,10 @@ class ActivationCache(dict):
         """W_U's columns of `tokens`: [d_model] for one token, else the tokens' shape + [d_model]."""
         d_vocab = self.model.cfg.d_vocab
         if isinstance(tokens, str):
-            ids = get_tokenizer().encode(tokens, allowed_special={EOT_TOKEN})
-            if len(ids) != 1:
-                raise ValueError(f"{name}={tokens!r} is {len(ids)} tokens, {ids}; give one token, or ids")
-            tokens = ids[0]
+            try:
+                tokens = to_single_token(tokens)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}; give one token, or ids") from None
         if isinstance(tokens, bool) or not isinstance(tokens, (int, Tensor)):
             raise TypeError(f"{name} must be a token id, a str of one token or a tensor of ids, got {tokens!r}")
         ids = torch.as_tensor(tokens)

@@ -63,6 +63,19 @@ def to_tokens(
     return torch.tensor([ids], dtype=torch.long, device=device)
 
 
+def to_single_token(text: str) -> int:
+    """The id of `text` if it is exactly one token, as TransformerLens's to_single_token:
+    to_single_token(" Mary") == 5335. Text of several tokens is a ValueError naming them, where
+    to_tokens(text)[0, 0] would silently take the first."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    ids = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
+    if len(ids) != 1:
+        pieces = [get_tokenizer().decode([i]) for i in ids]
+        raise ValueError(f"{text!r} is {len(ids)} tokens, {ids} ({pieces}), not one")
+    return ids[0]
+
+
 def _decodable(tokens: Tensor | Sequence[int], caller: str, ndim: int = 1) -> list:
     """tokens as (nested) lists of ids that have text, or a ValueError/TypeError naming the one that has not.
 

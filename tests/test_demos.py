@@ -206,7 +206,10 @@ def test_interp_demo_interrupted_names_the_pngs_already_written(train_run, tmp_p
         (["--prompt", "a"], "--prompt 'a' is 1 token; it needs at least 2"),
         (["--clean", "", "--corrupted", ""], "--clean '' is 0 tokens; it needs at least 1"),
         (["--corrupted", "short"], "--clean is 14 tokens, --corrupted 1; they must match"),
-        (["--answers", " Romeo", " Julietttt"], "answer ' Julietttt' is 3 tokens; the logit difference needs"),
+        (
+            ["--answers", " Romeo", " Julietttt"],
+            "--answers must be single tokens, for the logit difference: ' Julietttt' is 3 tokens",
+        ),
         (["--train-steps", "0"], "--train-steps must be >= 1, got 0"),
     ],
 )

@@ -535,7 +535,7 @@ def test_logit_attrs_of_a_processed_model_sum_to_the_logits_less_b_U(tiny_checkp
 def test_logit_attrs_refuses_tokens_it_cannot_read(model, run, without_shape_checks):
     _, cache = run
     stack = cache.decompose_resid()
-    with pytest.raises(ValueError, match=r"tokens=' Romeo and' is 2 tokens"):
+    with pytest.raises(ValueError, match=r"tokens: ' Romeo and' is 2 tokens, \["):
         cache.logit_attrs(stack, " Romeo and")
     with pytest.raises(ValueError, match="must have the same shape"):
         cache.logit_attrs(stack, torch.tensor([1, 2]), incorrect_tokens=torch.tensor([[1, 2]]))

@@ -13,6 +13,7 @@ from gpt2_small import (
     AssetChecksumError,
     get_tokenizer,
     pad_prompts,
+    to_single_token,
     to_str_tokens,
     to_string,
     to_strings,
@@ -117,6 +118,22 @@ def test_a_device_that_is_not_here_is_named(device):
         to_tokens("Hello", device=device)
     with pytest.raises(ValueError, match=f"device '{device}'"):
         pad_prompts([[1, 2]], device=device)
+
+
+@pytest.mark.parametrize("text", [" Mary", " John", "Hello", " the", "<|endoftext|>", "\n"])
+def test_to_single_token_equals_transformer_lenss(ref, text):
+    assert to_single_token(text) == ref.bridge.to_single_token(text)
+
+
+def test_to_single_token_refuses_text_of_several_tokens_or_none(without_shape_checks):
+    with pytest.raises(
+        ValueError, match=r"^' Julietttt' is 3 tokens, \[38201, 926, 83\] \(\[' Juliet', 'tt', 't'\]\), not one$"
+    ):
+        to_single_token(" Julietttt")
+    with pytest.raises(ValueError, match="'' is 0 tokens"):
+        to_single_token("")
+    with pytest.raises(TypeError, match="text must be a str, got int"):
+        to_single_token(5335)
 
 
 def test_bad_text():

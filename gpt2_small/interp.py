@@ -56,6 +56,9 @@ _BLOCK_HOOKS = {
     "post": "mlp.hook_post",
 }
 _HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern")  # those with an n_heads axis
+# Per-layer names of the cache only: ActivationCache.compute_head_results fills them from z and W_O
+# (TransformerLens's use_attn_result hook; the model computes the heads' sum in one product instead).
+_CACHE_HOOKS = {"result": "attn.hook_result"}
 # get_act_name's other spellings of the same hooks.
 _ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
             "mlp_pre": "pre", "mlp_post": "post"}  # fmt: skip
@@ -91,18 +94,19 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
         if layer is None and layer_type is None:
             return f"hook_{name}"
         raise ValueError(f"hook {name!r} is the model's, not a layer's: pass no layer or layer_type")
-    if name not in _BLOCK_HOOKS:
-        known = sorted([*_BLOCK_HOOKS, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
+    hooks = {**_BLOCK_HOOKS, **_CACHE_HOOKS}
+    if name not in hooks:
+        known = sorted([*hooks, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
         glued = re.fullmatch(r"(\w+?)(\d+)", given)
         if glued and glued[1] in known:  # "resid_pre3": get_act_name's compact form takes no "_" either
             raise ValueError(f"unknown hook name {given!r}; give the layer apart: ({glued[1]!r}, {int(glued[2])})")
         raise ValueError(f"unknown hook name {given!r}; use a full name or one of {known}")
     if layer is None:
         raise ValueError(f"hook {name!r} is per layer: pass a layer")
-    allowed = next(types for prefix, types in _LAYER_TYPES.items() if _BLOCK_HOOKS[name].startswith(prefix))
+    allowed = next(types for prefix, types in _LAYER_TYPES.items() if hooks[name].startswith(prefix))
     if layer_type is not None and layer_type not in allowed:
         raise ValueError(f"hook {name!r} takes layer_type None or one of {allowed}, got {layer_type!r}")
-    return f"blocks.{layer}.{_BLOCK_HOOKS[name]}"
+    return f"blocks.{layer}.{hooks[name]}"
 
 
 # Which positions a cache helper keeps, as TransformerLens's Slice takes them: an int (the pos
@@ -192,6 +196,20 @@ class ActivationCache(dict):
             for name, value in self.items()
         }
         return ActivationCache(sliced, self.model, has_batch_dim=self.has_batch_dim and batch_slice.mode != "int")
+
+    def compute_head_results(self) -> None:
+        """Add each layer's per-head results, z[h] @ W_O[h] ([*batch pos n_heads d_model]), to the
+        cache as blocks.{l}.attn.hook_result, so that cache["result", l] works, as TransformerLens's
+        does. Their sum over heads plus b_O is attn_out. Layers that have them keep them."""
+        missing = [i for i in range(self.n_layers) if act_name("result", i) not in self]
+        if not missing:
+            logger.warning("compute_head_results: every layer's head results are in the cache already")
+        for i in missing:
+            self[act_name("result", i)] = einops.einsum(
+                self["z", i],
+                self.model.blocks[i].attn.W_O,
+                "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model",
+            )
 
     @property
     def n_layers(self) -> int:

@@ -79,6 +79,7 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
     _, cache = run
     ours = [
         *[(name, layer, None) for name in [*interp._BLOCK_HOOKS, *interp._ALIASES] for layer in (0, 2)],
+        ("result", 1, None), ("result", 0, "attn"), ("result2", None, None),  # compute_head_results's
         *[(name, 1, layer_type) for name in ("scale", "normalized") for layer_type in ("ln1", "ln2")],
         ("scale", None, None), ("normalized", None, None), ("embed", None, None), ("pos_embed", None, None),
         ("k", 2, "a"), ("pattern", 0, "attention"), ("pre", 1, "m"), ("resid_mid", 1, "b"), ("attn_out", 0, "block"),
@@ -91,14 +92,15 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
     for args in ours:
         name = interp.act_name(*args)
         assert name == get_act_name(*args), args
-        assert name in cache, args  # a hook this model has, not merely TransformerLens's spelling of one
+        # A hook this model has, not merely TransformerLens's spelling of one; or the cache's own.
+        assert name in cache or name.endswith(".attn.hook_result"), args
     for args, message in [
         (("scale", 1, None), "layer_type 'ln1' or 'ln2'"),
         (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
         (("k", 2, "mlp"), r"hook 'k' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'mlp'"),
         (("resid_pre", 2, "ln1"), "hook 'resid_pre' takes layer_type None or one of"),
         (("embed", 0, None), "hook 'embed' is the model's, not a layer's"),
-        (("result", 0, None), "unknown hook name 'result'"),  # TransformerLens's, with use_attn_result only
+        (("result", 0, "mlp"), r"hook 'result' takes layer_type None or one of \('a', 'attn', 'attention'\)"),
         (("scale1", None, None), "layer_type 'ln1' or 'ln2'"),  # get_act_name: a blocks.1.hook_scale nothing has
         (("z0b", None, None), r"hook 'z' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'b'"),
         (("resid_pre3", None, None), r"unknown hook name 'resid_pre3'; give the layer apart: \('resid_pre', 3\)"),
@@ -453,6 +455,33 @@ def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
     ]:
         expected = getattr(theirs, helper)(**kwargs)
         torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remove_batch_dim", [False, True], ids=["batched", "unbatched"])
+def test_compute_head_results_equals_transformer_lens_and_sums_to_attn_out(ref, remove_batch_dim, caplog):
+    tokens = ref.tokens[:1, :8] if remove_batch_dim else ref.tokens[:, :8]
+    same_inputs, theirs = bridge_activations(ref, tokens, remove_batch_dim=remove_batch_dim)
+    with pytest.raises(KeyError, match="is not in this cache"):
+        same_inputs["result", 0]  # not before it is computed
+    with torch.no_grad():
+        same_inputs.compute_head_results()
+        theirs.compute_head_results()
+    for layer in range(ref.spec.n_layer):
+        result = same_inputs["result", layer]
+        assert result.shape == (*tokens.shape[remove_batch_dim:], ref.spec.n_head, ref.spec.n_embd)
+        torch.testing.assert_close(result, theirs[f"blocks.{layer}.attn.hook_result"], rtol=1e-5, atol=1e-5)
+        attn_out = result.sum(dim=-2) + ref.model.blocks[layer].attn.b_O
+        torch.testing.assert_close(attn_out, same_inputs["attn_out", layer], rtol=1e-5, atol=1e-5)
+    kept = same_inputs["result", 0]
+    with caplog.at_level("WARNING"):
+        same_inputs.compute_head_results()  # again: nothing to do, and said so
+    assert same_inputs["result", 0] is kept and "already" in caplog.text
+
+
+def test_result_is_the_caches_name_and_no_hook_of_the_model(model, tokens):
+    # TransformerLens's spelling works for the cache; patching it would patch nothing, and says so.
+    with pytest.raises(ValueError, match="'blocks.0.attn.hook_result' is not the name of a hook point"):
+        interp.patched_logits(model, tokens, {"blocks.0.attn.hook_result": torch.zeros(1)}, "result0")
 
 
 @pytest.mark.parametrize("batch_slice", [1, (0, 1), [1, 0], slice(None, None, -1), None])

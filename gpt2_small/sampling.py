@@ -467,7 +467,7 @@ def stream(
     eos_token_id: int = EOT_ID,
     seed: int | None = None,
     use_kv_cache: bool = True,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
 ) -> Iterator[Int[Tensor, " batch"]]:
@@ -531,7 +531,7 @@ def generate(
     eos_token_id: int = EOT_ID,
     seed: int | None = None,
     use_kv_cache: bool = True,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
 ) -> Int[Tensor, "batch total_pos"]:
@@ -646,7 +646,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     eos_token_id: int = EOT_ID,
     use_kv_cache: bool = True,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
 ) -> BeamSearchOutput:

@@ -180,6 +180,21 @@ def test_beam_search_no_repeat_ngram_ignores_the_padding(small_vocab_pair):
     assert generated[0] not in theirs[1, start:].tolist()
 
 
+def test_a_boolean_attention_mask_gives_what_the_integer_one_gives(small_vocab_pair):
+    # As forward takes either; the signatures of generate, stream and beam_search once refused bool.
+    pair = small_vocab_pair
+    tokens, mask = pad_prompts([[1, 2, 3], [4, 5]], pad_id=pair.eos)
+
+    def run(given):
+        kwargs = {"attention_mask": given, "eos_token_id": pair.eos}
+        greedy = generate(pair.model, tokens, 6, temperature=0, **kwargs)
+        streamed = torch.stack(list(stream(pair.model, tokens, 6, temperature=0, stop_at_eos=False, **kwargs)), 1)
+        return greedy, streamed, beam_search(pair.model, tokens, 2, 6, **kwargs).tokens
+
+    for ours, expected in zip(run(mask.bool()), run(mask), strict=True):
+        assert torch.equal(ours, expected)
+
+
 def test_beam_search_refuses_right_padding(small_vocab_pair):
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with pytest.raises(ValueError, match="pad prompts on the left"):

@@ -457,7 +457,7 @@ def test_logits_to_keep_rejects_what_it_cannot_do():
         model(tokens, logits_to_keep=1, stop_at_layer=1)
 
 
-def test_loss_function_equals_transformer_lenss_with_and_without_padding():
+def test_loss_function_equals_transformer_lens_with_and_without_padding():
     logits = torch.randn(3, 8, 50, generator=torch.Generator().manual_seed(0))
     tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [0, 0, 0, 0, 0, 0, 1, 1]])

@@ -45,7 +45,7 @@ def assert_same_run(ours: tuple, theirs: tuple) -> None:
 
 
 @torch.no_grad()
-def test_processed_model_runs_as_transformer_lenss_processed_bridge(ref):
+def test_processed_model_runs_as_the_processed_bridge(ref):
     bridge = processed_bridge(ref.directory)
     model = process_weights(copy.deepcopy(ref.model))
     assert_same_run(model.run_with_cache(ref.tokens), bridge.run_with_cache(ref.tokens))
@@ -56,7 +56,7 @@ def test_processed_model_runs_as_transformer_lenss_processed_bridge(ref):
 
 @pytest.mark.parametrize("step", STEPS)
 @torch.no_grad()
-def test_each_step_alone_runs_as_transformer_lenss(tiny_checkpoint, step):
+def test_each_step_alone_runs_as_on_the_bridge(tiny_checkpoint, step):
     directory, _ = tiny_checkpoint
     only = {name: name == step for name in STEPS}
     tokens = torch.randint(0, 50257, (2, 11), generator=torch.Generator().manual_seed(0))

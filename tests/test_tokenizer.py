@@ -121,7 +121,7 @@ def test_a_device_that_is_not_here_is_named(device):
 
 
 @pytest.mark.parametrize("text", [" Mary", " John", "Hello", " the", "<|endoftext|>", "\n"])
-def test_to_single_token_equals_transformer_lenss(ref, text):
+def test_to_single_token_equals_the_bridges(ref, text):
     assert to_single_token(text) == ref.bridge.to_single_token(text)
 
 

@@ -602,7 +602,6 @@ class ActivationCache(dict):
 
     def _residual_directions(self, name: str, tokens: TokenChoice) -> Float[Tensor, "*token_shape d_model"]:
         """W_U's columns of `tokens`: [d_model] for one token, else the tokens' shape + [d_model]."""
-        d_vocab = self.model.cfg.d_vocab
         if isinstance(tokens, str):
             try:
                 tokens = to_single_token(tokens)
@@ -617,9 +616,7 @@ class ActivationCache(dict):
             raise ValueError(f"{name} must have at most 2 axes ([batch pos]), got shape {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"{name} is empty")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= d_vocab:
-            raise ValueError(f"{name} holds the id {low if low < 0 else high}, outside [0, d_vocab={d_vocab})")
+        _check_id_range(name, ids, self.model.cfg.d_vocab)
         W_U = self.model.unembed.W_U
         if ids.numel() == 1:  # one token, in any shape: [d_model], as TransformerLens
             return W_U[:, int(ids.reshape(()))]
@@ -701,10 +698,14 @@ def _token_ids(name: str, ids: int | Tensor, d_vocab: int, batch: int) -> Int[Te
         raise ValueError(f"{name} must be token ids (ints), got dtype {ids.dtype}")
     if ids.ndim > 1 or (ids.ndim == 1 and ids.shape[0] != batch):
         raise ValueError(f"{name} must be one token id or one per batch item ({batch}), got shape {tuple(ids.shape)}")
+    _check_id_range(name, ids, d_vocab)
+    return ids.long().expand(batch)
+
+
+def _check_id_range(name: str, ids: Tensor, d_vocab: int) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= d_vocab:
         raise ValueError(f"{name} token id {low if low < 0 else high} is outside [0, d_vocab={d_vocab})")
-    return ids.long().expand(batch)
 
 
 @torch.no_grad()

@@ -691,7 +691,7 @@ def _token_ids(name: str, ids: int | Tensor, d_vocab: int, batch: int) -> Int[Te
     if isinstance(ids, str):  # torch.as_tensor would say only "new(): invalid data type 'str'"
         raise TypeError(
             f"{name} must be a token id (int) or a tensor of ids, got the str {ids!r}; "
-            f"pass get_tokenizer().encode({ids!r})[0] if that is one token"
+            f"pass to_single_token({ids!r}), which refuses text of several tokens"
         )
     ids = torch.as_tensor(ids)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():

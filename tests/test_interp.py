@@ -621,7 +621,7 @@ def test_direct_logit_attribution_takes_no_text_for_a_token(model, run, without_
     """Before, in a user's code (no jaxtyping): torch's "new(): invalid data type 'str'"."""
     _, cache = run
     with pytest.raises(TypeError, match=r"^correct must be a token id \(int\) or a tensor of ids, got the str ' Romeo'; "
-                       r"pass get_tokenizer\(\).encode\(' Romeo'\)\[0\] if that is one token$"):  # fmt: skip
+                       r"pass to_single_token\(' Romeo'\), which refuses text of several tokens$"):  # fmt: skip
         direct_logit_attribution(model, cache, " Romeo", 7)
     with pytest.raises(TypeError, match="^incorrect must be a token id"):
         direct_logit_attribution(model, cache, 7, "x")

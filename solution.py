@@ -671,10 +671,11 @@ class Transformer(HookedRootModule):
 
     def forward(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
         *,
         attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
         kv_cache: KVCache | None = None,
+        start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         logits_to_keep: int | None = None,
         return_type: str | None = "logits",
@@ -687,6 +688,12 @@ class Transformer(HookedRootModule):
             before it, so a left-padded prompt gives the same logits as the unpadded one.
         kv_cache: a KVCache holding the earlier positions of these sequences; `tokens` are then
             only the new positions, and the cache is extended with them.
+        start_at_layer: as in TransformerLens, `tokens` is then the residual stream [batch pos
+            d_model] entering block start_at_layer (say, a patched cache["resid_pre", k]), and
+            forward runs blocks [start_at_layer, n_layers) (or to stop_at_layer), ln_final and the
+            unembedding. Negative values count from the end; n_layers runs no block. The
+            embeddings and earlier blocks, and their hooks, do not run. attention_mask still keeps
+            padding from being attended to.
         stop_at_layer: as in TransformerLens, run the embeddings and blocks [0, stop_at_layer)
             only (negative values count from the end) and return the residual stream there,
             before ln_final: 0 gives the embeddings, n_layers the last block's resid_post.
@@ -699,21 +706,27 @@ class Transformer(HookedRootModule):
             loss_per_token=True; "both", (logits, loss); None, nothing (the hooks still run, the
             unembedding does not).
         """
-        if stop_at_layer is not None:
-            self._check_stop_at_layer(stop_at_layer, kv_cache)
-        batch, pos = tokens.shape
+        for name, layer in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if layer is not None:
+                self._check_layer_bound(name, layer, kv_cache)
+        batch, pos = tokens.shape[:2]
         if logits_to_keep is not None:
             self._check_logits_to_keep(logits_to_keep, pos, stop_at_layer)
-        wants_loss = self._check_return_type(return_type, loss_per_token, pos, stop_at_layer, logits_to_keep, kv_cache)
+        wants_loss = self._check_return_type(
+            return_type, loss_per_token, pos, start_at_layer, stop_at_layer, logits_to_keep, kv_cache
+        )
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
         else:
             positions, blocked = self._dynamic_slots(attention_mask, kv_cache, batch, pos, tokens.device)
-        residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
+        if start_at_layer is None:
+            residual = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, positions))
+        else:
+            residual = tokens  # the positions were added at the embedding, which ran before
         attn_bias = None if blocked is None else attention_bias(blocked, self._scores_dtype(residual))
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for layer, block in enumerate(blocks):
-            residual = block(residual, attn_bias, kv_cache, layer)
+        # A slice of the layer indices, so negative and out-of-order bounds act as TransformerLens's.
+        for layer in range(self.cfg.n_layers)[start_at_layer:stop_at_layer]:
+            residual = self.blocks[layer](residual, attn_bias, kv_cache, layer)
         if stop_at_layer is not None:
             return residual
         if kv_cache is not None:
@@ -737,18 +750,16 @@ class Transformer(HookedRootModule):
             return torch.get_autocast_dtype(device_type)
         return residual.dtype
 
-    def _check_stop_at_layer(self, stop_at_layer: object, kv_cache: KVCache | None) -> None:
+    def _check_layer_bound(self, name: str, layer: object, kv_cache: KVCache | None) -> None:
+        """Check start_at_layer or stop_at_layer (`name`)."""
         n_layers = self.cfg.n_layers
-        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
-            raise TypeError(f"stop_at_layer must be an int or None, got {stop_at_layer!r}")
-        if not -n_layers <= stop_at_layer <= n_layers:
-            raise ValueError(
-                f"stop_at_layer={stop_at_layer} is outside [-{n_layers}, {n_layers}] (n_layers={n_layers})"
-            )
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must be an int or None, got {layer!r}")
+        if not -n_layers <= layer <= n_layers:
+            raise ValueError(f"{name}={layer} is outside [-{n_layers}, {n_layers}] (n_layers={n_layers})")
         if kv_cache is not None:
-            raise ValueError(
-                "stop_at_layer cannot be used with a kv_cache: the later layers' caches would not be filled"
-            )
+            skipped = "earlier" if name == "start_at_layer" else "later"
+            raise ValueError(f"{name} cannot be used with a kv_cache: the {skipped} layers' caches would not be filled")
 
     @staticmethod
     def _check_logits_to_keep(logits_to_keep: object, pos: int, stop_at_layer: int | None) -> None:
@@ -764,6 +775,7 @@ class Transformer(HookedRootModule):
         return_type: object,
         loss_per_token: object,
         pos: int,
+        start_at_layer: int | None,
         stop_at_layer: int | None,
         logits_to_keep: int | None,
         kv_cache: KVCache | None,
@@ -782,6 +794,11 @@ class Transformer(HookedRootModule):
             raise ValueError(f"loss_per_token=True needs return_type 'loss' or 'both', got {return_type!r}")
         if not wants_loss:
             return False
+        if start_at_layer is not None:
+            raise ValueError(
+                f"return_type={return_type!r} cannot be used with start_at_layer, whose input is a residual "
+                "stream, not the tokens to predict: take lm_cross_entropy_loss(logits, tokens)"
+            )
         if logits_to_keep is not None or kv_cache is not None:
             raise ValueError(
                 "return_type='loss' or 'both' needs every position's logits and the tokens after them: "
@@ -842,6 +859,8 @@ class Transformer(HookedRootModule):
         if tokens.dtype not in (torch.long, torch.int32):  # the index types F.embedding takes
             integer = not (tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex())
             hint = "; convert with tokens.long()" if integer else ""
+            if tokens.is_floating_point() and tokens.ndim == 3:
+                hint = "; to run from a residual stream [batch, pos, d_model], pass start_at_layer"
             raise ValueError(f"tokens must have dtype torch.long or torch.int32, got {tokens.dtype}{hint}")
         if tokens.ndim != 2:
             hint = "; for one sequence pass tokens[None]" if tokens.ndim == 1 else ""
@@ -859,14 +878,38 @@ class Transformer(HookedRootModule):
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
 
+    def check_residual(self, residual: object) -> None:
+        """As check_tokens, for the residual stream that forward takes in their place with start_at_layer."""
+        if not isinstance(residual, Tensor) or not residual.is_floating_point():
+            got = f"dtype {residual.dtype}" if isinstance(residual, Tensor) else type(residual).__name__
+            raise TypeError(
+                "with start_at_layer, forward takes the residual stream entering that block (a float tensor "
+                f"[batch, pos, d_model], e.g. cache['resid_pre', layer]) in place of tokens, got {got}"
+            )
+        d_model, n_ctx = self.cfg.d_model, self.cfg.n_ctx
+        shape = tuple(residual.shape)
+        if residual.ndim != 3 or shape[0] < 1 or not 1 <= shape[1] <= n_ctx or shape[2] != d_model:
+            raise ValueError(
+                f"the residual stream must have shape [batch, pos, d_model={d_model}] with batch >= 1 and "
+                f"1 <= pos <= n_ctx={n_ctx}, got shape {shape}"
+            )
+        if residual.dtype != self.dtype:
+            raise ValueError(
+                f"the residual stream has dtype {residual.dtype} but the model's is {self.dtype}; "
+                f"convert it with .to({self.dtype})"
+            )
+
     def check_mask_and_cache(self, tokens: Tensor, attention_mask: object, kv_cache: object) -> None:
-        """Raise ValueError/TypeError naming what is wrong with forward's attention_mask or kv_cache."""
+        """Raise ValueError/TypeError naming what is wrong with forward's attention_mask or kv_cache.
+
+        `tokens` may be the residual stream [batch pos d_model] that start_at_layer takes."""
+        batch, pos = tokens.shape[:2]
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor):
                 raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-            if attention_mask.shape != tokens.shape:
+            if attention_mask.shape != (batch, pos):
                 raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; it must match tokens, {tuple(tokens.shape)}"
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; it must match tokens, {(batch, pos)}"
                 )
             if attention_mask.is_floating_point() or attention_mask.is_complex():
                 raise ValueError(
@@ -882,7 +925,6 @@ class Transformer(HookedRootModule):
             return
         if not isinstance(kv_cache, KVCache):
             raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-        batch, pos = tokens.shape
         if kv_cache.batch != batch:
             raise ValueError(f"kv_cache holds {kv_cache.batch} sequences, but tokens has batch size {batch}")
         if _host_reads_possible(tokens) and kv_cache.length + pos > kv_cache.max_pos:
@@ -912,7 +954,7 @@ class Transformer(HookedRootModule):
                 "return_type='loss' (as in TransformerLens), or for another function, cache = "
                 "model.add_caching_hooks(incl_bwd=True), call backward() on it yourself, and model.reset_hooks()"
             )
-        if remove_batch_dim and isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[0] != 1:
+        if remove_batch_dim and isinstance(tokens, Tensor) and tokens.ndim in (2, 3) and tokens.shape[0] != 1:
             # HookedRootModule would assert this only after the forward pass
             raise ValueError(
                 f"remove_batch_dim=True needs one sequence (batch size 1), got batch size {tokens.shape[0]}"
@@ -1199,7 +1241,10 @@ def _host_reads_possible(tokens: Tensor) -> bool:
 
 def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> None:
     tokens = args[0] if args else kwargs.get("tokens")
-    model.check_tokens(tokens)
+    if kwargs.get("start_at_layer") is None:
+        model.check_tokens(tokens)
+    else:
+        model.check_residual(tokens)
     model.check_mask_and_cache(tokens, kwargs.get("attention_mask"), kwargs.get("kv_cache"))
 
 

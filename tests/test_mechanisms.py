@@ -432,6 +432,60 @@ def test_stop_at_layer_rejects_what_it_cannot_do():
     assert cache.length == 0
 
 
+def test_start_at_layer_runs_the_rest_of_the_model_from_a_residual_stream():
+    # Eager attention, as run_with_cache takes: the runs are then bit-identical (as for stop_at_layer).
+    model, tokens = tiny_model("eager"), random_tokens(2, 6)
+    logits, cache = model.run_with_cache(tokens)
+    for start in (0, 1, -1, -2):
+        resid = cache["resid_pre", start % TINY.n_layers]
+        torch.testing.assert_close(model(resid, start_at_layer=start), logits, rtol=0, atol=0, msg=str(start))
+    last = cache["resid_post", 1]
+    torch.testing.assert_close(model(last, start_at_layer=TINY.n_layers), logits, rtol=0, atol=0)
+    # With stop_at_layer, blocks [start, stop) only; none when stop <= start, as in TransformerLens.
+    middle = model(cache["resid_pre", 0], start_at_layer=0, stop_at_layer=1)
+    torch.testing.assert_close(middle, cache["resid_pre", 1], rtol=0, atol=0)
+    torch.testing.assert_close(model(last, start_at_layer=1, stop_at_layer=1), last, rtol=0, atol=0)
+    # The stream given is the one used: patch one position, and only it and later ones change.
+    patched = cache["resid_pre", 1].clone()
+    patched[:, 3] += 1.0
+    changed = (model(patched, start_at_layer=1) != logits).any(dim=-1)
+    assert changed[:, 3:].all() and not changed[:, :3].any()
+    # Only the hooks of the blocks that ran, then ln_final's and the unembedding's.
+    seen = []
+    every = [(name, lambda x, hook: seen.append(hook.name)) for name in model.hook_dict]
+    model.run_with_hooks(cache["resid_pre", 1], start_at_layer=1, fwd_hooks=every)
+    assert seen[0] == "blocks.1.hook_resid_pre" and seen[-1] == "ln_final.hook_normalized"
+    assert not any(name.startswith(("hook_embed", "hook_pos_embed", "blocks.0.")) for name in seen)
+
+
+def test_start_at_layer_rejects_what_it_cannot_do(without_shape_checks):
+    model, tokens = tiny_model(), random_tokens(2, 3)
+    resid = model(tokens, stop_at_layer=1)
+    with pytest.raises(TypeError, match=r"takes the residual stream entering that block .* got dtype torch.int64$"):
+        model(tokens, start_at_layer=1)
+    with pytest.raises(ValueError, match=r"to run from a residual stream \[batch, pos, d_model\], pass start_at_layer"):
+        model(resid)
+    with pytest.raises(ValueError, match=r"shape \[batch, pos, d_model=32\] .* got shape \(2, 3, 31\)"):
+        model(resid[..., :31], start_at_layer=1)
+    with pytest.raises(ValueError, match=r"1 <= pos <= n_ctx=16, got shape \(2, 17, 32\)"):
+        model(torch.zeros(2, 17, 32), start_at_layer=1)
+    with pytest.raises(ValueError, match=r"has dtype torch.float64 but the model's is torch.float32; convert it"):
+        model(resid.double(), start_at_layer=1)
+    with pytest.raises(ValueError, match=r"start_at_layer=3 is outside \[-2, 2\] \(n_layers=2\)"):
+        model(resid, start_at_layer=3)
+    with pytest.raises(TypeError, match="start_at_layer must be an int or None, got True"):
+        model(resid, start_at_layer=True)
+    cache = gpt2_small.KVCache.for_model(model, batch=2, max_pos=8)
+    with pytest.raises(ValueError, match="start_at_layer cannot be used with a kv_cache: the earlier layers'"):
+        model(resid, kv_cache=cache, start_at_layer=1)
+    with pytest.raises(ValueError, match=r"return_type='loss' cannot be used with start_at_layer, .* lm_cross_entropy"):
+        model(resid, start_at_layer=1, return_type="loss")
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\); it must match tokens, \(2, 3\)"):
+        model(resid, start_at_layer=1, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="remove_batch_dim=True needs one sequence .* got batch size 2"):
+        model.run_with_cache(resid, start_at_layer=1, remove_batch_dim=True)
+
+
 @pytest.mark.parametrize("keep", [1, 3])
 def test_logits_to_keep_gives_the_last_positions_logits_and_runs_ln_final_on_them_alone(keep):
     model, tokens = tiny_model(), random_tokens(2, 6)

@@ -241,3 +241,51 @@ def test_loss_gradients_cached_with_incl_bwd_equal_the_bridges(ref):
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).double().norm() / expected.double().norm())
+
+
+# --- start_at_layer: the rest of the model, from a residual stream ------------------------------
+
+
+@pytest.mark.parametrize("start", [0, 1, -1])
+def test_start_at_layer_equals_the_bridges(ref, parity, start):
+    """A residual stream that no token run gives (noise at the stream's scale) enters block
+    `start`; the logits and every hook that runs equal the bridge's, and only the hooks of blocks
+    start.. and ln_final run: not the embeddings' nor the earlier blocks'."""
+    layer = start % ref.spec.n_layer
+    scale = ref.cache[f"blocks.{layer}.hook_resid_pre"].std()
+    generator = torch.Generator().manual_seed(ref.spec.seed)
+    residual = scale * torch.randn(ref.spec.batch, ref.spec.pos, ref.spec.n_embd, generator=generator)
+    with torch.no_grad():
+        logits, cache = ref.model.run_with_cache(residual, start_at_layer=start)
+        expected_logits, expected = ref.bridge.run_with_cache(residual, start_at_layer=start)
+    ran = [name for name in hook_names(ref.spec.n_layer) if name.startswith("ln_final")]
+    ran += [f"blocks.{i}.{h}" for i in range(layer, ref.spec.n_layer) for h in BLOCK_HOOKS]
+    assert sorted(cache.keys()) == sorted(ran)
+    assert set(ran) <= set(expected.keys()) and f"blocks.{layer}.hook_resid_pre" in cache
+    if layer > 0:
+        assert f"blocks.{layer - 1}.hook_resid_post" not in expected.keys()  # the bridge's skip too
+    torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], residual, rtol=0, atol=0)
+    parity(logits, expected_logits, "start_at_layer logits", ref.spec.name)
+    for name in ran:
+        ours, theirs = cache[name], expected[name]
+        if name.endswith("hook_attn_scores"):  # -inf above the diagonal in both
+            masked = causal_mask(ref.spec.pos, ref.spec.pos, torch.device("cpu"))
+            assert torch.equal(ours[..., masked], theirs[..., masked]), name
+            ours, theirs = ours[..., ~masked], theirs[..., ~masked]
+        assert rel_error(ours, theirs) <= 1e-5, name
+
+
+def test_start_at_layer_with_left_padding_equals_the_bridges(ref):
+    """The mask still keeps padding out of attention when the run starts at a block."""
+    mask = torch.ones(ref.spec.batch, ref.spec.pos, dtype=torch.long)
+    mask[0, :5] = 0
+    generator = torch.Generator().manual_seed(ref.spec.seed)
+    residual = torch.randn(ref.spec.batch, ref.spec.pos, ref.spec.n_embd, generator=generator)
+    with torch.no_grad():
+        logits = ref.model(residual, start_at_layer=1, attention_mask=mask)
+        expected = ref.bridge(residual, start_at_layer=1, attention_mask=mask)
+        unmasked = ref.model(residual, start_at_layer=1)
+    real = mask.bool()
+    assert rel_error(logits[real], expected[real]) <= 1e-5
+    assert rel_error(logits[1], unmasked[1]) <= 1e-5  # the unpadded row is its own
+    assert rel_error(logits[0, 5:], unmasked[0, 5:]) > 1e-3  # and the padded one is not the unmasked run's

@@ -420,15 +420,17 @@ def test_stop_at_layer_returns_the_residual_stream_there():
     assert seen == ["blocks.0.hook_resid_pre"]
 
 
-def test_stop_at_layer_rejects_what_it_cannot_do():
+@pytest.mark.parametrize("name, skipped", [("stop_at_layer", "later"), ("start_at_layer", "earlier")])
+def test_layer_bounds_reject_what_they_cannot_do(name, skipped):
     model, tokens = tiny_model(), random_tokens(1, 3)
-    with pytest.raises(ValueError, match=r"stop_at_layer=3 is outside \[-2, 2\] \(n_layers=2\)"):
-        model(tokens, stop_at_layer=3)
-    with pytest.raises(TypeError, match="stop_at_layer must be an int or None, got True"):
-        model(tokens, stop_at_layer=True)
+    given = tokens if name == "stop_at_layer" else model(tokens, stop_at_layer=1)
+    with pytest.raises(ValueError, match=rf"{name}=3 is outside \[-2, 2\] \(n_layers=2\)"):
+        model(given, **{name: 3})
+    with pytest.raises(TypeError, match=f"{name} must be an int or None, got True"):
+        model(given, **{name: True})
     cache = gpt2_small.KVCache.for_model(model, batch=1, max_pos=8)
-    with pytest.raises(ValueError, match="stop_at_layer cannot be used with a kv_cache"):
-        model(tokens, kv_cache=cache, stop_at_layer=1)
+    with pytest.raises(ValueError, match=f"{name} cannot be used with a kv_cache: the {skipped} layers'"):
+        model(given, kv_cache=cache, **{name: 1})
     assert cache.length == 0
 
 
@@ -471,13 +473,6 @@ def test_start_at_layer_rejects_what_it_cannot_do(without_shape_checks):
         model(torch.zeros(2, 17, 32), start_at_layer=1)
     with pytest.raises(ValueError, match=r"has dtype torch.float64 but the model's is torch.float32; convert it"):
         model(resid.double(), start_at_layer=1)
-    with pytest.raises(ValueError, match=r"start_at_layer=3 is outside \[-2, 2\] \(n_layers=2\)"):
-        model(resid, start_at_layer=3)
-    with pytest.raises(TypeError, match="start_at_layer must be an int or None, got True"):
-        model(resid, start_at_layer=True)
-    cache = gpt2_small.KVCache.for_model(model, batch=2, max_pos=8)
-    with pytest.raises(ValueError, match="start_at_layer cannot be used with a kv_cache: the earlier layers'"):
-        model(resid, kv_cache=cache, start_at_layer=1)
     with pytest.raises(ValueError, match=r"return_type='loss' cannot be used with start_at_layer, .* lm_cross_entropy"):
         model(resid, start_at_layer=1, return_type="loss")
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\); it must match tokens, \(2, 3\)"):

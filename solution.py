@@ -1104,6 +1104,48 @@ class Transformer(HookedRootModule):
         what the head writes to the residual stream for each residual direction it attends to."""
         return FactoredMatrix(self.W_V, self.W_O)
 
+    @property
+    def all_head_labels(self) -> list[str]:
+        """ "L{layer}H{head}" for every head: the labels of a flattened (n_layers n_heads) axis."""
+        return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers) for head in range(self.cfg.n_heads)]
+
+    def all_composition_scores(self, mode: str) -> Float[Tensor, "n_layers n_heads n_layers n_heads"]:
+        """How strongly each head's output feeds each later head's queries ("Q"), keys ("K") or
+        values ("V"), as TransformerLens's (Elhage et al. 2021, "A Mathematical Framework for
+        Transformer Circuits"): ||OV_1 M_2||_F / (||OV_1||_F ||M_2||_F), where OV_1 is the earlier
+        head's and M_2 the later head's QK, QK^T or OV. [l1, h1, l2, h2] is 0 unless l1 < l2.
+        Independent random heads score about 1/sqrt(d_model) (0.036 for GPT-2 small). The LayerNorm
+        between the heads is not in the product: fold its weights in first with
+        gpt2_small.process_weights, as TransformerLens advises.
+        """
+        if mode not in ("Q", "K", "V"):
+            raise ValueError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")
+        with torch.no_grad():
+            dtype = torch.promote_types(self.dtype, torch.float32)
+            W_Q, W_K, W_V, W_O = (w.to(dtype) for w in (self.W_Q, self.W_K, self.W_V, self.W_O))
+            # The later head's matrix as A @ B: A [d_model d_head], B [d_head d_model].
+            A, B = {"Q": (W_Q, W_K.mT), "K": (W_K, W_Q.mT), "V": (W_V, W_O)}[mode]
+            # ||Q_1 X Q_2^T||_F = ||X||_F when Q_1 and Q_2 have orthonormal columns, so with W_V = Q_V R_V
+            # and B^T = Q_B R_B every norm is that of a d_head-sided matrix: OV_1 M_2 = Q_V (left @ right) Q_B^T,
+            # OV_1 = Q_V left and M_2 = right Q_B^T. No [d_model d_model] product is ever formed.
+            left = torch.linalg.qr(W_V, mode="r").R @ W_O  # [n_layers n_heads d_head d_model]
+            right = A @ torch.linalg.qr(B.mT, mode="r").R.mT  # [n_layers n_heads d_model d_head]
+            left_norm, right_norm = left.norm(dim=(-2, -1)), right.norm(dim=(-2, -1))
+            n_layers, n_heads = self.cfg.n_layers, self.cfg.n_heads
+            scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=dtype, device=left.device)
+            for layer in range(
+                n_layers - 1
+            ):  # one earlier layer at a time: [n_heads later_layers n_heads d_head d_head]
+                product = einops.einsum(
+                    left[layer],
+                    right[layer + 1 :],
+                    "head d_head d_model, later_layer later_head d_model d_head_2 "
+                    "-> head later_layer later_head d_head d_head_2",
+                )
+                norms = left_norm[layer, :, None, None] * right_norm[layer + 1 :]
+                scores[layer, :, layer + 1 :] = product.norm(dim=(-2, -1)) / norms
+        return scores
+
     # --- weights -------------------------------------------------------------------------
 
     @classmethod

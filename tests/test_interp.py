@@ -4,6 +4,7 @@ patching, induction scores and plots, on small random models and one hand-built 
 import numpy as np
 import pytest
 import torch
+from conftest import SPECS
 from PIL import Image
 from transformer_lens.utilities import get_act_name
 
@@ -332,6 +333,45 @@ def test_OV_is_what_each_head_writes_for_what_it_attends_to(model, run):
         # Each pattern row sums to 1, so the value bias reaches the output as b_V W_O, once per head.
         bias = torch.einsum("hd,hdm->m", attn.b_V, attn.W_O) + attn.b_O
         torch.testing.assert_close(written + bias, cache["attn_out", layer], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["Q", "K", "V"])
+def test_composition_scores_are_norm_ratios_of_the_materialised_products(model, mode):
+    """Against the definition, in float64 with every [d_model d_model] product formed."""
+    OV, QK = model.OV.AB.double(), model.QK.AB.double()  # [n_layers n_heads d_model d_model]
+    later = {"Q": QK, "K": QK.mT, "V": OV}[mode]
+    expected = torch.zeros(3, 4, 3, 4, dtype=torch.float64)
+    for l1, h1, l2, h2 in np.ndindex(3, 4, 3, 4):
+        if l1 < l2:
+            product = torch.linalg.matrix_norm(OV[l1, h1] @ later[l2, h2])
+            expected[l1, h1, l2, h2] = (
+                product / torch.linalg.matrix_norm(OV[l1, h1]) / torch.linalg.matrix_norm(later[l2, h2])
+            )
+    scores = model.all_composition_scores(mode)
+    assert scores.dtype == torch.float32 and not scores.requires_grad
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-7)
+    assert expected[0, :, 1:].min() > 0.05  # random heads: about 1/sqrt(d_model) = 0.18, far from 0
+
+
+def test_composition_scores_of_a_bf16_model_are_float32_and_refuse_an_unknown_mode(model, without_shape_checks):
+    half = Transformer(SMALL)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    rounded = Transformer(SMALL)
+    rounded.load_state_dict(half.state_dict())  # the bf16 weights, held in float32
+    scores = half.all_composition_scores("V")
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, rounded.all_composition_scores("V"), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="mode must be 'Q', 'K' or 'V', got 'q'"):
+        model.all_composition_scores("q")
+
+
+@pytest.mark.parametrize("ref", [SPECS[1]], ids=[SPECS[1].name], indirect=True)  # the bridge takes 30 s on GPT-2's
+def test_composition_scores_and_head_labels_equal_transformer_lens(ref):
+    assert ref.model.all_head_labels == ref.bridge.all_head_labels
+    for mode in ("Q", "K", "V"):
+        expected = ref.bridge.all_composition_scores(mode).scores
+        torch.testing.assert_close(ref.model.all_composition_scores(mode), expected, rtol=1e-5, atol=1e-6, msg=mode)
 
 
 def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
@@ -860,7 +900,7 @@ def _png_size(path) -> tuple[int, int]:
         return image.size
 
 
-@pytest.mark.parametrize("kind", ["attention", "logit_lens", "patching", "induction"])
+@pytest.mark.parametrize("kind", ["attention", "logit_lens", "patching", "induction", "composition", "composition-144"])
 def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, model, tokens):
     _, cache = run
     path = tmp_path / "sub" / f"{kind}.png"
@@ -872,8 +912,13 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
         fig = interp.plot_logit_lens(lens.log_probs_of(tokens[:, 1:])[:, 0], lens.labels, labels[1:], path=path)
     elif kind == "patching":
         fig = interp.plot_patching(torch.randn(3, 10), token_labels=labels, path=path)
-    else:
+    elif kind == "induction":
         fig = interp.plot_induction_scores(torch.rand(3, 4), path=path)
+    elif kind == "composition":
+        fig = interp.plot_composition_scores(model.all_composition_scores("K"), path=path)
+    else:  # GPT-2 small's 144 heads: a label per layer
+        fig = interp.plot_composition_scores(torch.rand(12, 12, 12, 12), mode="Q", path=path)
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [f"L{layer}" for layer in range(12)]
     width, height = fig.get_size_inches() * fig.dpi
     assert path.stat().st_size > 1000
     # Saved at the figure's own size, not cropped: 0.35 * 3 + 1.8 inches is 284.999... pixels,
@@ -897,6 +942,11 @@ def test_plots_name_values_with_the_wrong_number_of_axes(run, tmp_path, without_
         interp.plot_patching([[0.0, 1.0]], path=path)
     with pytest.raises(ValueError, match=r"scores must be a tensor \[n_layers n_heads\], got shape \(12,\)"):
         interp.plot_induction_scores(torch.rand(12), path=path)
+    axes = r"\[n_layers n_heads n_layers n_heads\]"
+    with pytest.raises(ValueError, match=rf"scores must be a tensor {axes}, got shape \(3, 4\); pass model.all_comp"):
+        interp.plot_composition_scores(torch.rand(3, 4), path=path)
+    with pytest.raises(ValueError, match=rf"scores must be {axes}, got shape \(3, 4, 2, 4\)"):
+        interp.plot_composition_scores(torch.rand(3, 4, 2, 4), path=path)
     assert not path.exists()
     interp.plot_attention_patterns(pattern[0], path=path)  # one prompt's pattern
     assert path.stat().st_size > 1000

@@ -1,5 +1,5 @@
-"""Look inside a GPT-2: attention patterns, the logit lens, induction heads and activation patching,
-written as PNGs, with the top induction heads printed.
+"""Look inside a GPT-2: attention patterns, the logit lens, induction heads, activation patching and
+K-composition, written as PNGs, with the top induction heads printed.
 
     python demos/interp_demo.py                          # train_demo checkpoint, else gpt2, else a short training run
     python demos/interp_demo.py --model gpt2             # GPT-2 small from the hub (online)
@@ -12,6 +12,7 @@ kept under <out-dir>/train and reused next time).
 """
 
 import argparse
+import copy
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from gpt2_small import (  # noqa: E402
     Transformer,
     interp,  # noqa: E402
     load_model,
+    process_weights,
     to_single_token,
     to_str_tokens,
     to_tokens,
@@ -190,6 +192,20 @@ def run(args: argparse.Namespace) -> int:
         _, clean_cache = model.run_with_cache(clean)
     dla = interp.direct_logit_attribution(model, clean_cache, good, bad)
     print("direct logit attribution, largest components:", ", ".join(f"{n} {v:+.2f}" for n, v in dla.top(5)))
+
+    # 5. K-composition: whose output the best induction head's keys read. In a model with an induction
+    # circuit those are its previous-token heads. Scored, as TransformerLens does, on weights with the
+    # LayerNorms folded in (on a copy: the loaded model stays as it is).
+    composition = process_weights(copy.deepcopy(model)).all_composition_scores("K")
+    interp.plot_composition_scores(composition, mode="K", title="K-composition scores (LayerNorms folded in)",
+                                   path=out / "composition_K.png")  # fmt: skip
+    best_head = int(top[0][0].split("H")[1])
+    if best_layer > 0:
+        readers = interp.top_heads(composition[:best_layer, :, best_layer, best_head], 3)
+        print(f"\nheads whose output {top[0][0]}'s keys read most (K-composition; random heads score about "
+              f"{cfg.d_model**-0.5:.3f}):", ", ".join(f"{n} {v:.3f}" for n, v in readers))  # fmt: skip
+    else:
+        print(f"\n{top[0][0]} is in layer 0: no earlier head's output reaches its keys")
     print(f"\nPNGs in {out}: " + ", ".join(sorted(p.name for p in out.glob("*.png"))))
     return 0
 

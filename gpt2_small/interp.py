@@ -1075,6 +1075,47 @@ def plot_induction_scores(
                     ylabel="layer", annotate=True, value_range=(0.0, 1.0))  # fmt: skip
 
 
+def plot_composition_scores(
+    scores: Float[Tensor, "n_layers n_heads n_layers n_heads"],
+    mode: str = "K",
+    title: str | None = None,
+    path: str | Path | None = None,
+):
+    """Heatmap of model.all_composition_scores(mode): the earlier (writing) head down the side, the
+    later (reading) head across. Returns the Figure.
+
+    Each head is labelled while there are at most 48; beyond that (GPT-2 small has 144) each
+    layer's block is labelled and lines part the layers. The scale starts at 0.
+    """
+    _check_values(scores, "n_layers n_heads n_layers n_heads", "scores", "pass model.all_composition_scores(mode)")
+    n_layers, n_heads = scores.shape[:2]
+    if tuple(scores.shape[2:]) != (n_layers, n_heads):
+        raise ValueError(f"scores must be [n_layers n_heads n_layers n_heads], got shape {tuple(scores.shape)}")
+    grid = einops.rearrange(scores, "layer head later_layer later_head -> (layer head) (later_layer later_head)")
+    grid = grid.detach().float().cpu().numpy()
+    n = n_layers * n_heads
+    side = min(0.3 * n + 2.0, 11.0)
+    fig = _figure(side + 1.5, side + 0.6)
+    ax = fig.subplots()
+    image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=float(grid.max()) or 1.0)
+    fig.colorbar(image, ax=ax, label=f"{mode}-composition score")
+    if n <= 48:
+        labels = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), labels, fontsize=6)
+    else:
+        middles = [layer * n_heads + (n_heads - 1) / 2 for layer in range(n_layers)]
+        ax.set_xticks(middles, [f"L{layer}" for layer in range(n_layers)], fontsize=7)
+        ax.set_yticks(middles, [f"L{layer}" for layer in range(n_layers)], fontsize=7)
+        for edge in range(1, n_layers):
+            ax.axhline(edge * n_heads - 0.5, color="0.8", linewidth=0.5)
+            ax.axvline(edge * n_heads - 0.5, color="0.8", linewidth=0.5)
+    ax.set_xlabel(f"later head (reads through its {'QK' if mode in ('Q', 'K') else 'OV'} circuit)")
+    ax.set_ylabel("earlier head (writes through its OV circuit)")
+    ax.set_title(title if title is not None else f"{mode}-composition scores")
+    return _finish(fig, path)
+
+
 __all__ = [
     "ActivationCache",
     "LogitAttribution",
@@ -1086,6 +1127,7 @@ __all__ = [
     "logit_lens",
     "patched_logits",
     "plot_attention_patterns",
+    "plot_composition_scores",
     "plot_induction_scores",
     "plot_logit_lens",
     "plot_patching",

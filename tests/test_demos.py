@@ -123,7 +123,13 @@ def test_interp_demo_writes_every_png_and_prints_the_top_induction_heads(train_r
     heads = [line.strip() for line in out.split("top induction heads")[1].splitlines()[1:6] if line.strip()]
     assert len(heads) == 4 and all(line.startswith(("L0H", "L1H")) for line in heads)  # 2 x 2 heads, best first
     pngs = sorted(p.name for p in (tmp_path / "interp").glob("*.png"))
-    assert len(pngs) == 5 and "induction_scores.png" in pngs and "logit_lens.png" in pngs, pngs
+    assert len(pngs) == 6 and {"induction_scores.png", "logit_lens.png", "composition_K.png"} <= set(pngs), pngs
+    best = heads[0].split(":")[0]
+    if best.startswith("L1"):  # the layer-0 heads its keys read, by K-composition, best first
+        readers = out.split(f"heads whose output {best}'s keys read most")[1].splitlines()[0]
+        assert readers.count("L0H") == 2 and "random heads score about 0.177" in readers, readers
+    else:
+        assert f"{best} is in layer 0: no earlier head's output reaches its keys" in out
     assert all((tmp_path / "interp" / name).stat().st_size > 1000 for name in pngs)
     assert "Traceback" not in result.stderr
 
@@ -135,7 +141,7 @@ def test_interp_demo_offline_without_a_checkpoint_trains_a_short_run_first(tmp_p
     assert result.returncode == 0, result.stderr
     assert "no train_demo checkpoint and no network for gpt2: training the tiny model for 3 steps" in result.stdout
     assert (tmp_path / "interp" / "train" / "checkpoints").is_dir()
-    assert len(list((tmp_path / "interp").glob("*.png"))) == 5
+    assert len(list((tmp_path / "interp").glob("*.png"))) == 6
 
 
 def import_demo(name: str):

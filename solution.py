@@ -1104,6 +1104,34 @@ class Transformer(HookedRootModule):
         what the head writes to the residual stream for each residual direction it attends to."""
         return FactoredMatrix(self.W_V, self.W_O)
 
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """What the biases have added to the residual stream before block `layer` (n_layers: before
+        ln_final), as TransformerLens's: every earlier b_O and, with include_mlp_biases, b_out;
+        mlp_input adds block `layer`'s own b_O (the stream its MLP reads)."""
+        n_layers = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
+            raise ValueError(f"layer must be an int in [0, n_layers={n_layers}], got {layer!r}")
+        if mlp_input and layer == n_layers:
+            raise ValueError(f"mlp_input=True needs the block's own b_O, and there is no block {layer}")
+        bias = torch.zeros_like(self.blocks[0].attn.b_O)
+        for block in self.blocks[: layer + int(mlp_input)]:
+            bias = bias + block.attn.b_O
+        if include_mlp_biases:
+            for block in self.blocks[:layer]:
+                bias = bias + block.mlp.b_out
+        return bias
+
+    def tokens_to_residual_directions(self, tokens: "str | int | Tensor") -> Float[Tensor, "*token_shape d_model"]:
+        """W_U's columns of `tokens`, as TransformerLens's: [d_model] for one token (an id, a str of
+        one token, a one-element tensor), else the tokens' shape + [d_model]. Through ln_final they
+        are the directions whose dot product with the final stream gives the logits; fold ln_final in
+        first (gpt2_small.process_weights) to read them off the stream itself."""
+        from gpt2_small.interp import residual_directions
+
+        return residual_directions(self, tokens)
+
     @property
     def all_head_labels(self) -> list[str]:
         """ "L{layer}H{head}" for every head: the labels of a flattened (n_layers n_heads) axis."""

@@ -482,7 +482,9 @@ class ActivationCache(dict):
             parts.append(finish(mlps))
             labels += mlp_labels
         embed = pos_slice.apply(self["hook_embed"], dim=-2)[None]
-        bias = torch.zeros_like(embed) + self._accumulated_bias(layer, mlp_input, include_b_out=expand_neurons)
+        bias = torch.zeros_like(embed) + self.model.accumulated_bias(
+            layer, mlp_input, include_mlp_biases=expand_neurons
+        )
         for name, part in [("embed", embed), ("pos_embed", pos_slice.apply(self["hook_pos_embed"], dim=-2)[None]),
                            ("bias", bias)]:  # fmt: skip
             parts.append(finish(part))
@@ -492,14 +494,6 @@ class ActivationCache(dict):
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
         stack = stack.squeeze(-1) if squeeze else stack
         return (stack, labels) if return_labels else stack
-
-    def _accumulated_bias(self, layer: int, mlp_input: bool, include_b_out: bool) -> Float[Tensor, " d_model"]:
-        """The sum of b_O (and b_out) of the blocks before `layer`, and layer's own b_O with mlp_input."""
-        blocks = self.model.blocks
-        bias = sum((blocks[i].attn.b_O for i in range(layer + int(mlp_input))), torch.zeros_like(blocks[0].attn.b_O))
-        if include_b_out:
-            bias = bias + sum((blocks[i].mlp.b_out for i in range(layer)), torch.zeros_like(bias))
-        return bias
 
     def _projection(self, directions: Tensor | None) -> tuple[Tensor | None, bool]:
         """project_output_onto as [d_model n_outputs], and whether it was one direction (to squeeze)."""
@@ -581,9 +575,9 @@ class ActivationCache(dict):
         b_U[tokens] (tested). Unprocessed, they leave w out, as TransformerLens warns;
         direct_logit_attribution is exact on either.
         """
-        directions = self._residual_directions("tokens", tokens)
+        directions = residual_directions(self.model, tokens, "tokens")
         if incorrect_tokens is not None:
-            incorrect = self._residual_directions("incorrect_tokens", incorrect_tokens)
+            incorrect = residual_directions(self.model, incorrect_tokens, "incorrect_tokens")
             if incorrect.shape != directions.shape:
                 raise ValueError(
                     f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape[:-1])} "
@@ -600,27 +594,32 @@ class ActivationCache(dict):
             directions = einops.rearrange(directions, "batch d_model -> batch 1 d_model")
         return (scaled * directions).sum(dim=-1)
 
-    def _residual_directions(self, name: str, tokens: TokenChoice) -> Float[Tensor, "*token_shape d_model"]:
-        """W_U's columns of `tokens`: [d_model] for one token, else the tokens' shape + [d_model]."""
-        if isinstance(tokens, str):
-            try:
-                tokens = to_single_token(tokens)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}; give one token, or ids") from None
-        if isinstance(tokens, bool) or not isinstance(tokens, (int, Tensor)):
-            raise TypeError(f"{name} must be a token id, a str of one token or a tensor of ids, got {tokens!r}")
-        ids = torch.as_tensor(tokens)
-        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"{name} must be integer token ids, got dtype {ids.dtype}")
-        if ids.ndim > 2:
-            raise ValueError(f"{name} must have at most 2 axes ([batch pos]), got shape {tuple(ids.shape)}")
-        if ids.numel() == 0:
-            raise ValueError(f"{name} is empty")
-        _check_id_range(name, ids, self.model.cfg.d_vocab)
-        W_U = self.model.unembed.W_U
-        if ids.numel() == 1:  # one token, in any shape: [d_model], as TransformerLens
-            return W_U[:, int(ids.reshape(()))]
-        return einops.rearrange(W_U[:, ids.to(W_U.device)], "d_model ... -> ... d_model")
+
+def residual_directions(
+    model: Transformer, tokens: TokenChoice, name: str = "tokens"
+) -> Float[Tensor, "*token_shape d_model"]:
+    """W_U's columns of `tokens` (model.tokens_to_residual_directions): [d_model] for one token (an
+    id, a str of one token, a one-element tensor), else the tokens' shape + [d_model]. `name` is
+    the argument's, for the messages."""
+    if isinstance(tokens, str):
+        try:
+            tokens = to_single_token(tokens)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}; give one token, or ids") from None
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, Tensor)):
+        raise TypeError(f"{name} must be a token id, a str of one token or a tensor of ids, got {tokens!r}")
+    ids = torch.as_tensor(tokens)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    if ids.ndim > 2:
+        raise ValueError(f"{name} must have at most 2 axes ([batch pos]), got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    _check_id_range(name, ids, model.cfg.d_vocab)
+    W_U = model.unembed.W_U
+    if ids.numel() == 1:  # one token, in any shape: [d_model], as TransformerLens
+        return W_U[:, int(ids.reshape(()))]
+    return einops.rearrange(W_U[:, ids.to(W_U.device)], "d_model ... -> ... d_model")
 
 
 def _as_slice(pos_slice: "PosSlice") -> Slice:

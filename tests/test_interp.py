@@ -374,6 +374,36 @@ def test_composition_scores_and_head_labels_equal_transformer_lens(ref):
         torch.testing.assert_close(ref.model.all_composition_scores(mode), expected, rtol=1e-5, atol=1e-6, msg=mode)
 
 
+def test_accumulated_bias_and_residual_directions_equal_transformer_lens(ref):
+    model, bridge = ref.model, ref.bridge
+    n_layers = ref.spec.n_layer
+    for layer in range(n_layers + 1):
+        for mlp_input in (False, True) if layer < n_layers else (False,):
+            for include_mlp_biases in (False, True):
+                args = (layer, mlp_input, include_mlp_biases)
+                ours = model.accumulated_bias(*args)
+                torch.testing.assert_close(ours, bridge.accumulated_bias(*args), rtol=1e-6, atol=1e-6, msg=str(args))
+    # Two-sided: the biases are not zero, so each argument changes the sum.
+    assert not torch.allclose(model.accumulated_bias(1), model.accumulated_bias(1, mlp_input=True))
+    assert not torch.allclose(model.accumulated_bias(1), model.accumulated_bias(1, include_mlp_biases=False))
+    ids = torch.tensor([[464, 3290], [50256, 11]])
+    for tokens in (" Mary", 464, torch.tensor(464), torch.tensor([5]), ids[0], ids):
+        expected = bridge.tokens_to_residual_directions(tokens)
+        torch.testing.assert_close(model.tokens_to_residual_directions(tokens), expected, rtol=0, atol=0)
+    assert model.tokens_to_residual_directions(ids).shape == (2, 2, ref.spec.n_embd)
+
+
+def test_accumulated_bias_and_residual_directions_refuse_what_has_no_meaning(model, without_shape_checks):
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, n_layers=3\], got 4"):
+        model.accumulated_bias(4)
+    with pytest.raises(ValueError, match="mlp_input=True needs the block's own b_O, and there is no block 3"):
+        model.accumulated_bias(3, mlp_input=True)
+    with pytest.raises(ValueError, match=r"tokens: ' Mary and' is 2 tokens"):
+        model.tokens_to_residual_directions(" Mary and")
+    with pytest.raises(ValueError, match=r"token id 101 is outside \[0, d_vocab=101\)"):
+        model.tokens_to_residual_directions(101)
+
+
 def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
     with torch.no_grad():
         _, ours = ref.model.run_with_cache(ref.tokens)

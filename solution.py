@@ -1123,7 +1123,7 @@ class Transformer(HookedRootModule):
                 bias = bias + block.mlp.b_out
         return bias
 
-    def tokens_to_residual_directions(self, tokens: "str | int | Tensor") -> Float[Tensor, "*token_shape d_model"]:
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Float[Tensor, "*token_shape d_model"]:
         """W_U's columns of `tokens`, as TransformerLens's: [d_model] for one token (an id, a str of
         one token, a one-element tensor), else the tokens' shape + [d_model]. Through ln_final they
         are the directions whose dot product with the final stream gives the logits; fold ln_final in
@@ -1134,7 +1134,7 @@ class Transformer(HookedRootModule):
 
     @property
     def all_head_labels(self) -> list[str]:
-        """ "L{layer}H{head}" for every head: the labels of a flattened (n_layers n_heads) axis."""
+        """Labels "L{layer}H{head}" of every head, in the order of a flattened (n_layers n_heads) axis."""
         return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers) for head in range(self.cfg.n_heads)]
 
     def all_composition_scores(self, mode: str) -> Float[Tensor, "n_layers n_heads n_layers n_heads"]:
@@ -1161,9 +1161,8 @@ class Transformer(HookedRootModule):
             left_norm, right_norm = left.norm(dim=(-2, -1)), right.norm(dim=(-2, -1))
             n_layers, n_heads = self.cfg.n_layers, self.cfg.n_heads
             scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=dtype, device=left.device)
-            for layer in range(
-                n_layers - 1
-            ):  # one earlier layer at a time: [n_heads later_layers n_heads d_head d_head]
+            # One earlier layer at a time, so the products are [n_heads later_layers n_heads d_head d_head].
+            for layer in range(n_layers - 1):
                 product = einops.einsum(
                     left[layer],
                     right[layer + 1 :],

@@ -71,8 +71,7 @@ def to_single_token(text: str) -> int:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     ids = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
     if len(ids) != 1:
-        pieces = [get_tokenizer().decode([i]) for i in ids]
-        raise ValueError(f"{text!r} is {len(ids)} tokens, {ids} ({pieces}), not one")
+        raise ValueError(f"{text!r} is {len(ids)} tokens, {ids} ({to_str_tokens(ids)}), not one")
     return ids[0]
 
 

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. Attention patterns of the best induction head's layer on a repeated line of text.
     tokens = prompt[:, : cfg.n_ctx].to(device)
     labels = to_str_tokens(tokens[0])
-    best_layer = int(top[0][0][1:].split("H")[0])
+    best_layer, best_head = (int(part) for part in top[0][0][1:].split("H"))  # "L{layer}H{head}"
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
     interp.plot_attention_patterns(cache["pattern", best_layer][0], labels, title=f"layer {best_layer} attention",
@@ -199,7 +199,6 @@ def run(args: argparse.Namespace) -> int:
     composition = process_weights(copy.deepcopy(model)).all_composition_scores("K")
     interp.plot_composition_scores(composition, mode="K", title="K-composition scores (LayerNorms folded in)",
                                    path=out / "composition_K.png")  # fmt: skip
-    best_head = int(top[0][0].split("H")[1])
     if best_layer > 0:
         readers = interp.top_heads(composition[:best_layer, :, best_layer, best_head], 3)
         print(f"\nheads whose output {top[0][0]}'s keys read most (K-composition; random heads score about "

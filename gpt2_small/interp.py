@@ -1104,8 +1104,9 @@ def plot_composition_scores(
         ax.set_yticks(range(n), labels, fontsize=6)
     else:
         middles = [layer * n_heads + (n_heads - 1) / 2 for layer in range(n_layers)]
-        ax.set_xticks(middles, [f"L{layer}" for layer in range(n_layers)], fontsize=7)
-        ax.set_yticks(middles, [f"L{layer}" for layer in range(n_layers)], fontsize=7)
+        layer_labels = [f"L{layer}" for layer in range(n_layers)]
+        ax.set_xticks(middles, layer_labels, fontsize=7)
+        ax.set_yticks(middles, layer_labels, fontsize=7)
         for edge in range(1, n_layers):
             ax.axhline(edge * n_heads - 0.5, color="0.8", linewidth=0.5)
             ax.axvline(edge * n_heads - 0.5, color="0.8", linewidth=0.5)

@@ -308,10 +308,12 @@ class LayerNorm(nn.Module):
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
         self.b = _zeros(cfg.d_model)
+        # Both [batch pos n_heads ...] on a block's per-head copies of the residual (see
+        # Transformer.set_use_split_qkv_input).
         self.hook_scale = HookPoint()  # [batch pos 1]
         self.hook_normalized = HookPoint()  # [batch pos d_model]
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos *n_heads d_model"]) -> Float[Tensor, "batch pos *n_heads d_model"]:
         low_precision = x.element_size() < 4
         if low_precision and not (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks()):
             return F.layer_norm(x, (self.cfg.d_model,), self.w.to(x.dtype), self.b.to(x.dtype), self.eps)
@@ -359,13 +361,19 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_pattern = HookPoint()  # [batch n_heads query_pos key_pos]
         self.hook_z = HookPoint()  # [batch pos n_heads d_head]
+        # Each head's write z[h] W_O[h], before the sum over heads: a HookPoint only while
+        # Transformer.set_use_attn_result(True) is on, as it costs n_heads x the output's memory.
+        self.hook_result: HookPoint | None = None  # [batch pos n_heads d_model]
 
     def forward(
         self,
-        x: Float[Tensor, "batch pos d_model"],
+        x: Float[Tensor, "batch pos d_model"] | Float[Tensor, "batch pos n_heads d_model"],
         attn_bias: Float[Tensor, "batch 1 pos key_pos"] | None = None,
         kv_cache: KVCache | None = None,
         layer: int = 0,
+        *,
+        key_input: Float[Tensor, "batch pos n_heads d_model"] | None = None,
+        value_input: Float[Tensor, "batch pos n_heads d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """`attn_bias` is added to the attention scores: 0 where a query may attend and the most
         negative finite value where it may not (see `attention_bias`); None means plain causal
@@ -373,7 +381,46 @@ class Attention(nn.Module):
 
         With a `kv_cache`, x holds only the new positions: their keys and values are appended
         to layer `layer` of the cache, and attention runs over all cached positions.
+
+        x is what the queries read, and the keys and values too unless key_input and value_input
+        are given. It may hold one copy per head ([batch pos n_heads d_model]: each head reads its
+        own), which TransformerBlock passes while Transformer.set_use_attn_in or
+        set_use_split_qkv_input is on; key_input and value_input are per head.
         """
+        if x.ndim == 3 and key_input is None and value_input is None:
+            q, k, v = self._project_shared(x, kv_cache, layer)
+        elif x.ndim == 3:
+            raise ValueError(
+                f"with key_input or value_input, x must also hold one copy per head, [batch pos n_heads d_model]; "
+                f"got shape {tuple(x.shape)}"
+            )
+        else:
+            q, k, v = self._project_per_head(
+                x, x if key_input is None else key_input, x if value_input is None else value_input
+            )
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(layer, k, v)
+        if self.uses_eager_path():
+            z = self._attend_eager(q, k, v, attn_bias)
+        else:
+            z = self._attend_sdpa(q, k, v, attn_bias)
+        z = self.hook_z(z)
+        if self.hook_result is not None:
+            result = self.hook_result(
+                einops.einsum(
+                    z, self.W_O, "batch pos n_heads d_head, n_heads d_head d_model -> batch pos n_heads d_model"
+                )
+            )
+            return einops.reduce(result, "batch pos n_heads d_model -> batch pos d_model", "sum") + self.b_O
+        # Summing the heads' writes is one matrix multiply over (n_heads d_head).
+        z_flat = einops.rearrange(z, "batch pos n_heads d_head -> batch pos (n_heads d_head)")
+        W_O = einops.rearrange(self.W_O, "n_heads d_head d_model -> (n_heads d_head) d_model")
+        return affine(z_flat, W_O, self.b_O)
+
+    def _project_shared(
+        self, x: Float[Tensor, "batch pos d_model"], kv_cache: KVCache | None, layer: int
+    ) -> tuple[Float[Tensor, "batch pos n_heads d_head"], ...]:
         # One matrix multiply for all three projections instead of three (fewer, larger GEMMs).
         # Weight products are `affine` (x @ W + b), einops naming the head axes around them:
         # einops.einsum spends ~35 us of host-side planning per call, which at 49 calls came to
@@ -385,19 +432,20 @@ class Attention(nn.Module):
             qkv=3,
             n_heads=self.cfg.n_heads,
         )
-        q, k, v = qkv.unbind(dim=2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        if kv_cache is not None:
-            k, v = kv_cache.extend(layer, k, v)
-        if self.uses_eager_path():
-            z = self._attend_eager(q, k, v, attn_bias)
-        else:
-            z = self._attend_sdpa(q, k, v, attn_bias)
-        z = self.hook_z(z)
-        # Summing the heads' writes is one matrix multiply over (n_heads d_head).
-        z_flat = einops.rearrange(z, "batch pos n_heads d_head -> batch pos (n_heads d_head)")
-        W_O = einops.rearrange(self.W_O, "n_heads d_head d_model -> (n_heads d_head) d_model")
-        return affine(z_flat, W_O, self.b_O)
+        return qkv.unbind(dim=2)
+
+    def _project_per_head(
+        self,
+        query_input: Float[Tensor, "batch pos n_heads d_model"],
+        key_input: Float[Tensor, "batch pos n_heads d_model"],
+        value_input: Float[Tensor, "batch pos n_heads d_model"],
+    ) -> tuple[Float[Tensor, "batch pos n_heads d_head"], ...]:
+        pattern = "batch pos n_heads d_model, n_heads d_model d_head -> batch pos n_heads d_head"
+        return tuple(
+            einops.einsum(inputs, W, pattern) + b
+            for inputs, W, b in ((query_input, self.W_Q, self.b_Q), (key_input, self.W_K, self.b_K),
+                                 (value_input, self.W_V, self.b_V))
+        )  # fmt: skip
 
     def stacked_qkv(self) -> tuple[Float[Tensor, "d_model 3*d_model"], Float[Tensor, " 3*d_model"]]:
         """W_Q, W_K, W_V side by side as one [d_model (qkv n_heads d_head)] matrix (and b_Q, b_K,
@@ -553,6 +601,14 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()  # [batch pos d_model]
         self.hook_mlp_out = HookPoint()  # [batch pos d_model]
         self.hook_resid_post = HookPoint()  # [batch pos d_model]
+        # TransformerLens's optional hooks on copies of the stream, each a HookPoint only while
+        # the Transformer's setter turns it on (see Transformer.set_use_attn_in and the others).
+        # A copy is what the branch reads, so patching it leaves the stream itself alone.
+        self.hook_attn_in: HookPoint | None = None  # [batch pos n_heads d_model]
+        self.hook_q_input: HookPoint | None = None  # [batch pos n_heads d_model]
+        self.hook_k_input: HookPoint | None = None  # [batch pos n_heads d_model]
+        self.hook_v_input: HookPoint | None = None  # [batch pos n_heads d_model]
+        self.hook_mlp_in: HookPoint | None = None  # [batch pos d_model]
 
     def forward(
         self,
@@ -562,10 +618,29 @@ class TransformerBlock(nn.Module):
         layer: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), attn_bias, kv_cache, layer))
+        if self.hook_q_input is not None:
+            # ln1 runs on each copy (its hooks fire three times, as in TransformerLens's
+            # HookedTransformer), so a patched copy is normalised as the model would.
+            query_input, key_input, value_input = (
+                self.ln1(hook(self._per_head_copy(resid_pre)))
+                for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+            )
+            attn = self.attn(query_input, attn_bias, kv_cache, layer, key_input=key_input, value_input=value_input)
+        elif self.hook_attn_in is not None:
+            attn = self.attn(self.ln1(self.hook_attn_in(self._per_head_copy(resid_pre))), attn_bias, kv_cache, layer)
+        else:
+            attn = self.attn(self.ln1(resid_pre), attn_bias, kv_cache, layer)
+        attn_out = self.hook_attn_out(attn)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_in = resid_mid if self.hook_mlp_in is None else self.hook_mlp_in(resid_mid.clone())
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _per_head_copy(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_heads d_model"]:
+        # Contiguous: its own memory, so a hook editing one copy in place edits no other.
+        return einops.repeat(
+            resid, "batch pos d_model -> batch pos n_heads d_model", n_heads=self.cfg.n_heads
+        ).contiguous()
 
 
 class Unembedding(nn.Module):
@@ -975,6 +1050,11 @@ class Transformer(HookedRootModule):
         for name in names:
             if isinstance(name, str) and name in self.hook_dict:
                 continue
+            setter = _optional_hook_setter(name, self.cfg.n_layers)
+            if setter is not None:
+                raise ValueError(
+                    f"{arg}: {name!r} is one of TransformerLens's optional hooks; it exists after model.{setter}(True)"
+                )
             close = difflib.get_close_matches(name, self.hook_dict, n=3) if isinstance(name, str) else []
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see model.hook_dict for them"
             raise ValueError(f"{arg}: {name!r} is not the name of a hook point of this model; {hint}")
@@ -996,6 +1076,56 @@ class Transformer(HookedRootModule):
     def add_caching_hooks(self, names_filter: object = None, *args, **kwargs) -> dict:
         self._check_hook_names(names_filter, "names_filter")
         return super().add_caching_hooks(names_filter, *args, **kwargs)
+
+    # --- TransformerLens's optional hooks ---------------------------------------------------
+    # As in TransformerLens, four setters add hook points that cost memory or speed, so are off by
+    # default. Off, their hook points do not exist here (not in hook_dict, so no cache has them and
+    # a hook named for one is refused), rather than existing and never firing.
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """blocks.{l}.attn.hook_result: each head's write to the stream, z[h] W_O[h], [batch pos
+        n_heads d_model]; attention's output is then their sum plus b_O (n_heads x the memory)."""
+        for block in self.blocks:
+            _set_hook_point(block.attn, "hook_result", _check_flag("use_attn_result", use_attn_result))
+        self.setup()
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """blocks.{l}.hook_q_input, hook_k_input, hook_v_input: one copy of resid_pre per head for
+        each of the queries, keys and values, [batch pos n_heads d_model], before ln1, so that one
+        head's query (or key, or value) input can be patched alone, as in path patching. ln1 then
+        runs on each copy: its hooks fire three times a forward pass, with an n_heads axis, and a
+        cache keeps the value copy's. Exclusive with set_use_attn_in."""
+        on = _check_flag("use_split_qkv_input", use_split_qkv_input)
+        if on and self.blocks[0].hook_attn_in is not None:
+            raise ValueError(
+                "use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
+                "call model.set_use_attn_in(False) first"
+            )
+        for block in self.blocks:
+            for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
+                _set_hook_point(block, name, on)
+        self.setup()
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """blocks.{l}.hook_attn_in: one copy of resid_pre per head, [batch pos n_heads d_model],
+        before ln1, read by that head's queries, keys and values alike. ln1 then runs on the copies
+        and its hooks have an n_heads axis. Exclusive with set_use_split_qkv_input."""
+        on = _check_flag("use_attn_in", use_attn_in)
+        if on and self.blocks[0].hook_q_input is not None:
+            raise ValueError(
+                "use_attn_in and use_split_qkv_input are mutually exclusive (as in TransformerLens); "
+                "call model.set_use_split_qkv_input(False) first"
+            )
+        for block in self.blocks:
+            _set_hook_point(block, "hook_attn_in", on)
+        self.setup()
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """blocks.{l}.hook_mlp_in: a copy of resid_mid, [batch pos d_model], before ln2, that the
+        MLP alone reads (patching it leaves resid_mid, and so resid_post's skip term, alone)."""
+        for block in self.blocks:
+            _set_hook_point(block, "hook_mlp_in", _check_flag("use_hook_mlp_in", use_hook_mlp_in))
+        self.setup()
 
     def num_params(self, include_unembed: bool = True) -> int:
         """Number of parameters.
@@ -1267,6 +1397,41 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise ValueError(
             f"{path} is not a complete safetensors file ({e}); it is damaged or cut short: save or download it again"
         ) from e
+
+
+# TransformerLens's optional hook points, by their name's end, and the setter that adds them.
+_OPTIONAL_HOOKS = {
+    "attn.hook_result": "set_use_attn_result",
+    "hook_attn_in": "set_use_attn_in",
+    "hook_q_input": "set_use_split_qkv_input",
+    "hook_k_input": "set_use_split_qkv_input",
+    "hook_v_input": "set_use_split_qkv_input",
+    "hook_mlp_in": "set_use_hook_mlp_in",
+}
+
+
+def _optional_hook_setter(name: object, n_layers: int) -> str | None:
+    """The setter that adds hook point `name`, if it is an optional hook of one of the n_layers blocks."""
+    parts = name.split(".", 2) if isinstance(name, str) else []
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < n_layers:
+        return _OPTIONAL_HOOKS.get(parts[2])
+    return None
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _set_hook_point(module: nn.Module, name: str, on: bool) -> None:
+    """Add HookPoint `name` to `module`, or drop it (with its hooks, permanent ones too)."""
+    hook_point = getattr(module, name)
+    if on and hook_point is None:
+        setattr(module, name, HookPoint())
+    elif not on and hook_point is not None:
+        hook_point.remove_hooks("both", including_permanent=True)
+        setattr(module, name, None)
 
 
 def check_device(device: str | torch.device) -> torch.device:

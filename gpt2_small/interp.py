@@ -55,10 +55,20 @@ _BLOCK_HOOKS = {
     "pre": "mlp.hook_pre",
     "post": "mlp.hook_post",
 }
-_HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern")  # those with an n_heads axis
-# Per-layer names of the cache only: ActivationCache.compute_head_results fills them from z and W_O
-# (TransformerLens's use_attn_result hook; the model computes the heads' sum in one product instead).
-_CACHE_HOOKS = {"result": "attn.hook_result"}
+# TransformerLens's optional per-layer hooks: the model has them once their setter is on
+# (model.set_use_attn_result(True) and the others). A cache can hold "result" without it too:
+# ActivationCache.compute_head_results fills it from z and W_O.
+_OPTIONAL_HOOKS = {
+    "result": "attn.hook_result",
+    "attn_in": "hook_attn_in",
+    "q_input": "hook_q_input",
+    "k_input": "hook_k_input",
+    "v_input": "hook_v_input",
+    "mlp_in": "hook_mlp_in",
+}
+_PER_LAYER_HOOKS = {**_BLOCK_HOOKS, **_OPTIONAL_HOOKS}
+# Those with an n_heads axis, which patching can take one head of.
+_HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern", "result", "attn_in", "q_input", "k_input", "v_input")
 # get_act_name's other spellings of the same hooks.
 _ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
             "mlp_pre": "pre", "mlp_post": "post"}  # fmt: skip
@@ -94,7 +104,7 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
         if layer is None and layer_type is None:
             return f"hook_{name}"
         raise ValueError(f"hook {name!r} is the model's, not a layer's: pass no layer or layer_type")
-    hooks = {**_BLOCK_HOOKS, **_CACHE_HOOKS}
+    hooks = _PER_LAYER_HOOKS
     if name not in hooks:
         known = sorted([*hooks, *_ALIASES, *_LN_HOOKS, "embed", "pos_embed"])
         glued = re.fullmatch(r"(\w+?)(\d+)", given)
@@ -546,6 +556,16 @@ class ActivationCache(dict):
             scale = self["scale"]
         else:
             scale = self["scale", layer, "ln2" if mlp_input else "ln1"]
+        if scale.ndim == (4 if self.has_batch_dim else 3):
+            # ln1 ran on per-head copies of the stream (set_use_split_qkv_input or set_use_attn_in).
+            # Unpatched, every head's copy has the same scale; a patched copy has its own, and
+            # then no one scale is the stream's.
+            if not torch.equal(scale, scale[..., :1, :].expand_as(scale)):
+                raise ValueError(
+                    f"layer {layer}'s ln1 scale differs between heads in this cache (a run with a per-head "
+                    f"input patched), so it is no one scale of the residual stream to divide by"
+                )
+            scale = scale[..., 0, :]
         scale = pos_slice.apply(scale, dim=-2)
         if self.has_batch_dim and batch_slice is not None:
             scale = batch_slice.apply(scale, dim=0)
@@ -767,13 +787,14 @@ def patched_logits(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Run `tokens` with activation `hook_name` replaced by source[hook_name] (at one position / head if given).
 
-    head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern). For attn_scores and
+    head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern, and the optional
+    result, attn_in, q_input, k_input, v_input, once the model has them). For attn_scores and
     pattern, pos is the query position (every key of it is patched). hook_name may be any spelling
     act_name takes ("blocks.0.attn.hook_z", "z0").
     """
     hook_name = act_name(hook_name)  # so that a plain dict source, and the hook itself, get the full name
     clean = source[hook_name]
-    if head is not None and not hook_name.endswith(tuple(f".{_BLOCK_HOOKS[h]}" for h in _HEAD_HOOKS)):
+    if head is not None and not hook_name.endswith(tuple(f".{_PER_LAYER_HOOKS[h]}" for h in _HEAD_HOOKS)):
         # Indexing [:, :, head] of a [batch pos d_model] activation would patch one residual dimension.
         raise ValueError(f"head={head} needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook_name!r}")
 
@@ -831,19 +852,20 @@ def activation_patching(
         )
     if hook is None:
         hook = "resid_pre" if by == "position" else "z"
-    if hook not in _BLOCK_HOOKS:
+    if hook not in _PER_LAYER_HOOKS:
         # A full name ("blocks.0.hook_resid_pre") would pass act_name unchanged for every layer, and
         # each row of the grid would then patch that one layer.
-        short = [k for k, v in _BLOCK_HOOKS.items() if isinstance(hook, str) and hook.endswith(f".{v}")]
+        short = [k for k, v in _PER_LAYER_HOOKS.items() if isinstance(hook, str) and hook.endswith(f".{v}")]
         raise ValueError(
-            f"hook must be a per-layer short name, one of {sorted(_BLOCK_HOOKS)}: activation_patching patches "
+            f"hook must be a per-layer short name, one of {sorted(_PER_LAYER_HOOKS)}: activation_patching patches "
             f"it in each layer in turn; got {hook!r}" + (f", so pass hook={short[0]!r}" if short else "")
         )
     if by == "head" and hook not in _HEAD_HOOKS:
         raise ValueError(f"by='head' needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook!r}")
     n_layers = model.cfg.n_layers
     names = [act_name(hook, layer) for layer in range(n_layers)]
-    _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda name: name in names)
+    # A list, not a filter function: an optional hook that is off is then refused, naming its setter.
+    _, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
     width = clean_tokens.shape[1] if by == "position" else model.cfg.n_heads
     result = torch.zeros(n_layers, width)
     cells = [(layer, i) for layer in range(n_layers) for i in range(width)]

@@ -1,6 +1,8 @@
 """The interpretability toolkit: cache helpers, logit lens, direct logit attribution, activation
 patching, induction scores and plots, on small random models and one hand-built induction circuit."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -76,25 +78,32 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         interp.act_name("resid", 0)
 
 
-def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(run):
+def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(model, run):
     _, cache = run
+    # The optional hooks' names are the model's too, once their setters are on.
+    optional = {}
+    for setters in (("set_use_attn_result", "set_use_split_qkv_input", "set_use_hook_mlp_in"), ("set_use_attn_in",)):
+        with_hooks = copy.deepcopy(model)
+        for setter in setters:
+            getattr(with_hooks, setter)(True)
+        optional.update(with_hooks.hook_dict)
     ours = [
-        *[(name, layer, None) for name in [*interp._BLOCK_HOOKS, *interp._ALIASES] for layer in (0, 2)],
-        ("result", 1, None), ("result", 0, "attn"), ("result2", None, None),  # compute_head_results's
+        *[(name, layer, None) for name in [*interp._PER_LAYER_HOOKS, *interp._ALIASES] for layer in (0, 2)],
+        ("result", 0, "attn"), ("result2", None, None), ("mlp_in", 1, "b"), ("q_input", 1, "block"),
         *[(name, 1, layer_type) for name in ("scale", "normalized") for layer_type in ("ln1", "ln2")],
         ("scale", None, None), ("normalized", None, None), ("embed", None, None), ("pos_embed", None, None),
         ("k", 2, "a"), ("pattern", 0, "attention"), ("pre", 1, "m"), ("resid_mid", 1, "b"), ("attn_out", 0, "block"),
         ("blocks.1.hook_resid_pre", None, None), ("hook_embed", None, None), ("ln_final.hook_normalized", None, None),
         # get_act_name's compact spelling, name + layer [+ layer_type], for every name without a "_"
-        *[(f"{name}{layer}", None, None) for name in [*interp._BLOCK_HOOKS, *interp._ALIASES] if "_" not in name
+        *[(f"{name}{layer}", None, None) for name in [*interp._PER_LAYER_HOOKS, *interp._ALIASES] if "_" not in name
           for layer in (0, 2)],
         ("scale1ln2", None, None), ("normalized0ln1", None, None), ("k2a", None, None), ("post1mlp", None, None),
     ]  # fmt: skip
     for args in ours:
         name = interp.act_name(*args)
         assert name == get_act_name(*args), args
-        # A hook this model has, not merely TransformerLens's spelling of one; or the cache's own.
-        assert name in cache or name.endswith(".attn.hook_result"), args
+        # A hook this model has (with its optional hooks on), not merely TransformerLens's spelling of one.
+        assert name in cache or name in optional, args
     for args, message in [
         (("scale", 1, None), "layer_type 'ln1' or 'ln2'"),
         (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
@@ -193,6 +202,32 @@ def test_decomposed_resid_sums_to_the_residual_stream(run):
     assert not torch.allclose(parts[2], torch.zeros_like(parts[2]))  # the parts are not trivially zero
     with pytest.raises(ValueError, match="nothing to decompose: layer=0, mode='attn', incl_embeds=False"):
         cache.decompose_resid(layer=0, mode="attn", incl_embeds=False)
+
+
+@pytest.mark.parametrize("setter", ["set_use_split_qkv_input", "set_use_attn_in"])
+def test_apply_ln_reads_ln1s_per_head_scale_while_the_heads_agree(model, tokens, run, setter):
+    """With per-head attention inputs, ln1's cached scale has an n_heads axis. Unpatched, the heads'
+    scales are the stream's, and normalising by them gives what it gives without; with one head's
+    copy patched they differ, and no one scale is the stream's: refused, not a head picked."""
+    _, plain = run
+    per_head = copy.deepcopy(model)
+    getattr(per_head, setter)(True)
+    with torch.no_grad():
+        _, cache = per_head.run_with_cache(tokens)
+    assert cache["scale", 1, "ln1"].shape == (*tokens.shape, SMALL.n_heads, 1)
+    for kwargs in ({"layer": 1, "apply_ln": True}, {"layer": 1, "apply_ln": True, "pos_slice": -1}):
+        torch.testing.assert_close(cache.decompose_resid(**kwargs), plain.decompose_resid(**kwargs))
+    name = "blocks.1.hook_v_input" if setter == "set_use_split_qkv_input" else "blocks.1.hook_attn_in"
+
+    def patch(x, hook):
+        x = x.clone()
+        x[:, :, 2] *= 3.0
+        return x
+
+    with torch.no_grad(), per_head.hooks(fwd_hooks=[(name, patch)]):
+        _, patched = per_head.run_with_cache(tokens)
+    with pytest.raises(ValueError, match=r"layer 1's ln1 scale differs between heads in this cache"):
+        patched.decompose_resid(layer=1, apply_ln=True)
 
 
 def test_decompose_resid_refuses_a_mode_it_does_not_know(run, without_shape_checks):
@@ -548,10 +583,27 @@ def test_compute_head_results_equals_transformer_lens_and_sums_to_attn_out(ref, 
     assert same_inputs["result", 0] is kept and "already" in caplog.text
 
 
-def test_result_is_the_caches_name_and_no_hook_of_the_model(model, tokens):
-    # TransformerLens's spelling works for the cache; patching it would patch nothing, and says so.
-    with pytest.raises(ValueError, match="'blocks.0.attn.hook_result' is not the name of a hook point"):
-        interp.patched_logits(model, tokens, {"blocks.0.attn.hook_result": torch.zeros(1)}, "result0")
+def test_patching_one_heads_result_needs_the_hook_and_equals_patching_its_z(model, tokens):
+    """Without set_use_attn_result the model has no hook_result to patch (a computed cache's
+    "result" is no hook), and says so. With it, patching head h's result from another run equals
+    patching head h's z: the head's write is z[h] W_O[h]."""
+    other = torch.randint(0, 101, tokens.shape, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"'blocks.1.attn.hook_result' is one of .* after model.set_use_attn_result"):
+        interp.patched_logits(model, tokens, {"blocks.1.attn.hook_result": torch.zeros(1)}, "result1")
+    with_result = copy.deepcopy(model)
+    with_result.set_use_attn_result(True)
+    with torch.no_grad():
+        _, source = with_result.run_with_cache(other)
+        by_result = interp.patched_logits(with_result, tokens, source, "result1", head=2)
+        by_z = interp.patched_logits(model, tokens, source, "z1", head=2)
+        clean = model(tokens)
+    torch.testing.assert_close(by_result, by_z, rtol=1e-5, atol=1e-5)
+    assert (by_result - clean).abs().max() > 1e-2
+    grid = activation_patching(with_result, other, tokens, lambda logits: logits[:, -1, 0].mean(), "result", by="head")
+    expected = activation_patching(model, other, tokens, lambda logits: logits[:, -1, 0].mean(), "z", by="head")
+    torch.testing.assert_close(grid, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"'blocks.0.hook_q_input' is one of .* model.set_use_split_qkv_input"):
+        activation_patching(model, other, tokens, lambda logits: logits.sum(), "q_input", by="head")
 
 
 @pytest.mark.parametrize("batch_slice", [1, (0, 1), [1, 0], slice(None, None, -1), None])
@@ -825,7 +877,7 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
         ValueError, match=r"patches it in each layer in turn; got 'blocks.1.attn.hook_z', so pass hook='z'"
     ):
         activation_patching(model, tokens, corrupted, restored_fraction, hook="blocks.1.attn.hook_z", by="head")
-    with pytest.raises(ValueError, match=r"one of \['attn_out', .*\]: .*; got 'hook_embed'$"):
+    with pytest.raises(ValueError, match=r"one of \['attn_in', 'attn_out', .*\]: .*; got 'hook_embed'$"):
         activation_patching(model, tokens, corrupted, restored_fraction, hook="hook_embed")
     with pytest.raises(ValueError, match="must have the same shape"):
         activation_patching(model, tokens, corrupted[:, :5], restored_fraction)

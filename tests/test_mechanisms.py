@@ -402,6 +402,149 @@ def test_backward_hooks_receive_the_gradient_of_their_activation():
         torch.testing.assert_close(grads[name], activations[name].grad, rtol=0, atol=0, msg=name)
 
 
+# --- TransformerLens's optional hooks -------------------------------------------------------
+
+OPTIONAL_SETTERS = {
+    "set_use_attn_result": ["attn.hook_result"],
+    "set_use_split_qkv_input": ["hook_q_input", "hook_k_input", "hook_v_input"],
+    "set_use_attn_in": ["hook_attn_in"],
+    "set_use_hook_mlp_in": ["hook_mlp_in"],
+}
+
+
+@pytest.mark.parametrize("setter", list(OPTIONAL_SETTERS))
+def test_optional_hooks_exist_only_while_on_and_leave_the_function_alone(setter, without_shape_checks):
+    """Off (the default), an optional hook is no hook point: naming one is refused with the setter
+    to call, rather than accepted and never fired. On, it is one and fires; off again, it is gone
+    with its hooks, permanent ones too. None of this changes the logits."""
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    logits = model(tokens)
+    name = f"blocks.1.{OPTIONAL_SETTERS[setter][0]}"
+    assert name not in model.hook_dict
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{name!r} is one of TransformerLens's optional hooks; it exists after model.{setter}(True)"),
+    ):
+        model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: None)])
+    getattr(model, setter)(True)
+    getattr(model, setter)(True)  # idempotent
+    seen = []
+    model.add_hook(name, lambda x, hook: seen.append(x.shape), is_permanent=True)
+    torch.testing.assert_close(model(tokens), logits)  # float32 rounding apart (result: a sum over heads)
+    heads = () if setter == "set_use_hook_mlp_in" else (TINY.n_heads,)
+    assert seen == [torch.Size((2, 6, *heads, TINY.d_model))]
+    getattr(model, setter)(False)
+    assert name not in model.hook_dict and not any(n.endswith(tuple(OPTIONAL_SETTERS[setter])) for n in model.hook_dict)
+    torch.testing.assert_close(model(tokens), logits, rtol=0, atol=0)
+    assert len(seen) == 1  # the permanent hook went with its hook point
+    with pytest.raises(TypeError, match=r"must be True or False, got 1"):
+        getattr(model, setter)(1)
+
+
+def test_split_qkv_input_and_attn_in_exclude_each_other():
+    model = tiny_model()
+    model.set_use_attn_in(True)
+    with pytest.raises(ValueError, match=r"mutually exclusive .* call model.set_use_attn_in\(False\) first"):
+        model.set_use_split_qkv_input(True)
+    model.set_use_attn_in(False)
+    model.set_use_split_qkv_input(True)
+    with pytest.raises(ValueError, match=r"mutually exclusive .* call model.set_use_split_qkv_input\(False\) first"):
+        model.set_use_attn_in(True)
+    assert "blocks.0.hook_q_input" in model.hook_dict and "blocks.0.hook_attn_in" not in model.hook_dict
+
+
+def test_a_split_key_input_reaches_that_heads_keys_alone():
+    """Patching head 2's copy in hook_k_input changes head 2's keys and nothing else of that layer's
+    q, k, v; editing the query copy in place (a hook returning None) leaves the key copy alone."""
+    model, tokens = tiny_model("eager"), random_tokens(2, 6)
+    model.set_use_split_qkv_input(True)
+    _, clean = model.run_with_cache(tokens)
+
+    def add(x, hook):
+        x = x.clone()
+        x[:, :, 2] += torch.randn(x[:, :, 2].shape, generator=torch.Generator().manual_seed(0))
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_k_input", add)]):
+        _, patched = model.run_with_cache(tokens)
+    changed = (patched["k", 1] != clean["k", 1]).any(dim=(0, 1, 3))
+    assert changed.tolist() == [False, False, True, False]
+    assert torch.equal(patched["q", 1], clean["q", 1]) and torch.equal(patched["v", 1], clean["v", 1])
+    assert torch.equal(patched["resid_pre", 1], clean["resid_pre", 1])
+    with model.hooks(fwd_hooks=[("blocks.0.hook_q_input", lambda x, hook: x.zero_())]):
+        _, zeroed = model.run_with_cache(tokens)
+    assert not torch.equal(zeroed["q", 0], clean["q", 0])
+    assert torch.equal(zeroed["k", 0], clean["k", 0]) and torch.equal(zeroed["v", 0], clean["v", 0])
+    # ln1 ran on each copy: per head, three times, the cache keeping the value copy's.
+    assert clean["scale", 0, "ln1"].shape == (2, 6, TINY.n_heads, 1)
+    calls = []
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.ln1.hook_scale", lambda x, hook: calls.append(1))])
+    assert len(calls) == 3
+
+
+def test_mlp_in_is_a_copy_only_the_mlp_reads():
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    model.set_use_hook_mlp_in(True)
+    _, clean = model.run_with_cache(tokens)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_mlp_in", lambda x, hook: x.mul_(2.0))]):  # in place
+        _, patched = model.run_with_cache(tokens)
+    assert torch.equal(patched["resid_mid", 0], clean["resid_mid", 0])
+    torch.testing.assert_close(patched["mlp_in", 0], 2.0 * clean["mlp_in", 0], rtol=0, atol=0)
+    assert not torch.equal(patched["mlp_out", 0], clean["mlp_out", 0])
+    torch.testing.assert_close(
+        patched["resid_post", 0], patched["resid_mid", 0] + patched["mlp_out", 0], rtol=0, atol=0
+    )
+
+
+def test_attn_result_holds_each_heads_write():
+    """hook_result is z[h] W_O[h] per head; their sum plus b_O is attn_out, and zeroing one head's
+    result removes exactly that head's write from the stream."""
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    model.set_use_attn_result(True)
+    _, cache = model.run_with_cache(tokens)
+    attn = model.blocks[1].attn
+    for head in range(TINY.n_heads):
+        torch.testing.assert_close(cache["result", 1][:, :, head], cache["z", 1][:, :, head] @ attn.W_O[head])
+    torch.testing.assert_close(cache["result", 1].sum(dim=2) + attn.b_O, cache["attn_out", 1], rtol=0, atol=0)
+
+    def ablate(x, hook):
+        x = x.clone()
+        x[:, :, 3] = 0.0
+        return x
+
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_result", ablate)]):
+        _, ablated = model.run_with_cache(tokens)
+    torch.testing.assert_close(
+        ablated["attn_out", 1], cache["attn_out", 1] - cache["result", 1][:, :, 3], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_optional_hooks_keep_cached_decoding_equal_to_the_full_run():
+    """Per-head inputs take another projection than the fused one the kv_cache keeps; decoding
+    one position at a time with them on still gives the full run's logits."""
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    model.set_use_split_qkv_input(True)
+    model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
+    full = model(tokens)
+    cache = gpt2_small.KVCache.for_model(model, batch=2, max_pos=8)
+    steps = [model(tokens[:, :5], kv_cache=cache)] + [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_refuses_a_shared_query_input_with_per_head_key_input():
+    model = tiny_model()
+    x = torch.randn(1, 3, TINY.d_model)
+    per_head = x[:, :, None].expand(-1, -1, TINY.n_heads, -1)
+    with pytest.raises(
+        ValueError, match=r"x must also hold one copy per head, \[batch pos n_heads d_model\]; got shape \(1, 3, 32\)"
+    ):
+        model.blocks[0].attn(x, key_input=per_head, value_input=per_head)
+    torch.testing.assert_close(
+        model.blocks[0].attn(per_head, key_input=per_head, value_input=per_head), model.blocks[0].attn(x)
+    )
+
+
 def test_stop_at_layer_returns_the_residual_stream_there():
     # The eager attention path, which run_with_cache also takes: the two runs are then bit-identical.
     model, tokens = tiny_model("eager"), random_tokens(2, 6)

@@ -4,6 +4,7 @@ activation patching, induction scores, and plots of each.
     logits, cache = model.run_with_cache(tokens)        # an ActivationCache (a dict of hook name -> tensor)
     cache["pattern", 3]                                 # = cache["blocks.3.attn.hook_pattern"]
     resid = cache.accumulated_resid(apply_ln=True)      # [component batch pos d_model], ln_final of each
+    print(test_prompt(model, prompt, " answer"))       # the answer's rank and the top tokens, as TransformerLens
     lens = logit_lens(model, tokens)                    # logits read off every layer's residual stream
     dla = direct_logit_attribution(model, cache, correct=tok_a, incorrect=tok_b)
     grid = activation_patching(model, clean, corrupted, metric, hook="resid_pre")  # [n_layers pos]
@@ -34,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
-from gpt2_small.tokenizer import EOT_ID, to_single_token
+from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
 from solution import Transformer, check_device
 
 logger = logging.getLogger(__name__)
@@ -686,6 +687,120 @@ def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"]) -> LogitLen
         model.unembed(flat), "(component batch) pos d_vocab -> component batch pos d_vocab", component=len(labels)
     )
     return LogitLens(logits, labels)
+
+
+# --- how a prompt's answer fares -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    token: str  # as to_str_tokens gives it
+    rank: int  # 0 for the most likely next token: how many tokens have a larger logit
+    logit: float
+    prob: float
+
+
+@dataclass(frozen=True)
+class PromptTest:
+    """What test_prompt found; str() lays it out as TransformerLens's test_prompt prints it."""
+
+    prompt_str_tokens: list[str]
+    answer_str_tokens: list[list[str]]  # one list per answer (several answers: their first tokens)
+    answers: list[list[TokenScore]]  # per answer position, each answer's token there
+    top: list[list[TokenScore]]  # per answer position, the top_k next tokens (of the first answer's run)
+
+    @property
+    def ranks(self) -> list[list[tuple[str, int]]]:
+        """Per answer position, (token, rank) of each answer's token there."""
+        return [[(score.token, score.rank) for score in position] for position in self.answers]
+
+    def __str__(self) -> str:
+        several = len(self.answer_str_tokens) > 1
+        lines = [f"Tokenized prompt: {self.prompt_str_tokens}"]
+        lines.append(
+            f"Tokenized answers: {self.answer_str_tokens}"
+            if several
+            else f"Tokenized answer: {self.answer_str_tokens[0]}"
+        )
+        for answers, top in zip(self.answers, self.top, strict=True):
+            lines.append(f"Performance on answer token{'s' if several else ''}:")
+            lines += [
+                f"Rank: {a.rank: <8} Logit: {a.logit:5.2f} Prob: {a.prob:6.2%} Token: |{a.token}|" for a in answers
+            ]
+            lines += [
+                f"Top {i}th token. Logit: {t.logit:5.2f} Prob: {t.prob:6.2%} Token: |{t.token}|"
+                for i, t in enumerate(top)
+            ]
+        ranks = self.ranks if several else [position[0] for position in self.ranks]
+        lines.append(f"Ranks of the answer tokens: {ranks}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def test_prompt(
+    model: Transformer,
+    prompt: str,
+    answer: str | Sequence[str],
+    *,
+    prepend_space_to_answer: bool = True,
+    prepend_bos: bool = True,
+    top_k: int = 10,
+) -> PromptTest:
+    """How likely the model finds `answer` after `prompt`, as TransformerLens's test_prompt (same
+    arguments but the model first), returned rather than printed: print(test_prompt(...)) prints
+    what TransformerLens prints.
+
+    A one-string answer may take several tokens: each is scored at its position, the earlier answer
+    tokens given (teacher forcing). Several answers are scored by their first tokens, as
+    alternatives for the next token. A space is put before an answer that has none, unless
+    prepend_space_to_answer=False. prepend_bos puts <|endoftext|> before the prompt (TransformerLens's
+    default for GPT-2).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    answers = [answer] if isinstance(answer, str) else list(answer) if isinstance(answer, Sequence) else None
+    if not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ValueError(f"answer must be a non-empty str or a non-empty list of them, got {answer!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= model.cfg.d_vocab:
+        raise ValueError(f"top_k must be an int in [0, d_vocab={model.cfg.d_vocab}], got {top_k!r}")
+    if prepend_space_to_answer:
+        answers = [a if a.startswith(" ") else " " + a for a in answers]
+    prompt_tokens = to_tokens(prompt, prepend_bos=prepend_bos, device=model.device)
+    answer_ids = [to_tokens(a)[0] for a in answers]
+    if len(answers) > 1:
+        answer_ids = [ids[:1] for ids in answer_ids]  # alternatives for one next token
+    answer_ids = torch.stack(answer_ids).to(model.device)
+    tokens = torch.cat([prompt_tokens.expand(len(answers), -1), answer_ids], dim=1)
+    logits = model(tokens).float()
+    n_prompt = prompt_tokens.shape[1]
+    answer_str_tokens = [to_str_tokens(ids) for ids in answer_ids.tolist()]
+    scores, top = [], []
+    for index in range(n_prompt, tokens.shape[1]):
+        next_logits = logits[:, index - 1]  # the model predicts the next token
+        probs = next_logits.softmax(dim=-1)
+        position = []
+        for row, target in enumerate(tokens[:, index].tolist()):
+            rank = int((next_logits[row] > next_logits[row, target]).sum())
+            position.append(
+                TokenScore(
+                    answer_str_tokens[row][index - n_prompt],
+                    rank,
+                    float(next_logits[row, target]),
+                    float(probs[row, target]),
+                )
+            )
+        scores.append(position)
+        best = next_logits[0].topk(top_k).indices.tolist()
+        top.append(
+            [
+                TokenScore(to_string([i]), rank, float(next_logits[0, i]), float(probs[0, i]))
+                for rank, i in enumerate(best)
+            ]
+        )
+    return PromptTest(to_str_tokens(prompt_tokens[0]), answer_str_tokens, scores, top)
+
+
+test_prompt.__test__ = False  # a TransformerLens name, not a test: pytest must not collect it where imported
 
 
 # --- direct logit attribution ------------------------------------------------------------------

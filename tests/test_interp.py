@@ -9,8 +9,9 @@ import torch
 from conftest import SPECS
 from PIL import Image
 from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities import test_prompt as tl_test_prompt
 
-from gpt2_small import Transformer, TransformerConfig, interp, process_weights
+from gpt2_small import Transformer, TransformerConfig, interp, process_weights, to_tokens
 from gpt2_small.interp import (
     ActivationCache,
     activation_patching,
@@ -18,6 +19,7 @@ from gpt2_small.interp import (
     induction_score,
     logit_lens,
     patched_logits,
+    test_prompt,  # imported here, it is also checked not to be collected as a test
 )
 
 SMALL = TransformerConfig(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, d_vocab=101, n_ctx=24, init_range=0.3)
@@ -694,6 +696,75 @@ def test_logit_attrs_refuses_tokens_it_cannot_read(model, run, without_shape_che
         cache.logit_attrs(stack, model.cfg.d_vocab)
     with pytest.raises(TypeError, match="integer token ids, got dtype torch.float32"):
         cache.logit_attrs(stack, torch.tensor([1.0, 2.0]))
+
+
+# --- test_prompt ---------------------------------------------------------------------------------
+
+
+class LogitsOf:
+    """TransformerLens's test_prompt reads a model through these: the bridge's tokenization (its
+    BOS and answer handling are then TransformerLens's own) and our model's logits, so that its
+    printout and ours are of the same numbers, to the last printed digit on any machine."""
+
+    def __init__(self, bridge, model):
+        self.bridge, self.model = bridge, model
+
+    def __getattr__(self, name):  # to_tokens, to_str_tokens, to_string
+        return getattr(self.bridge, name)
+
+    def __call__(self, tokens):
+        return self.model(tokens)
+
+
+@pytest.mark.parametrize("ref", [SPECS[1]], ids=[SPECS[1].name], indirect=True)
+@pytest.mark.parametrize(
+    "prompt, answer, kwargs",
+    [
+        ("The cat sat on the", "mat", {}),
+        ("Hello there my", "good old friend", {"top_k": 3}),  # one answer of three tokens
+        ("One two", ["three", "four", " 3"], {}),  # alternatives for the next token
+        ("I said", "hello", {"prepend_space_to_answer": False, "prepend_bos": False, "top_k": 0}),
+    ],
+)
+def test_test_prompt_prints_what_transformer_lens_prints(ref, capsys, prompt, answer, kwargs):
+    tl_test_prompt(prompt, answer, LogitsOf(ref.bridge, ref.model), **kwargs)
+    theirs = capsys.readouterr().out
+    report = test_prompt(ref.model, prompt, answer, **kwargs)
+    # rich wraps TransformerLens's long lines at 80 columns: compare word by word
+    assert str(report).split() == theirs.split()
+    assert str(report).count("Performance on answer token") == len(report.answers) == len(report.top)
+
+
+def test_test_prompt_scores_each_answer_token_from_the_logits_before_it(without_shape_checks):
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, init_range=0.5)
+    model = Transformer(cfg).eval()
+    report = test_prompt(model, "Once upon", "a time", top_k=4)
+    tokens = to_tokens("<|endoftext|>Once upon a time")
+    assert report.prompt_str_tokens == ["<|endoftext|>", "Once", " upon"]
+    assert report.answer_str_tokens == [[" a", " time"]]
+    with torch.no_grad():
+        logits = model(tokens)[0]
+    for i, (answers, top) in enumerate(zip(report.answers, report.top, strict=True)):
+        before, target = logits[2 + i], int(tokens[0, 3 + i])  # the logits of the position before the token
+        (score,) = answers
+        assert score.rank == int((before > before[target]).sum()) and score.rank > 0
+        assert score.logit == pytest.approx(float(before[target]), abs=1e-6)
+        assert score.prob == pytest.approx(float(before.softmax(-1)[target]), rel=1e-5)
+        assert [t.rank for t in top] == [0, 1, 2, 3] and top[0].logit == pytest.approx(float(before.max()))
+        assert [t.logit for t in top] == sorted((t.logit for t in top), reverse=True)
+    assert report.ranks == [[(" a", report.answers[0][0].rank)], [(" time", report.answers[1][0].rank)]]
+    for kwargs, error, message in [
+        ({"answer": ""}, ValueError, "answer must be a non-empty str or a non-empty list of them, got ''"),
+        ({"answer": []}, ValueError, r"answer must be .*, got \[\]"),
+        ({"answer": 3}, ValueError, "answer must be .*, got 3"),
+        ({"top_k": -1}, ValueError, r"top_k must be an int in \[0, d_vocab=50257\], got -1"),
+        ({"top_k": 2.0}, ValueError, "top_k must be an int"),
+        ({"prompt": ["a"]}, TypeError, "prompt must be a str, got list"),
+        ({"answer": "a" + " b" * 20}, ValueError, r"sequence length 24 must be in \[1, n_ctx=16\]"),
+    ]:
+        with pytest.raises(error, match=message):
+            test_prompt(model, **{"prompt": "Once upon", "answer": "a time", **kwargs})
 
 
 # --- logit lens and direct logit attribution -----------------------------------------------

@@ -1086,7 +1086,7 @@ class Transformer(HookedRootModule):
         """blocks.{l}.attn.hook_result: each head's write to the stream, z[h] W_O[h], [batch pos
         n_heads d_model]; attention's output is then their sum plus b_O (n_heads x the memory)."""
         for block in self.blocks:
-            _set_hook_point(block.attn, "hook_result", _check_flag("use_attn_result", use_attn_result))
+            _set_hook_point(block.attn, "hook_result", check_flag("use_attn_result", use_attn_result))
         self.setup()
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
@@ -1095,7 +1095,7 @@ class Transformer(HookedRootModule):
         head's query (or key, or value) input can be patched alone, as in path patching. ln1 then
         runs on each copy: its hooks fire three times a forward pass, with an n_heads axis, and a
         cache keeps the value copy's. Exclusive with set_use_attn_in."""
-        on = _check_flag("use_split_qkv_input", use_split_qkv_input)
+        on = check_flag("use_split_qkv_input", use_split_qkv_input)
         if on and self.blocks[0].hook_attn_in is not None:
             raise ValueError(
                 "use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
@@ -1110,7 +1110,7 @@ class Transformer(HookedRootModule):
         """blocks.{l}.hook_attn_in: one copy of resid_pre per head, [batch pos n_heads d_model],
         before ln1, read by that head's queries, keys and values alike. ln1 then runs on the copies
         and its hooks have an n_heads axis. Exclusive with set_use_split_qkv_input."""
-        on = _check_flag("use_attn_in", use_attn_in)
+        on = check_flag("use_attn_in", use_attn_in)
         if on and self.blocks[0].hook_q_input is not None:
             raise ValueError(
                 "use_attn_in and use_split_qkv_input are mutually exclusive (as in TransformerLens); "
@@ -1124,7 +1124,7 @@ class Transformer(HookedRootModule):
         """blocks.{l}.hook_mlp_in: a copy of resid_mid, [batch pos d_model], before ln2, that the
         MLP alone reads (patching it leaves resid_mid, and so resid_post's skip term, alone)."""
         for block in self.blocks:
-            _set_hook_point(block, "hook_mlp_in", _check_flag("use_hook_mlp_in", use_hook_mlp_in))
+            _set_hook_point(block, "hook_mlp_in", check_flag("use_hook_mlp_in", use_hook_mlp_in))
         self.setup()
 
     def num_params(self, include_unembed: bool = True) -> int:
@@ -1418,7 +1418,8 @@ def _optional_hook_setter(name: object, n_layers: int) -> str | None:
     return None
 
 
-def _check_flag(name: str, value: object) -> bool:
+def check_flag(name: str, value: object) -> bool:
+    """`value`, or a TypeError naming `name` if it is not a bool (1 and None are not taken for one)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value

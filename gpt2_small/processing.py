@@ -31,7 +31,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import Transformer
+from solution import Transformer, check_flag
 
 
 def _fold_ln_into(weights: dict[str, Tensor], ln: str, readers: list[tuple[str, str, str]]) -> None:
@@ -90,11 +90,6 @@ def _fold_value_biases(weights: dict[str, Tensor], n_layers: int, recentre: bool
         weights[attn + "b_V"] = torch.zeros_like(b_V)
 
 
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
 @torch.no_grad()
 def process_weights(
     model: Transformer,
@@ -118,7 +113,7 @@ def process_weights(
         ("center_unembed", center_unembed),
         ("fold_value_biases", fold_value_biases),
     ]:
-        _check_flag(name, value)
+        check_flag(name, value)
     W_E, W_U = model.embed.W_E, model.unembed.W_U
     if W_E.untyped_storage().data_ptr() == W_U.untyped_storage().data_ptr():
         # Rewritten in place, a tied W_U would be rewritten twice, once as W_E.

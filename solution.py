@@ -1085,9 +1085,7 @@ class Transformer(HookedRootModule):
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """blocks.{l}.attn.hook_result: each head's write to the stream, z[h] W_O[h], [batch pos
         n_heads d_model]; attention's output is then their sum plus b_O (n_heads x the memory)."""
-        for block in self.blocks:
-            _set_hook_point(block.attn, "hook_result", check_flag("use_attn_result", use_attn_result))
-        self.setup()
+        self._set_optional_hooks("use_attn_result", use_attn_result, ["attn.hook_result"])
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
         """blocks.{l}.hook_q_input, hook_k_input, hook_v_input: one copy of resid_pre per head for
@@ -1095,36 +1093,41 @@ class Transformer(HookedRootModule):
         head's query (or key, or value) input can be patched alone, as in path patching. ln1 then
         runs on each copy: its hooks fire three times a forward pass, with an n_heads axis, and a
         cache keeps the value copy's. Exclusive with set_use_attn_in."""
-        on = check_flag("use_split_qkv_input", use_split_qkv_input)
-        if on and self.blocks[0].hook_attn_in is not None:
-            raise ValueError(
-                "use_split_qkv_input and use_attn_in are mutually exclusive (as in TransformerLens); "
-                "call model.set_use_attn_in(False) first"
-            )
-        for block in self.blocks:
-            for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
-                _set_hook_point(block, name, on)
-        self.setup()
+        names = ["hook_q_input", "hook_k_input", "hook_v_input"]
+        self._set_optional_hooks("use_split_qkv_input", use_split_qkv_input, names, excludes="use_attn_in")
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
         """blocks.{l}.hook_attn_in: one copy of resid_pre per head, [batch pos n_heads d_model],
         before ln1, read by that head's queries, keys and values alike. ln1 then runs on the copies
         and its hooks have an n_heads axis. Exclusive with set_use_split_qkv_input."""
-        on = check_flag("use_attn_in", use_attn_in)
-        if on and self.blocks[0].hook_q_input is not None:
-            raise ValueError(
-                "use_attn_in and use_split_qkv_input are mutually exclusive (as in TransformerLens); "
-                "call model.set_use_split_qkv_input(False) first"
-            )
-        for block in self.blocks:
-            _set_hook_point(block, "hook_attn_in", on)
-        self.setup()
+        self._set_optional_hooks("use_attn_in", use_attn_in, ["hook_attn_in"], excludes="use_split_qkv_input")
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """blocks.{l}.hook_mlp_in: a copy of resid_mid, [batch pos d_model], before ln2, that the
         MLP alone reads (patching it leaves resid_mid, and so resid_post's skip term, alone)."""
+        self._set_optional_hooks("use_hook_mlp_in", use_hook_mlp_in, ["hook_mlp_in"])
+
+    def _set_optional_hooks(self, flag: str, value: object, names: list[str], excludes: str | None = None) -> None:
+        """Add (value True) or drop the hook points `names` (as "hook_mlp_in", "attn.hook_result")
+        of every block; dropped, with their hooks, permanent ones too."""
+        on = check_flag(flag, value)
+        # The two per-head forks of resid_pre: a block makes one or the other.
+        first_hook = {"use_attn_in": "hook_attn_in", "use_split_qkv_input": "hook_q_input"}
+        if on and excludes is not None and getattr(self.blocks[0], first_hook[excludes]) is not None:
+            raise ValueError(
+                f"{flag} and {excludes} are mutually exclusive (as in TransformerLens); "
+                f"call model.set_{excludes}(False) first"
+            )
         for block in self.blocks:
-            _set_hook_point(block, "hook_mlp_in", check_flag("use_hook_mlp_in", use_hook_mlp_in))
+            for name in names:
+                owner, _, attr = name.rpartition(".")
+                module = block.get_submodule(owner) if owner else block
+                hook_point = getattr(module, attr)
+                if on and hook_point is None:
+                    setattr(module, attr, HookPoint())
+                elif not on and hook_point is not None:
+                    hook_point.remove_hooks("both", including_permanent=True)
+                    setattr(module, attr, None)
         self.setup()
 
     def num_params(self, include_unembed: bool = True) -> int:
@@ -1423,16 +1426,6 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def _set_hook_point(module: nn.Module, name: str, on: bool) -> None:
-    """Add HookPoint `name` to `module`, or drop it (with its hooks, permanent ones too)."""
-    hook_point = getattr(module, name)
-    if on and hook_point is None:
-        setattr(module, name, HookPoint())
-    elif not on and hook_point is not None:
-        hook_point.remove_hooks("both", including_permanent=True)
-        setattr(module, name, None)
 
 
 def check_device(device: str | torch.device) -> torch.device:

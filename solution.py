@@ -1085,7 +1085,7 @@ class Transformer(HookedRootModule):
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """blocks.{l}.attn.hook_result: each head's write to the stream, z[h] W_O[h], [batch pos
         n_heads d_model]; attention's output is then their sum plus b_O (n_heads x the memory)."""
-        self._set_optional_hooks("use_attn_result", use_attn_result, ["attn.hook_result"])
+        self._set_optional_hooks("use_attn_result", use_attn_result)
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
         """blocks.{l}.hook_q_input, hook_k_input, hook_v_input: one copy of resid_pre per head for
@@ -1093,33 +1093,30 @@ class Transformer(HookedRootModule):
         head's query (or key, or value) input can be patched alone, as in path patching. ln1 then
         runs on each copy: its hooks fire three times a forward pass, with an n_heads axis, and a
         cache keeps the value copy's. Exclusive with set_use_attn_in."""
-        names = ["hook_q_input", "hook_k_input", "hook_v_input"]
-        self._set_optional_hooks("use_split_qkv_input", use_split_qkv_input, names, excludes="use_attn_in")
+        self._set_optional_hooks("use_split_qkv_input", use_split_qkv_input, excludes="use_attn_in")
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
         """blocks.{l}.hook_attn_in: one copy of resid_pre per head, [batch pos n_heads d_model],
         before ln1, read by that head's queries, keys and values alike. ln1 then runs on the copies
         and its hooks have an n_heads axis. Exclusive with set_use_split_qkv_input."""
-        self._set_optional_hooks("use_attn_in", use_attn_in, ["hook_attn_in"], excludes="use_split_qkv_input")
+        self._set_optional_hooks("use_attn_in", use_attn_in, excludes="use_split_qkv_input")
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         """blocks.{l}.hook_mlp_in: a copy of resid_mid, [batch pos d_model], before ln2, that the
         MLP alone reads (patching it leaves resid_mid, and so resid_post's skip term, alone)."""
-        self._set_optional_hooks("use_hook_mlp_in", use_hook_mlp_in, ["hook_mlp_in"])
+        self._set_optional_hooks("use_hook_mlp_in", use_hook_mlp_in)
 
-    def _set_optional_hooks(self, flag: str, value: object, names: list[str], excludes: str | None = None) -> None:
-        """Add (value True) or drop the hook points `names` (as "hook_mlp_in", "attn.hook_result")
-        of every block; dropped, with their hooks, permanent ones too."""
+    def _set_optional_hooks(self, flag: str, value: object, excludes: str | None = None) -> None:
+        """Add (value True) or drop the hook points that set_{flag} governs (OPTIONAL_HOOKS) in every
+        block; dropped, with their hooks, permanent ones too. `excludes`: a flag that must be off."""
         on = check_flag(flag, value)
-        # The two per-head forks of resid_pre: a block makes one or the other.
-        first_hook = {"use_attn_in": "hook_attn_in", "use_split_qkv_input": "hook_q_input"}
-        if on and excludes is not None and getattr(self.blocks[0], first_hook[excludes]) is not None:
+        if on and excludes is not None and getattr(self.blocks[0], _optional_hooks_of(excludes)[0]) is not None:
             raise ValueError(
                 f"{flag} and {excludes} are mutually exclusive (as in TransformerLens); "
                 f"call model.set_{excludes}(False) first"
             )
         for block in self.blocks:
-            for name in names:
+            for name in _optional_hooks_of(flag):
                 owner, _, attr = name.rpartition(".")
                 module = block.get_submodule(owner) if owner else block
                 hook_point = getattr(module, attr)
@@ -1402,8 +1399,8 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         ) from e
 
 
-# TransformerLens's optional hook points, by their name's end, and the setter that adds them.
-_OPTIONAL_HOOKS = {
+# TransformerLens's optional hook points, by their name in a block, and the setter that adds them.
+OPTIONAL_HOOKS = {
     "attn.hook_result": "set_use_attn_result",
     "hook_attn_in": "set_use_attn_in",
     "hook_q_input": "set_use_split_qkv_input",
@@ -1417,8 +1414,13 @@ def _optional_hook_setter(name: object, n_layers: int) -> str | None:
     """The setter that adds hook point `name`, if it is an optional hook of one of the n_layers blocks."""
     parts = name.split(".", 2) if isinstance(name, str) else []
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < n_layers:
-        return _OPTIONAL_HOOKS.get(parts[2])
+        return OPTIONAL_HOOKS.get(parts[2])
     return None
+
+
+def _optional_hooks_of(flag: str) -> list[str]:
+    """The hook points, by their name in a block, that set_{flag} governs."""
+    return [name for name, setter in OPTIONAL_HOOKS.items() if setter == f"set_{flag}"]
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import Transformer, check_device
+from solution import OPTIONAL_HOOKS, Transformer, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,7 @@ _BLOCK_HOOKS = {
 # TransformerLens's optional per-layer hooks: the model has them once their setter is on
 # (model.set_use_attn_result(True) and the others). A cache can hold "result" without it too:
 # ActivationCache.compute_head_results fills it from z and W_O.
-_OPTIONAL_HOOKS = {
-    "result": "attn.hook_result",
-    "attn_in": "hook_attn_in",
-    "q_input": "hook_q_input",
-    "k_input": "hook_k_input",
-    "v_input": "hook_v_input",
-    "mlp_in": "hook_mlp_in",
-}
+_OPTIONAL_HOOKS = {name.rpartition("hook_")[2]: name for name in OPTIONAL_HOOKS}  # "result": "attn.hook_result"
 _PER_LAYER_HOOKS = {**_BLOCK_HOOKS, **_OPTIONAL_HOOKS}
 # Those with an n_heads axis, which patching can take one head of.
 _HEAD_HOOKS = ("q", "k", "v", "z", "attn_scores", "pattern", "result", "attn_in", "q_input", "k_input", "v_input")

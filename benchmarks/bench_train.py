@@ -7,6 +7,7 @@ embeddings, fused c_attn, SDPA is_causal), since issue 3's goal is stated agains
     python benchmarks/bench_train.py --variants ours,hf   # eager only
     python benchmarks/bench_train.py --variants ours-padded-compiled-graphs   # + CUDA graphs
     python benchmarks/bench_train.py --variants ours-padded-fusedloss-compiled,hf-padded-compiled
+    python benchmarks/bench_train.py --variants ours-padded-cudnn-compiled,nanogpt-padded-flash-compiled
 
 One training step = forward, next-token cross-entropy, backward, fused AdamW step. Prints a table
 of tokens/s and MFU and appends it to benchmarks/RESULTS.md with the device and date. Tokens/s,
@@ -18,6 +19,9 @@ defaults shrink (B=2, T=128, eager only) so the script finishes; the ratio to HF
 `-fusedloss` (ours only) computes the loss as the trainer does by default: the model up to its
 last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never stores the logits
 when it runs eagerly (compiled, it keeps as much as the plain loss: see its docstring).
+`-flash` and `-cudnn` pin every peer's F.scaled_dot_product_attention to that kernel (torch
+prefers cuDNN's on an H100 in some versions and FlashAttention 2 in others); profile_train.py
+shows which kernels a variant ran and how long each kind took.
 
 MFU counts 6 FLOPs per parameter per token for every matrix multiply (the embedding lookups are
 not multiplies; the unembedding is) plus 12 * n_layers * T * d_model for attention, as in the PaLM
@@ -25,16 +29,19 @@ paper and nanoGPT, against the chip's dense bf16 peak.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch._inductor.config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -63,13 +70,29 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
 PEERS = ("ours", "hf", "nanogpt")
 
 
-def check_variant(variant: str) -> None:
+# Variant suffixes that pin F.scaled_dot_product_attention to one kernel, in every peer (all three
+# call SDPA). Unpinned, torch picks by its own priority, which differs between versions and GPUs.
+ATTENTION_BACKENDS = {"-flash": SDPBackend.FLASH_ATTENTION, "-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def check_variant(variant: str, device: torch.device) -> None:
     """Refuse a variant name before anything runs, rather than after minutes of other variants."""
     peer = variant.split("-")[0]
     if peer not in PEERS:
         raise ValueError(f"variant {variant!r} must start with one of {', '.join(PEERS)}")
     if "-fusedloss" in variant and peer != "ours":
         raise ValueError(f"variant {variant!r}: -fusedloss applies to ours only")
+    pinned = [suffix for suffix in ATTENTION_BACKENDS if suffix in variant]
+    if len(pinned) > 1:
+        raise ValueError(f"variant {variant!r} pins two attention kernels ({', '.join(pinned)}); choose one")
+    if "-cudnn" in pinned and device.type != "cuda":
+        raise ValueError(f"variant {variant!r}: cuDNN attention needs a CUDA device, not {device.type}")
+
+
+def attention_kernel(variant: str) -> contextlib.AbstractContextManager:
+    """SDPA restricted to the variant's pinned kernel (an error where it cannot run), else unchanged."""
+    pinned = [backend for suffix, backend in ATTENTION_BACKENDS.items() if suffix in variant]
+    return sdpa_kernel(pinned) if pinned else contextlib.nullcontext()
 
 
 def build(variant: str, cfg: TransformerConfig, device: torch.device) -> torch.nn.Module:
@@ -96,9 +119,10 @@ def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> dict:
+def prepare(variant: str, cfg: TransformerConfig, args, device: torch.device) -> tuple[torch.nn.Module, Callable]:
+    """The variant's model and one training step of it (compiled on its first call, if the
+    variant is). Call the step inside `attention_kernel(variant)`."""
     model = build(variant, cfg, device)
-    params = sum(p.numel() for p in model.parameters())
 
     def loss_of(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if "-fusedloss" in variant:
@@ -135,6 +159,17 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> dict:
+    model, step = prepare(variant, cfg, args, device)
+    params = sum(p.numel() for p in model.parameters())
+    with attention_kernel(variant):
+        return {"variant": variant, "params": params, **time_steps(step, cfg, args, device)}
+
+
+def time_steps(step: Callable[[], None], cfg: TransformerConfig, args, device: torch.device) -> dict:
     compile_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -159,8 +194,8 @@ def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> d
     peak = peak_flops(device)
     mfu = tok_s * flops_per_token(cfg, args.seq_len) / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"variant": variant, "params": params, "tok_s": tok_s, "step_ms": 1000 * step_s, "mfu": mfu,
-            "synced_ms": 1000 * synced_s, "warmup_s": warmup_s, "mem_gib": mem}  # fmt: skip
+    return {"tok_s": tok_s, "step_ms": 1000 * step_s, "mfu": mfu, "synced_ms": 1000 * synced_s,
+            "warmup_s": warmup_s, "mem_gib": mem}  # fmt: skip
 
 
 def main() -> None:
@@ -169,10 +204,11 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="comma list of {ours,hf,nanogpt}[-padded][-fusedloss][-cdtuned][-maxautotune][-compiled[-graphs]]; "
-        "nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
+        help="comma list of {ours,hf,nanogpt}[-padded][-fusedloss][-cdtuned][-maxautotune][-flash|-cudnn]"
+        "[-compiled[-graphs]]; nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
         "-padded rounds the vocabulary up to 50304; -fusedloss (ours only) uses the trainer's fused "
-        "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants",
+        "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants; "
+        "-flash and -cudnn pin attention to that SDPA kernel (default: torch's choice)",
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -206,7 +242,7 @@ def main() -> None:
     variants = (args.variants or default).split(",")
     for variant in variants:
         try:
-            check_variant(variant)
+            check_variant(variant, device)
         except ValueError as e:
             parser.error(str(e))
     if gpu:

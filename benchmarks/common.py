@@ -1,9 +1,12 @@
-"""What every benchmark script shares: the device line of a table, and publishing the table."""
+"""What every benchmark script shares: the device line of a table, publishing the table, and
+reading the kernels out of a torch.profiler run."""
 
+import collections
 import datetime
 import platform
 
 import torch
+from torch.autograd import DeviceType
 
 
 def sync(device: torch.device) -> None:
@@ -35,3 +38,45 @@ def publish(title: str, device: torch.device, columns: str, lines: list[str], ra
     with open(path, "a", encoding="utf-8") as f:
         f.write(table)
     return table
+
+
+# Operators that only make a view or read metadata: no kernel, no time of their own.
+VIEW_OPS = {
+    "aten::view", "aten::permute", "aten::t", "aten::transpose", "aten::unbind", "aten::select", "aten::slice",
+    "aten::as_strided", "aten::expand", "aten::alias", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze",
+    "aten::squeeze", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::resolve_conj",
+    "aten::resolve_neg", "aten::result_type", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero",
+    "aten::numpy_T", "aten::mT", "aten::contiguous",
+}  # fmt: skip
+
+
+def kernel_events(prof, device: torch.device) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel the device ran; on a CPU, of every outermost aten
+    operator that computes something, with its children's time."""
+    if device.type == "cuda":
+        return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    def computes(event) -> bool:
+        return event.name.startswith("aten::") and event.name not in VIEW_OPS
+
+    def outermost(event) -> bool:  # a copy inside reshape or contiguous counts; the addmm inside linear does not
+        parent = event.cpu_parent
+        while parent is not None:
+            if computes(parent):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return [(e.name, e.cpu_time_total) for e in prof.events() if computes(e) and outermost(e)]
+
+
+def top_kernels(kernels: list[tuple[str, float]], n_steps: int) -> list[tuple[str, float, float, float]]:
+    """(name, calls per step, microseconds per call, share of all kernel time) of each distinct
+    kernel in `kernels`, the most time first."""
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for name, us in kernels:
+        by_name[name][0] += 1
+        by_name[name][1] += us
+    busy_us = sum(us for _, us in kernels)
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])
+    return [(name, calls / n_steps, us / calls, us / busy_us) for name, (calls, us) in top]

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh tuned      # batch 1: compiled decoding with and without coordinate-descent tuning
 #   bash benchmarks/gpu_session.sh training   # bench_train.py, the compiled variants that matter (~8 min)
 #   bash benchmarks/gpu_session.sh profile    # profile_decode.py: kernels and device time per decoding step (~2 min)
+#   bash benchmarks/gpu_session.sh train-profile  # profile_train.py: ours, nanogpt, hf compiled, time by kind of kernel (~3 min)
+#   bash benchmarks/gpu_session.sh attention  # bench_train.py with SDPA pinned to FlashAttention, then to cuDNN (~5 min)
 #
 # Each appends its tables to benchmarks/RESULTS.md and, where $OUT is set, copies that file there,
 # also when a step fails, so that whatever was measured comes back.
@@ -16,9 +18,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    tests | sampling | tuned | training | profile) ;;
+    tests | sampling | tuned | training | profile | train-profile | attention) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile|train-profile|attention (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -44,6 +46,15 @@ if [ "$part" = sampling ]; then
 fi
 if [ "$part" = tuned ]; then
     python3 benchmarks/bench_generate.py --batch-sizes 1 --variants ours-bf16-compiled,ours-bf16-cdtuned-compiled,hf-static-bf16
+    exit $?
+fi
+if [ "$part" = train-profile ]; then
+    python3 benchmarks/profile_train.py
+    exit $?
+fi
+if [ "$part" = attention ]; then
+    python3 benchmarks/bench_train.py --variants \
+        ours-padded-flash-compiled,ours-padded-cudnn-compiled,nanogpt-padded-flash-compiled,nanogpt-padded-cudnn-compiled
     exit $?
 fi
 if [ "$part" = profile ]; then

@@ -24,50 +24,20 @@ the device and date.
 """
 
 import argparse
-import collections
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish, sampler_options, sync  # noqa: E402
+from benchmarks.common import kernel_events, publish, sampler_options, sync, top_kernels  # noqa: E402
 from gpt2_small import Transformer, TransformerConfig, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
-# Operators that only make a view or read metadata: no kernel, no time of their own.
-VIEW_OPS = {
-    "aten::view", "aten::permute", "aten::t", "aten::transpose", "aten::unbind", "aten::select", "aten::slice",
-    "aten::as_strided", "aten::expand", "aten::alias", "aten::_unsafe_view", "aten::reshape", "aten::unsqueeze",
-    "aten::squeeze", "aten::detach", "aten::lift_fresh", "aten::empty", "aten::empty_strided", "aten::resolve_conj",
-    "aten::resolve_neg", "aten::result_type", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero",
-    "aten::numpy_T", "aten::mT", "aten::contiguous",
-}  # fmt: skip
-
-
-def kernel_events(prof, device: torch.device) -> list[tuple[str, float]]:
-    """(name, microseconds) of every kernel the device ran; on a CPU, of every outermost aten
-    operator that computes something, with its children's time."""
-    if device.type == "cuda":
-        return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
-
-    def computes(event) -> bool:
-        return event.name.startswith("aten::") and event.name not in VIEW_OPS
-
-    def outermost(event) -> bool:  # a copy inside reshape or contiguous counts; the addmm inside linear does not
-        parent = event.cpu_parent
-        while parent is not None:
-            if computes(parent):
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    return [(e.name, e.cpu_time_total) for e in prof.events() if computes(e) and outermost(e)]
 
 
 def profile_variant(variant: str, batch: int, new_tokens: int, device: torch.device) -> tuple[dict, list[tuple]]:
@@ -99,12 +69,7 @@ def profile_variant(variant: str, batch: int, new_tokens: int, device: torch.dev
         "kernels": len(kernels) / n_steps, "busy_ms": busy_us / n_steps / 1000,
         "idle": 1 - busy_us / wall_us if device.type == "cuda" else None,
     }  # fmt: skip
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for name, us in kernels:
-        by_name[name][0] += 1
-        by_name[name][1] += us
-    top = sorted(by_name.items(), key=lambda item: -item[1][1])
-    return row, [(name, calls / n_steps, us / calls, us / busy_us) for name, (calls, us) in top]
+    return row, top_kernels(kernels, n_steps)
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import publish, sync  # noqa: E402
 from benchmarks.nanogpt_style import NanoGPTStyle  # noqa: E402
-from gpt2_small.training import PADDED_VOCAB, lm_loss, unembed_lm_loss  # noqa: E402
+from gpt2_small.training import PADDED_VOCAB, lm_loss, make_parameters_contiguous, unembed_lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -101,6 +101,8 @@ def build(variant: str, cfg: TransformerConfig, device: torch.device) -> torch.n
         cfg = dataclasses.replace(cfg, d_vocab=PADDED_VOCAB)
     if variant.startswith("ours"):
         model = Transformer(cfg)
+        if device.type == "cpu":
+            make_parameters_contiguous(model)  # as the trainer runs it there (see its docstring)
     elif variant.startswith("nanogpt"):
         model = NanoGPTStyle(cfg)
     else:

@@ -380,6 +380,58 @@ def test_resume_continues_exactly(tmp_path, shakespeare_slice):
     assert [r["val_loss"] for r in whole if "val_loss" in r] == [r["val_loss"] for r in resumed if "val_loss" in r]
 
 
+def test_a_cpu_trainer_gives_fused_adamw_contiguous_parameters(tmp_path, shakespeare_slice):
+    # The model's own layout has transposed views (what the GPU matrix multiplies want) ...
+    assert {n for n, p in Transformer(MICRO).named_parameters() if not p.is_contiguous()} >= {
+        "blocks.0.attn.W_Q", "unembed.W_U"
+    }  # fmt: skip
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    # ... which aten's CPU fused AdamW copies in every step: the trainer's CPU model has none.
+    assert [n for n, p in trainer.model.named_parameters() if not p.is_contiguous()] == []
+    assert trainer.optimizer.defaults["fused"]
+
+
+def test_match_state_layouts_pairs_each_weight_with_its_own_moments():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(5, 3).T)  # transposed, as W_U is on a GPU
+    reference = torch.nn.Parameter(W.detach().clone())
+
+    def optimizer(param):
+        # laid out as the parameter, as autograd lays out a gradient
+        param.grad = torch.empty_like(param).copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        opt = torch.optim.AdamW([param], lr=0.1, foreach=False, fused=param is W or None)
+        opt.step()
+        return opt
+
+    fused, plain = optimizer(W), optimizer(reference)
+    # As a checkpoint written with the other layout loads: contiguous moments for a transposed weight.
+    for key in ("exp_avg", "exp_avg_sq"):
+        fused.state[W][key] = fused.state[W][key].contiguous()
+    training.match_state_layouts(fused)
+    assert all(fused.state[W][k].stride() == W.stride() for k in ("exp_avg", "exp_avg_sq"))
+    torch.testing.assert_close(fused.state[W]["exp_avg"], plain.state[reference]["exp_avg"], rtol=0, atol=0)
+    fused.step()
+    plain.step()
+    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_on_a_cpu_of_a_checkpoint_with_the_gpu_layout_continues_the_run(
+    tmp_path, shakespeare_slice, monkeypatch
+):
+    # A GPU run keeps the model's own layout (transposed views); a CPU one makes them contiguous.
+    contiguous = training.make_parameters_contiguous
+    monkeypatch.setattr(training, "make_parameters_contiguous", lambda model: None)
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=3)
+    monkeypatch.setattr(training, "make_parameters_contiguous", contiguous)
+    trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    for param, state in trainer.optimizer.state.items():
+        assert param.is_contiguous() and state["exp_avg"].stride() == param.stride()
+    a, b = losses(whole), losses(trainer.run())
+    # Up to float rounding, which the two layouts' matrix multiplies may do differently.
+    torch.testing.assert_close([b[step] for step in range(4, 9)], [a[step] for step in range(4, 9)], rtol=1e-5, atol=0)
+
+
 def test_resume_survives_a_metrics_line_cut_off_by_a_crash(tmp_path, shakespeare_slice, caplog):
     whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
     split = tmp_path / "split"

@@ -187,10 +187,10 @@ def make_parameters_contiguous(model: Transformer) -> None:
     """Give every parameter of `model` a contiguous layout of its own, in place (for a CPU run).
 
     solution.py stores W_Q, W_K, W_V d_model-major and W_U vocab-major, as transposed views, for
-    the sake of GPU matrix multiplies. A CPU's run as fast on either layout (measured), but aten's
-    CPU fused AdamW copies every non-contiguous gradient before updating its parameter (torch
-    2.13): on 2 cores that took GPT-2 small's optimizer step from 78 to 230 ms, and the tiny
-    preset's from 8 to 31 ms, a tenth of its training step.
+    the sake of GPU matrix multiplies. A CPU's run about as fast on either layout (measured), but
+    aten's CPU fused AdamW copies every non-contiguous gradient before updating its parameter
+    (torch 2.13): on 2 cores that took GPT-2 small's optimizer step from 78 to 230 ms, and the
+    tiny preset's from 8 to 31 ms, nearly a tenth of its training step.
     """
     with torch.no_grad():
         for param in model.parameters():

@@ -33,7 +33,6 @@ tokens) so that the script finishes in minutes; the ratio to HF is the figure.
 
 import argparse
 import functools
-import gc
 import itertools
 import statistics
 import sys
@@ -46,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish, sampler_options, sync  # noqa: E402
+from benchmarks.common import exit_status, publish, run_variants, sampler_options, sync  # noqa: E402
 from gpt2_small import Transformer, generate, stream  # noqa: E402
 
 PROMPT_LEN = 16
@@ -112,6 +111,13 @@ def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens:
     return out.cpu(), prompt.shape[0] * new_tokens / seconds, seconds, {"first_call_s": first_call, **steps}
 
 
+def row_of(variant: str, *, directory, prompt, new_tokens, device, repeats, outputs: dict) -> dict:
+    """run_variant's timings as a table row; its tokens go to outputs[variant]."""
+    out, tok_s, seconds, steps = run_variant(variant, directory, prompt, new_tokens, device, repeats)
+    outputs[variant] = out
+    return {"batch": prompt.shape[0], "variant": variant, "tok_s": tok_s, "seconds": seconds, **steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
@@ -141,22 +147,22 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 small, random weights
 
-    rows = []
+    rows, failures = [], []
     for batch in batch_sizes:
         prompt = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
         prompt = prompt.to(device)
         outputs = {}
-        for variant in variants:
-            out, tok_s, seconds, steps = run_variant(variant, directory, prompt, new_tokens, device, repeats)
-            gc.collect()  # the variant's model went out of scope with run_variant()
-            if gpu:
-                torch.cuda.empty_cache()
-            outputs[variant] = out
-            rows.append({"batch": batch, "variant": variant, "tok_s": tok_s, "seconds": seconds, **steps})
+        run_one = functools.partial(
+            row_of, directory=directory, prompt=prompt, new_tokens=new_tokens, device=device, repeats=repeats,
+            outputs=outputs,
+        )  # fmt: skip
+        batch_rows, batch_failures = run_variants(variants, run_one, device, label=f"batch {batch}: ")
         reference = outputs.get("hf")
-        for row in rows[-len(variants) :]:
+        for row in batch_rows:
             same = outputs[row["variant"]]
             row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
+        rows += batch_rows
+        failures += batch_failures
 
     def ms(row: dict, key: str) -> str:
         return f"{row[key]:.2f}" if key in row else "n/a"
@@ -176,8 +182,9 @@ def main() -> None:
         f"bench_generate: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens", device,
         "| batch | variant | tokens/s | seconds | 1st call (s) | same tokens as hf fp32 | set-up + prefill (ms) "
         "| 1st step (ms) | step (ms) |\n|---:|---|---:|---:|---:|---|---:|---:|---:|",
-        lines, ratios, args.results,
+        lines, ratios + failures, args.results,
     )  # fmt: skip
+    sys.exit(exit_status(failures))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ paper and nanoGPT, against the chip's dense bf16 peak.
 import argparse
 import contextlib
 import dataclasses
-import gc
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import publish, sync  # noqa: E402
+from benchmarks.common import exit_status, publish, run_variants, sync  # noqa: E402
 from benchmarks.nanogpt_style import NanoGPTStyle  # noqa: E402
 from gpt2_small.training import PADDED_VOCAB, lm_loss, make_parameters_contiguous, unembed_lm_loss  # noqa: E402
 from solution import Transformer, TransformerConfig  # noqa: E402
@@ -252,13 +251,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
-    rows = []
-    for variant in variants:
-        rows.append(bench(variant, cfg, args, device))
-        gc.collect()  # the variant's model and optimizer went out of scope with bench()
-        if gpu:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+    rows, failures = run_variants(variants, lambda variant: bench(variant, cfg, args, device), device)
 
     lines = []
     for r in rows:
@@ -278,8 +271,9 @@ def main() -> None:
         f"bench_train: GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW", device,
         "| variant | params | tokens/s | step (ms) | MFU | step alone (ms) | warmup (s) | peak mem (GiB) |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|",
-        lines, ratios, args.results,
+        lines, ratios + failures, args.results,
     )  # fmt: skip
+    sys.exit(exit_status(failures))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ reading the kernels out of a torch.profiler run."""
 
 import collections
 import datetime
+import gc
 import platform
+import traceback
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.autograd import DeviceType
@@ -28,6 +31,36 @@ def device_line(device: torch.device) -> str:
     else:
         name = f"CPU ({platform.processor() or platform.machine()})"
     return f"{name}, torch {torch.__version__}, {datetime.date.today().isoformat()}"
+
+
+def run_variants(
+    variants: Iterable[str], run_one: Callable[[str], dict], device: torch.device, label: str = ""
+) -> tuple[list[dict], list[str]]:
+    """run_one(variant) for each variant, freeing its memory after it: (the rows, the failures).
+
+    A variant that raises (a kernel this GPU or torch lacks, out of memory, a compiler error) has
+    its traceback printed and one line in the failures, and the other variants still run: on a
+    lent GPU with minutes to spend, one failure must not cost the whole table. Publish the failures
+    with the table, and exit non-zero if there are any (see `exit_status`).
+    """
+    rows, failures = [], []
+    for variant in variants:
+        try:
+            rows.append(run_one(variant))
+        except Exception as e:  # reported in the table and the exit status, not swallowed
+            traceback.print_exc()
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failures.append(f"{label}{variant} FAILED: {type(e).__name__}: {first_line}")
+        gc.collect()  # the variant's model and optimizer went out of scope with run_one()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    return rows, failures
+
+
+def exit_status(failures: list[str]) -> int:
+    """0 when every variant ran, else 1 (the failures are in the published table)."""
+    return 1 if failures else 0
 
 
 def publish(title: str, device: torch.device, columns: str, lines: list[str], ratios: list[str], path: str) -> str:

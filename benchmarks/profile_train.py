@@ -22,7 +22,6 @@ and appends them to benchmarks/RESULTS.md with the device and date.
 """
 
 import argparse
-import gc
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_train import attention_kernel, check_variant, prepare  # noqa: E402
-from benchmarks.common import kernel_events, publish, sync, top_kernels  # noqa: E402
+from benchmarks.common import exit_status, kernel_events, publish, run_variants, sync, top_kernels  # noqa: E402
 from solution import TransformerConfig  # noqa: E402
 
 # (kind, pattern searched in the kernel's name), the first match wins: attention before matmul,
@@ -126,12 +125,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
-    rows = []
-    for variant in variants:
-        rows.append(profile_variant(variant, cfg, args, device))
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+    rows, failures = run_variants(variants, lambda variant: profile_variant(variant, cfg, args, device), device)
 
     unit = "device" if gpu else "host"
     shape = f"GPT-2 124M, B={args.batch_size}, T={args.seq_len}, {args.dtype}, fused AdamW"
@@ -143,8 +137,10 @@ def main() -> None:
     publish(
         f"profile_train: {shape}, one step", device,
         f"| variant | step (ms) | kernels / step | {unit} busy (ms) | device idle |\n|---|---:|---:|---:|---:|",
-        lines, [], args.results,
+        lines, failures, args.results,
     )  # fmt: skip
+    if not rows:
+        sys.exit(exit_status(failures))
     kinds = [kind for kind in rows[0]["kind_ms"] if any(r["kind_ms"][kind] for r in rows)]
     by_kind = [
         f"| {kind} | "
@@ -168,6 +164,7 @@ def main() -> None:
         "| variant | kind | kernel | calls / step | us / call | share of busy |\n|---|---|---|---:|---:|---:|",
         tops, [], args.results,
     )  # fmt: skip
+    sys.exit(exit_status(failures))
 
 
 if __name__ == "__main__":

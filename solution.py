@@ -47,6 +47,14 @@ from transformer_lens.hook_points import HookPoint
 _ATTN_IMPLS = ("sdpa", "eager")
 _RETURN_TYPES = ("logits", "loss", "both", None)  # Transformer.forward's, as TransformerLens's
 
+# einops caches its backend per tensor type, on first sight. A type first seen inside a
+# torch.compile trace grows that cache under the trace, and the compiled function compiles a
+# second time on its next call (its guard: len(einops._backends._type2backend)), 13 s for a
+# GPT-2 training step on a CPU. The model's einops calls see Tensors and Parameters: meet both now.
+for _tensor in (torch.empty(0), nn.Parameter(torch.empty(0))):
+    einops.rearrange(_tensor, "a -> a")
+del _tensor
+
 
 @dataclass
 class TransformerConfig:

@@ -4,6 +4,9 @@ import collections
 import copy
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,6 +293,39 @@ def test_unembedding_gradient_comes_out_in_W_U_s_vocab_major_layout():
 
 
 # --- the whole model -----------------------------------------------------------------------
+
+
+# Run in a fresh interpreter: einops' per-type backend cache is process-wide, and this session's
+# earlier tests have long filled it.
+_COMPILE_TWICE = """
+import torch
+from solution import Transformer, TransformerConfig, lm_cross_entropy_loss
+
+graphs = []
+
+def count_graphs(graph_module, example_inputs):
+    graphs.append(graph_module)
+    return graph_module.forward
+
+cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16)
+model = Transformer(cfg)
+step = torch.compile(lambda tokens: lm_cross_entropy_loss(model(tokens), tokens), backend=count_graphs)
+tokens = torch.randint(0, 50, (2, 8))
+step(tokens).backward()
+first = len(graphs)
+for _ in range(2):
+    step(tokens).backward()
+print(first, len(graphs))
+"""
+
+
+def test_a_compiled_loss_compiles_on_its_first_call_only():
+    run = subprocess.run([sys.executable, "-c", _COMPILE_TWICE], capture_output=True, text=True, timeout=300,
+                         cwd=Path(solution.__file__).parent)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, total = (int(n) for n in run.stdout.split())
+    assert first >= 1
+    assert total == first, f"compiled {total - first} more graph(s) after the first call: {run.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])

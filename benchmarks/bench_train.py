@@ -199,6 +199,35 @@ def time_steps(step: Callable[[], None], cfg: TransformerConfig, args, device: t
             "warmup_s": warmup_s, "mem_gib": mem}  # fmt: skip
 
 
+def resolve_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, steps: tuple[int, int], variants: tuple[str, str]
+) -> tuple[torch.device, list[str]]:
+    """The device, and the defaults of the shape arguments for it, in place in `args`: GPT-2 124M's
+    training shape on a GPU (B=16, T=1024, bf16), a small one on a CPU (B=2, T=128, fp32, so that
+    the script finishes); `steps` and `variants` are the (GPU, CPU) defaults. Then the variants,
+    each checked before any runs. Shared with profile_train.py."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    args.batch_size = args.batch_size or (16 if gpu else 2)
+    args.seq_len = args.seq_len or (1024 if gpu else 128)
+    args.steps = args.steps or steps[0 if gpu else 1]
+    args.warmup = args.warmup or (5 if gpu else 1)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    for name in ("batch_size", "seq_len", "steps", "warmup"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    chosen = (args.variants or variants[0 if gpu else 1]).split(",")
+    for variant in chosen:
+        try:
+            check_variant(variant, device)
+        except ValueError as e:
+            parser.error(str(e))
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
@@ -224,31 +253,10 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    args.batch_size = args.batch_size or (16 if gpu else 2)
-    args.seq_len = args.seq_len or (1024 if gpu else 128)
-    args.steps = args.steps or (20 if gpu else 3)
-    args.warmup = args.warmup or (5 if gpu else 1)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled" if gpu else "ours,hf"
-    if gpu:
-        default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs,ours-padded-fusedloss-compiled"
-        default += ",nanogpt-padded-compiled"
-    else:
-        default += ",ours-fusedloss"
-    variants = (args.variants or default).split(",")
-    for variant in variants:
-        try:
-            check_variant(variant, device)
-        except ValueError as e:
-            parser.error(str(e))
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled"
+    default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs,ours-padded-fusedloss-compiled"
+    default += ",nanogpt-padded-compiled"
+    device, variants = resolve_arguments(parser, args, steps=(20, 3), variants=(default, "ours,hf,ours-fusedloss"))
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
     rows, failures = run_variants(variants, lambda variant: bench(variant, cfg, args, device), device)

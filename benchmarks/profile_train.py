@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_train import attention_kernel, check_variant, prepare  # noqa: E402
+from benchmarks.bench_train import attention_kernel, prepare, resolve_arguments  # noqa: E402
 from benchmarks.common import exit_status, kernel_events, publish, run_variants, sync, top_kernels  # noqa: E402
 from solution import TransformerConfig  # noqa: E402
 
@@ -107,26 +107,11 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    default = "ours-padded-compiled,nanogpt-padded-compiled,hf-padded-compiled"
+    device, variants = resolve_arguments(parser, args, steps=(3, 1), variants=(default, "ours,nanogpt"))
     gpu = device.type == "cuda"
-    args.batch_size = args.batch_size or (16 if gpu else 2)
-    args.seq_len = args.seq_len or (1024 if gpu else 128)
-    args.steps = args.steps or (3 if gpu else 1)
-    args.warmup = args.warmup or (5 if gpu else 1)
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    for name in ("batch_size", "seq_len", "steps", "warmup", "top"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    default = "ours-padded-compiled,nanogpt-padded-compiled,hf-padded-compiled" if gpu else "ours,nanogpt"
-    variants = (args.variants or default).split(",")
-    for variant in variants:
-        try:
-            check_variant(variant, device)
-        except ValueError as e:
-            parser.error(str(e))
-    if gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
     rows, failures = run_variants(variants, lambda variant: profile_variant(variant, cfg, args, device), device)

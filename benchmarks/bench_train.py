@@ -21,7 +21,9 @@ last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never s
 when it runs eagerly (compiled, it keeps as much as the plain loss: see its docstring).
 `-flash` and `-cudnn` pin every peer's F.scaled_dot_product_attention to that kernel (torch
 prefers cuDNN's on an H100 in some versions and FlashAttention 2 in others); profile_train.py
-shows which kernels a variant ran and how long each kind took.
+shows which kernels a variant ran and how long each kind took. `-stepgraph` (CUDA only) captures
+the whole step, forward, backward and the AdamW update, as one CUDA graph (see
+`whole_step_graph`); "warmup" then includes the capture.
 
 MFU counts 6 FLOPs per parameter per token for every matrix multiply (the embedding lookups are
 not multiplies; the unembedding is) plus 12 * n_layers * T * d_model for attention, as in the PaLM
@@ -86,6 +88,10 @@ def check_variant(variant: str, device: torch.device) -> None:
         raise ValueError(f"variant {variant!r} pins two attention kernels ({', '.join(pinned)}); choose one")
     if "-cudnn" in pinned and device.type != "cuda":
         raise ValueError(f"variant {variant!r}: cuDNN attention needs a CUDA device, not {device.type}")
+    if "-stepgraph" in variant and device.type != "cuda":
+        raise ValueError(f"variant {variant!r}: -stepgraph captures a CUDA graph, so it needs a CUDA device")
+    if "-stepgraph" in variant and variant.endswith("-graphs"):
+        raise ValueError(f"variant {variant!r}: -stepgraph already replays the whole step as a graph; drop -graphs")
 
 
 def attention_kernel(variant: str) -> contextlib.AbstractContextManager:
@@ -145,22 +151,63 @@ def prepare(variant: str, cfg: TransformerConfig, args, device: torch.device) ->
         loss_fn = torch.compile(loss_of, mode=mode)
     else:
         loss_fn = loss_of
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    stepgraph = "-stepgraph" in variant
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"), capturable=stepgraph
+    )
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.d_vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)  # < 50257
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    # Autocast's cache of cast weights is off under a captured step, as torch.cuda's graph helpers ask.
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16", cache_enabled=not stepgraph
+    )
 
-    def step() -> None:
+    def forward_backward_update() -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = loss_fn(inputs, targets)
         loss.backward()
         optimizer.step()
+
+    if stepgraph:
+        return model, whole_step_graph(forward_backward_update, optimizer)
+
+    def step() -> None:
+        forward_backward_update()
         optimizer.zero_grad(set_to_none=True)
 
     return model, step
+
+
+def whole_step_graph(forward_backward_update: Callable[[], None], optimizer: torch.optim.Optimizer) -> Callable:
+    """A training step that, on its first call, captures forward_backward_update whole (forward,
+    backward and the AdamW update) as one CUDA graph, and replays it on every call: one launch
+    per step and no host work between its kernels, unlike "-graphs", which leaves the optimizer
+    and the launches between the forward and backward graphs to the host. The capture follows
+    torch.cuda.graph's whole-network recipe: eager warm-up steps on a side stream first
+    (compilation, AdamW's state), and the gradients None when captured, so that the graph
+    allocates them and each replay writes them anew. Not yet run on a GPU (2026-11-24)."""
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def step() -> None:
+        nonlocal graph
+        if graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    optimizer.zero_grad(set_to_none=True)
+                    forward_backward_update()
+            torch.cuda.current_stream().wait_stream(side)
+            optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward_backward_update()
+        graph.replay()
+
+    return step
 
 
 def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> dict:
@@ -235,10 +282,11 @@ def main() -> None:
         "--variants",
         default=None,
         help="comma list of {ours,hf,nanogpt}[-padded][-fusedloss][-cdtuned][-maxautotune][-flash|-cudnn]"
-        "[-compiled[-graphs]]; nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
+        "[-stepgraph][-compiled[-graphs]]; nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
         "-padded rounds the vocabulary up to 50304; -fusedloss (ours only) uses the trainer's fused "
         "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants; "
-        "-flash and -cudnn pin attention to that SDPA kernel (default: torch's choice)",
+        "-flash and -cudnn pin attention to that SDPA kernel (default: torch's choice); -stepgraph (CUDA) "
+        "replays the whole step, AdamW included, as one CUDA graph",
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)

@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh profile    # profile_decode.py: kernels and device time per decoding step (~2 min)
 #   bash benchmarks/gpu_session.sh train-profile  # profile_train.py: ours, nanogpt, hf compiled, time by kind of kernel (~3 min)
 #   bash benchmarks/gpu_session.sh attention  # bench_train.py with SDPA pinned to FlashAttention, then to cuDNN (~5 min)
+#   bash benchmarks/gpu_session.sh stepgraph  # bench_train.py, the whole step (AdamW too) as one CUDA graph (~4 min)
 #
 # Each appends its tables to benchmarks/RESULTS.md and, where $OUT is set, copies that file there,
 # also when a step fails, so that whatever was measured comes back.
@@ -18,9 +19,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    tests | sampling | tuned | training | profile | train-profile | attention) ;;
+    tests | sampling | tuned | training | profile | train-profile | attention | stepgraph) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile|train-profile|attention (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile|train-profile|attention|stepgraph (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -55,6 +56,11 @@ fi
 if [ "$part" = attention ]; then
     python3 benchmarks/bench_train.py --variants \
         ours-padded-flash-compiled,ours-padded-cudnn-compiled,nanogpt-padded-flash-compiled,nanogpt-padded-cudnn-compiled
+    exit $?
+fi
+if [ "$part" = stepgraph ]; then
+    python3 benchmarks/bench_train.py --variants \
+        ours-padded-stepgraph-compiled,ours-padded-cudnn-stepgraph-compiled,nanogpt-padded-stepgraph-compiled
     exit $?
 fi
 if [ "$part" = profile ]; then

@@ -37,6 +37,23 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
 
 
+def hf_tokenizer():
+    """Hugging Face's GPT-2 tokenizer (a PreTrainedTokenizerFast), converted from the bundled ranks
+    offline: the same ids as get_tokenizer(), for saving beside a checkpoint in Hugging Face's
+    format (export_hf does), where transformers and TransformerLens look for it."""
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers is slow to import
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(
+        vocab_file=str(asset_path(TOKENIZER_ASSET)),
+        pattern=tiktoken_ext.openai_public.r50k_pat_str,
+        extra_special_tokens={EOT_TOKEN: EOT_ID},
+    ).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=converted, bos_token=EOT_TOKEN, eos_token=EOT_TOKEN, unk_token=EOT_TOKEN
+    )
+
+
 def to_tokens(
     text: str,
     *,

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import jaxtyping
 import pytest
-import tiktoken_ext.openai_public
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2_small import EOT_ID, Transformer, asset_path
+from gpt2_small import Transformer
+from gpt2_small.tokenizer import hf_tokenizer
 
 # The contract: ||ours - ref|| / ||ref|| <= REL_TOL, and torch.testing.assert_close's float32
 # defaults (rtol 1.3e-6, atol 1e-5) elementwise.
@@ -64,17 +63,6 @@ class Reference:
     cache64: dict  # the same run of the bridge in float64: the ground truth for deep activations
     logits: torch.Tensor  # the bridge's logits
     hf_logits: torch.Tensor
-
-
-def hf_tokenizer() -> PreTrainedTokenizerFast:
-    """Hugging Face's GPT-2 tokenizer, converted from the bundled tiktoken ranks (offline)."""
-    converted = TikTokenConverter(
-        vocab_file=str(asset_path("gpt2.tiktoken")),
-        pattern=tiktoken_ext.openai_public.r50k_pat_str,
-        extra_special_tokens={"<|endoftext|>": EOT_ID},
-    ).converted()
-    eot = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot, unk_token=eot)
 
 
 def randomize_(hf: GPT2LMHeadModel, seed: int) -> None:

@@ -36,7 +36,7 @@ from gpt2_small.tokenizer import (
     to_strings,
     to_tokens,
 )
-from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict, load_model
+from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict, export_hf, load_model
 from solution import (
     MLP,
     Attention,
@@ -80,6 +80,7 @@ __all__ = [
     "config_from_hf",
     "convert_hf_state_dict",
     "direct_logit_attribution",
+    "export_hf",
     "generate",
     "generate_text",
     "get_tokenizer",

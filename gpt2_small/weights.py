@@ -10,6 +10,9 @@ x @ W; here it is split into W_Q, W_K, W_V and reshaped to TransformerLens's
 [n_heads d_model d_head]. lm_head is tied to wte in GPT-2, so W_U is wte transposed unless
 the checkpoint carries an lm_head.weight of its own (which it must, if its config says
 tie_word_embeddings=false).
+
+`export_hf` goes the other way: a Transformer written as GPT2LMHeadModel.save_pretrained would
+write it, for Hugging Face's transformers, TransformerLens's TransformerBridge, or the Hub.
 """
 
 import logging
@@ -21,10 +24,12 @@ import einops
 import torch
 from torch import Tensor
 
+from gpt2_small.tokenizer import EOT_ID, hf_tokenizer
 from solution import (
     CHECKPOINT_CONFIG,
     Transformer,
     TransformerConfig,
+    _atomic_write,
     _check_placement,
     _read_json,
     _read_safetensors,
@@ -254,3 +259,99 @@ def load_model(
             raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint")
         return Transformer.load(newest, device=device, dtype=dtype).eval()
     return load_hf_gpt2(name_or_path, device=device, dtype=dtype)
+
+
+def to_hf_state_dict(model: Transformer) -> tuple[dict[str, Tensor], bool]:
+    """`model`'s weights under GPT2LMHeadModel's names and layouts (convert_hf_state_dict's inverse),
+    and whether W_U is W_E transposed (then lm_head.weight is left out, and the checkpoint ties the
+    two, as GPT-2's own does). unembed.b_U has no counterpart there and is not in the result."""
+    W_E, W_U = model.embed.W_E, model.unembed.W_U
+    tied = torch.equal(W_U.T, W_E)
+    state = {
+        "transformer.wte.weight": W_E,
+        "transformer.wpe.weight": model.pos_embed.W_pos,
+        "transformer.ln_f.weight": model.ln_final.w,
+        "transformer.ln_f.bias": model.ln_final.b,
+    }
+    for i, block in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        # HF's fused c_attn is x @ [W_Q | W_K | W_V], each part heads-major: stacked_qkv's layout.
+        W_QKV, b_QKV = block.attn.stacked_qkv()
+        state |= {
+            p + "ln_1.weight": block.ln1.w, p + "ln_1.bias": block.ln1.b,
+            p + "attn.c_attn.weight": W_QKV, p + "attn.c_attn.bias": b_QKV,
+            p + "attn.c_proj.weight": einops.rearrange(
+                block.attn.W_O, "n_heads d_head d_model -> (n_heads d_head) d_model"
+            ),
+            p + "attn.c_proj.bias": block.attn.b_O,
+            p + "ln_2.weight": block.ln2.w, p + "ln_2.bias": block.ln2.b,
+            p + "mlp.c_fc.weight": block.mlp.W_in, p + "mlp.c_fc.bias": block.mlp.b_in,
+            p + "mlp.c_proj.weight": block.mlp.W_out, p + "mlp.c_proj.bias": block.mlp.b_out,
+        }  # fmt: skip
+    if not tied:
+        state["lm_head.weight"] = W_U.T
+    # Dense copies of their own: safetensors refuses views that share memory.
+    return {name: t.detach().contiguous().clone() for name, t in state.items()}, tied
+
+
+def export_hf(
+    model: Transformer,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: bool = True,
+    drop_unembed_bias: bool = False,
+) -> Path:
+    """Write `model` to `directory` in Hugging Face's GPT-2 format: config.json and
+    model.safetensors as GPT2LMHeadModel.save_pretrained writes them (and, with `tokenizer`, the
+    GPT-2 tokenizer beside them, which TransformerBridge.boot_transformers needs). The directory
+    is created if needed; each file is written under a temporary name and renamed into place.
+
+    GPT2LMHeadModel(directory), load_model(directory) and the bridge then compute this model's
+    logits (tested to float32 rounding), with one exception: GPT-2 has no unembedding bias. A
+    model trained here learns b_U, so a non-zero b_U is refused unless `drop_unembed_bias`, which
+    exports the model without it: every position's logits then lose b_U, and so its next-token
+    probabilities change (unless b_U is the same for every token).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a gpt2_small Transformer, got {type(model).__name__}")
+    for name, value in (("tokenizer", tokenizer), ("drop_unembed_bias", drop_unembed_bias)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; export_hf writes a directory")
+    for marker in (CHECKPOINT_CONFIG, "checkpoints"):
+        if (path / marker).exists():
+            raise ValueError(
+                f"{path} holds a gpt2_small checkpoint or training run ({marker}); export to a directory of its own, "
+                f"as load_model would read that instead"
+            )
+    b_U = model.unembed.b_U.detach()
+    if not drop_unembed_bias and bool(b_U.any()):
+        raise ValueError(
+            f"unembed.b_U is not zero (largest |b_U| {float(b_U.abs().max()):.3g}): GPT-2 has no unembedding bias, "
+            f"so the exported model's logits would lack it. A model trained by gpt2_small learns b_U; pass "
+            f"drop_unembed_bias=True to export it anyway, without b_U"
+        )
+    from transformers import GPT2Config  # deferred: transformers is slow to import
+
+    state, tied = to_hf_state_dict(model)
+    cfg = model.cfg
+    config = GPT2Config(
+        vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_inner=cfg.d_mlp, layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_range=cfg.init_range, activation_function="gelu_new", tie_word_embeddings=tied,
+        # No dropout: this model has none, so a Hugging Face training run continues the same function.
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=EOT_ID, eos_token_id=EOT_ID, architectures=["GPT2LMHeadModel"],
+        dtype=str(model.dtype).removeprefix("torch."),
+    )  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / _WEIGHT_FILES[0], lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config.to_json_string()))
+    if tokenizer:
+        hf_tokenizer().save_pretrained(path)
+    logger.info("exported to %s in Hugging Face's GPT-2 format (%s embeddings)", path, "tied" if tied else "untied")
+    return path

@@ -60,6 +60,7 @@ def test_using_it_example(run_block):
     assert ns["cache"]["blocks.3.attn.hook_pattern"].shape == (1, 12, 2, 2)
     assert ns["model"].cfg.d_model == 48 and ns["tiny"].cfg.n_layers == 2  # the loaded checkpoint, last
     assert Path("runs/my_model").is_dir()
+    assert (Path("runs/my_model_hf") / "config.json").is_file()  # export_hf ran
 
 
 def test_sampling_example(run_block, capsys):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import gpt2_small
 from gpt2_small import Transformer, TransformerConfig, WeightLoadError, config_from_hf, convert_hf_state_dict
 
 
@@ -346,3 +347,86 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
     save_file({}, tmp_path / "model.safetensors")  # a valid safetensors file with nothing in it
     with pytest.raises(ValueError, match="model.safetensors holds no tensors"):
         Transformer.load(tmp_path)
+
+
+# --- export to Hugging Face's format -----------------------------------------------------------
+
+
+def _trained_looking_model(seed: int = 0) -> Transformer:
+    """Odd shapes (d_head 12, d_mlp 100, eps 1e-3) and every parameter but b_U off its init, as
+    after training: a swapped or dropped bias or LayerNorm parameter changes the logits."""
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        d_model=48, n_layers=2, n_heads=4, d_head=12, d_mlp=100, d_vocab=50257, n_ctx=24, layer_norm_eps=1e-3
+    )
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "unembed.b_U":
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_export_hf_gives_hf_and_the_bridge_this_models_logits(tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    model = _trained_looking_model()
+    directory = gpt2_small.export_hf(model, tmp_path / "export")
+    tokens = tokens_for(model.cfg, pos=24)
+    with torch.no_grad():
+        ours = model(tokens)
+    hf, info = GPT2LMHeadModel.from_pretrained(directory, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    torch.testing.assert_close(hf_logits(hf.eval(), tokens), ours, rtol=1e-5, atol=1e-5)
+    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(tokens), ours, rtol=1e-5, atol=1e-5)
+    # ... and this project reads it back bit for bit, from config.json
+    loaded = gpt2_small.load_model(directory)
+    assert loaded.cfg == model.cfg
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert AutoTokenizer.from_pretrained(directory)("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_export_hf_writes_what_save_pretrained_writes_and_ties_a_tied_unembedding(tiny_checkpoint, tmp_path):
+    source, hf = tiny_checkpoint  # saved by GPT2LMHeadModel.save_pretrained: tied, no lm_head.weight
+    directory = gpt2_small.export_hf(Transformer.from_pretrained(source), tmp_path / "export", tokenizer=False)
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    theirs, ours = load_file(source / "model.safetensors"), load_file(directory / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    config = json.loads((directory / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["architectures"] == ["GPT2LMHeadModel"]
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon"):
+        assert config[key] == hf.config.to_dict()[key], key
+
+
+def test_export_hf_refuses_an_unembedding_bias_unless_told_to_drop_it(tmp_path):
+    model = _trained_looking_model(seed=1)
+    with torch.no_grad():
+        model.unembed.b_U.normal_()
+    with pytest.raises(ValueError, match=r"b_U is not zero \(largest \|b_U\| .*drop_unembed_bias=True"):
+        gpt2_small.export_hf(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    directory = gpt2_small.export_hf(model, tmp_path / "dropped", drop_unembed_bias=True, tokenizer=False)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        expected = model(tokens) - model.unembed.b_U
+    torch.testing.assert_close(hf_logits(GPT2LMHeadModel.from_pretrained(directory).eval(), tokens), expected)
+
+
+def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; export_hf writes a directory"):
+        gpt2_small.export_hf(model, tmp_path / "file")
+    model.save(tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"holds a gpt2_small checkpoint or training run \(gpt2_small_config.json\)"):
+        gpt2_small.export_hf(model, tmp_path / "ours")
+    with pytest.raises(TypeError, match="model must be a gpt2_small Transformer, got GPT2LMHeadModel"):
+        gpt2_small.export_hf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tmp_path / "x")
+    with pytest.raises(TypeError, match="tokenizer must be True or False, got 'yes'"):
+        gpt2_small.export_hf(model, tmp_path / "x", tokenizer="yes")

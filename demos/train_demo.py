@@ -39,6 +39,8 @@ def _by_preset(index: int) -> str:
 
 HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
+    "unembed_bias": "train the unembedding bias b_U (--no-unembed-bias keeps it 0, as GPT-2 has none, so that "
+    "gpt2_small.export_hf writes the trained model to Hugging Face's format exactly)",
     "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",

@@ -85,6 +85,7 @@ class TrainConfig:
 
     # model
     preset: str = "tiny"  # a key of PRESETS: "tiny" (CPU-sized) or "gpt2" (124M)
+    unembed_bias: bool = True  # train unembed.b_U; False keeps it 0, as GPT-2 has none (export_hf needs that)
     # data
     dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
     text_column: str = "text"  # the column holding the documents
@@ -530,6 +531,9 @@ class Trainer:
         self.model = Transformer(cfg.model_config).to(self.device)
         if self.device.type == "cpu":
             make_parameters_contiguous(self.model)
+        if not cfg.unembed_bias:
+            # Left at its initial zeros: no gradient, and not in the optimizer (param_groups skips it).
+            self.model.unembed.b_U.requires_grad_(False)
         groups = param_groups(self.model, cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in groups],
@@ -884,6 +888,14 @@ class Trainer:
                 f"checkpoint {path} holds a model with a different config (field: (checkpoint, this run)): {diff}; "
                 f"use the preset it was trained with, or another --out-dir"
             )
+        saved_train_config = _read_train_config(path)
+        trained_b_U = saved_train_config.get("unembed_bias", True)  # checkpoints before the option trained it
+        if trained_b_U != self.cfg.unembed_bias:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was trained with unembed_bias={trained_b_U}; resume with "
+                f"{'--unembed-bias' if trained_b_U else '--no-unembed-bias'} (its optimizer state "
+                f"{'holds' if trained_b_U else 'lacks'} b_U)"
+            )
         self.model.load_state_dict(saved.state_dict(), strict=True)
         try:
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -929,10 +941,9 @@ class Trainer:
         Changing them on resume is allowed (extending max_steps is common), but the run then no
         longer continues as the interrupted one would have.
         """
-        saved_file = checkpoint / TRAIN_CONFIG
-        if not (self.dist.is_main and saved_file.is_file()):
+        if not self.dist.is_main:
             return
-        saved = json.loads(saved_file.read_text())
+        saved = _read_train_config(checkpoint)
         changed = {
             name: (saved[name], value)
             for name, value in dataclasses.asdict(self.cfg).items()
@@ -944,6 +955,12 @@ class Trainer:
                 "uninterrupted run (field: (checkpoint, now)): %s",
                 changed,
             )
+
+
+def _read_train_config(checkpoint: Path) -> dict:
+    """The TrainConfig fields a checkpoint was written with ({} if it has no train_config.json)."""
+    saved_file = checkpoint / TRAIN_CONFIG
+    return json.loads(saved_file.read_text()) if saved_file.is_file() else {}
 
 
 def finish_row(row: dict) -> dict:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import gpt2_small
 from gpt2_small import training
 from gpt2_small.data import TokenData
 from gpt2_small.training import (
@@ -430,6 +431,35 @@ def test_resume_on_a_cpu_of_a_checkpoint_with_the_gpu_layout_continues_the_run(
     a, b = losses(whole), losses(trainer.run())
     # Up to float rounding, which the two layouts' matrix multiplies may do differently.
     torch.testing.assert_close([b[step] for step in range(4, 9)], [a[step] for step in range(4, 9)], rtol=1e-5, atol=0)
+
+
+def test_without_the_unembedding_bias_b_U_stays_zero_and_the_run_exports_exactly(tmp_path, shakespeare_slice):
+    from transformers import GPT2LMHeadModel
+
+    trained = Trainer(micro_config(tmp_path / "with"), data=shakespeare_slice)
+    trained.run()
+    assert trained.model.unembed.b_U.abs().max() > 1e-3  # by default b_U learns, as in TransformerLens
+    trainer = Trainer(micro_config(tmp_path / "without", unembed_bias=False), data=shakespeare_slice)
+    assert "unembed.b_U" not in [name for group in param_groups(trainer.model, 0.1) for name in group["names"]]
+    rows = trainer.run()
+    assert losses(rows)[8] < losses(rows)[1]  # it still learns
+    assert torch.equal(trainer.model.unembed.b_U, torch.zeros_like(trainer.model.unembed.b_U))
+    directory = gpt2_small.export_hf(trainer.model, tmp_path / "hf", tokenizer=False)  # nothing to drop
+    tokens = torch.randint(0, MICRO.d_vocab, (2, MICRO.n_ctx), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_logits = GPT2LMHeadModel.from_pretrained(directory).eval()(tokens).logits
+        torch.testing.assert_close(hf_logits, trainer.model(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_refuses_to_switch_the_unembedding_bias(tmp_path, shakespeare_slice):
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=3)
+    with pytest.raises(CheckpointMismatchError, match="trained with unembed_bias=True; resume with --unembed-bias"):
+        Trainer(micro_config(tmp_path, unembed_bias=False), data=shakespeare_slice, resume=True)
+    Trainer(micro_config(tmp_path / "off", unembed_bias=False), data=shakespeare_slice).run(stop_at=3)
+    with pytest.raises(CheckpointMismatchError, match="trained with unembed_bias=False; resume with --no-unembed-bias"):
+        Trainer(micro_config(tmp_path / "off"), data=shakespeare_slice, resume=True)
+    resumed = Trainer(micro_config(tmp_path / "off", unembed_bias=False), data=shakespeare_slice, resume=True)
+    assert resumed.step == 3
 
 
 def test_resume_survives_a_metrics_line_cut_off_by_a_crash(tmp_path, shakespeare_slice, caplog):

@@ -16,7 +16,9 @@ runs (the trainer reads each step's loss only after queuing the next step). "ste
 median of as many steps, each waited for, so that the GPU idles while the host starts the next
 one; the earlier rows in RESULTS.md, those without this column, were timed that way. On a CPU the
 defaults shrink (B=2, T=128, eager only) so the script finishes; the ratio to HF is the figure.
-`-fusedloss` (ours only) computes the loss as the trainer does by default: the model up to its
+`-tied` (ours only) trains W_U = W_E^T as one matrix, as the trainer's --tie-embeddings does and
+as HF and nanogpt do (gpt2_small.training.tie_embeddings): the same multiplies, a third fewer
+parameters for AdamW. `-fusedloss` (ours only) computes the loss as the trainer does by default: the model up to its
 last block, then ln_final and gpt2_small.training.unembed_lm_loss, which never stores the logits
 when it runs eagerly (compiled, it keeps as much as the plain loss: see its docstring).
 `-flash` and `-cudnn` pin every peer's F.scaled_dot_product_attention to that kernel (torch
@@ -49,7 +51,14 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import exit_status, publish, run_variants, sync  # noqa: E402
 from benchmarks.nanogpt_style import NanoGPTStyle  # noqa: E402
-from gpt2_small.training import PADDED_VOCAB, lm_loss, make_parameters_contiguous, unembed_lm_loss  # noqa: E402
+from gpt2_small.training import (  # noqa: E402
+    PADDED_VOCAB,
+    fold_tied_gradient,
+    lm_loss,
+    make_parameters_contiguous,
+    tie_embeddings,
+    unembed_lm_loss,
+)
 from solution import Transformer, TransformerConfig  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -81,8 +90,9 @@ def check_variant(variant: str, device: torch.device) -> None:
     peer = variant.split("-")[0]
     if peer not in PEERS:
         raise ValueError(f"variant {variant!r} must start with one of {', '.join(PEERS)}")
-    if "-fusedloss" in variant and peer != "ours":
-        raise ValueError(f"variant {variant!r}: -fusedloss applies to ours only")
+    for option in ("-fusedloss", "-tied"):
+        if option in variant and peer != "ours":
+            raise ValueError(f"variant {variant!r}: {option} applies to ours only")
     pinned = [suffix for suffix in ATTENTION_BACKENDS if suffix in variant]
     if len(pinned) > 1:
         raise ValueError(f"variant {variant!r} pins two attention kernels ({', '.join(pinned)}); choose one")
@@ -108,6 +118,8 @@ def build(variant: str, cfg: TransformerConfig, device: torch.device) -> torch.n
         model = Transformer(cfg)
         if device.type == "cpu":
             make_parameters_contiguous(model)  # as the trainer runs it there (see its docstring)
+        if "-tied" in variant:
+            tie_embeddings(model)
     elif variant.startswith("nanogpt"):
         model = NanoGPTStyle(cfg)
     else:
@@ -152,9 +164,9 @@ def prepare(variant: str, cfg: TransformerConfig, args, device: torch.device) ->
     else:
         loss_fn = loss_of
     stepgraph = "-stepgraph" in variant
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"), capturable=stepgraph
-    )
+    tied = "-tied" in variant
+    trained = [p for name, p in model.named_parameters() if not (tied and name == "unembed.W_U")]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=device.type in ("cuda", "cpu"), capturable=stepgraph)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.d_vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)  # < 50257
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -169,6 +181,8 @@ def prepare(variant: str, cfg: TransformerConfig, args, device: torch.device) ->
         with autocast:
             loss = loss_fn(inputs, targets)
         loss.backward()
+        if tied:
+            fold_tied_gradient(model)
         optimizer.step()
 
     if stepgraph:
@@ -212,7 +226,7 @@ def whole_step_graph(forward_backward_update: Callable[[], None], optimizer: tor
 
 def bench(variant: str, cfg: TransformerConfig, args, device: torch.device) -> dict:
     model, step = prepare(variant, cfg, args, device)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # a tied W_U once
     with attention_kernel(variant):
         return {"variant": variant, "params": params, **time_steps(step, cfg, args, device)}
 
@@ -281,9 +295,9 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help="comma list of {ours,hf,nanogpt}[-padded][-fusedloss][-cdtuned][-maxautotune][-flash|-cudnn]"
+        help="comma list of {ours,hf,nanogpt}[-padded][-tied][-fusedloss][-cdtuned][-maxautotune][-flash|-cudnn]"
         "[-stepgraph][-compiled[-graphs]]; nanogpt is nanoGPT's layout rebuilt in benchmarks/nanogpt_style.py; "
-        "-padded rounds the vocabulary up to 50304; -fusedloss (ours only) uses the trainer's fused "
+        "-padded rounds the vocabulary up to 50304; -tied (ours only) ties W_U to W_E as HF and nanogpt do; -fusedloss (ours only) uses the trainer's fused "
         "unembedding loss; -cdtuned and -maxautotune are inductor settings for compiled variants; "
         "-flash and -cudnn pin attention to that SDPA kernel (default: torch's choice); -stepgraph (CUDA) "
         "replays the whole step, AdamW included, as one CUDA graph",
@@ -320,7 +334,8 @@ def main() -> None:
     by_name = {r["variant"]: r["tok_s"] for r in rows}
     ratios = []
     for ours in (v for v in by_name if v.startswith("ours")):
-        options = ours[len("ours") :].replace("-fusedloss", "")  # a peer's loss is the plain one
+        # A peer's loss is the plain one, and its embeddings are tied.
+        options = ours[len("ours") :].replace("-fusedloss", "").replace("-tied", "")
         for peer in (name + options for name in PEERS[1:] if name + options in by_name):
             ratios.append(f"{ours} / {peer}: {by_name[ours] / by_name[peer]:.2f}x")
     publish(

@@ -41,6 +41,8 @@ HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
     "unembed_bias": "train the unembedding bias b_U (--no-unembed-bias keeps it 0, as GPT-2 has none, so that "
     "gpt2_small.export_hf writes the trained model to Hugging Face's format exactly)",
+    "tie_embeddings": "train the unembedding as the embedding's transpose, W_U = W_E^T, one matrix as in GPT-2 and "
+    "nanoGPT (124M parameters for --preset gpt2 where untied has 163M); checkpoints hold W_U as a copy",
     "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",

@@ -31,7 +31,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,7 @@ class TrainConfig:
     # model
     preset: str = "tiny"  # a key of PRESETS: "tiny" (CPU-sized) or "gpt2" (124M)
     unembed_bias: bool = True  # train unembed.b_U; False keeps it 0, as GPT-2 has none (export_hf needs that)
+    tie_embeddings: bool = False  # W_U = W_E^T, one trained matrix, as in GPT-2 and nanoGPT (see tie_embeddings)
     # data
     dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
     text_column: str = "text"  # the column holding the documents
@@ -215,15 +216,55 @@ def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+def tie_embeddings(model: Transformer) -> None:
+    """Make unembed.W_U a view of embed.W_E's memory, W_U = W_E^T, for training them as one matrix.
+
+    GPT-2 was trained so, as nanoGPT trains: 124M parameters for GPT-2 small's shape where
+    untied has 163M. The model keeps both parameters (its state dict, hooks and every analysis
+    are unchanged), and a saved checkpoint holds W_U as a copy equal to W_E^T, so it loads
+    as any model does. Training must then treat the two as one: `fold_tied_gradient` adds W_U's
+    gradient into W_E's before each update, and the optimizer updates W_E alone (param_groups
+    with exclude={"unembed.W_U"}), which moves W_U with it.
+    """
+    with torch.no_grad():
+        model.unembed.W_U.data = model.embed.W_E.data.T
+
+
+def embeddings_tied(model: Transformer) -> bool:
+    """Whether W_U is a view of W_E's memory (tie_embeddings), not merely equal to W_E^T."""
+    W_E, W_U = model.embed.W_E, model.unembed.W_U
+    return W_U.data_ptr() == W_E.data_ptr() and W_U.stride() == W_E.T.stride() and W_U.shape == W_E.T.shape
+
+
+def fold_tied_gradient(model: Transformer) -> None:
+    """For tied embeddings: W_E's gradient becomes the whole matrix's, W_E's part plus W_U's.
+
+    Run after backward (and DDP's averaging) and before clipping, which then sees the tied
+    matrix's gradient once. W_U's gradient is laid out as W_U, a view of W_E, so its transpose
+    adds element for element.
+    """
+    W_E, W_U = model.embed.W_E, model.unembed.W_U
+    if W_U.grad is None:
+        return
+    if W_E.grad is None:
+        W_E.grad = W_U.grad.T.clone(memory_format=torch.contiguous_format)
+    else:
+        W_E.grad.add_(W_U.grad.T)
+    W_U.grad = None
+
+
+def param_groups(model: Transformer, weight_decay: float, *, exclude: Collection[str] = ()) -> list[dict]:
     """AdamW groups: weight decay on the weight matrices (W_*), none on biases and LayerNorm.
 
     The embeddings (W_E, W_pos) and the unembedding (W_U) are weight matrices and decay, as in
-    GPT-2 and nanoGPT.
+    GPT-2 and nanoGPT. Parameters named in `exclude` (a tied W_U) are left out.
     """
+    unknown = set(exclude) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"exclude names {sorted(unknown)}, which are not parameters of the model")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and name not in exclude:
             (decay if name.rsplit(".", 1)[-1].startswith("W_") else no_decay).append((name, p))
     return [
         {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
@@ -534,7 +575,9 @@ class Trainer:
         if not cfg.unembed_bias:
             # Left at its initial zeros: no gradient, and not in the optimizer (param_groups skips it).
             self.model.unembed.b_U.requires_grad_(False)
-        groups = param_groups(self.model, cfg.weight_decay)
+        if cfg.tie_embeddings:
+            tie_embeddings(self.model)  # after make_parameters_contiguous, which would untie them
+        groups = param_groups(self.model, cfg.weight_decay, exclude={"unembed.W_U"} if cfg.tie_embeddings else ())
         self.optimizer = torch.optim.AdamW(
             [{k: v for k, v in g.items() if k != "names"} for g in groups],
             lr=cfg.lr,
@@ -579,6 +622,11 @@ class Trainer:
         # Forward and loss compile as one graph (DDP first, then compile, as PyTorch advises), so
         # the cross-entropy fuses into a kernel that reads the bf16 logits once.
         self.loss_fn = torch.compile(self._loss) if cfg.compile else self._loss
+
+    @property
+    def trained_params(self) -> int:
+        """How many numbers the optimizer trains: a tied W_U and a frozen b_U are not counted."""
+        return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
 
     def _earlier_run(self) -> list[Path]:
         """The outputs of an earlier run in out_dir, which --overwrite deletes; without it, refused.
@@ -647,7 +695,9 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def forward_backward(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Accumulate gradients of the mean loss over `batches`; DDP averages them across processes."""
+        """Accumulate gradients of the mean loss over `batches`; DDP averages them across processes.
+
+        With tied embeddings W_E's gradient is then the tied matrix's and W_U's is None."""
         total = torch.zeros((), device=self.device)
         for i, (inputs, targets) in enumerate(batches):
             last = i == len(batches) - 1
@@ -657,6 +707,8 @@ class Trainer:
                     loss = self.loss_fn(inputs, targets) / len(batches)
                 loss.backward()
             total += loss.detach()
+        if self.cfg.tie_embeddings:
+            fold_tied_gradient(self.model)
         return total
 
     def train_step(self, *, wait: bool = True) -> dict:
@@ -719,8 +771,9 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             logger.info(
-                "training %s (%s parameters) on %s for %d steps of %s tokens on %s%s",
-                cfg.preset, f"{self.model.num_params():,}", self.data.source, self.max_steps,
+                "training %s (%s parameters%s) on %s for %d steps of %s tokens on %s%s",
+                cfg.preset, f"{self.trained_params:,}", ", W_U tied to W_E" if cfg.tie_embeddings else "",
+                self.data.source, self.max_steps,
                 f"{self.tokens_per_step:,}", self.device,
                 f" x {self.dist.world_size} processes" if self.dist.enabled else "",
             )  # fmt: skip
@@ -896,6 +949,13 @@ class Trainer:
                 f"{'--unembed-bias' if trained_b_U else '--no-unembed-bias'} (its optimizer state "
                 f"{'holds' if trained_b_U else 'lacks'} b_U)"
             )
+        trained_tied = saved_train_config.get("tie_embeddings", False)  # checkpoints before the option: untied
+        if trained_tied != self.cfg.tie_embeddings:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was trained with tie_embeddings={trained_tied}; resume with "
+                f"{'--tie-embeddings' if trained_tied else '--no-tie-embeddings'} (its optimizer state "
+                f"{'lacks' if trained_tied else 'holds'} W_U)"
+            )
         self.model.load_state_dict(saved.state_dict(), strict=True)
         try:
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -1034,6 +1094,8 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "embeddings_tied",
+    "fold_tied_gradient",
     "latest_checkpoint",
     "lm_loss",
     "lr_at",
@@ -1041,5 +1103,6 @@ __all__ = [
     "pick_device",
     "plot_loss_curve",
     "sample_text",
+    "tie_embeddings",
     "unembed_lm_loss",
 ]

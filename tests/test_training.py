@@ -141,6 +141,11 @@ def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     assert sorted(decay["names"]) == sorted(expected_decay)
     assert sorted(no_decay["names"]) == sorted(expected_no_decay)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # A tied W_U is left to W_E's update; a name that is not a parameter is a mistake.
+    tied_decay, _ = param_groups(model, 0.1, exclude={"unembed.W_U"})
+    assert sorted(tied_decay["names"]) == sorted(set(expected_decay) - {"unembed.W_U"})
+    with pytest.raises(ValueError, match=r"exclude names \['unembed.W'\], which are not parameters"):
+        param_groups(model, 0.1, exclude={"unembed.W"})
 
 
 def test_train_config_rejects_bad_values():
@@ -366,12 +371,15 @@ def test_loss_curve_png_has_the_expected_size(tmp_path):
 # --- checkpoints and resume -------------------------------------------------------------------
 
 
-def test_resume_continues_exactly(tmp_path, shakespeare_slice):
-    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+def test_resume_continues_exactly(tie_embeddings, tmp_path, shakespeare_slice):
+    config = lambda out_dir: micro_config(out_dir, tie_embeddings=tie_embeddings)  # noqa: E731
+    whole = Trainer(config(tmp_path / "whole"), data=shakespeare_slice).run()
 
-    Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=3)
-    resumed_trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    Trainer(config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=3)
+    resumed_trainer = Trainer(config(tmp_path / "split"), data=shakespeare_slice, resume=True)
     assert resumed_trainer.step == 3
+    assert training.embeddings_tied(resumed_trainer.model) == tie_embeddings  # loading keeps W_U a view of W_E
     resumed = resumed_trainer.run()
 
     a, b = losses(whole), losses(resumed)
@@ -451,15 +459,70 @@ def test_without_the_unembedding_bias_b_U_stays_zero_and_the_run_exports_exactly
         torch.testing.assert_close(hf_logits, trainer.model(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_resume_refuses_to_switch_the_unembedding_bias(tmp_path, shakespeare_slice):
+@pytest.mark.parametrize("field, default", [("unembed_bias", True), ("tie_embeddings", False)])
+def test_resume_refuses_to_switch_a_setting_that_shapes_the_optimizer_state(
+    field, default, tmp_path, shakespeare_slice
+):
+    def refusal(value: bool) -> str:
+        return f"trained with {field}={value}; resume with --{'' if value else 'no-'}{field.replace('_', '-')} "
+
     Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=3)
-    with pytest.raises(CheckpointMismatchError, match="trained with unembed_bias=True; resume with --unembed-bias"):
-        Trainer(micro_config(tmp_path, unembed_bias=False), data=shakespeare_slice, resume=True)
-    Trainer(micro_config(tmp_path / "off", unembed_bias=False), data=shakespeare_slice).run(stop_at=3)
-    with pytest.raises(CheckpointMismatchError, match="trained with unembed_bias=False; resume with --no-unembed-bias"):
-        Trainer(micro_config(tmp_path / "off"), data=shakespeare_slice, resume=True)
-    resumed = Trainer(micro_config(tmp_path / "off", unembed_bias=False), data=shakespeare_slice, resume=True)
+    with pytest.raises(CheckpointMismatchError, match=refusal(default)):
+        Trainer(micro_config(tmp_path, **{field: not default}), data=shakespeare_slice, resume=True)
+    Trainer(micro_config(tmp_path / "other", **{field: not default}), data=shakespeare_slice).run(stop_at=3)
+    with pytest.raises(CheckpointMismatchError, match=refusal(not default)):
+        Trainer(micro_config(tmp_path / "other"), data=shakespeare_slice, resume=True)
+    resumed = Trainer(micro_config(tmp_path / "other", **{field: not default}), data=shakespeare_slice, resume=True)
     assert resumed.step == 3
+
+
+def test_tied_embeddings_train_one_matrix_and_checkpoint_it_as_a_plain_model(tmp_path, shakespeare_slice):
+    assert not training.embeddings_tied(Trainer(micro_config(tmp_path / "untied"), data=shakespeare_slice).model)
+    trainer = Trainer(micro_config(tmp_path / "tied", tie_embeddings=True), data=shakespeare_slice)
+    model = trainer.model
+    assert training.embeddings_tied(model)
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(model.embed.W_E) in trained and id(model.unembed.W_U) not in trained
+    assert trainer.trained_params == model.num_params() - model.unembed.W_U.numel()
+    W_E_before = model.embed.W_E.detach().clone()
+    rows = trainer.run()
+    assert losses(rows)[8] < losses(rows)[1]
+    assert training.embeddings_tied(model) and torch.equal(model.unembed.W_U, model.embed.W_E.T)
+    assert (model.embed.W_E - W_E_before).abs().max() > 1e-3  # the update reached the shared matrix
+    saved = Transformer.load(latest_checkpoint(tmp_path / "tied"))
+    assert torch.equal(saved.embed.W_E, model.embed.W_E) and torch.equal(saved.unembed.W_U, model.unembed.W_U)
+    assert not training.embeddings_tied(saved)  # memory of its own, as any loaded model's
+
+
+def test_the_tied_gradient_is_the_gradient_of_one_shared_matrix(tmp_path, shakespeare_slice):
+    gen = torch.Generator().manual_seed(5)
+    inputs, targets = torch.randint(0, 50257, (2, 2, MICRO.n_ctx), generator=gen)
+    trainer = Trainer(micro_config(tmp_path, tie_embeddings=True), data=shakespeare_slice)
+    model = trainer.model
+    # The reference: the loss as a function of one matrix E that is both W_E and W_U = E^T.
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters() if n != "unembed.W_U"}
+    E = params["embed.W_E"]
+    lm_loss(torch.func.functional_call(model, params | {"unembed.W_U": E.T}, (inputs,)), targets).backward()
+    trainer.forward_backward([(inputs, targets)])
+    assert model.unembed.W_U.grad is None  # folded into W_E's, so clipping counts it once
+    for name, reference in params.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, reference.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_a_tied_run_without_b_U_exports_as_gpt2_does_with_no_lm_head(tmp_path, shakespeare_slice):
+    from safetensors import safe_open
+    from transformers import GPT2LMHeadModel
+
+    trainer = Trainer(micro_config(tmp_path, tie_embeddings=True, unembed_bias=False), data=shakespeare_slice)
+    trainer.run()
+    directory = gpt2_small.export_hf(trainer.model, tmp_path / "hf", tokenizer=False)
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        assert "transformer.wte.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    assert json.loads((directory / "config.json").read_text()).get("tie_word_embeddings", True)
+    tokens = torch.randint(0, MICRO.d_vocab, (2, MICRO.n_ctx), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_logits = GPT2LMHeadModel.from_pretrained(directory).eval()(tokens).logits
+        torch.testing.assert_close(hf_logits, trainer.model(tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_resume_survives_a_metrics_line_cut_off_by_a_crash(tmp_path, shakespeare_slice, caplog):
@@ -858,13 +921,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir):
+def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embeddings):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     PRESETS["micro"] = MICRO
-    trainer = Trainer(micro_config(out_dir), data=data)
+    trainer = Trainer(micro_config(out_dir, tie_embeddings=tie_embeddings), data=data)
     assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel)
     half = inputs.shape[0] // world_size
     rows = slice(rank * half, (rank + 1) * half)
@@ -892,15 +955,19 @@ def test_the_process_group_is_destroyed_at_exit(tmp_path):
     assert [(tmp_path / f"rank-{rank}").read_text() for rank in range(2)] == ["True False"] * 2
 
 
-def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tmp_path, shakespeare_slice):
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tie_embeddings, tmp_path, shakespeare_slice):
     """And the loss the step logs, the mean over ranks, is the whole batch's loss."""
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
     targets = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
     mp.spawn(
-        _ddp_worker, args=(2, _free_port(), shakespeare_slice, inputs, targets, str(tmp_path)), nprocs=2, join=True
+        _ddp_worker,
+        args=(2, _free_port(), shakespeare_slice, inputs, targets, str(tmp_path), tie_embeddings),
+        nprocs=2,
+        join=True,
     )
-    single = Trainer(micro_config(tmp_path / "single"), data=shakespeare_slice)
+    single = Trainer(micro_config(tmp_path / "single", tie_embeddings=tie_embeddings), data=shakespeare_slice)
     loss = single.forward_backward([(inputs, targets)])
     assert single.dist.mean_over_ranks(loss) is loss  # one process: nothing to average
     for rank in range(2):

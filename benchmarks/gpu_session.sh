@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh train-profile  # profile_train.py: ours, nanogpt, hf compiled, time by kind of kernel (~3 min)
 #   bash benchmarks/gpu_session.sh attention  # bench_train.py with SDPA pinned to FlashAttention, then to cuDNN (~5 min)
 #   bash benchmarks/gpu_session.sh stepgraph  # bench_train.py, the whole step (AdamW too) as one CUDA graph (~4 min)
+#   bash benchmarks/gpu_session.sh tied       # bench_train.py, W_U tied to W_E as nanoGPT trains (~4 min)
 #
 # Each appends its tables to benchmarks/RESULTS.md and, where $OUT is set, copies that file there,
 # also when a step fails, so that whatever was measured comes back.
@@ -19,9 +20,9 @@ cd "$(dirname "$0")/.."
 
 part="${1:-}"
 case "$part" in
-    tests | sampling | tuned | training | profile | train-profile | attention | stepgraph) ;;
+    tests | sampling | tuned | training | profile | train-profile | attention | stepgraph | tied) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile|train-profile|attention|stepgraph (got '${part}')" >&2
+        echo "usage: bash benchmarks/gpu_session.sh tests|sampling|tuned|training|profile|train-profile|attention|stepgraph|tied (got '${part}')" >&2
         exit 2
         ;;
 esac
@@ -61,6 +62,11 @@ fi
 if [ "$part" = stepgraph ]; then
     python3 benchmarks/bench_train.py --variants \
         ours-padded-stepgraph-compiled,ours-padded-cudnn-stepgraph-compiled,nanogpt-padded-stepgraph-compiled
+    exit $?
+fi
+if [ "$part" = tied ]; then
+    python3 benchmarks/bench_train.py --variants \
+        ours-padded-tied-compiled,nanogpt-padded-compiled,ours-padded-tied-cudnn-compiled,ours-padded-tied-stepgraph-compiled
     exit $?
 fi
 if [ "$part" = profile ]; then

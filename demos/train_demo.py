@@ -24,12 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
+    PRESET_UNEMBEDDING,
     PRESETS,
+    UNEMBEDDING_DEFAULTS,
     NonFiniteLossError,
     TrainConfig,
     Trainer,
     latest_checkpoint,
 )
+
+
+def _unembedding_by_preset(name: str) -> str:
+    """PRESET_UNEMBEDDING's setting `name` for each preset, for the help text."""
+    settings = {preset: (UNEMBEDDING_DEFAULTS | PRESET_UNEMBEDDING.get(preset, {}))[name] for preset in PRESETS}
+    return ", ".join(f"{preset} {'on' if on else 'off'}" for preset, on in sorted(settings.items()))
 
 
 def _by_preset(index: int) -> str:
@@ -40,9 +48,11 @@ def _by_preset(index: int) -> str:
 HELP = {
     "preset": f"model size: one of {sorted(PRESETS)}",
     "unembed_bias": "train the unembedding bias b_U (--no-unembed-bias keeps it 0, as GPT-2 has none, so that "
-    "gpt2_small.export_hf writes the trained model to Hugging Face's format exactly)",
+    f"gpt2_small.export_hf writes the trained model to Hugging Face's format exactly) (default by preset: "
+    f"{_unembedding_by_preset('unembed_bias')})",
     "tie_embeddings": "train the unembedding as the embedding's transpose, W_U = W_E^T, one matrix as in GPT-2 and "
-    "nanoGPT (124M parameters for --preset gpt2 where untied has 163M); checkpoints hold W_U as a copy",
+    "nanoGPT (124M parameters for --preset gpt2 where untied has 163M); checkpoints hold W_U as a copy "
+    f"(default by preset: {_unembedding_by_preset('tie_embeddings')})",
     "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",
@@ -94,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X] -> X
+        if base is bool:  # None: the preset's
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+            continue
         parser.add_argument(flag, type=base, default=f.default, help=HELP[f.name])
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     parser.set_defaults(out_dir=str(TRAIN_RUN))  # the repository's runs/, where the other demos look

@@ -68,6 +68,13 @@ PRESETS: dict[str, TransformerConfig] = {
 # Peak and floor learning rates when TrainConfig.lr is not given. tiny: the README's sweep on
 # Shakespeare (3e-3 spiked the gradient norm); gpt2: GPT-3's 125M model and nanoGPT's 6e-4.
 PRESET_LR: dict[str, tuple[float, float]] = {"tiny": (1.5e-3, 1.5e-4), "gpt2": (6e-4, 6e-5)}
+# tie_embeddings and unembed_bias when TrainConfig leaves them None. gpt2 trains GPT-2's own
+# parameterisation, as OpenAI and nanoGPT trained it: one tied embedding matrix and no b_U (124M
+# trained parameters; export_hf writes it as GPT-2's files are). tiny, and any preset not named
+# here, trains TransformerLens's: W_U and b_U parameters of their own (on Shakespeare at tiny's
+# tuned lr, untied ended lower, 5.539 against 5.584).
+PRESET_UNEMBEDDING: dict[str, dict[str, bool]] = {"gpt2": {"tie_embeddings": True, "unembed_bias": False}}
+UNEMBEDDING_DEFAULTS = {"tie_embeddings": False, "unembed_bias": True}
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
@@ -85,8 +92,10 @@ class TrainConfig:
 
     # model
     preset: str = "tiny"  # a key of PRESETS: "tiny" (CPU-sized) or "gpt2" (124M)
-    unembed_bias: bool = True  # train unembed.b_U; False keeps it 0, as GPT-2 has none (export_hf needs that)
-    tie_embeddings: bool = False  # W_U = W_E^T, one trained matrix, as in GPT-2 and nanoGPT (see tie_embeddings)
+    # None: the preset's (PRESET_UNEMBEDDING): True for gpt2 (GPT-2's own form), False for tiny.
+    tie_embeddings: bool | None = None  # W_U = W_E^T, one trained matrix, as in GPT-2 and nanoGPT (see tie_embeddings)
+    # None: the preset's: False for gpt2, True for tiny. False keeps b_U 0, as GPT-2 has none (export_hf needs that).
+    unembed_bias: bool | None = None  # train unembed.b_U
     # data
     dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
     text_column: str = "text"  # the column holding the documents
@@ -129,6 +138,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name, default in (UNEMBEDDING_DEFAULTS | PRESET_UNEMBEDDING.get(self.preset, {})).items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            elif not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True, False or None (the preset's), got {getattr(self, name)!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "sample_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -942,19 +956,14 @@ class Trainer:
                 f"use the preset it was trained with, or another --out-dir"
             )
         saved_train_config = _read_train_config(path)
-        trained_b_U = saved_train_config.get("unembed_bias", True)  # checkpoints before the option trained it
-        if trained_b_U != self.cfg.unembed_bias:
+        # Checkpoints from before these settings existed trained TransformerLens's form.
+        trained = {name: saved_train_config.get(name, default) for name, default in UNEMBEDDING_DEFAULTS.items()}
+        if differ := {name: value for name, value in trained.items() if value != getattr(self.cfg, name)}:
+            flags = " ".join(f"--{'' if value else 'no-'}{name.replace('_', '-')}" for name, value in differ.items())
             raise CheckpointMismatchError(
-                f"checkpoint {path} was trained with unembed_bias={trained_b_U}; resume with "
-                f"{'--unembed-bias' if trained_b_U else '--no-unembed-bias'} (its optimizer state "
-                f"{'holds' if trained_b_U else 'lacks'} b_U)"
-            )
-        trained_tied = saved_train_config.get("tie_embeddings", False)  # checkpoints before the option: untied
-        if trained_tied != self.cfg.tie_embeddings:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} was trained with tie_embeddings={trained_tied}; resume with "
-                f"{'--tie-embeddings' if trained_tied else '--no-tie-embeddings'} (its optimizer state "
-                f"{'lacks' if trained_tied else 'holds'} W_U)"
+                f"checkpoint {path} was trained with {', '.join(f'{k}={v}' for k, v in differ.items())}; resume "
+                f"with {flags} (its optimizer state holds the parameters that trained: W_U only untied, b_U only "
+                "with the bias)"
             )
         self.model.load_state_dict(saved.state_dict(), strict=True)
         try:
@@ -1089,6 +1098,8 @@ def _json_line(row: dict) -> str:
 __all__ = [
     "PRESETS",
     "PRESET_LR",
+    "PRESET_UNEMBEDDING",
+    "UNEMBEDDING_DEFAULTS",
     "CheckpointMismatchError",
     "DataPosition",
     "NonFiniteLossError",

@@ -13,7 +13,7 @@ import torch
 
 from gpt2_small import beam_search, generate, pad_prompts
 from gpt2_small.data import TokenData
-from gpt2_small.training import PRESETS, TrainConfig, Trainer, lm_loss, unembed_lm_loss
+from gpt2_small.training import PRESETS, TrainConfig, Trainer, embeddings_tied, lm_loss, unembed_lm_loss
 from solution import TransformerConfig, Unembedding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -139,7 +139,9 @@ def test_fused_unembed_loss_under_cuda_bf16_autocast_equals_lm_loss():
 MICRO = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
 
 
-def train_and_resume(out: Path, device: str, compile: bool) -> tuple[list[dict], list[dict], Trainer]:
+def train_and_resume(
+    out: Path, device: str, compile: bool, tie_embeddings: bool = False
+) -> tuple[list[dict], list[dict], Trainer]:
     """40 steps of a micro model on a repeating 40-token cycle (the next token follows from the
     current one), uninterrupted and stopped at step 20 then resumed, on the "micro" preset (MICRO,
     registered by the caller). Returns both runs' rows and the uninterrupted run's trainer."""
@@ -150,6 +152,7 @@ def train_and_resume(out: Path, device: str, compile: bool) -> tuple[list[dict],
         return TrainConfig(
             preset="micro", batch_size=8, max_steps=40, warmup_steps=5, lr=1e-2, eval_interval=20, eval_batches=2,
             sample_interval=0, sample_tokens=4, device=device, compile=compile, out_dir=str(out / run), seed=0,
+            tie_embeddings=tie_embeddings,
         )  # fmt: skip
 
     whole = Trainer(config("whole"), data=data)
@@ -160,12 +163,15 @@ def train_and_resume(out: Path, device: str, compile: bool) -> tuple[list[dict],
     return rows, resumed.run(), whole
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compile, tie_embeddings", [(False, False), (True, False), (True, True)], ids=["eager", "compiled", "compiled-tied"]
+)
 def test_the_trainer_learns_under_bf16_autocast_and_resumes_on_cuda(
-    tmp_path, monkeypatch, compile, without_shape_checks
+    tmp_path, monkeypatch, compile, tie_embeddings, without_shape_checks
 ):
     monkeypatch.setitem(PRESETS, "micro", MICRO)
-    rows, resumed, trainer = train_and_resume(tmp_path, "cuda", compile)
+    rows, resumed, trainer = train_and_resume(tmp_path, "cuda", compile, tie_embeddings)
+    assert embeddings_tied(trainer.model) == tie_embeddings
     assert trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
     assert trainer.model.W_E.dtype == torch.float32  # autocast: the weights and optimizer stay float32
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}

@@ -253,6 +253,19 @@ def test_the_demos_share_one_default_training_run_whatever_the_working_directory
     assert [written, *read] == [str(REPO / "runs" / "train_demo")] * 3
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], (None, None)),
+        (["--tie-embeddings", "--no-unembed-bias"], (True, False)),
+        (["--no-tie-embeddings"], (False, None)),
+    ],
+)
+def test_train_demo_leaves_the_unembedding_settings_to_the_preset_unless_given(args, expected):
+    parsed = import_demo("train_demo").build_parser().parse_args(args)
+    assert (parsed.tie_embeddings, parsed.unembed_bias) == expected  # None: TrainConfig takes the preset's
+
+
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
 def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
     cmd = [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--device", "foo", "--out-dir", str(tmp_path / "out")]

@@ -93,6 +93,29 @@ def test_learning_rates_default_by_preset_and_floor_to_a_tenth_of_a_given_lr():
         TrainConfig(preset="micro")  # registered by the autouse fixture, with no entry in PRESET_LR
 
 
+def test_gpt2_trains_gpt2s_own_form_and_tiny_transformerlenss_unless_told(tmp_path, shakespeare_slice):
+    def form(**overrides):
+        cfg = TrainConfig(**overrides)
+        return cfg.tie_embeddings, cfg.unembed_bias
+
+    assert form() == (False, True)  # tiny: W_U and b_U parameters of their own
+    assert form(preset="gpt2") == (True, False)  # one tied matrix and no b_U, as GPT-2 was trained
+    assert form(preset="gpt2", tie_embeddings=False) == (False, False)  # each setting overrides alone
+    assert form(unembed_bias=False) == (False, False)
+    assert form(preset="micro", lr=1e-3) == (False, True)  # a preset PRESET_UNEMBEDDING does not name
+    # What a run trained with is what its checkpoint records, so resuming compares the same values.
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=1)
+    saved = json.loads((latest_checkpoint(tmp_path) / training.TRAIN_CONFIG).read_text())
+    assert (saved["tie_embeddings"], saved["unembed_bias"]) == (False, True)
+
+
+def test_the_unembedding_settings_must_be_booleans(without_shape_checks):
+    with pytest.raises(TypeError, match=r"tie_embeddings must be True, False or None \(the preset's\), got 1"):
+        TrainConfig(tie_embeddings=1)
+    with pytest.raises(TypeError, match=r"unembed_bias must be True, False or None \(the preset's\), got 'no'"):
+        TrainConfig(unembed_bias="no")  # truthy: it would have turned b_U on
+
+
 @pytest.mark.parametrize("warmup_steps", [7, 8, 9])
 def test_a_warmup_as_long_as_the_run_is_warned_about(warmup_steps, tmp_path, shakespeare_slice, caplog):
     """With warmup_steps >= max_steps the learning rate only rises: it ends below or at the peak and
@@ -474,6 +497,15 @@ def test_resume_refuses_to_switch_a_setting_that_shapes_the_optimizer_state(
         Trainer(micro_config(tmp_path / "other"), data=shakespeare_slice, resume=True)
     resumed = Trainer(micro_config(tmp_path / "other", **{field: not default}), data=shakespeare_slice, resume=True)
     assert resumed.step == 3
+
+
+def test_a_resume_that_switches_both_unembedding_settings_names_both_flags(tmp_path, shakespeare_slice):
+    # As a --preset gpt2 run from before its defaults became GPT-2's form would, resumed now.
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=2)
+    both = micro_config(tmp_path, tie_embeddings=True, unembed_bias=False)
+    message = "trained with tie_embeddings=False, unembed_bias=True; resume with --no-tie-embeddings --unembed-bias "
+    with pytest.raises(CheckpointMismatchError, match=message):
+        Trainer(both, data=shakespeare_slice, resume=True)
 
 
 def test_tied_embeddings_train_one_matrix_and_checkpoint_it_as_a_plain_model(tmp_path, shakespeare_slice):

@@ -26,6 +26,7 @@ from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
     PRESET_UNEMBEDDING,
     PRESETS,
+    RUN_FILES,
     UNEMBEDDING_DEFAULTS,
     NonFiniteLossError,
     TrainConfig,
@@ -125,7 +126,11 @@ def main(argv=None) -> int:
         # Interrupted while loading the data there is no checkpoint yet, unless an earlier run left one.
         last = latest_checkpoint(args["out_dir"])
         if last is None:
-            print("interrupted before any checkpoint was written; there is nothing to --resume", file=sys.stderr)
+            wrote = any((Path(args["out_dir"]) / name).exists() for name in RUN_FILES)
+            again = f"; start again with --overwrite (it deletes what {args['out_dir']} holds)" if wrote else ""
+            print(
+                f"interrupted before any checkpoint was written; there is nothing to --resume{again}", file=sys.stderr
+            )
         else:
             print(f"interrupted; the newest checkpoint is {last} (continue with --resume)", file=sys.stderr)
         return 130

@@ -651,6 +651,12 @@ class Trainer:
         earlier = [self.out_dir / name for name in (CHECKPOINTS, *RUN_FILES) if (self.out_dir / name).exists()]
         if earlier and not self.cfg.overwrite:
             names = ", ".join(p.name for p in earlier)
+            if latest_checkpoint(self.out_dir) is None:  # stopped before its first checkpoint: --resume would fail
+                raise FileExistsError(
+                    f"{self.out_dir} holds an earlier run that stopped before its first checkpoint ({names}), so "
+                    f"there is nothing to resume; pass --overwrite to delete it and start afresh, or choose another "
+                    f"--out-dir"
+                )
             raise FileExistsError(
                 f"{self.out_dir} holds an earlier run ({names}); pass --resume to continue it, "
                 f"--overwrite to delete it and start afresh, or choose another --out-dir"
@@ -1099,6 +1105,7 @@ __all__ = [
     "PRESETS",
     "PRESET_LR",
     "PRESET_UNEMBEDDING",
+    "RUN_FILES",
     "UNEMBEDDING_DEFAULTS",
     "CheckpointMismatchError",
     "DataPosition",

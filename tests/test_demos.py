@@ -164,6 +164,12 @@ def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, mon
     monkeypatch.setattr(demo, "Trainer", interrupt)  # while the data loads, before any checkpoint
     assert demo.main(["--out-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "interrupted before any checkpoint was written; there is nothing to --resume\n"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')  # Ctrl-C during the first sample: a fresh start is refused
+    assert demo.main(["--out-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == (
+        "interrupted before any checkpoint was written; there is nothing to --resume; start again with "
+        f"--overwrite (it deletes what {tmp_path} holds)\n"
+    )
     checkpoint = tmp_path / "checkpoints" / "step-0000004"  # an earlier run's, as --resume finds it
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.pt").write_bytes(b"")

@@ -648,6 +648,26 @@ def test_a_fresh_run_refuses_an_out_dir_with_an_earlier_run_unless_overwrite(tmp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002"]
 
 
+def test_an_earlier_run_without_a_checkpoint_is_not_offered_to_resume(tmp_path, shakespeare_slice, monkeypatch):
+    """Before: a run stopped by Ctrl-C during its first sample left metrics.jsonl and samples.txt,
+    and starting again was refused with "pass --resume", which then found no checkpoint."""
+
+    def interrupted(self, label):
+        (self.out_dir / "samples.txt").write_text("--- sample, before training ---\nROM")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Trainer, "_sample", interrupted)
+        Trainer(micro_config(tmp_path), data=shakespeare_slice).run()
+    assert latest_checkpoint(tmp_path) is None and (tmp_path / "metrics.jsonl").exists()
+    message = r"stopped before its first checkpoint \(metrics.jsonl, samples.txt\), so there is nothing to resume; pass --overwrite"
+    with pytest.raises(FileExistsError, match=message):
+        Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):  # as the message says
+        Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+    assert Trainer(micro_config(tmp_path, max_steps=2, overwrite=True), data=shakespeare_slice).run()[-1]["step"] == 2
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_data_cannot_be_loaded(tmp_path, shakespeare_slice, caplog):
     """Before: --overwrite deleted the earlier run first, so a wrong --dataset cost it."""
     run = tmp_path / "run"

@@ -602,7 +602,9 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.evaluated_at = 0  # the step of the last evaluation (0: none, or the start)
-        self._checkpointed: tuple[int, int] | None = None  # (step, evaluated_at) of the newest checkpoint
+        self.sampled_at: int | None = None  # the step of the last sample (None: not even the one before training)
+        # (step, evaluated_at, sampled_at) of the newest checkpoint
+        self._checkpointed: tuple[int, int, int | None] | None = None
         self.rows: list[dict] = []
         self._batches: Iterator | None = None
         self._interrupts = _Interrupts()
@@ -797,7 +799,7 @@ class Trainer:
                 f"{self.tokens_per_step:,}", self.device,
                 f" x {self.dist.world_size} processes" if self.dist.enabled else "",
             )  # fmt: skip
-            if self.step == 0:
+            if self.step == 0 and self.sampled_at is None:  # not on resuming a checkpoint of step 0
                 self._record({"step": 0, "tokens": 0, "unigram_val_loss": self._unigram()})
                 self._sample("before training")
         bar = tqdm(total=stop, initial=self.step, desc="training", disable=not main, dynamic_ncols=True)
@@ -821,8 +823,12 @@ class Trainer:
                     bar.close()
                     self._diverged(row)
 
+        # This step's evaluation and sample, which a Ctrl-C cut short before the checkpoint; the
+        # last step's sample comes at the end, as always.
         if self._evaluates_here() and self.evaluated_at != self.step:
-            self._eval_and_plot(bar)  # this step's evaluation, which a Ctrl-C cut short before the checkpoint
+            self._eval_and_plot(bar)
+        if main and self._samples_mid_run() and self.sampled_at != self.step:
+            self._sample(f"step {self.step}")
         try:
             with self._interrupts.install():  # see _Interrupts
                 while self.step < stop:
@@ -831,7 +837,7 @@ class Trainer:
                     self._interrupts.deliver()
                     log_steps(keep=1)
                     evaluate = self._evaluates_here()
-                    sample = main and self._at_interval(cfg.sample_interval) and self.step != self.max_steps
+                    sample = main and self._samples_mid_run()
                     checkpoint = self._at_interval(cfg.checkpoint_interval or cfg.eval_interval)
                     if not (evaluate or sample or checkpoint or self.step == stop):
                         continue
@@ -842,6 +848,9 @@ class Trainer:
                         self._sample(f"step {self.step}")
                     if checkpoint:
                         self.save_checkpoint()
+                bar.close()
+                if main and self.step == self.max_steps and self.sampled_at != self.step:
+                    self._sample(f"step {self.step} (end)")  # before the checkpoint, which then records it
         except KeyboardInterrupt:
             log_steps(keep=0)
             bar.close()
@@ -851,15 +860,17 @@ class Trainer:
                     "interrupted at step %d; checkpoint saved to %s; continue with --resume", self.step, path
                 )
             raise
-        bar.close()
         self.save_checkpoint()
-        if main and self.step == self.max_steps:
-            self._sample(f"step {self.step} (end)")
         return self.rows
 
     def _at_interval(self, interval: int) -> bool:
         """Whether this step is one of every `interval` steps (never for 0, which turns them off)."""
         return interval > 0 and self.step % interval == 0
+
+    def _samples_mid_run(self) -> bool:
+        """Whether this step prints a sample before training on: every sample_interval steps but the
+        last, whose sample run() prints at the end."""
+        return self.step > 0 and self._at_interval(self.cfg.sample_interval) and self.step != self.max_steps
 
     def _evaluates_here(self) -> bool:
         """Whether this step is evaluated: every eval_interval steps, and the last step."""
@@ -895,6 +906,7 @@ class Trainer:
         tqdm.write(block)
         with open(self.out_dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write(block + "\n")
+        self.sampled_at = self.step
 
     def _unigram(self) -> float:
         from gpt2_small.data import unigram_loss
@@ -914,8 +926,8 @@ class Trainer:
             return None
         root = self.out_dir / CHECKPOINTS
         final = root / f"step-{self.step:07d}"
-        # Written again only when an evaluation that a Ctrl-C cut short has run since (on resume).
-        if self._checkpointed == (self.step, self.evaluated_at):
+        # Written again only when an evaluation or sample that a Ctrl-C cut short has run since (on resume).
+        if self._checkpointed == (self.step, self.evaluated_at, self.sampled_at):
             return final
         tmp = root / f".tmp-{final.name}-{os.getpid()}"
         if tmp.exists():
@@ -925,6 +937,7 @@ class Trainer:
             "step": self.step,
             "position": dataclasses.asdict(self.position),
             "evaluated_at": self.evaluated_at,
+            "sampled_at": self.sampled_at,
             "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(),
             "rng": _rng_state(),
@@ -942,7 +955,7 @@ class Trainer:
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
-        self._checkpointed = (self.step, self.evaluated_at)
+        self._checkpointed = (self.step, self.evaluated_at, self.sampled_at)
         if replaced.exists():
             shutil.rmtree(replaced)
         for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]:
@@ -982,8 +995,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         match_state_layouts(self.optimizer)  # a checkpoint from a GPU run on a CPU, or the reverse
         self.step = state["step"]
-        self.evaluated_at = state.get("evaluated_at", self.step)  # checkpoints before it was kept: as they were
-        self._checkpointed = (self.step, self.evaluated_at)
+        # Checkpoints from before these were kept: taken as done, as they were.
+        self.evaluated_at = state.get("evaluated_at", self.step)
+        self.sampled_at = state.get("sampled_at", self.step)
+        self._checkpointed = (self.step, self.evaluated_at, self.sampled_at)
         self.position = DataPosition(**state["position"])
         if state["world_size"] != self.dist.world_size:
             consumed = self.position.consumed * state["world_size"] // self.dist.world_size
@@ -995,10 +1010,10 @@ class Trainer:
         _set_rng_state(state["rng"])
         self._warn_about_changed_settings(path)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
-        # At max_steps, run() would only write the same checkpoint and end sample again, unless a
-        # Ctrl-C cut the final evaluation short: then run() evaluates, checkpoints and samples.
-        final_evaluation_done = self.step > self.max_steps or self.evaluated_at == self.step
-        if self.step >= self.max_steps and final_evaluation_done:
+        # At max_steps run() would have nothing left to do, unless a Ctrl-C cut the final evaluation
+        # or sample short: then run() evaluates and samples (whichever is missing) and checkpoints.
+        finished = self.step > self.max_steps or (self.evaluated_at == self.step and self.sampled_at == self.step)
+        if self.step >= self.max_steps and finished:
             budget = f"max_steps={self.max_steps}"
             if self.cfg.epochs:
                 budget = f"epochs={self.cfg.epochs} ({self.max_steps} steps)"

@@ -785,6 +785,24 @@ def test_ctrl_c_inside_a_step_checkpoints_the_last_whole_step_and_resumes_exactl
     assert losses(resumed) == losses(whole)  # bit-identical on CPU, steps 6 to 8 included
 
 
+def test_a_run_interrupted_in_its_first_step_resumes_without_repeating_its_start(tmp_path, shakespeare_slice):
+    """Before: resuming checkpoint step-0 logged the unigram baseline and printed the sample before
+    training a second time."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
+
+    def interrupted(inputs, targets):
+        raise KeyboardInterrupt
+
+    trainer.loss_fn = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "split").name == "step-0000000"
+    resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
+    assert untimed(resumed) == untimed(whole)  # one unigram row
+    assert (tmp_path / "split" / "samples.txt").read_text() == (tmp_path / "whole" / "samples.txt").read_text()
+
+
 def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_path, shakespeare_slice):
     """Before: the KeyboardInterrupt left step 6's update in the weights of checkpoint step-5."""
     whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
@@ -854,6 +872,42 @@ def test_a_final_evaluation_cut_short_by_ctrl_c_runs_on_resume(tmp_path, shakesp
     # Now that it is evaluated, the finished run is refused as before.
     with pytest.raises(ValueError, match="leaves nothing to train"):
         Trainer(split, data=shakespeare_slice, resume=True)
+
+
+def run_interrupted_in(trainer: Trainer, method: str, step: int) -> None:
+    """trainer.run(), with a Ctrl-C in trainer.<method> ("evaluate" or "_sample") at `step`."""
+    real = getattr(trainer, method)
+
+    def interrupted(*args):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(trainer, method, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
+@pytest.mark.parametrize(
+    "method, step, eval_interval",
+    [("_sample", 4, 4), ("evaluate", 4, 4), ("_sample", 8, 4), ("_sample", 8, 3)],
+    ids=["sample", "evaluation-before-the-sample", "end-sample", "end-sample-no-checkpoint-due"],
+)
+def test_a_sample_cut_short_by_ctrl_c_is_printed_on_resume(method, step, eval_interval, tmp_path, shakespeare_slice):
+    """Before: the checkpoint of the step was written, and its sample never printed; at the end,
+    --resume then refused the run ("leaves nothing to train"). eval_interval=3: no checkpoint is due
+    at step 8 before its end sample, which must then not lose the step's checkpoint."""
+    config = lambda run: micro_config(tmp_path / run, sample_interval=4, eval_interval=eval_interval)  # noqa: E731
+    whole = Trainer(config("whole"), data=shakespeare_slice).run()
+    run_interrupted_in(Trainer(config("split"), data=shakespeare_slice), method, step)
+    assert latest_checkpoint(tmp_path / "split").name == f"step-{step:07d}"
+    assert f"sample, step {step}" not in (tmp_path / "split" / "samples.txt").read_text()
+    resumed = Trainer(config("split"), data=shakespeare_slice, resume=True).run()
+    assert untimed(resumed) == untimed(whole)
+    # Every sample once, in order, and the same text as the uninterrupted run's (the weights are).
+    assert (tmp_path / "split" / "samples.txt").read_text() == (tmp_path / "whole" / "samples.txt").read_text()
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        Trainer(config("split"), data=shakespeare_slice, resume=True)
 
 
 def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_path, shakespeare_slice):

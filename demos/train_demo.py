@@ -24,20 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
-    PRESET_UNEMBEDDING,
     PRESETS,
     RUN_FILES,
-    UNEMBEDDING_DEFAULTS,
     NonFiniteLossError,
     TrainConfig,
     Trainer,
     latest_checkpoint,
+    preset_unembedding,
 )
 
 
 def _unembedding_by_preset(name: str) -> str:
-    """PRESET_UNEMBEDDING's setting `name` for each preset, for the help text."""
-    settings = {preset: (UNEMBEDDING_DEFAULTS | PRESET_UNEMBEDDING.get(preset, {}))[name] for preset in PRESETS}
+    """Each preset's default for `name` (tie_embeddings or unembed_bias), for the help text."""
+    settings = {preset: preset_unembedding(preset)[name] for preset in PRESETS}
     return ", ".join(f"{preset} {'on' if on else 'off'}" for preset, on in sorted(settings.items()))
 
 

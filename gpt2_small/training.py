@@ -75,6 +75,13 @@ PRESET_LR: dict[str, tuple[float, float]] = {"tiny": (1.5e-3, 1.5e-4), "gpt2": (
 # tuned lr, untied ended lower, 5.539 against 5.584).
 PRESET_UNEMBEDDING: dict[str, dict[str, bool]] = {"gpt2": {"tie_embeddings": True, "unembed_bias": False}}
 UNEMBEDDING_DEFAULTS = {"tie_embeddings": False, "unembed_bias": True}
+
+
+def preset_unembedding(preset: str) -> dict[str, bool]:
+    """tie_embeddings and unembed_bias as `preset` trains them when TrainConfig leaves them None."""
+    return UNEMBEDDING_DEFAULTS | PRESET_UNEMBEDDING.get(preset, {})
+
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 TRAIN_CONFIG = "train_config.json"
@@ -138,7 +145,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name, default in (UNEMBEDDING_DEFAULTS | PRESET_UNEMBEDDING.get(self.preset, {})).items():
+        for name, default in preset_unembedding(self.preset).items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
             elif not isinstance(getattr(self, name), bool):
@@ -1008,7 +1015,7 @@ class Trainer:
             )  # fmt: skip
             self.position = DataPosition(self.position.epoch, consumed)
         _set_rng_state(state["rng"])
-        self._warn_about_changed_settings(path)
+        self._warn_about_changed_settings(saved_train_config)
         self.rows = _read_rows(self.out_dir / "metrics.jsonl", up_to_step=self.step)
         # At max_steps run() would have nothing left to do, unless a Ctrl-C cut the final evaluation
         # or sample short: then run() evaluates and samples (whichever is missing) and checkpoints.
@@ -1025,7 +1032,7 @@ class Trainer:
             _write_rows(self.out_dir / "metrics.jsonl", self.rows)
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def _warn_about_changed_settings(self, checkpoint: Path) -> None:
+    def _warn_about_changed_settings(self, saved: dict) -> None:
         """Say which settings that shape training (lr, max_steps, data, ...) differ from the checkpoint's.
 
         Changing them on resume is allowed (extending max_steps is common), but the run then no
@@ -1033,7 +1040,6 @@ class Trainer:
         """
         if not self.dist.is_main:
             return
-        saved = _read_train_config(checkpoint)
         changed = {
             name: (saved[name], value)
             for name, value in dataclasses.asdict(self.cfg).items()
@@ -1135,6 +1141,7 @@ __all__ = [
     "param_groups",
     "pick_device",
     "plot_loss_curve",
+    "preset_unembedding",
     "sample_text",
     "tie_embeddings",
     "unembed_lm_loss",

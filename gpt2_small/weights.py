@@ -308,9 +308,10 @@ def export_hf(
 
     GPT2LMHeadModel(directory), load_model(directory) and the bridge then compute this model's
     logits (tested to float32 rounding), with one exception: GPT-2 has no unembedding bias. A
-    model trained here learns b_U, so a non-zero b_U is refused unless `drop_unembed_bias`, which
-    exports the model without it: every position's logits then lose b_U, and so its next-token
-    probabilities change (unless b_U is the same for every token).
+    model trained here with the tiny preset (or --unembed-bias) learns b_U, so a non-zero b_U is
+    refused unless `drop_unembed_bias`, which exports the model without it: every position's
+    logits then lose b_U, and so its next-token probabilities change (unless b_U is the same for
+    every token).
     """
     from safetensors.torch import save_file
 
@@ -332,8 +333,9 @@ def export_hf(
     if not drop_unembed_bias and bool(b_U.any()):
         raise ValueError(
             f"unembed.b_U is not zero (largest |b_U| {float(b_U.abs().max()):.3g}): GPT-2 has no unembedding bias, "
-            f"so the exported model's logits would lack it. A model trained by gpt2_small learns b_U; pass "
-            f"drop_unembed_bias=True to export it anyway, without b_U"
+            f"so the exported model's logits would lack it. gpt2_small's trainer learns b_U unless told not to "
+            f"(--no-unembed-bias, the gpt2 preset's default); pass drop_unembed_bias=True to export it anyway, "
+            f"without b_U"
         )
     from transformers import GPT2Config  # deferred: transformers is slow to import
 

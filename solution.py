@@ -677,6 +677,9 @@ class Unembedding(nn.Module):
         return x @ self.W_U + self.b_U
 
 
+IGNORE_INDEX = -100  # a label that asks for no loss, as in Hugging Face and the TransformerLens bridge
+
+
 def lm_cross_entropy_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     tokens: Int[Tensor, "batch pos"],
@@ -685,21 +688,28 @@ def lm_cross_entropy_loss(
 ) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
     """Next-token cross-entropy, as TransformerLens's: position i's logits predict token i + 1.
 
-    With attention_mask, a pair where either token is padding counts 0 and is left out of the
-    mean. per_token gives each pair's loss, [batch pos-1]. The softmax is taken in float32.
+    `tokens` may be labels: a token of IGNORE_INDEX (-100) is no target, and its pair counts 0
+    and is left out of the mean, as in Hugging Face. With attention_mask, so is a pair where
+    either token is padding. per_token gives each pair's loss, [batch pos-1]. The softmax is
+    taken in float32.
     """
     log_probs = logits.float().log_softmax(dim=-1)
-    next_tokens = einops.rearrange(tokens[:, 1:], "batch pos -> batch pos 1")
+    targets = tokens[:, 1:]
+    # IGNORE_INDEX is clamped to a real id for the gather; its loss is zeroed below.
+    next_tokens = einops.rearrange(targets.clamp(min=0), "batch pos -> batch pos 1")
     losses = -log_probs[:, :-1].gather(-1, next_tokens)[..., 0]
-    if attention_mask is None:
-        return losses if per_token else losses.mean()
-    real = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    real = targets != IGNORE_INDEX
+    if attention_mask is not None:
+        real &= attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
     losses = losses.masked_fill(~real, 0.0)
     if per_token:
         return losses
-    n_pairs = int(real.sum())
-    if n_pairs == 0:
-        raise ValueError("attention_mask leaves no pair of consecutive real tokens, so there is no loss to average")
+    n_pairs = real.sum()
+    if _host_reads_possible(n_pairs) and int(n_pairs) == 0:
+        raise ValueError(
+            "the attention_mask's padding (with any -100 labels) leaves no pair of consecutive real tokens, so "
+            "there is no loss to average"
+        )
     return losses.sum() / n_pairs
 
 
@@ -763,6 +773,7 @@ class Transformer(HookedRootModule):
         logits_to_keep: int | None = None,
         return_type: str | None = "logits",
         loss_per_token: bool = False,
+        labels: Int[Tensor, "batch pos"] | None = None,
     ) -> ForwardOutput:
         """Logits for `tokens` (kept_pos = pos unless logits_to_keep is given).
 
@@ -788,6 +799,10 @@ class Transformer(HookedRootModule):
             of `tokens` (lm_cross_entropy_loss, padding left out), or each pair's loss with
             loss_per_token=True; "both", (logits, loss); None, nothing (the hooks still run, the
             unembedding does not).
+        labels: as in the TransformerLens bridge and Hugging Face, the tokens the loss scores in
+            place of `tokens` (position i's logits predict labels[:, i + 1]); -100 (IGNORE_INDEX)
+            marks a position with no target, say a prompt's. With start_at_layer, whose input is
+            a residual stream, the loss needs them.
         """
         for name, layer in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
             if layer is not None:
@@ -796,7 +811,7 @@ class Transformer(HookedRootModule):
         if logits_to_keep is not None:
             self._check_logits_to_keep(logits_to_keep, pos, stop_at_layer)
         wants_loss = self._check_return_type(
-            return_type, loss_per_token, pos, start_at_layer, stop_at_layer, logits_to_keep, kv_cache
+            return_type, loss_per_token, pos, start_at_layer, stop_at_layer, logits_to_keep, kv_cache, labels
         )
         if kv_cache is not None and kv_cache.static:
             positions, blocked = self._static_slots(attention_mask, kv_cache, batch, pos)
@@ -822,7 +837,8 @@ class Transformer(HookedRootModule):
         logits = self.unembed(residual)
         if not wants_loss:
             return logits
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        targets = tokens if labels is None else labels.to(logits.device)
+        loss = lm_cross_entropy_loss(logits, targets, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
     @staticmethod
@@ -862,6 +878,7 @@ class Transformer(HookedRootModule):
         stop_at_layer: int | None,
         logits_to_keep: int | None,
         kv_cache: KVCache | None,
+        labels: Tensor | None,
     ) -> bool:
         """Refuse a return_type, or a combination, that forward cannot honour; True if it wants the loss."""
         if return_type not in _RETURN_TYPES:
@@ -875,12 +892,14 @@ class Transformer(HookedRootModule):
         wants_loss = return_type in ("loss", "both")
         if loss_per_token and not wants_loss:
             raise ValueError(f"loss_per_token=True needs return_type 'loss' or 'both', got {return_type!r}")
+        if labels is not None and not wants_loss:
+            raise ValueError(f"labels are only scored with return_type 'loss' or 'both', got {return_type!r}")
         if not wants_loss:
             return False
-        if start_at_layer is not None:
+        if start_at_layer is not None and labels is None:
             raise ValueError(
-                f"return_type={return_type!r} cannot be used with start_at_layer, whose input is a residual "
-                "stream, not the tokens to predict: take lm_cross_entropy_loss(logits, tokens)"
+                f"return_type={return_type!r} with start_at_layer needs labels=tokens: the input is a residual "
+                "stream, not the tokens to predict"
             )
         if logits_to_keep is not None or kv_cache is not None:
             raise ValueError(
@@ -980,6 +999,28 @@ class Transformer(HookedRootModule):
             raise ValueError(
                 f"the residual stream has dtype {residual.dtype} but the model's is {self.dtype}; "
                 f"convert it with .to({self.dtype})"
+            )
+
+    def check_labels(self, tokens: Tensor, labels: object) -> None:
+        """Raise ValueError/TypeError naming what is wrong with forward's labels (None passes).
+
+        `tokens` may be the residual stream [batch pos d_model] that start_at_layer takes."""
+        if labels is None:
+            return
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+        if labels.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"labels must have dtype torch.long or torch.int32, got {labels.dtype}")
+        batch, pos = tokens.shape[:2]
+        if labels.shape != (batch, pos):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; it must match tokens, {(batch, pos)}")
+        if not _host_reads_possible(labels):
+            return
+        outside = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.cfg.d_vocab))
+        if bool(outside.any()):
+            bad = int(labels[outside][0])
+            raise ValueError(
+                f"label {bad} is outside [0, d_vocab={self.cfg.d_vocab}) and is not {IGNORE_INDEX} (no target)"
             )
 
     def check_mask_and_cache(self, tokens: Tensor, attention_mask: object, kv_cache: object) -> None:
@@ -1484,6 +1525,7 @@ def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> Non
     else:
         model.check_residual(tokens)
     model.check_mask_and_cache(tokens, kwargs.get("attention_mask"), kwargs.get("kv_cache"))
+    model.check_labels(tokens, kwargs.get("labels"))
 
 
 def _atomic_write(target: Path, write) -> None:

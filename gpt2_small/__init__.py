@@ -38,6 +38,7 @@ from gpt2_small.tokenizer import (
 )
 from gpt2_small.weights import WeightLoadError, config_from_hf, convert_hf_state_dict, export_hf, load_model
 from solution import (
+    IGNORE_INDEX,
     MLP,
     Attention,
     Embedding,
@@ -56,6 +57,7 @@ from solution import (
 
 __all__ = [
     "EOT_ID",
+    "IGNORE_INDEX",
     "MLP",
     "ActivationCache",
     "AssetChecksumError",

@@ -652,12 +652,83 @@ def test_start_at_layer_rejects_what_it_cannot_do(without_shape_checks):
         model(torch.zeros(2, 17, 32), start_at_layer=1)
     with pytest.raises(ValueError, match=r"has dtype torch.float64 but the model's is torch.float32; convert it"):
         model(resid.double(), start_at_layer=1)
-    with pytest.raises(ValueError, match=r"return_type='loss' cannot be used with start_at_layer, .* lm_cross_entropy"):
+    with pytest.raises(ValueError, match=r"return_type='loss' with start_at_layer needs labels=tokens: the input is"):
         model(resid, start_at_layer=1, return_type="loss")
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\); it must match tokens, \(2, 3\)"):
         model(resid, start_at_layer=1, attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="remove_batch_dim=True needs one sequence .* got batch size 2"):
         model.run_with_cache(resid, start_at_layer=1, remove_batch_dim=True)
+
+
+@torch.no_grad()
+def test_start_at_layer_scores_the_labels_as_the_whole_run_scores_its_tokens():
+    """As the TransformerLens bridge: a residual stream and labels=tokens give the loss the tokens'
+    own run gives (bit for bit, both on the fast attention path), per pair and averaged; a patched
+    stream changes it."""
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    for attention_mask in (None, mask):
+        resid = model(tokens, attention_mask=attention_mask, stop_at_layer=1)
+        for per_token in (False, True):
+            options = {"return_type": "loss", "loss_per_token": per_token, "attention_mask": attention_mask}
+            expected = model(tokens, **options)
+            actual = model(resid, start_at_layer=1, labels=tokens, **options)
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        logits, loss = model(resid, start_at_layer=1, labels=tokens, return_type="both", attention_mask=attention_mask)
+        torch.testing.assert_close(logits, model(tokens, attention_mask=attention_mask), rtol=0, atol=0)
+        # Noise, not a constant: a shift along every channel is what each LayerNorm removes.
+        noise = torch.randn(resid.shape, generator=torch.Generator().manual_seed(0))
+        patched = model(
+            resid + noise, start_at_layer=1, labels=tokens, return_type="loss", attention_mask=attention_mask
+        )
+        assert abs(float(patched - loss)) > 1e-3
+
+
+@torch.no_grad()
+def test_labels_are_scored_in_place_of_the_tokens_and_minus_100_is_no_target():
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    logits, plain = model(tokens, return_type="both")
+    per_pair = model(tokens, return_type="loss", loss_per_token=True)
+    # Other labels: the loss of the same logits against them, not against the tokens.
+    other = (tokens + 1) % TINY.d_vocab
+    expected = solution.lm_cross_entropy_loss(logits, other)
+    torch.testing.assert_close(model(tokens, return_type="loss", labels=other), expected, rtol=0, atol=0)
+    assert abs(float(expected - plain)) > 1e-3
+    # -100 (IGNORE_INDEX) at positions 1 and 2 drops pairs 0 and 1 (they predict those positions):
+    # each counts 0, the others keep their loss, and the mean is over the three left.
+    labels = tokens.clone()
+    labels[0, 1:3] = gpt2_small.IGNORE_INDEX
+    ignored = model(tokens, return_type="loss", labels=labels, loss_per_token=True)
+    assert torch.equal(ignored[0, :2], torch.zeros(2))
+    torch.testing.assert_close(ignored[0, 2:], per_pair[0, 2:], rtol=0, atol=0)
+    torch.testing.assert_close(ignored[1], per_pair[1], rtol=0, atol=0)
+    mean = model(tokens, return_type="loss", labels=labels)
+    kept = torch.cat([per_pair[0, 2:], per_pair[1]])
+    torch.testing.assert_close(mean, kept.mean(), rtol=1e-6, atol=1e-6)
+    assert abs(float(mean - plain)) > 1e-4
+    # -100 at position 0 is never a target, so it changes nothing; int32 labels act as long ones.
+    first = tokens.clone()
+    first[:, 0] = gpt2_small.IGNORE_INDEX
+    torch.testing.assert_close(model(tokens, return_type="loss", labels=first.int()), plain, rtol=0, atol=0)
+
+
+def test_labels_reject_what_they_cannot_do(without_shape_checks):
+    model, tokens = tiny_model(), random_tokens(2, 3)
+    with pytest.raises(ValueError, match="labels are only scored with return_type 'loss' or 'both', got 'logits'"):
+        model(tokens, labels=tokens)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor of token ids, got list"):
+        model(tokens, return_type="loss", labels=tokens.tolist())
+    with pytest.raises(ValueError, match="labels must have dtype torch.long or torch.int32, got torch.float32"):
+        model(tokens, return_type="loss", labels=tokens.float())
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 2\); it must match tokens, \(2, 3\)"):
+        model(tokens, return_type="loss", labels=tokens[:, :2])
+    for bad in (-1, TINY.d_vocab):
+        labels = tokens.clone()
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"label {bad} is outside \[0, d_vocab=101\) and is not -100"):
+            model(tokens, return_type="loss", labels=labels)
+    with pytest.raises(ValueError, match="leaves no pair of consecutive real tokens"):
+        model(tokens, return_type="loss", labels=torch.full_like(tokens, -100))
 
 
 @pytest.mark.parametrize("keep", [1, 3])

@@ -291,6 +291,27 @@ def test_start_at_layer_with_left_padding_equals_the_bridges(ref):
     assert rel_error(logits[0, 5:], unmasked[0, 5:]) > 1e-3  # and the padded one is not the unmasked run's
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_loss_from_start_at_layer_with_labels_equals_the_bridges(ref, padded):
+    """The bridge's labels: the residual stream entering block 1 and labels with -100 (no target)
+    on the first positions of one row give the bridge's loss, per pair and averaged, with and
+    without left padding."""
+    mask = torch.ones(ref.spec.batch, ref.spec.pos, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0
+    labels = ref.tokens.clone()
+    labels[1, :6] = -100
+    residual = ref.cache["blocks.1.hook_resid_pre"]
+    options = {"start_at_layer": 1, "labels": labels, "attention_mask": mask, "return_type": "loss"}
+    with torch.no_grad():
+        for per_token in (False, True):
+            loss = ref.model(residual, loss_per_token=per_token, **options)
+            expected = ref.bridge(residual, loss_per_token=per_token, **options)
+            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5, msg=f"per_token={per_token}")
+        per_pair = ref.model(residual, loss_per_token=True, **options)
+    assert torch.equal(per_pair[1, :5], torch.zeros(5)) and bool((per_pair[1, 5:] > 0).all())
+
+
 # --- TransformerLens's optional hooks (model.set_use_attn_result and the others) -----------------
 
 OPTIONAL = {  # setter -> the hook points it adds to each block

@@ -608,6 +608,24 @@ class ActivationCache(dict):
             directions = einops.rearrange(directions, "batch d_model -> batch 1 d_model")
         return (scaled * directions).sum(dim=-1)
 
+    @torch.no_grad()
+    def logit_lens(self, incl_mid: bool = False) -> "LogitLens":
+        """The logit lens of this cache's run, with no new run (TransformerLens 4's cache.logit_lens,
+        returning a LogitLens): each residual stream of accumulated_resid, resid_mid too with
+        incl_mid, through ln_final with its own statistics and the unembedding. The last entry
+        equals the run's logits. A cache without its batch axis (remove_batch_dim) gives batch 1.
+        """
+        stack, labels = self.accumulated_resid(incl_mid=incl_mid, apply_ln=True, return_labels=True)
+        if not self.has_batch_dim:
+            stack = einops.rearrange(stack, "component pos d_model -> component 1 pos d_model")
+        flat = einops.rearrange(stack, "component batch pos d_model -> (component batch) pos d_model")
+        logits = einops.rearrange(
+            self.model.unembed(flat),
+            "(component batch) pos d_vocab -> component batch pos d_vocab",
+            component=len(labels),
+        )
+        return LogitLens(logits, labels)
+
 
 def residual_directions(
     model: Transformer, tokens: TokenChoice, name: str = "tokens"
@@ -647,7 +665,7 @@ def _as_slice(pos_slice: "PosSlice") -> Slice:
 @dataclass
 class LogitLens:
     logits: Float[Tensor, "component batch pos d_vocab"]  # ln_final + unembed of each residual stream
-    labels: list[str]  # "0_pre" ... "{n_layers-1}_pre", "final_post"
+    labels: list[str]  # "0_pre" ("0_mid" with incl_mid) ... "{n_layers-1}_pre", "final_post"
 
     def log_probs_of(self, targets: Int[Tensor, "batch target_pos"]) -> Float[Tensor, "component batch target_pos"]:
         """log-probability each layer's reading at position i gives to targets[:, i].
@@ -667,19 +685,17 @@ class LogitLens:
 
 
 @torch.no_grad()
-def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"]) -> LogitLens:
-    """The next-token logits read off the residual stream before every block and after the last.
+def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"], incl_mid: bool = False) -> LogitLens:
+    """The next-token logits read off the residual stream before every block and after the last
+    (and between each block's attention and MLP, with incl_mid).
 
     Each residual stream goes through ln_final (with its own statistics) and the unembedding, as
-    if the remaining blocks were skipped. The last entry equals the model's logits.
+    if the remaining blocks were skipped. The last entry equals the model's logits. A cache at
+    hand gives the same without a new run: cache.logit_lens().
     """
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(("resid_pre", "resid_post")))
-    normalized, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)  # ln_final of each
-    flat = einops.rearrange(normalized, "component batch pos d_model -> (component batch) pos d_model")
-    logits = einops.rearrange(
-        model.unembed(flat), "(component batch) pos d_vocab -> component batch pos d_vocab", component=len(labels)
-    )
-    return LogitLens(logits, labels)
+    kept = ("resid_pre", "resid_post", "resid_mid") if incl_mid else ("resid_pre", "resid_post")
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(kept))
+    return cache.logit_lens(incl_mid)
 
 
 # --- how a prompt's answer fares -----------------------------------------------------------------

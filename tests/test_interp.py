@@ -790,6 +790,39 @@ def test_logit_lens_ends_at_the_model_logits_and_starts_at_the_embeddings(model,
             lens.log_probs_of(wrong)
 
 
+def test_cache_logit_lens_reads_the_cache_it_is_given_and_no_new_run(model, tokens, run):
+    logits, cache = run
+    runs = []
+    handle = model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    try:
+        lens = cache.logit_lens()
+        mid = cache.logit_lens(incl_mid=True)
+    finally:
+        handle.remove()
+    assert runs == []
+    expected = logit_lens(model, tokens)
+    assert lens.labels == expected.labels
+    torch.testing.assert_close(lens.logits, expected.logits)
+    torch.testing.assert_close(lens.logits[-1], logits)
+    # incl_mid: each block's resid_mid between its resid_pre and the next, read the same way.
+    assert mid.labels == ["0_pre", "0_mid", "1_pre", "1_mid", "2_pre", "2_mid", "final_post"]
+    torch.testing.assert_close(mid.logits[::2], lens.logits, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(mid.logits[3], model.unembed(model.ln_final(cache["resid_mid", 1])))
+    torch.testing.assert_close(logit_lens(model, tokens, incl_mid=True).logits, mid.logits)
+    # One prompt cached without its batch axis reads as batch 1; the row is the batched run's first.
+    with torch.no_grad():
+        _, single = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    one = single.logit_lens()
+    assert one.logits.shape == (4, 1, 10, 101)
+    torch.testing.assert_close(one.logits, lens.logits[:, :1], rtol=1e-5, atol=1e-5)
+    # A cache without the residual streams says which one it lacks.
+    with torch.no_grad():
+        _, partial = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("resid_pre"))
+    with pytest.raises(KeyError, match="blocks.2.hook_resid_post"):
+        partial.logit_lens()
+
+
 def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(model, run):
     logits, cache = run
     correct, incorrect = torch.tensor([5, 17, 42]), 7

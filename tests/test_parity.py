@@ -218,6 +218,14 @@ def test_loss_and_per_token_loss_equal_the_bridges(ref):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits, ref.logits)
     assert ref.model(ref.tokens, return_type=None) is None
+    # model.loss_fn, where TransformerLens keeps the function, on the bridge's logits
+    mask = torch.ones_like(ref.tokens)
+    mask[0, :4] = 0
+    for attention_mask in (None, mask):
+        for per_token in (False, True):
+            ours = ref.model.loss_fn(ref.logits, ref.tokens, attention_mask, per_token=per_token)
+            theirs = ref.bridge.loss_fn(ref.logits, ref.tokens, attention_mask, per_token=per_token)
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 def test_loss_gradients_cached_with_incl_bwd_equal_the_bridges(ref):

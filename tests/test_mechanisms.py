@@ -712,7 +712,7 @@ def test_labels_are_scored_in_place_of_the_tokens_and_minus_100_is_no_target():
     torch.testing.assert_close(model(tokens, return_type="loss", labels=first.int()), plain, rtol=0, atol=0)
 
 
-def test_labels_reject_what_they_cannot_do(without_shape_checks):
+def test_labels_reject_what_they_cannot_do():
     model, tokens = tiny_model(), random_tokens(2, 3)
     with pytest.raises(ValueError, match="labels are only scored with return_type 'loss' or 'both', got 'logits'"):
         model(tokens, labels=tokens)

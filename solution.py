@@ -1061,15 +1061,8 @@ class Transformer(HookedRootModule):
                 "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
             )
 
-    @staticmethod
-    def loss_fn(
-        logits: Float[Tensor, "batch pos d_vocab"],
-        tokens: Int[Tensor, "batch pos"],
-        attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
-        per_token: bool = False,
-    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos-1"]:
-        """lm_cross_entropy_loss, where TransformerLens keeps it: model.loss_fn(logits, tokens)."""
-        return lm_cross_entropy_loss(logits, tokens, attention_mask, per_token)
+    # lm_cross_entropy_loss itself, where TransformerLens keeps it: model.loss_fn(logits, tokens).
+    loss_fn = staticmethod(lm_cross_entropy_loss)
 
     def run_with_cache(
         self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs

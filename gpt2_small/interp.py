@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, check_device
+from solution import OPTIONAL_HOOKS, Transformer, bridge_name_hint, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,8 @@ class ActivationCache(dict):
             except ValueError as e:
                 raise KeyError(f"{key!r} names no hook: {e}") from None
         elif isinstance(key, str) and not dict.__contains__(self, key):
+            if (native := bridge_name_hint(key, self.n_layers)) is not None:
+                raise KeyError(native)
             try:
                 key = act_name(key)
             except ValueError as e:

@@ -401,6 +401,39 @@ def test_a_misspelt_hook_name_is_refused_before_anything_runs(route):
         model.run_with_cache(tokens, names_filter="hook_zzz")
 
 
+@pytest.mark.parametrize("route", HOOK_NAME_ROUTES)
+def test_a_bridge_native_hook_name_is_refused_with_ours(route):
+    """The TransformerLens bridge's own names ("blocks.1.hook_out", "unembed.hook_out") are no hook
+    points here; each route says which hook is the same activation, or that none is, before running."""
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    calls = []
+    model.blocks[1].hook_resid_post.add_hook(lambda x, hook: calls.append(1))
+    cases = {
+        "blocks.1.hook_out": "'blocks.1.hook_out' is the TransformerLens bridge's name for 'blocks.1.hook_resid_post'; "
+        "this model has TransformerLens's names only",
+        "unembed.hook_out": "'unembed.hook_out' is the TransformerLens bridge's name for the logits, which forward "
+        "returns; they have no hook point here",
+    }
+    for native, expected in cases.items():
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            HOOK_NAME_ROUTES[route](model, [native], tokens)
+    assert calls == []
+    assert len(model.blocks[1].hook_resid_post.fwd_hooks) == 1  # only the counter
+    model.reset_hooks()
+
+
+def test_a_bridge_native_name_in_a_cache_lookup_names_ours():
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    _, cache = model.run_with_cache(tokens)
+    with pytest.raises(KeyError, match=re.escape("bridge's name for 'blocks.0.attn.hook_z'")):
+        cache["blocks.0.attn.o.hook_in"]
+    with pytest.raises(KeyError, match=re.escape("ln2's output, w * normalized + b, which has no hook point here: "
+                                                 "hook blocks.1.ln2.hook_normalized")):  # fmt: skip
+        cache["blocks.1.mlp.hook_in"]
+    with pytest.raises(KeyError, match="is not in this cache"):  # a block this model lacks: no hint to give
+        cache["blocks.2.hook_out"]
+
+
 def test_hooks_takes_a_generator_of_hooks():
     """TransformerLens's hooks() reads fwd_hooks once; the name check must not use the generator up."""
     model, tokens = tiny_model(), random_tokens(1, 4)

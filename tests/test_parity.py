@@ -4,13 +4,14 @@ Each component is fed its own reference input from the bridge's cache, so a fail
 at that component and not at something upstream.
 """
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from solution import causal_mask
+from solution import _optional_hook_setter, bridge_name_hint, causal_mask
 
 BLOCK_HOOKS = [
     "hook_resid_pre",
@@ -397,3 +398,74 @@ def test_patching_an_optional_hook_equals_the_bridges(ref, setter, hook, where):
         expected = ref.bridge.run_with_hooks(ref.tokens, fwd_hooks=[(hook, patch)])
     assert rel_error(logits, expected) <= 1e-5
     assert rel_error(logits, ref.logits) > 1e-3  # the patch reached the logits (measured: 0.014 to 0.47)
+
+
+# --- The bridge's native hook names ("blocks.0.hook_out", "unembed.hook_out", ...) -------------------
+
+
+def test_every_bridge_hook_name_is_ours_or_refused_with_a_hint(ref):
+    """The bridge names its hook points twice over (TransformerLens's names and its own). Every name
+    it has is a hook point here, one of TransformerLens's optional ones, or a native name that the
+    hint explains, so a user porting bridge code gets that hint, not just the nearest spellings."""
+    n_layers = ref.spec.n_layer
+    names = set(ref.bridge.hook_dict) | set(ref.cache.keys())
+    theirs_only = sorted(name for name in names - set(ref.model.hook_dict) if not _optional_hook_setter(name, n_layers))
+    unexplained = [name for name in theirs_only if bridge_name_hint(name, n_layers) is None]
+    assert not unexplained, f"bridge hook names with no hint: {unexplained}"
+    assert len(theirs_only) >= 20 * n_layers  # the check above ran over the native names (measured: 24 per layer)
+    for ours in ref.model.hook_dict:  # and no real name of ours is taken for a native one
+        assert bridge_name_hint(ours, n_layers) is None, ours
+
+
+def _described_value(ref, cache, name: str) -> torch.Tensor:
+    """What the hint for a bridge-only name says it holds, computed from our run."""
+    hint = bridge_name_hint(name, ref.spec.n_layer)
+    if "the token ids" in hint:
+        return ref.tokens
+    if "the position ids" in hint:
+        return torch.arange(ref.spec.pos)[None]
+    if "the logits" in hint:
+        return ref.logits
+    ln_name = re.search(r"hook (\S+)\.hook_normalized", hint)[1]
+    ln = ref.model.get_submodule(ln_name)
+    return cache[f"{ln_name}.hook_normalized"] * ln.w.detach() + ln.b.detach()
+
+
+def test_bridge_names_hint_at_the_same_activation(ref):
+    """Each native name's hint names our hook of the same activation (a wrong entry, say attn.o.hook_in
+    -> hook_v, fails here), or describes what it holds: LayerNorm outputs are w * normalized + b of
+    the named LayerNorm, the logits are the logits. Checked on the bridge's own cached values."""
+    n_layers = ref.spec.n_layer
+    with torch.no_grad():
+        _, cache = ref.model.run_with_cache(ref.tokens)
+    same, described = 0, 0
+    for name in ref.cache.keys():
+        hint = bridge_name_hint(name, n_layers)
+        if hint is None:
+            continue
+        target = re.search(r"bridge's name for '([^']+)'", hint)
+        expected = cache[target[1]] if target else _described_value(ref, cache, name)
+        assert rel_error(expected.to(ref.cache[name].dtype), ref.cache[name]) <= 1e-5, (name, hint)
+        same, described = same + bool(target), described + (not target)
+    assert (same, described) == (15 * n_layers + 3, 8 * n_layers + 6)  # every native name a full run caches
+
+
+@pytest.mark.parametrize("setter", ["set_use_split_qkv_input", "set_use_attn_in"])
+def test_bridge_names_of_optional_hooks_hint_at_ours_and_their_setter(ref, setter):
+    """blocks.{i}.attn.hook_q_input and the like: the bridge's second spelling of an optional hook.
+    The hint names ours and its setter; with it on, both hold the same activation."""
+    names = {
+        "set_use_split_qkv_input": ["hook_q_input", "hook_k_input", "hook_v_input"],
+        "set_use_attn_in": ["hook_attn_in"],
+    }
+    natives = [f"blocks.{i}.attn.{hook}" for i in range(ref.spec.n_layer) for hook in names[setter]]
+    for native in natives:
+        ours = native.replace(".attn.", ".")
+        assert f"for {ours!r} (an optional hook: it exists after model.{setter}(True))" in bridge_name_hint(
+            native, ref.spec.n_layer
+        )
+    with optional_hooks(ref, setter), torch.no_grad():
+        _, cache = ref.model.run_with_cache(ref.tokens)
+        _, expected = ref.bridge.run_with_cache(ref.tokens)
+    for native in natives:
+        assert rel_error(cache[native.replace(".attn.", ".")], expected[native]) <= 1e-5, native

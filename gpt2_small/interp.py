@@ -35,8 +35,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
+from gpt2_small.bridge_names import bridge_name_hint
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, bridge_name_hint, check_device
+from solution import OPTIONAL_HOOKS, Transformer, check_device
 
 logger = logging.getLogger(__name__)
 

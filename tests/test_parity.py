@@ -11,7 +11,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from solution import _optional_hook_setter, bridge_name_hint, causal_mask
+from gpt2_small.bridge_names import bridge_name_hint
+from solution import _optional_hook_setter, causal_mask
 
 BLOCK_HOOKS = [
     "hook_resid_pre",

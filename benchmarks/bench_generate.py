@@ -74,6 +74,30 @@ def step_times(model: Transformer, prompt: torch.Tensor, new_tokens: int, **opti
     return {"prefill_ms": gaps[0], "first_step_ms": gaps[1], "step_ms": statistics.median(gaps[2:])}
 
 
+# --variants' defaults, on a GPU and on a CPU.
+DEFAULT_VARIANTS = ("ours,hf,ours-bf16,ours-bf16-compiled,ours-bf16-eager,hf-static-bf16", "ours,hf")
+# What may follow each peer in a variant's name, in this order: a dtype, then how decoding runs.
+OPTIONS = {"ours": ("bf16", "cdtuned", "compiled", "eager"), "hf": ("static", "bf16")}
+
+
+def check_variant(variant: str) -> None:
+    """Refuse a variant name before anything runs. Its options are read by substring and suffix, so
+    a misspelt or misplaced one would otherwise be ignored and its row mislabelled."""
+    peer, *options = variant.split("-")
+    if peer not in OPTIONS:
+        raise ValueError(f"variant {variant!r} must start with one of {', '.join(OPTIONS)}")
+    allowed = OPTIONS[peer]
+    known = all(option in allowed for option in options)
+    if not known or options != sorted(options, key=allowed.index) or len(set(options)) < len(options):
+        raise ValueError(
+            f"variant {variant!r}: {peer} takes the options -{', -'.join(allowed)}, in that order, each at most once"
+        )
+    if {"compiled", "eager"} <= set(options):
+        raise ValueError(f"variant {variant!r}: -compiled and -eager exclude each other")
+    if "cdtuned" in options and "compiled" not in options:
+        raise ValueError(f"variant {variant!r}: -cdtuned tunes compiled decoding; add -compiled")
+
+
 def run_variant(variant: str, directory: Path, prompt: torch.Tensor, new_tokens: int, device, repeats: int):
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     profile = None
@@ -137,8 +161,12 @@ def main() -> None:
     gpu = device.type == "cuda"
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,64" if gpu else "1,16")).split(",")]
     new_tokens = args.new_tokens or (256 if gpu else 64)
-    default = "ours,hf,ours-bf16,ours-bf16-compiled,ours-bf16-eager,hf-static-bf16" if gpu else "ours,hf"
-    variants = (args.variants or default).split(",")
+    variants = (args.variants or DEFAULT_VARIANTS[0 if gpu else 1]).split(",")
+    for variant in variants:
+        try:
+            check_variant(variant)
+        except ValueError as e:
+            parser.error(str(e))
     repeats = args.repeats or (3 if gpu else 1)
 
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -78,6 +78,14 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
 
 
 PEERS = ("ours", "hf", "nanogpt")
+# --variants' defaults, on a GPU and on a CPU.
+DEFAULT_VARIANTS = (
+    "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled,ours-padded-compiled-graphs,"
+    "hf-padded-compiled-graphs,ours-padded-fusedloss-compiled,nanogpt-padded-compiled",
+    "ours,hf,ours-fusedloss",
+)
+# What may follow the peer in a variant's name (see --help); "-graphs" comes last.
+OPTIONS = ("padded", "tied", "fusedloss", "cdtuned", "maxautotune", "flash", "cudnn", "stepgraph", "compiled", "graphs")
 
 
 # Variant suffixes that pin F.scaled_dot_product_attention to one kernel, in every peer (all three
@@ -86,10 +94,23 @@ ATTENTION_BACKENDS = {"-flash": SDPBackend.FLASH_ATTENTION, "-cudnn": SDPBackend
 
 
 def check_variant(variant: str, device: torch.device) -> None:
-    """Refuse a variant name before anything runs, rather than after minutes of other variants."""
-    peer = variant.split("-")[0]
+    """Refuse a variant name before anything runs, rather than after minutes of other variants.
+    The options are read by substring, so a misspelt one would otherwise be ignored and its row
+    mislabelled ("ours-padded-compield" would run eagerly)."""
+    peer, *options = variant.split("-")
     if peer not in PEERS:
         raise ValueError(f"variant {variant!r} must start with one of {', '.join(PEERS)}")
+    unknown = [option for option in options if option not in OPTIONS]
+    if unknown or len(set(options)) < len(options):
+        raise ValueError(
+            f"variant {variant!r}: {'unknown option -' + unknown[0] if unknown else 'an option given twice'}; "
+            f"the options are -{', -'.join(OPTIONS)}, each at most once"
+        )
+    for option in ("cdtuned", "maxautotune", "graphs"):
+        if option in options and "compiled" not in options:
+            raise ValueError(f"variant {variant!r}: -{option} applies to compiled variants; add -compiled")
+    if "graphs" in options and options[-1] != "graphs":
+        raise ValueError(f"variant {variant!r}: -graphs comes last, after -compiled")
     for option in ("-fusedloss", "-tied"):
         if option in variant and peer != "ours":
             raise ValueError(f"variant {variant!r}: {option} applies to ours only")
@@ -315,10 +336,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args()
 
-    default = "ours,hf,ours-compiled,hf-compiled,ours-padded-compiled,hf-padded-compiled"
-    default += ",ours-padded-compiled-graphs,hf-padded-compiled-graphs,ours-padded-fusedloss-compiled"
-    default += ",nanogpt-padded-compiled"
-    device, variants = resolve_arguments(parser, args, steps=(20, 3), variants=(default, "ours,hf,ours-fusedloss"))
+    device, variants = resolve_arguments(parser, args, steps=(20, 3), variants=DEFAULT_VARIANTS)
 
     cfg = TransformerConfig()  # GPT-2 small, 124M
     rows, failures = run_variants(variants, lambda variant: bench(variant, cfg, args, device), device)

@@ -3,7 +3,8 @@
 The model itself lives in the top-level module `solution`; this package re-exports it and
 adds the tokenizer, weight loading, sampling, interpretability tools (gpt2_small.interp, and
 TransformerLens's weight processing in gpt2_small.processing) and
-(in gpt2_small.training and gpt2_small.data) training.
+(in gpt2_small.training and gpt2_small.data) training. gpt2_small.bridge_names says what to hook
+here when given one of the TransformerLens bridge's own hook names.
 """
 
 from gpt2_small import interp

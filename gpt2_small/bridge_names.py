@@ -15,7 +15,6 @@ BRIDGE_NAMES = {
     "embed.hook_out": "hook_embed",
     "pos_embed.hook_out": "hook_pos_embed",
     "{block}hook_in": "{block}hook_resid_pre",
-    "{block}ln1.hook_in": "{block}hook_resid_pre",
     "{block}attn.hook_attn_in": "{block}hook_attn_in",
     "{block}attn.hook_q_input": "{block}hook_q_input",
     "{block}attn.hook_k_input": "{block}hook_k_input",
@@ -46,6 +45,11 @@ BRIDGE_ONLY_NAMES = {
         ["{block}" + name for name in ("ln1.hook_out", "attn.hook_in", "attn.qkv.hook_in")]
         + ["{block}attn." + qkv + ".hook_in" for qkv in "qkv"],
         _LN_OUTPUT.format(ln="ln1", where="{block}"),
+    ),
+    # A hook point of its own in the bridge: patching it there changes what attention reads, not the stream.
+    "{block}ln1.hook_in": (
+        "ln1's input, which holds {block}hook_resid_pre's values but has no hook point of its own here: to patch "
+        "what attention alone reads, hook {block}hook_attn_in (it exists after model.set_use_attn_in(True))"
     ),
     "{block}attn.qkv.hook_out": (
         "the fused q, k, v projection, which has no hook point here: hook {block}attn.hook_q, hook_k and hook_v"

@@ -425,6 +425,8 @@ def _described_value(ref, cache, name: str) -> torch.Tensor:
         return ref.tokens
     if "the position ids" in hint:
         return torch.arange(ref.spec.pos)[None]
+    if same_values := re.search(r"holds (\S+)'s values", hint):
+        return cache[same_values[1]]
     if "the logits" in hint:
         return ref.logits
     ln_name = re.search(r"hook (\S+)\.hook_normalized", hint)[1]
@@ -448,7 +450,7 @@ def test_bridge_names_hint_at_the_same_activation(ref):
         expected = cache[target[1]] if target else _described_value(ref, cache, name)
         assert rel_error(expected.to(ref.cache[name].dtype), ref.cache[name]) <= 1e-5, (name, hint)
         same, described = same + bool(target), described + (not target)
-    assert (same, described) == (15 * n_layers + 3, 8 * n_layers + 6)  # every native name a full run caches
+    assert (same, described) == (14 * n_layers + 3, 9 * n_layers + 6)  # every native name a full run caches
 
 
 @pytest.mark.parametrize("setter", ["set_use_split_qkv_input", "set_use_attn_in"])
@@ -470,3 +472,27 @@ def test_bridge_names_of_optional_hooks_hint_at_ours_and_their_setter(ref, sette
         _, expected = ref.bridge.run_with_cache(ref.tokens)
     for native in natives:
         assert rel_error(cache[native.replace(".attn.", ".")], expected[native]) <= 1e-5, native
+
+
+def test_patching_the_bridges_ln1_input_is_patching_our_attn_in(ref):
+    """The hint for blocks.{i}.ln1.hook_in says to patch hook_attn_in: the same noise added to the
+    bridge's ln1 input and to every head's copy of ours gives the same logits (and moves them)."""
+    layer = ref.spec.n_layer - 1
+    noise = torch.randn(ref.tokens.shape + (ref.spec.n_embd,), generator=torch.Generator().manual_seed(5))
+    assert f"hook blocks.{layer}.hook_attn_in" in bridge_name_hint(f"blocks.{layer}.ln1.hook_in", ref.spec.n_layer)
+
+    def theirs(x, hook):
+        return x + noise
+
+    def ours(x, hook):  # [batch pos n_heads d_model]: one copy per head
+        return x + noise[:, :, None]
+
+    with torch.no_grad():  # the bridge's setter stays off: on, its attention reads its own copies instead
+        expected = ref.bridge.run_with_hooks(ref.tokens, fwd_hooks=[(f"blocks.{layer}.ln1.hook_in", theirs)])
+        ref.model.set_use_attn_in(True)
+        try:
+            logits = ref.model.run_with_hooks(ref.tokens, fwd_hooks=[(f"blocks.{layer}.hook_attn_in", ours)])
+        finally:
+            ref.model.set_use_attn_in(False)
+    assert rel_error(logits, expected) <= 1e-5
+    assert rel_error(logits, ref.logits) > 1e-3

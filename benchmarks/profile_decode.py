@@ -115,7 +115,7 @@ def main() -> None:
         f"{r['busy_ms']:.3f} | {idle(r)} |"
         for r in rows
     ]
-    title = f"profile_decode: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens, one step"
+    title = f"profile_decode: GPT-2 small, greedy, prompt {PROMPT_LEN}, {new_tokens} new tokens, mean per step"
     publish(
         title, device,
         f"| batch | variant | steps | step (ms) | kernels / step | {unit} busy (ms) | device idle |\n"

@@ -124,7 +124,7 @@ def main() -> None:
         for r in rows
     ]
     publish(
-        f"profile_train: {shape}, per step (mean of {args.steps})", device,
+        f"profile_train: {shape}, mean per step of {args.steps}", device,
         f"| variant | step (ms) | kernels / step | {unit} busy (ms) | device idle |\n|---|---:|---:|---:|---:|",
         lines, failures, args.results,
     )  # fmt: skip

@@ -241,6 +241,30 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_
     assert int(cache.cursor) == (20 if static else 0)  # only a static cache keeps its position on the device
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_kv_cache_extended_by_several_positions_at_once_equals_the_full_run(sampling_pair, attn_impl, static, padded):
+    """A chunked prefill: the cache grows by 3, 4, 2 and 1 positions. A chunk of several queries
+    after cached keys is causal within itself (query i sees the new keys up to its own), the case
+    one-token decoding never meets; without padding SDPA gets no mask tensor for it otherwise."""
+    model = Transformer(TransformerConfig(**{**vars(sampling_pair.model.cfg), "attn_impl": attn_impl}))
+    model.load_state_dict(sampling_pair.model.state_dict())
+    rows = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82, 81, 82, 84, 59, 4, 52, 35]]
+    if padded:
+        rows[1] = rows[1][3:]
+    tokens, mask = pad_prompts(rows)
+    full = model(tokens, attention_mask=mask)
+    cache = KVCache.for_model(model, batch=2, max_pos=10, static=static)
+    chunks, start = [], 0
+    for size in (3, 4, 2, 1):
+        chunk_mask = mask[:, start : start + size] if padded else None
+        chunks.append(model(tokens[:, start : start + size], attention_mask=chunk_mask, kv_cache=cache))
+        start += size
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[real], full[real], rtol=1e-5, atol=1e-5)
+
+
 def test_static_kv_cache_attends_over_every_slot_with_the_unfilled_ones_masked(sampling_pair):
     model = sampling_pair.model
     cache = KVCache.for_model(model, batch=1, max_pos=7, static=True)
@@ -578,6 +602,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert probs[:kept].sum() >= p - 1e-6 and (kept == 1 or probs[: kept - 1].sum() < p)
     freq = empirical(SamplingSettings(top_p=0.7))
     assert_frequencies(freq, torch.cat([probs[:3] / probs[:3].sum(), torch.zeros(3)]))
+
+
+def test_top_p_stops_at_a_set_whose_mass_is_exactly_p():
+    """The smallest set whose mass reaches p, equality included: with 8 tokens of probability 1/8 each
+    (exact in float32), p = k/8 keeps exactly k tokens, not k + 1."""
+    for k in (1, 2, 4, 6, 7):
+        processed = process_logits(torch.zeros(1, 8), SamplingSettings(top_p=k / 8))[0]
+        assert torch.isfinite(processed).sum() == k, k
 
 
 def hf_warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:

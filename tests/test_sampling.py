@@ -97,10 +97,15 @@ def test_sampling_with_a_seed_equals_hf_sampling_after_manual_seed(small_vocab_p
     assert stopped > 0  # some row ended at eos and was padded
 
 
-@pytest.mark.parametrize("num_beams,length_penalty", [(4, 1.0), (3, 0.5), (4, 2.0), (2, -1.0)])
-def test_beam_search_equals_hf(small_vocab_pair, num_beams, length_penalty):
+# Prompts from seeds 6 and 18: there HF's early-stopping heuristic decides the result (the best running
+# beam's score, penalised by its length, against the worst finished one); found by mutation, as
+# leaving the penalty out of that comparison changed these rows and none of seed 2's.
+@pytest.mark.parametrize(
+    "num_beams,length_penalty,seed", [(4, 1.0, 2), (3, 0.5, 2), (4, 2.0, 2), (2, -1.0, 2), (4, 2.0, 6), (4, 3.0, 18)]
+)
+def test_beam_search_equals_hf(small_vocab_pair, num_beams, length_penalty, seed):
     pair = small_vocab_pair
-    tokens = torch.randint(0, 99, (3, 6), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 99, (3, 6), generator=torch.Generator().manual_seed(seed))
     ours = beam_search(pair.model, tokens, num_beams, 25, length_penalty=length_penalty, eos_token_id=pair.eos)
     theirs = hf_generate(
         pair.hf, tokens, num_beams=num_beams, max_new_tokens=25, length_penalty=length_penalty,

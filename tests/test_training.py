@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -410,6 +411,27 @@ def test_resume_continues_exactly(tie_embeddings, tmp_path, shakespeare_slice):
     for step in range(4, 9):
         assert a[step] == b[step], (step, a[step], b[step])  # bit-identical on CPU
     assert [r["val_loss"] for r in whole if "val_loss" in r] == [r["val_loss"] for r in resumed if "val_loss" in r]
+
+
+def test_resume_restores_the_global_random_states(tmp_path, shakespeare_slice, without_shape_checks):
+    """The trainer itself draws nothing from the global RNGs after its seeded init, so the
+    loss-equality test above cannot see whether it restores them. Code around it may draw (a
+    subclass with dropout, a callback): a resumed run continues from the checkpoint's states.
+    Shape checks off, as in a user's run: beartype, which they run on, draws from Python's RNG."""
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    torch.rand(7), np.random.rand(7), random.random()  # another's draws, before the checkpoint
+    trainer.run(stop_at=3)
+
+    def draws() -> tuple:
+        return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
+
+    expected = draws()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+    assert draws() == expected
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    Trainer(micro_config(tmp_path / "fresh"), data=shakespeare_slice)  # without resume: not those states
+    assert all(ours != theirs for ours, theirs in zip(draws(), expected, strict=True))
 
 
 def test_a_cpu_trainer_gives_fused_adamw_contiguous_parameters(tmp_path, shakespeare_slice):

@@ -529,6 +529,20 @@ def test_kv_cache_reorder_selects_batch_items(sampling_pair):
     assert rel_error(logits, expected) <= REL_TOL
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_kv_cache_reorder_carries_each_items_padding_along(sampling_pair, static):
+    """Across differently padded items the key mask must move with the keys and values (beam search
+    only reorders among one prompt's beams, whose padding is the same, so it cannot show this)."""
+    model = sampling_pair.model
+    tokens, mask = pad_prompts([[1, 2, 3, 4, 5], [6, 7]])
+    cache = KVCache.for_model(model, batch=2, max_pos=8, static=static)
+    model(tokens, attention_mask=mask, kv_cache=cache)
+    cache.reorder(torch.tensor([1, 0]))
+    logits = model(torch.tensor([[8], [9]]), kv_cache=cache)
+    expected = torch.cat([model(torch.tensor([[6, 7, 8]]))[:, -1:], model(torch.tensor([[1, 2, 3, 4, 5, 9]]))[:, -1:]])
+    assert rel_error(logits, expected) <= REL_TOL
+
+
 def test_weight_edits_take_effect_in_the_next_generation(sampling_pair):
     # The KV cache keeps stacked QKV weights for one generation only; edits made through .data
     # (which no version counter sees) must show in the next one.

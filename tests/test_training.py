@@ -365,6 +365,58 @@ def test_loss_decreases_within_a_few_dozen_steps(tmp_path, shakespeare_slice):
     assert len(val) == 2 and val[1] < val[0]
 
 
+def test_gradient_accumulation_equals_one_batch_of_the_same_windows(tmp_path, shakespeare_slice):
+    """grad_accum=2 of 2 windows takes the gradient of the mean loss over the 4, as batch_size=4 does:
+    the same windows in the same order (one sampler), so the same logged loss, gradient norm and
+    updated weights, up to the order of float32 sums."""
+    rows, weights = [], []
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        trainer = Trainer(micro_config(tmp_path / f"{grad_accum}", batch_size=batch_size, grad_accum=grad_accum),
+                          data=shakespeare_slice)  # fmt: skip
+        rows.append(trainer.train_step())
+        weights.append(torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach())
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 4 * MICRO.n_ctx
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+    assert rows[1]["grad_norm"] == pytest.approx(rows[0]["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_grad_clip_before_the_update(tmp_path, shakespeare_slice, monkeypatch):
+    """AdamW's first step hardly depends on the gradient's scale, so the weights cannot show the
+    clipping: the gradient the optimizer receives is read instead. The row keeps the norm before."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spying_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spying_step)
+    unclipped = Trainer(micro_config(tmp_path / "off", grad_clip=0.0), data=shakespeare_slice).train_step()
+    clipped = Trainer(micro_config(tmp_path / "on", grad_clip=0.05), data=shakespeare_slice).train_step()
+    assert unclipped["grad_norm"] > 0.5  # so that 0.05 clips (measured: 1.86)
+    assert seen[0] == pytest.approx(unclipped["grad_norm"], rel=1e-5)
+    assert clipped["grad_norm"] == pytest.approx(unclipped["grad_norm"], rel=1e-6)  # the norm before clipping
+    assert seen[1] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_each_epoch_draws_a_fresh_order_of_every_window(tmp_path):
+    """6 windows, batch 2: 3 steps an epoch. Each epoch sees every window once, in its own order
+    (a permutation from the seed and the epoch), and the position counts the epochs."""
+    rng = np.random.default_rng(0)
+    data = TokenData(rng.integers(0, 50257, 6 * 17 + 1).astype(np.uint16), rng.integers(0, 50257, 200), "tiny")
+    trainer = Trainer(micro_config(tmp_path, batch_size=2, max_steps=9, eval_interval=0), data=data)
+    epochs = []
+    for _ in range(3):
+        windows = [trainer.next_batch()[0] for _ in range(3)]
+        epochs.append([tuple(window.tolist()) for batch in windows for window in batch])
+    assert trainer.position.epoch == 2
+    everything = {tuple(data.train[i * 16 : i * 16 + 16].tolist()) for i in range(6)}
+    assert all(set(epoch) == everything and len(epoch) == 6 for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # three different orders
+
+
 def test_outputs_metrics_plot_samples_and_checkpoints(tmp_path, shakespeare_slice):
     cfg = micro_config(tmp_path, max_steps=6, eval_interval=3, keep_checkpoints=1)
     Trainer(cfg, data=shakespeare_slice).run()

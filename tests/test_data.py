@@ -87,6 +87,16 @@ def test_second_run_reads_the_token_cache(tmp_path, caplog):
     assert not np.array_equal(first, third)
 
 
+def test_each_text_column_of_one_dataset_has_its_own_cache_entry(tmp_path):
+    ds = datasets.Dataset.from_dict({"title": ["A play", "A poem"], "body": ["To be, or not", "Shall I compare"]})
+    titles = tokenize_dataset(ds, text_column="title", cache_dir=tmp_path)
+    bodies = tokenize_dataset(ds, text_column="body", cache_dir=tmp_path)  # not the titles' cached tokens
+    encode = get_tokenizer().encode_ordinary
+    assert titles.tolist() == encode("A play") + [EOT_ID] + encode("A poem") + [EOT_ID]
+    assert bodies.tolist() == encode("To be, or not") + [EOT_ID] + encode("Shall I compare") + [EOT_ID]
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 2
+
+
 def test_a_cache_dir_that_is_a_file_is_refused_before_tokenizing(tmp_path, monkeypatch):
     """Before: "[Errno 17] File exists" after the whole dataset had been tokenized."""
     ds = datasets.Dataset.from_dict({"text": ["a document", "another"]})

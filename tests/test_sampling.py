@@ -15,6 +15,7 @@ from transformers import GPT2LMHeadModel
 
 import gpt2_small
 from gpt2_small import (
+    EOT_ID,
     KVCache,
     SamplingSettings,
     Transformer,
@@ -26,6 +27,7 @@ from gpt2_small import (
     pad_prompts,
     stream,
     stream_text,
+    to_tokens,
 )
 from gpt2_small.sampling import banned_ngram_tokens, process_logits, sample_next_token
 
@@ -733,6 +735,32 @@ def test_stream_text_pieces_join_to_generate_text(sampling_pair):
     pieces = list(stream_text(sampling_pair.model, tok, "Hello world", 20, temperature=1.0, seed=3))
     assert len(pieces) > 1
     assert text == "Hello world" + "".join(pieces)
+
+
+def test_text_generation_ends_before_the_first_endoftext(sampling_pair):
+    """The unembedding is made to favour <|endoftext|> from the 4th new token on: generate_text and
+    stream_text then give the first 3 tokens' text only, and with stop_at_eos=False the literal text."""
+    model, tok = copy.deepcopy(sampling_pair.model), get_tokenizer()
+    calls = []
+
+    def eos_from_the_fourth(module, args, logits):
+        calls.append(1)
+        if len(calls) >= 4:  # the prefill gives new token 1; decoding step k gives token k + 1
+            logits[..., EOT_ID] += 1e4
+        return logits
+
+    def run(fn, **kwargs):
+        calls.clear()
+        return fn(model, tok, "Hello world", 8, temperature=0, **kwargs)
+
+    model.unembed.register_forward_hook(eos_from_the_fourth)
+    tokens = generate(model, to_tokens("Hello world"), 8, temperature=0, stop_at_eos=False)[0, 2:].tolist()
+    assert tokens[3:] == [EOT_ID] * 5 and EOT_ID not in tokens[:3]
+    text = "Hello world" + tok.decode(tokens[:3])
+    assert run(generate_text) == text
+    assert "Hello world" + "".join(run(stream_text)) == text
+    assert run(generate_text, stop_at_eos=False) == text + "<|endoftext|>" * 5
+    assert "Hello world" + "".join(run(stream_text, stop_at_eos=False)) == text + "<|endoftext|>" * 5
 
 
 def test_generate_text_batches_prompts_of_different_lengths(sampling_pair):

@@ -1430,7 +1430,15 @@ class Transformer(HookedRootModule):
                 f"{weights_file} holds no tensors; Transformer.load expects one written by Transformer.save"
             )
         model.to(next(iter(state.values())).dtype)
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # torch's message names the missing, unexpected and mis-shaped tensors
+            from gpt2_small.weights import WeightLoadError  # only on this error path: no import cycle
+
+            raise WeightLoadError(
+                f"{weights_file} does not hold the tensors {config_file.name} describes; it is damaged or was not "
+                f"written by Transformer.save. {e}"
+            ) from None
         return model.to(device=device, dtype=dtype)
 
 

@@ -349,6 +349,32 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
         Transformer.load(tmp_path)
 
 
+def test_load_names_tensors_that_do_not_match_the_config(tmp_path):
+    """Loaded leniently, a checkpoint missing a tensor would keep that parameter's random init."""
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    Transformer(cfg).save(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["blocks.0.attn.b_Q"]
+    state["blocks.0.mlp.b_in"] = torch.zeros(5)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(
+        WeightLoadError, match="model.safetensors does not hold the tensors gpt2_small_config.json"
+    ) as e:
+        Transformer.load(tmp_path)
+    assert '"blocks.0.attn.b_Q"' in str(e.value) and "blocks.0.mlp.b_in" in str(e.value)
+
+
+def test_load_converts_to_the_dtype_asked_for(tmp_path):
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model.save(tmp_path)
+    loaded = Transformer.load(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(
+        torch.equal(a.to(torch.bfloat16), b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True)
+    )
+    assert {p.dtype for p in gpt2_small.load_model(tmp_path, dtype=torch.float16).parameters()} == {torch.float16}
+
+
 # --- export to Hugging Face's format -----------------------------------------------------------
 
 

@@ -95,8 +95,8 @@ ATTENTION_BACKENDS = {"-flash": SDPBackend.FLASH_ATTENTION, "-cudnn": SDPBackend
 
 def check_variant(variant: str, device: torch.device) -> None:
     """Refuse a variant name before anything runs, rather than after minutes of other variants.
-    The options are read by substring, so a misspelt one would otherwise be ignored and its row
-    mislabelled ("ours-padded-compield" would run eagerly)."""
+    The rest of this script reads the options by substring, so a misspelt one would otherwise be
+    ignored and its row mislabelled ("ours-padded-compield" would run eagerly)."""
     peer, *options = variant.split("-")
     if peer not in PEERS:
         raise ValueError(f"variant {variant!r} must start with one of {', '.join(PEERS)}")
@@ -111,17 +111,17 @@ def check_variant(variant: str, device: torch.device) -> None:
             raise ValueError(f"variant {variant!r}: -{option} applies to compiled variants; add -compiled")
     if "graphs" in options and options[-1] != "graphs":
         raise ValueError(f"variant {variant!r}: -graphs comes last, after -compiled")
-    for option in ("-fusedloss", "-tied"):
-        if option in variant and peer != "ours":
-            raise ValueError(f"variant {variant!r}: {option} applies to ours only")
-    pinned = [suffix for suffix in ATTENTION_BACKENDS if suffix in variant]
+    for option in ("fusedloss", "tied"):
+        if option in options and peer != "ours":
+            raise ValueError(f"variant {variant!r}: -{option} applies to ours only")
+    pinned = [suffix for suffix in ATTENTION_BACKENDS if suffix[1:] in options]
     if len(pinned) > 1:
         raise ValueError(f"variant {variant!r} pins two attention kernels ({', '.join(pinned)}); choose one")
-    if "-cudnn" in pinned and device.type != "cuda":
+    if "cudnn" in options and device.type != "cuda":
         raise ValueError(f"variant {variant!r}: cuDNN attention needs a CUDA device, not {device.type}")
-    if "-stepgraph" in variant and device.type != "cuda":
+    if "stepgraph" in options and device.type != "cuda":
         raise ValueError(f"variant {variant!r}: -stepgraph captures a CUDA graph, so it needs a CUDA device")
-    if "-stepgraph" in variant and variant.endswith("-graphs"):
+    if "stepgraph" in options and "graphs" in options:
         raise ValueError(f"variant {variant!r}: -stepgraph already replays the whole step as a graph; drop -graphs")
 
 

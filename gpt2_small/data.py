@@ -139,7 +139,13 @@ def _load_local(path: Path, split: str):
     import datasets
 
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # Hidden files and folders (.DS_Store, .ipynb_checkpoints/, .git/) are an editor's or a
+        # tool's, not documents; .ipynb_checkpoints would silently duplicate them.
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     else:
         files = [path]
     builders = {_TEXT_SUFFIXES.get(_suffix(p)) for p in files}

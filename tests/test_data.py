@@ -140,6 +140,10 @@ def test_local_files(tmp_path, kind):
     if kind == "txt":
         for i, doc in enumerate(docs):
             (tmp_path / f"{i}.txt").write_text(doc)
+        # Not documents: a Finder file and a notebook's copy of one (which would duplicate it)
+        (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (tmp_path / ".ipynb_checkpoints").mkdir()
+        (tmp_path / ".ipynb_checkpoints" / "0-checkpoint.txt").write_text(docs[0])
         source = tmp_path
     elif kind == "txt.gz":
         for i, doc in enumerate(docs):

@@ -90,6 +90,8 @@ def test_decoding_names_an_id_that_has_no_text():
     with pytest.raises(TypeError, match="to_string decodes integer token ids, got a tensor of dtype torch.float32"):
         to_string(torch.tensor([1.0, 2.0]))
     assert to_string([15496, EOT_ID]) == "Hello<|endoftext|>"  # the last id with text
+    with pytest.raises(ValueError, match=r"to_string: token id 50257 is outside"):
+        to_string([EOT_ID + 1])  # the first without
 
 
 def test_decoding_takes_numpy_ids(without_shape_checks):
@@ -118,6 +120,13 @@ def test_a_device_that_is_not_here_is_named(device):
         to_tokens("Hello", device=device)
     with pytest.raises(ValueError, match=f"device '{device}'"):
         pad_prompts([[1, 2]], device=device)
+
+
+@pytest.mark.parametrize("text", ["Hello world", " café", "\u2019", "\u65e5\u672c", "\U0001f642"])
+def test_str_tokens_equal_the_bridges_where_tokens_split_a_character(ref, text):
+    """A token holding part of a character's UTF-8 bytes shows as U+FFFD, as in TransformerLens,
+    not as an empty string: every token keeps a visible label."""
+    assert to_str_tokens(text) == ref.bridge.to_str_tokens(text, prepend_bos=False)
 
 
 @pytest.mark.parametrize("text", [" Mary", " John", "Hello", " the", "<|endoftext|>", "\n"])

@@ -696,7 +696,7 @@ def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_s
 def test_resume_names_a_damaged_trainer_state(tmp_path, shakespeare_slice):
     """Before: torch's "PytorchStreamReader failed reading zip archive" traceback from train_demo."""
     Trainer(micro_config(tmp_path, eval_interval=2), data=shakespeare_slice).run(stop_at=4)
-    state = latest_checkpoint(tmp_path) / "trainer_state.pt"
+    state = latest_checkpoint(tmp_path) / training.TRAINER_STATE
     state.write_bytes(state.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"trainer_state.pt is damaged \(RuntimeError: .*; delete step-0000004 \(and"):
         Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
@@ -1114,7 +1114,18 @@ def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embe
     loss = trainer.forward_backward([(inputs[rows], targets[rows])])
     grads = {n: p.grad for n, p in trainer.model.named_parameters()}
     grads["loss over ranks"] = trainer.dist.mean_over_ranks(loss)  # what the step logs
+    grads["val loss"] = torch.tensor(trainer.evaluate())
     torch.save(grads, Path(out_dir) / f"grads-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _train_worker(rank, world_size, port, data, out_dir, steps):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    PRESETS["micro"] = MICRO
+    Trainer(micro_config(out_dir), data=data).run(stop_at=steps)
     torch.distributed.destroy_process_group()
 
 
@@ -1137,7 +1148,8 @@ def test_the_process_group_is_destroyed_at_exit(tmp_path):
 
 @pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
 def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tie_embeddings, tmp_path, shakespeare_slice):
-    """And the loss the step logs, the mean over ranks, is the whole batch's loss."""
+    """And the loss the step logs, the mean over ranks, is the whole batch's loss; the validation
+    loss every rank reports is the mean over both ranks' shards, not its own shard's."""
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
     targets = torch.randint(0, 50257, (4, MICRO.n_ctx), generator=gen)
@@ -1150,11 +1162,45 @@ def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tie_embeddings,
     single = Trainer(micro_config(tmp_path / "single", tie_embeddings=tie_embeddings), data=shakespeare_slice)
     loss = single.forward_backward([(inputs, targets)])
     assert single.dist.mean_over_ranks(loss) is loss  # one process: nothing to average
+    cfg = single.cfg
+    with torch.no_grad():
+        shard_losses = [
+            torch.stack([
+                lm_loss(single.model(inputs), targets)
+                for inputs, targets in itertools.islice(
+                    shakespeare_slice.loader("val", n_ctx=MICRO.n_ctx, batch_size=cfg.batch_size, rank=rank,
+                                             world_size=2),
+                    cfg.eval_batches,
+                )
+            ]).mean()
+            for rank in range(2)
+        ]  # fmt: skip
+    # Far above the rtol below (1e-6 of ~10.8), else a rank's own shard's loss would pass for the mean
+    assert abs(shard_losses[0] - shard_losses[1]) > 1e-4
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
         torch.testing.assert_close(grads.pop("loss over ranks"), loss, rtol=1e-6, atol=0, msg=f"rank {rank} loss")
+        torch.testing.assert_close(
+            grads.pop("val loss"), torch.stack(shard_losses).mean(), rtol=1e-6, atol=0, msg=f"rank {rank} val loss"
+        )
         for name, p in single.model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+
+
+def test_a_two_process_checkpoint_resumed_by_one_process_keeps_its_place_in_the_epoch(
+    tmp_path, shakespeare_slice, caplog
+):
+    """Each of 2 processes consumed 3 steps x 4 windows of the epoch; one process takes up all 24
+    of them, not its 12 (which would see 12 windows of the epoch a second time), and says the
+    data order now differs from an uninterrupted run."""
+    mp.spawn(_train_worker, args=(2, _free_port(), shakespeare_slice, str(tmp_path), 3), nprocs=2, join=True)
+    state = torch.load(latest_checkpoint(tmp_path) / training.TRAINER_STATE, weights_only=True)
+    assert (state["world_size"], state["position"]) == (2, {"epoch": 0, "consumed": 12})
+    with caplog.at_level("WARNING", logger="gpt2_small.training"):
+        trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+    assert (trainer.step, trainer.position.epoch, trainer.position.consumed) == (3, 0, 24)
+    assert "resuming a 2-process run with 1 processes: the data order differs" in caplog.text
+    assert len(trainer.run()) > 0 and trainer.step == 8
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 full recomputation, the statistics of each sampling rule, and the errors."""
 
 import copy
+import dataclasses
 import gc
 import math
 import re
@@ -11,6 +12,7 @@ import einops
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import gpt2_small
@@ -633,6 +635,15 @@ def test_top_p_stops_at_a_set_whose_mass_is_exactly_p():
         assert torch.isfinite(processed).sum() == k, k
 
 
+def test_a_tiny_top_p_keeps_the_most_likely_token():
+    """1 - 1e-9 rounds to 1 in float32, so every cumulative mass is <= 1 - p: the most likely token
+    must be kept explicitly, or each row is all -inf and its softmax NaN."""
+    logits = 3 * torch.randn(4, 50257, generator=torch.Generator().manual_seed(0))
+    processed = process_logits(logits, SamplingSettings(top_p=1e-9))
+    assert torch.equal(torch.isfinite(processed), F.one_hot(logits.argmax(-1), 50257).bool())
+    assert torch.equal(sample_next_token(logits, SamplingSettings(top_p=1e-9)), logits.argmax(-1))
+
+
 def hf_warped(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """HF generate(do_sample=True)'s warpers, in the order its _get_logits_processor appends them."""
     from transformers.generation.logits_process import (
@@ -686,6 +697,22 @@ def test_penalties_lower_repeated_tokens_as_documented():
     freq = empirical(settings, counts=counts)
     assert_frequencies(freq, expected)
     assert freq[0] < LOGITS.softmax(-1)[0] - 0.1  # the most repeated token lost the most
+    # Step 2 before step 3: the temperature divides the penalised logits, penalties included.
+    hot = dataclasses.replace(settings, temperature=2.0)
+    torch.testing.assert_close(
+        process_logits(LOGITS[None], hot, counts[None])[0], (LOGITS - 0.5 * counts - 0.3 * (counts > 0).float()) / 2
+    )
+
+
+def test_penalties_count_no_left_padding(small_vocab_pair):
+    """A padded row generates what its prompt alone does, even when the pad id is the token that
+    prompt goes on to choose: padding is not text, so it must not be penalised as repeated."""
+    model, short = small_vocab_pair.model, [9, 10]
+    penalties = dict(temperature=0, presence_penalty=1e4, freq_penalty=1.0, stop_at_eos=False)
+    alone = generate(model, torch.tensor([short]), 12, **penalties)
+    tokens, mask = pad_prompts([[5, 6, 7, 8, 11], short], pad_id=int(alone[0, len(short)]))
+    batch = generate(model, tokens, 12, attention_mask=mask, **penalties)
+    assert torch.equal(batch[1, tokens.shape[1] :], alone[0, len(short) :])
 
 
 def test_presence_penalty_counts_the_prompt_and_the_generated_tokens(small_vocab_pair):

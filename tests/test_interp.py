@@ -623,6 +623,18 @@ def test_apply_slice_to_batch_dim_equals_transformer_lens(ref, batch_slice):
     torch.testing.assert_close(stack, expected.accumulated_resid(apply_ln=True, pos_slice=-1))
 
 
+@pytest.mark.parametrize("batch_slice", [2, [2, 0]])
+def test_apply_slice_to_batch_dim_keeps_an_entry_broadcast_over_the_batch_whole(model, run, batch_slice):
+    """An entry of leading size 1 (a direction added beside a batch of 3) serves every sequence:
+    it is kept as it is, where slicing it would take sequence 2 of a tensor that has one."""
+    _, cache = run
+    batched = ActivationCache(dict(cache) | {"direction": torch.ones(1, 10, SMALL.d_model)}, model)
+    sliced = batched.apply_slice_to_batch_dim(batch_slice)
+    assert sliced["direction"] is batched["direction"]
+    index = torch.tensor(batch_slice)
+    torch.testing.assert_close(sliced["resid_pre", 1], cache["resid_pre", 1][index], rtol=0, atol=0)
+
+
 def test_apply_slice_to_batch_dim_refuses_an_unbatched_cache(ref):
     same_inputs, _ = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
     with pytest.raises(ValueError, match="no batch axis to slice"):
@@ -1073,6 +1085,11 @@ def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():
     assert tokens.shape == (3, 13) and (tokens[:, 0] == 50256).all()
     assert torch.equal(tokens[:, 1:7], tokens[:, 7:])
     assert all(len(set(row)) == 6 for row in tokens[:, 1:7].tolist()) and tokens[:, 1:].max() < 50256
+    # At the limit each half is every real token once: never <|endoftext|> nor a padding id.
+    whole = interp.repeated_tokens(d_vocab=50304, seq_len=50256, batch=1)
+    assert torch.equal(whole[0, :50256].sort().values, torch.arange(50256))
+    with pytest.raises(ValueError, match="seq_len=50257 exceeds the 50256 distinct tokens available"):
+        interp.repeated_tokens(d_vocab=50304, seq_len=50257, batch=1)
 
 
 # --- plots ---------------------------------------------------------------------------------

@@ -78,6 +78,11 @@ def test_layernorm_epsilon_is_inside_the_sqrt():
     torch.testing.assert_close(out, inside)
     assert not torch.allclose(out, outside, rtol=1e-2, atol=0)
     torch.testing.assert_close(out, F.layer_norm(x, (4,), eps=0.1))
+    # bfloat16 takes F.layer_norm unhooked and the readable formula hooked; both use the config's eps.
+    x16 = x.bfloat16()
+    expected = (x16.float() / math.sqrt(x16.float().pow(2).mean() + 0.1)).bfloat16()
+    for path in (ln, _hooked_readable_path(copy.deepcopy(ln))):
+        torch.testing.assert_close(path(x16), expected, rtol=2**-7, atol=0)
 
 
 def test_layernorm_applies_w_and_b_after_normalizing():
@@ -804,6 +809,16 @@ def test_loss_function_equals_transformer_lens_with_and_without_padding():
     assert torch.equal(masked[2, :6], torch.zeros(6)) and masked[2, 6] == per_pair[2, 6]
     real_pairs = 5 + 7 + 1
     torch.testing.assert_close(solution.lm_cross_entropy_loss(logits, tokens, mask), masked.sum() / real_pairs)
+
+
+def test_the_loss_of_bfloat16_logits_is_taken_in_float32():
+    """The log-softmax over 50257 logits rounded to bf16 would be off by ~2**-9 of ~10 nats per
+    token; taken in float32, the loss of bf16 logits is the loss of the same values in float32."""
+    logits = (4 * torch.randn(2, 16, 50257, generator=torch.Generator().manual_seed(0))).bfloat16()
+    tokens = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = solution.lm_cross_entropy_loss(logits, tokens)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, solution.lm_cross_entropy_loss(logits.float(), tokens), rtol=1e-6, atol=0)
 
 
 def test_a_left_padded_loss_is_each_sequences_own():

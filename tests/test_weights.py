@@ -430,6 +430,22 @@ def test_export_hf_writes_what_save_pretrained_writes_and_ties_a_tied_unembeddin
         assert config[key] == hf.config.to_dict()[key], key
 
 
+def test_export_hf_config_states_an_untied_unembedding_its_dtype_and_no_dropout(tmp_path):
+    """What transformers 5 and the bridge would get right without it, as they read lm_head.weight
+    whatever the flag says, but other readers of config.json do not: a loader that ties by the
+    flag would drop the trained W_U, and GPT2Config's default dropout (0.1) would make a
+    Hugging Face training run of the export a different function from this model."""
+    model = _trained_looking_model().bfloat16()
+    directory = gpt2_small.export_hf(model, tmp_path / "export", tokenizer=False)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head.weight" in load_file(directory / "model.safetensors")
+    assert config["dtype"] == "bfloat16"
+    assert (config["resid_pdrop"], config["embd_pdrop"], config["attn_pdrop"]) == (0.0, 0.0, 0.0)
+    hf = GPT2LMHeadModel.from_pretrained(directory)
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.lm_head.weight, model.unembed.W_U.T) and not torch.equal(hf.lm_head.weight, model.embed.W_E)
+
+
 def test_export_hf_refuses_an_unembedding_bias_unless_told_to_drop_it(tmp_path):
     model = _trained_looking_model(seed=1)
     with torch.no_grad():

@@ -1027,6 +1027,7 @@ def test_config_defaults_are_gpt2_small():
         ({"n_ctx": True}, TypeError, "n_ctx must be an int, got True"),
         ({"layer_norm_eps": 0.0}, ValueError, "layer_norm_eps must be a positive number, got 0.0"),
         ({"init_range": float("nan")}, ValueError, "init_range must be a positive number"),
+        ({"layer_norm_eps": float("inf")}, ValueError, "layer_norm_eps must be a positive number, got inf"),
         ({"attn_impl": "flash"}, ValueError, r"attn_impl must be one of \('sdpa', 'eager'\), got 'flash'"),
     ],
 )

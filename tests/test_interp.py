@@ -29,10 +29,12 @@ SMALL = TransformerConfig(d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64,
 def model() -> Transformer:
     torch.manual_seed(0)
     model = Transformer(SMALL).eval()
-    with torch.no_grad():  # non-zero biases, so that every bias term is exercised
+    with torch.no_grad():  # non-zero biases and LayerNorm gains off 1, so that every term is exercised
         for name, p in model.named_parameters():
             if name.endswith(("b_Q", "b_K", "b_V", "b_O", "b_in", "b_out", "b_U", ".b")):
                 p.normal_(std=0.1)
+            elif name.endswith(".w"):
+                p.add_(torch.randn_like(p), alpha=0.2)
     return model
 
 
@@ -802,6 +804,17 @@ def test_logit_lens_ends_at_the_model_logits_and_starts_at_the_embeddings(model,
             lens.log_probs_of(wrong)
 
 
+def test_logit_lens_log_probs_of_a_bfloat16_model_are_taken_in_float32():
+    """A bf16 model's lens holds bf16 logits; their log-softmax over the vocabulary, rounded to
+    bf16, would be off by ~2**-9 of its magnitude (several nats here)."""
+    logits = (4 * torch.randn(2, 1, 6, 50257, generator=torch.Generator().manual_seed(0))).bfloat16()
+    targets = torch.randint(0, 50257, (1, 5), generator=torch.Generator().manual_seed(1))
+    log_probs = interp.LogitLens(logits, ["0_pre", "final_post"]).log_probs_of(targets)
+    assert log_probs.dtype == torch.float32
+    expected = logits.float().log_softmax(-1)[:, :, :5].gather(-1, targets[None, ..., None].expand(2, 1, 5, 1))[..., 0]
+    torch.testing.assert_close(log_probs, expected, rtol=1e-6, atol=0)
+
+
 def test_cache_logit_lens_reads_the_cache_it_is_given_and_no_new_run(model, tokens, run):
     logits, cache = run
     runs = []
@@ -941,6 +954,20 @@ def test_patched_logits_patches_exactly_the_named_slice(model, tokens, run, hook
         patched = patched_logits(model, corrupted, clean_cache, hook_name, pos=pos, head=head)
         assert not torch.allclose(expected, model(corrupted), atol=1e-4)  # the slice matters
     torch.testing.assert_close(patched, expected, rtol=0, atol=0)
+
+
+def test_patched_logits_backpropagates_through_a_patched_pattern(model, tokens, run):
+    """With autograd on (gradients of a patched run, as attribution patching takes them), the
+    patch writes a copy: written into the softmax's own output, which its backward reads, it
+    would fail the backward ("modified by an inplace operation")."""
+    _, clean_cache = run
+    corrupted = (tokens + 1) % 101
+    model.zero_grad(set_to_none=True)
+    try:
+        patched_logits(model, corrupted, clean_cache, "blocks.1.attn.hook_pattern", pos=3, head=1).sum().backward()
+        assert model.blocks[1].attn.W_Q.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def test_patched_logits_takes_transformer_lens_compact_names(model, tokens, run):

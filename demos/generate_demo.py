@@ -33,7 +33,7 @@ from gpt2_small import (  # noqa: E402
     stream_text,
     to_tokens,
 )
-from gpt2_small.training import pick_device  # noqa: E402
+from gpt2_small.training import latest_checkpoint, pick_device  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +65,11 @@ def load(spec: str | None, run_dir: Path, device: torch.device) -> tuple[Transfo
     """The model and a one-line description of where it came from."""
     if spec is not None:
         return load_model(spec, device=device), spec
-    if (run_dir / "checkpoints").is_dir():
-        try:
-            return load_model(run_dir, device=device), f"{run_dir} (newest train_demo checkpoint)"
-        except FileNotFoundError:
-            pass
+    # Only a run with no checkpoint falls back: a broken newest one is an error to report, where
+    # catching load_model's FileNotFoundError once swapped it for a random model without a word.
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return load_model(newest, device=device), f"{newest} (newest train_demo checkpoint)"
     try:
         return load_model("gpt2", device=device), "gpt2 (Hugging Face Hub)"
     except OSError:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, origin = load(args.model, Path(args.run_dir), device)
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-        print(f"generate_demo: could not load {args.model!r}: {e}", file=sys.stderr)
+        print(f"generate_demo: could not load {args.model or args.run_dir!r}: {e}", file=sys.stderr)
         return 2
     tok = get_tokenizer()
     prompt, n = args.prompt, args.max_new_tokens

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_generate_demo_runs_every_section_on_a_train_demo_checkpoint(train_run):
     result = run_demo("--run-dir", str(train_run), "--max-new-tokens", "6", "--top-k", "20")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert f"model: {train_run} (newest train_demo checkpoint)" in out
+    assert f"model: {train_run / 'checkpoints' / 'step-0000002'} (newest train_demo checkpoint)" in out
     for heading in ("random-init model", "several temperatures", "top-k and top-p", "greedy against sampling",
                     "beam search", "streaming"):  # fmt: skip
         assert heading in out, heading
@@ -99,6 +100,19 @@ def test_generate_demo_reports_an_unloadable_model_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "no checkpoint directory" in result.stderr
+
+
+def test_generate_demo_reports_a_broken_newest_checkpoint_rather_than_falling_back(train_run, tmp_path):
+    """Its weights file gone, the newest checkpoint is named in the error. The demo once took the
+    FileNotFoundError for "no checkpoint" and went on with a random model, saying there was none."""
+    run = tmp_path / "run"
+    shutil.copytree(train_run / "checkpoints", run / "checkpoints")
+    (run / "checkpoints" / "step-0000002" / "model.safetensors").unlink()
+    result = run_demo("--run-dir", str(run), "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "step-0000002/model.safetensors not found" in result.stderr
 
 
 @pytest.mark.slow

@@ -500,10 +500,13 @@ def test_optional_hooks_exist_only_while_on_and_leave_the_function_alone(setter,
         match=re.escape(f"{name!r} is one of TransformerLens's optional hooks; it exists after model.{setter}(True)"),
     ):
         model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: None)])
+    beyond = f"blocks.{TINY.n_layers}.{OPTIONAL_SETTERS[setter][0]}"  # a block this model lacks: no setter helps
+    with pytest.raises(ValueError, match=re.escape(f"{beyond!r} is not the name of a hook point of this model")):
+        model.run_with_hooks(tokens, fwd_hooks=[(beyond, lambda x, hook: None)])
     getattr(model, setter)(True)
-    getattr(model, setter)(True)  # idempotent
     seen = []
     model.add_hook(name, lambda x, hook: seen.append(x.shape), is_permanent=True)
+    getattr(model, setter)(True)  # idempotent: the hook point, and the hook on it, stay
     torch.testing.assert_close(model(tokens), logits)  # float32 rounding apart (result: a sum over heads)
     heads = () if setter == "set_use_hook_mlp_in" else (TINY.n_heads,)
     assert seen == [torch.Size((2, 6, *heads, TINY.d_model))]

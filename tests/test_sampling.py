@@ -103,9 +103,11 @@ def test_sampling_with_a_seed_equals_hf_sampling_after_manual_seed(small_vocab_p
 
 # Prompts from seeds 6 and 18: there HF's early-stopping heuristic decides the result (the best running
 # beam's score, penalised by its length, against the worst finished one); found by mutation, as
-# leaving the penalty out of that comparison changed these rows and none of seed 2's.
+# leaving the penalty out of that comparison changed these rows and none of seed 2's. Comparing with
+# the best finished score instead of the worst changed none of those either, but changes (2, 1.0, 18).
 @pytest.mark.parametrize(
-    "num_beams,length_penalty,seed", [(4, 1.0, 2), (3, 0.5, 2), (4, 2.0, 2), (2, -1.0, 2), (4, 2.0, 6), (4, 3.0, 18)]
+    "num_beams,length_penalty,seed",
+    [(4, 1.0, 2), (3, 0.5, 2), (4, 2.0, 2), (2, -1.0, 2), (4, 2.0, 6), (4, 3.0, 18), (2, 1.0, 18)],
 )
 def test_beam_search_equals_hf(small_vocab_pair, num_beams, length_penalty, seed):
     pair = small_vocab_pair
@@ -129,6 +131,26 @@ def test_beam_search_hypotheses_end_at_eos_on_this_model(small_vocab_pair):
     for row, length in zip(ours.tokens, ours.lengths.tolist(), strict=True):
         if length < 25:
             assert row[6 + length - 1] == pair.eos
+
+
+def test_beam_search_output_is_as_long_as_its_longest_hypothesis(small_vocab_pair):
+    """With eos favoured, every row's best hypothesis ends well before max_new_tokens: the tokens are
+    then cut after the longest of them, as HF's sequences are, not padded out to max_new_tokens."""
+    pair = small_vocab_pair
+    eos_bias = torch.zeros(100)
+    eos_bias[pair.eos] = 2.0
+    handles = [pair.model.unembed.register_forward_hook(lambda module, args, logits: logits + eos_bias),
+               pair.hf.lm_head.register_forward_hook(lambda module, args, logits: logits + eos_bias)]  # fmt: skip
+    try:
+        tokens = torch.randint(0, 99, (3, 6), generator=torch.Generator().manual_seed(2))
+        ours = beam_search(pair.model, tokens, 3, 25, eos_token_id=pair.eos)
+        theirs = hf_generate(pair.hf, tokens, num_beams=3, max_new_tokens=25)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert int(ours.lengths.max()) < 25
+    assert ours.tokens.shape == (3, 6 + int(ours.lengths.max()))
+    assert torch.equal(ours.tokens, theirs)
 
 
 def test_beam_search_no_repeat_ngram_equals_hf(small_vocab_pair):
@@ -788,6 +810,50 @@ def test_text_generation_ends_before_the_first_endoftext(sampling_pair):
     assert "Hello world" + "".join(run(stream_text)) == text
     assert run(generate_text, stop_at_eos=False) == text + "<|endoftext|>" * 5
     assert "Hello world" + "".join(run(stream_text, stop_at_eos=False)) == text + "<|endoftext|>" * 5
+
+
+def test_text_generation_stops_at_a_given_eos_token_id(sampling_pair):
+    """Not only at <|endoftext|>: with eos_token_id set to the 4th token greedy decoding picks, the
+    text is the first 3 tokens' (not theirs followed by that token repeated as padding)."""
+    model, tok = sampling_pair.model, get_tokenizer()
+    tokens = generate(model, to_tokens("Hello world"), 8, temperature=0)[0, 2:].tolist()
+    eos = tokens[3]
+    assert eos not in tokens[:3] and eos != EOT_ID
+    text = "Hello world" + tok.decode(tokens[:3])
+    assert generate_text(model, tok, "Hello world", 8, temperature=0, eos_token_id=eos) == text
+    assert "Hello world" + "".join(stream_text(model, tok, "Hello world", 8, temperature=0, eos_token_id=eos)) == text
+
+
+def test_stream_text_flushes_an_unfinished_character_at_the_end(sampling_pair):
+    """The last token is made to be a lone UTF-8 lead byte (0xE2, as in the first byte of "’"): the
+    held-back byte is given out as U+FFFD at the end, as generate_text's decoding gives it."""
+    model, tok = copy.deepcopy(sampling_pair.model), get_tokenizer()
+    lead_byte = tok.encode_single_token(b"\xe2")
+    calls = []
+
+    def lead_byte_last(module, args, logits):
+        calls.append(1)
+        if len(calls) == 5:
+            logits[..., lead_byte] += 1e4
+        return logits
+
+    model.unembed.register_forward_hook(lead_byte_last)
+    pieces = list(stream_text(model, tok, "Hello world", 5, temperature=0))
+    calls.clear()
+    text = generate_text(model, tok, "Hello world", 5, temperature=0)
+    assert text.endswith("\ufffd")
+    assert "Hello world" + "".join(pieces) == text
+
+
+def test_a_prompt_of_endoftext_is_the_special_token(sampling_pair):
+    """As the docstring of _encode says, "<|endoftext|>" is the way to ask for an unconditional
+    sample: it is encoded as token 50256, not as the 6 tokens of its spelling."""
+    model, tok = sampling_pair.model, get_tokenizer()
+    generated = generate(model, torch.tensor([[EOT_ID]]), 6, temperature=0)[0, 1:].tolist()
+    assert EOT_ID not in generated
+    expected = "<|endoftext|>" + tok.decode(generated)
+    assert generate_text(model, tok, "<|endoftext|>", 6, temperature=0) == expected
+    assert "<|endoftext|>" + "".join(stream_text(model, tok, "<|endoftext|>", 6, temperature=0)) == expected
 
 
 def test_generate_text_batches_prompts_of_different_lengths(sampling_pair):

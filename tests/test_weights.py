@@ -6,6 +6,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -333,6 +334,43 @@ def test_save_load_keeps_bfloat16(tmp_path):
     loaded = Transformer.load(tmp_path)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "gpt2_small_config.json"])
+def test_a_save_cut_off_while_writing_a_file_leaves_the_earlier_file_whole(tmp_path, monkeypatch, name):
+    """Each file is written under a temporary name and renamed into place once complete: a crash
+    halfway through writing either one leaves the earlier checkpoint's file as it was, loadable,
+    and no temporary file behind (written in place, the half would have replaced it)."""
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    torch.manual_seed(0)
+    Transformer(cfg).save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if name == "model.safetensors":
+        real_save_file = safetensors.torch.save_file
+
+        def cut_off(tensors, filename, metadata=None):
+            real_save_file(tensors, filename, metadata=metadata)
+            Path(filename).write_bytes(Path(filename).read_bytes()[:1000])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", cut_off)
+    else:
+        real_write_text = Path.write_text
+
+        def cut_off(self, text, *args, **kwargs):
+            if name not in self.name:
+                return real_write_text(self, text, *args, **kwargs)
+            real_write_text(self, text[: len(text) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Path, "write_text", cut_off)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        Transformer(cfg).save(tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    assert (tmp_path / name).read_bytes() == before[name]
+    assert Transformer.load(tmp_path).cfg == cfg
 
 
 def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):

@@ -80,8 +80,14 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     "blocks.3.attn.hook_pattern", act_name("scale", 3, "ln1") == "blocks.3.ln1.hook_scale",
     act_name("scale") == "ln_final.hook_scale", and compactly act_name("k6") == "blocks.6.attn.hook_k",
     act_name("scale4ln1") == "blocks.4.ln1.hook_scale"; full names pass through."""
-    if name.startswith(("blocks.", "hook_", "ln_final.")) and layer is None and layer_type is None:
-        return name
+    if name.startswith(("blocks.", "hook_", "ln_final.")):
+        if layer is None and layer_type is None:
+            return name
+        # get_act_name glues them on regardless ("blocks.3.hook_blocks.0.attn.hook_pattern").
+        raise ValueError(
+            f"{name!r} is a full hook name already; pass no layer or layer_type with it "
+            f"(got layer={layer!r}, layer_type={layer_type!r})"
+        )
     given = name
     if layer is None and layer_type is None and (compact := _COMPACT.fullmatch(name)):
         name, layer, layer_type = compact[1], int(compact[2]), compact[3] or None
@@ -717,7 +723,7 @@ class PromptTest:
     """What test_prompt found; str() lays it out as TransformerLens's test_prompt prints it."""
 
     prompt_str_tokens: list[str]
-    answer_str_tokens: list[list[str]]  # one list per answer (several answers: their first tokens)
+    answer_str_tokens: list[list[str]]  # each answer's tokens, all of them (several answers: only the first is scored)
     answers: list[list[TokenScore]]  # per answer position, each answer's token there
     top: list[list[TokenScore]]  # per answer position, the top_k next tokens (of the first answer's run)
 
@@ -779,13 +785,14 @@ def test_prompt(
         answers = [a if a.startswith(" ") else " " + a for a in answers]
     prompt_tokens = to_tokens(prompt, prepend_bos=prepend_bos, device=model.device)
     answer_ids = [to_tokens(a)[0] for a in answers]
+    # Every token of each answer, as TransformerLens prints them, even where only the first is scored.
+    answer_str_tokens = [to_str_tokens(ids) for ids in answer_ids]
     if len(answers) > 1:
         answer_ids = [ids[:1] for ids in answer_ids]  # alternatives for one next token
     answer_ids = torch.stack(answer_ids).to(model.device)
     tokens = torch.cat([prompt_tokens.expand(len(answers), -1), answer_ids], dim=1)
     logits = model(tokens).float()
     n_prompt = prompt_tokens.shape[1]
-    answer_str_tokens = [to_str_tokens(ids) for ids in answer_ids.tolist()]
     scores, top = [], []
     for index in range(n_prompt, tokens.shape[1]):
         next_logits = logits[:, index - 1]  # the model predicts the next token

@@ -108,7 +108,12 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(model, run)
         assert name == get_act_name(*args), args
         # A hook this model has (with its optional hooks on), not merely TransformerLens's spelling of one.
         assert name in cache or name in optional, args
+    # layer_type "ln_final" names ln_final's hooks (get_act_name spells them "ln_final.ln_final.hook_scale").
+    for name in ("scale", "normalized"):
+        assert interp.act_name(name, None, "ln_final") == f"ln_final.hook_{name}" and f"ln_final.hook_{name}" in cache
     for args, message in [
+        (("blocks.0.attn.hook_pattern", 3, None), r"'blocks.0.attn.hook_pattern' is a full hook name already; pass no"),
+        (("hook_embed", None, "a"), r"'hook_embed' is a full hook name already; .*layer_type='a'"),
         (("scale", 1, None), "layer_type 'ln1' or 'ln2'"),
         (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
         (("k", 2, "mlp"), r"hook 'k' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'mlp'"),
@@ -737,6 +742,7 @@ class LogitsOf:
         ("The cat sat on the", "mat", {}),
         ("Hello there my", "good old friend", {"top_k": 3}),  # one answer of three tokens
         ("One two", ["three", "four", " 3"], {}),  # alternatives for the next token
+        ("One two", ["three", "four hundred"], {}),  # alternatives of several tokens: their first ones
         ("I said", "hello", {"prepend_space_to_answer": False, "prepend_bos": False, "top_k": 0}),
     ],
 )

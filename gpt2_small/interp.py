@@ -79,7 +79,7 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     """The full hook name, as TransformerLens's get_act_name gives it: act_name("pattern", 3) ==
     "blocks.3.attn.hook_pattern", act_name("scale", 3, "ln1") == "blocks.3.ln1.hook_scale",
     act_name("scale") == "ln_final.hook_scale", and compactly act_name("k6") == "blocks.6.attn.hook_k",
-    act_name("scale4ln1") == "blocks.4.ln1.hook_scale"; full names pass through."""
+    act_name("scale4ln1") == "blocks.4.ln1.hook_scale"; full names pass through, given alone."""
     if name.startswith(("blocks.", "hook_", "ln_final.")):
         if layer is None and layer_type is None:
             return name

@@ -7,6 +7,7 @@ import gc
 import math
 import re
 import weakref
+from collections.abc import Callable
 
 import einops
 import numpy as np
@@ -786,23 +787,32 @@ def test_stream_text_pieces_join_to_generate_text(sampling_pair):
     assert text == "Hello world" + "".join(pieces)
 
 
+def favour_token(model: Transformer, token: int, at: Callable[[int], bool]) -> list:
+    """Make the unembedding of `model` (a copy: the hook stays) all but pick `token` at each of its
+    forward calls n (counted from 1) where at(n): the prefill gives new token 1, decoding step k
+    token k + 1. Returns the list of calls so far, to clear before another run."""
+    calls = []
+
+    def favour(module, args, logits):
+        calls.append(1)
+        if at(len(calls)):
+            logits[..., token] += 1e4
+        return logits
+
+    model.unembed.register_forward_hook(favour)
+    return calls
+
+
 def test_text_generation_ends_before_the_first_endoftext(sampling_pair):
     """The unembedding is made to favour <|endoftext|> from the 4th new token on: generate_text and
     stream_text then give the first 3 tokens' text only, and with stop_at_eos=False the literal text."""
     model, tok = copy.deepcopy(sampling_pair.model), get_tokenizer()
-    calls = []
-
-    def eos_from_the_fourth(module, args, logits):
-        calls.append(1)
-        if len(calls) >= 4:  # the prefill gives new token 1; decoding step k gives token k + 1
-            logits[..., EOT_ID] += 1e4
-        return logits
+    calls = favour_token(model, EOT_ID, at=lambda n: n >= 4)
 
     def run(fn, **kwargs):
         calls.clear()
         return fn(model, tok, "Hello world", 8, temperature=0, **kwargs)
 
-    model.unembed.register_forward_hook(eos_from_the_fourth)
     tokens = generate(model, to_tokens("Hello world"), 8, temperature=0, stop_at_eos=False)[0, 2:].tolist()
     assert tokens[3:] == [EOT_ID] * 5 and EOT_ID not in tokens[:3]
     text = "Hello world" + tok.decode(tokens[:3])
@@ -828,16 +838,7 @@ def test_stream_text_flushes_an_unfinished_character_at_the_end(sampling_pair):
     """The last token is made to be a lone UTF-8 lead byte (0xE2, as in the first byte of "’"): the
     held-back byte is given out as U+FFFD at the end, as generate_text's decoding gives it."""
     model, tok = copy.deepcopy(sampling_pair.model), get_tokenizer()
-    lead_byte = tok.encode_single_token(b"\xe2")
-    calls = []
-
-    def lead_byte_last(module, args, logits):
-        calls.append(1)
-        if len(calls) == 5:
-            logits[..., lead_byte] += 1e4
-        return logits
-
-    model.unembed.register_forward_hook(lead_byte_last)
+    calls = favour_token(model, tok.encode_single_token(b"\xe2"), at=lambda n: n == 5)
     pieces = list(stream_text(model, tok, "Hello world", 5, temperature=0))
     calls.clear()
     text = generate_text(model, tok, "Hello world", 5, temperature=0)

@@ -1382,12 +1382,14 @@ class Transformer(HookedRootModule):
 
         Both files are written to a temporary name and renamed into place, so a crash never
         leaves a half-written checkpoint behind. `Transformer.load(path)` restores it bit for bit.
+        Parameters that share memory (tied by assignment, as in a weight-sharing experiment) are
+        written once each and load as separate parameters, equal but no longer tied.
         """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        tensors = _dense_unshared(self.state_dict())
         _atomic_write(path / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         config_text = json.dumps({"format": "gpt2_small", "config": dataclasses.asdict(self.cfg)}, indent=2)
         _atomic_write(path / CHECKPOINT_CONFIG, lambda tmp: Path(tmp).write_text(config_text))
@@ -1542,6 +1544,20 @@ def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> Non
         model.check_residual(tokens)
     model.check_mask_and_cache(tokens, kwargs.get("attention_mask"), kwargs.get("kv_cache"))
     model.check_labels(tokens, kwargs.get("labels"))
+
+
+def _dense_unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`tensors` made dense, as safetensors writes them, and none sharing memory with another,
+    which safetensors refuses: a tensor whose memory an earlier one uses is copied; the rest are
+    copied only if they are not dense already."""
+    out, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
 
 
 def _atomic_write(target: Path, write) -> None:

@@ -31,6 +31,7 @@ from solution import (
     TransformerConfig,
     _atomic_write,
     _check_placement,
+    _dense_unshared,
     _read_json,
     _read_safetensors,
     _training_run_hint,
@@ -189,9 +190,10 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
     import httpx
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    return (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.HTTPError, OSError)
+    # OSError covers huggingface_hub's own: HfHubHTTPError, LocalEntryNotFoundError (nothing cached,
+    # offline) and OfflineModeIsEnabled all derive from it; httpx's transport errors do not.
+    return (OSError, httpx.HTTPError)
 
 
 def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
@@ -264,7 +266,8 @@ def load_model(
 def to_hf_state_dict(model: Transformer) -> tuple[dict[str, Tensor], bool]:
     """`model`'s weights under GPT2LMHeadModel's names and layouts (convert_hf_state_dict's inverse),
     and whether W_U is W_E transposed (then lm_head.weight is left out, and the checkpoint ties the
-    two, as GPT-2's own does). unembed.b_U has no counterpart there and is not in the result."""
+    two, as GPT-2's own does). unembed.b_U has no counterpart there and is not in the result.
+    As with `state_dict()`, a tensor whose layout is the model's own shares the parameter's memory."""
     W_E, W_U = model.embed.W_E, model.unembed.W_U
     tied = torch.equal(W_U.T, W_E)
     state = {
@@ -290,8 +293,7 @@ def to_hf_state_dict(model: Transformer) -> tuple[dict[str, Tensor], bool]:
         }  # fmt: skip
     if not tied:
         state["lm_head.weight"] = W_U.T
-    # Dense copies of their own: safetensors refuses views that share memory.
-    return {name: t.detach().contiguous().clone() for name, t in state.items()}, tied
+    return _dense_unshared(state), tied
 
 
 def export_hf(
@@ -341,13 +343,15 @@ def export_hf(
 
     state, tied = to_hf_state_dict(model)
     cfg = model.cfg
+    eos = EOT_ID if EOT_ID < cfg.d_vocab else None
     config = GPT2Config(
         vocab_size=cfg.d_vocab, n_positions=cfg.n_ctx, n_embd=cfg.d_model, n_layer=cfg.n_layers,
         n_head=cfg.n_heads, n_inner=cfg.d_mlp, layer_norm_epsilon=cfg.layer_norm_eps,
         initializer_range=cfg.init_range, activation_function="gelu_new", tie_word_embeddings=tied,
         # No dropout: this model has none, so a Hugging Face training run continues the same function.
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=EOT_ID, eos_token_id=EOT_ID, architectures=["GPT2LMHeadModel"],
+        # <|endoftext|> as GPT-2's; a model whose vocabulary stops short of it has none.
+        bos_token_id=eos, eos_token_id=eos, architectures=["GPT2LMHeadModel"],
         dtype=str(model.dtype).removeprefix("torch."),
     )  # fmt: skip
     path.mkdir(parents=True, exist_ok=True)

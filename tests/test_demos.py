@@ -41,8 +41,10 @@ def test_load_model_reads_every_kind_of_directory(train_run, tiny_checkpoint):
     assert torch.equal(load_model(train_run / "checkpoints" / "step-0000001").embed.W_E,
                        Transformer.load(train_run / "checkpoints" / "step-0000001").embed.W_E)  # fmt: skip
     directory, hf = tiny_checkpoint
-    assert torch.equal(load_model(directory).embed.W_E, hf.transformer.wte.weight)
-    assert not from_run.training
+    from_hf = load_model(directory)
+    assert torch.equal(from_hf.embed.W_E, hf.transformer.wte.weight)
+    from_step = load_model(train_run / "checkpoints" / "step-0000001")
+    assert not (from_run.training or from_step.training or from_hf.training)
 
 
 def test_loaders_pointed_at_a_training_run_say_that_load_model_reads_it(train_run, tmp_path):

@@ -1,6 +1,8 @@
 """Loading Hugging Face GPT-2 checkpoints, and our own save/load round trip."""
 
+import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -61,7 +63,8 @@ def test_W_Q_W_K_W_V_are_dense_and_d_model_major_however_the_model_was_made(tiny
     loaded = Transformer.from_pretrained(directory)
     made = Transformer(loaded.cfg)
     loaded.save(tmp_path / "ckpt")
-    for model in (made, loaded, loaded.to(torch.bfloat16), Transformer.load(tmp_path / "ckpt")):
+    # A copy to convert: Module.to converts in place, and would remake `loaded`'s own tensors first.
+    for model in (made, loaded, copy.deepcopy(loaded).to(torch.bfloat16), Transformer.load(tmp_path / "ckpt")):
         attn = model.blocks[0].attn
         storages = {W.untyped_storage().data_ptr() for W in (attn.W_Q, attn.W_K, attn.W_V)}
         assert len(storages) == 3  # not views into HF's fused c_attn weight
@@ -73,6 +76,28 @@ def test_from_pretrained_reads_the_shape_from_config_json(tiny_checkpoint):
     directory, hf = tiny_checkpoint
     cfg = Transformer.from_pretrained(str(directory)).cfg  # str and Path both accepted
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.n_ctx) == (2, 32, 4, 8, 64, 24)
+
+
+def test_a_checkpoint_stored_in_bfloat16_loads_in_bfloat16_throughout(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    copy_with_state(directory, tmp_path / "ckpt", lambda s: s.update({k: v.bfloat16() for k, v in s.items()}))
+    model = Transformer.from_pretrained(tmp_path / "ckpt")
+    assert {name: p.dtype for name, p in model.named_parameters()} == dict.fromkeys(
+        model.state_dict(), torch.bfloat16
+    )  # b_U too, which the checkpoint does not hold
+
+
+def test_a_gelu_pytorch_tanh_checkpoint_loads_as_the_same_model(tiny_checkpoint, tmp_path):
+    """transformers computes gelu_pytorch_tanh with torch's tanh GELU, gelu_new's formula."""
+    directory, _ = tiny_checkpoint
+    shutil.copytree(directory, tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text()) | {"activation_function": "gelu_pytorch_tanh"}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert theirs.config.activation_function == "gelu_pytorch_tanh"
+    ours = Transformer.from_pretrained(tmp_path / "ckpt")
+    tokens = tokens_for(ours.cfg)
+    torch.testing.assert_close(ours(tokens), hf_logits(theirs, tokens))
 
 
 def test_from_pretrained_reads_pytorch_model_bin(tiny_checkpoint, tmp_path):
@@ -160,13 +185,15 @@ def test_an_untied_checkpoint_loads_its_lm_head_and_one_without_it_is_refused(tm
     [
         (lambda s: s.pop("transformer.h.1.mlp.c_fc.bias"), r"missing 'h.1.mlp.c_fc.bias' \(expected shape \(64,\)\)"),
         (lambda s: s.__setitem__("transformer.h.0.attn.rotary", torch.zeros(3)), r"unexpected key 'h.0.attn.rotary'"),
+        # Named like the old mask buffers, which are ignored, but not one of them.
+        (lambda s: s.__setitem__("transformer.h.0.attn.bias_k", torch.zeros(32)), r"unexpected key 'h.0.attn.bias_k'"),
         (
             lambda s: s.__setitem__("transformer.h.0.attn.c_attn.weight", torch.zeros(32, 95)),
             r"'h.0.attn.c_attn.weight' has shape \(32, 95\), expected \(32, 96\)",
         ),
         (lambda s: s.__setitem__("lm_head.weight", torch.zeros(5, 32)), r"'lm_head.weight' has shape \(5, 32\)"),
     ],
-    ids=["missing", "unexpected", "wrong-shape", "wrong-lm-head"],
+    ids=["missing", "unexpected", "unexpected-bias-like", "wrong-shape", "wrong-lm-head"],
 )
 def test_bad_checkpoints_name_the_key(tiny_checkpoint, tmp_path, edit, message):
     directory, _ = tiny_checkpoint
@@ -188,6 +215,12 @@ def test_convert_rejects_a_state_dict_for_another_shape(tiny_checkpoint):
         ({"activation_function": "relu"}, "activation_function='relu' is not supported"),
         ({"model_type": "llama"}, "model_type 'gpt2'"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
+        (
+            {"scale_attn_weights": False},
+            "scale_attn_weights=False is not supported; GPT-2 uses scale_attn_weights=True",
+        ),
+        ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn=True is not supported"),
+        ({"n_head": 5}, "n_embd=32 is not divisible by n_head=5"),
     ],
 )
 def test_unsupported_hf_configs_are_refused(tiny_checkpoint, change, message):
@@ -197,9 +230,22 @@ def test_unsupported_hf_configs_are_refused(tiny_checkpoint, change, message):
         config_from_hf(hf_config)
 
 
-def test_missing_directory_and_files(tmp_path):
+def test_missing_directory_and_files(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         Transformer.from_pretrained(tmp_path / "nope" / "deeper")
+    # Spelled as paths, not hub ids ("user/model"), so never looked up on the hub, which offline
+    # with an empty cache would raise a plain OSError.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("./finetuned", "/finetuned-gpt2", "~/no-such-gpt2-checkpoint", "runs/finetuned/final"):
+        with pytest.raises(
+            FileNotFoundError, match=f"no checkpoint directory at {re.escape(str(Path(name).expanduser()))}$"
+        ):
+            Transformer.from_pretrained(name)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.safetensors is a file; pass the directory that holds config.json"):
+        Transformer.from_pretrained(tmp_path / "weights.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):
         Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{}")
@@ -282,6 +328,37 @@ def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
         Transformer.from_pretrained("gpt2")
+
+
+@pytest.mark.parametrize("has_safetensors", [True, False], ids=["safetensors", "bin-only"])
+def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp_path, monkeypatch, has_safetensors):
+    """The hub stands in for a repository holding both files, or, like older uploads, only the pickle."""
+    directory, hf = tiny_checkpoint
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(directory / "config.json", repo)
+    torch.save(hf.state_dict(), repo / "pytorch_model.bin")
+    if has_safetensors:
+        shutil.copy(directory / "model.safetensors", repo)
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        snapshot = tmp_path / f"snapshot-{len(calls)}"
+        snapshot.mkdir()
+        for name in allow_patterns:
+            if (repo / name).is_file():
+                shutil.copy(repo / name, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = Transformer.from_pretrained("gpt2")
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+    first = ("openai-community/gpt2", ["config.json", "model.safetensors"])
+    assert calls == (
+        [first] if has_safetensors else [first, ("openai-community/gpt2", ["config.json", "pytorch_model.bin"])]
+    )
 
 
 @pytest.mark.parametrize(
@@ -417,11 +494,19 @@ def test_load_converts_to_the_dtype_asked_for(tmp_path):
 
 
 def _trained_looking_model(seed: int = 0) -> Transformer:
-    """Odd shapes (d_head 12, d_mlp 100, eps 1e-3) and every parameter but b_U off its init, as
+    """Odd shapes and settings (d_head 12, d_mlp 100, eps 1e-3, init_range 0.05) and every parameter but b_U off its init, as
     after training: a swapped or dropped bias or LayerNorm parameter changes the logits."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        d_model=48, n_layers=2, n_heads=4, d_head=12, d_mlp=100, d_vocab=50257, n_ctx=24, layer_norm_eps=1e-3
+        d_model=48,
+        n_layers=2,
+        n_heads=4,
+        d_head=12,
+        d_mlp=100,
+        d_vocab=50257,
+        n_ctx=24,
+        layer_norm_eps=1e-3,
+        init_range=0.05,
     )
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -464,6 +549,7 @@ def test_export_hf_writes_what_save_pretrained_writes_and_ties_a_tied_unembeddin
         assert torch.equal(ours[name], theirs[name]), name
     config = json.loads((directory / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["bos_token_id"] == config["eos_token_id"] == 50256  # <|endoftext|>
     for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon"):
         assert config[key] == hf.config.to_dict()[key], key
 
@@ -510,3 +596,27 @@ def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
         gpt2_small.export_hf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tmp_path / "x")
     with pytest.raises(TypeError, match="tokenizer must be True or False, got 'yes'"):
         gpt2_small.export_hf(model, tmp_path / "x", tokenizer="yes")
+
+
+def test_export_hf_and_save_write_parameters_that_share_memory(tmp_path):
+    """A weight-sharing experiment ties parameters by assignment; safetensors refuses tensors that
+    share memory, and Transformer.save raised its RuntimeError. Each is now written as a copy."""
+    model = _trained_looking_model(seed=2)
+    model.blocks[1].ln1.w = model.blocks[0].ln1.w
+    model.blocks[1].mlp.W_in = model.blocks[0].mlp.W_in
+    model.save(tmp_path / "ours")
+    loaded = Transformer.load(tmp_path / "ours")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.blocks[1].mlp.W_in.data_ptr() != loaded.blocks[0].mlp.W_in.data_ptr()  # equal, no longer tied
+    directory = gpt2_small.export_hf(model, tmp_path / "hf", tokenizer=False)
+    tokens = tokens_for(model.cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(GPT2LMHeadModel.from_pretrained(directory).eval(), tokens), model(tokens))
+
+
+def test_export_hf_names_endoftext_only_in_a_vocabulary_that_has_it(tmp_path, without_shape_checks):
+    """GPT2Config's default bos/eos is 50256, which transformers warns is outside a smaller vocabulary."""
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    config = json.loads((gpt2_small.export_hf(model, tmp_path / "x", tokenizer=False) / "config.json").read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None

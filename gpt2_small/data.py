@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
+from solution import _atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ def load_text_dataset(
 
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {ds.column_names}")
+    if len(ds) == 0:  # before the type check: an empty stream's column has no type to name
+        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     _check_text_column(ds, text_column)  # here, while the other columns are there to be named
     if max_examples is not None:
         ds = ds.select(range(min(max_examples, len(ds))))
-    if len(ds) == 0:
-        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     return ds.select_columns([text_column])
 
 
@@ -159,6 +160,8 @@ def _load_local(path: Path, split: str):
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files={split: data_files}, split=split, **kwargs)
+    except StopIteration:  # datasets' json builder reads a first row to learn the columns
+        raise ValueError(f"{path}: holds no JSON rows; it is empty") from None
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # pyarrow's errors are ValueErrors
         cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
         hint = "; text files must be UTF-8" if isinstance(cause, UnicodeDecodeError) else ""
@@ -264,11 +267,14 @@ def tokenize_dataset(
             tokens[offset : offset + len(ids)] = ids
             offset += len(ids)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, cache_file)
+    _atomic_write(cache_file, lambda tmp: _save_npy(tmp, tokens))  # a run cut off leaves no half cache behind
     logger.info("tokenized %s documents into %s tokens; cached at %s", f"{len(ds):,}", f"{total:,}", cache_file)
     return tokens
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file, as np.save would add ".npy" to a temporary name
+        np.save(f, array)
 
 
 def train_val_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

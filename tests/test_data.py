@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_small.data
 from gpt2_small import EOT_ID, get_tokenizer
 from gpt2_small.data import (
     ResumableSampler,
@@ -80,11 +81,29 @@ def test_second_run_reads_the_token_cache(tmp_path, caplog):
         second = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
         assert "tokenization skipped" in caplog.text
     assert np.array_equal(first, second)
+    assert isinstance(second, np.memmap)  # a cache of billions of tokens is paged in, not read whole
     assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 1
     # Different content is a different cache entry, never a stale hit.
     write_jsonl(path, [{"text": f"other document {i}"} for i in range(50)])
     third = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
     assert not np.array_equal(first, third)
+
+
+def test_a_crash_while_writing_the_cache_leaves_no_cache_entry(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(5)])
+    real_save = np.save
+
+    def save_half_then_crash(file, tokens):
+        real_save(file, tokens[: len(tokens) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", save_half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+    monkeypatch.undo()
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written cache for a later run to read
+    tokens = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")
+    assert tokens[-1] == EOT_ID and list(tokens).count(EOT_ID) == 5  # all five documents
 
 
 def test_each_text_column_of_one_dataset_has_its_own_cache_entry(tmp_path):
@@ -95,6 +114,7 @@ def test_each_text_column_of_one_dataset_has_its_own_cache_entry(tmp_path):
     assert titles.tolist() == encode("A play") + [EOT_ID] + encode("A poem") + [EOT_ID]
     assert bodies.tolist() == encode("To be, or not") + [EOT_ID] + encode("Shall I compare") + [EOT_ID]
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 2
+    assert np.array_equal(tokenize_dataset(ds, cache_dir=tmp_path), titles)  # unnamed: the first column
 
 
 def test_a_cache_dir_that_is_a_file_is_refused_before_tokenizing(tmp_path, monkeypatch):
@@ -167,9 +187,26 @@ def test_local_files(tmp_path, kind):
     assert sorted(ds[column]) == sorted(docs)  # one document per file / row
 
 
+def test_a_gz_file_named_with_dots_is_one_text_document(tmp_path):
+    with gzip.open(tmp_path / "hamlet.1603.gz", "wt") as f:
+        f.write("Who's there?")
+    assert load_text_dataset(str(tmp_path / "hamlet.1603.gz"))["text"] == ["Who's there?"]
+
+
+def test_other_columns_are_dropped_and_a_large_string_column_is_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "body": pa.array(["one", "two"], pa.large_string())}), path)
+    ds = load_text_dataset(str(path), text_column="body")
+    assert ds.column_names == ["body"] and ds["body"] == ["one", "two"]
+
+
 def test_max_examples(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": str(i)} for i in range(10)])
     assert load_text_dataset(str(path), max_examples=3)["text"] == ["0", "1", "2"]
+    assert len(load_text_dataset(str(path), max_examples=11)) == 10  # more than there are: all of them
 
 
 @pytest.fixture
@@ -226,6 +263,26 @@ def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="found \\['no files'\\]"):
         load_text_dataset(str(tmp_path / "empty"))
     assert len(ds) == 1
+    (tmp_path / "empty.jsonl").write_text("")  # datasets raised a bare StopIteration
+    with pytest.raises(ValueError, match=r"empty.jsonl: holds no JSON rows; it is empty"):
+        load_text_dataset(str(tmp_path / "empty.jsonl"))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_empty_hub_split_is_refused_as_empty(monkeypatch, streamed):
+    """Streamed, its column has no type; it was refused as holding null values, not strings."""
+
+    def no_rows():
+        yield from ()
+
+    empty = (
+        datasets.IterableDataset.from_generator(no_rows, features=datasets.Features(text=datasets.Value("string")))
+        if streamed
+        else datasets.Dataset.from_dict({"text": []}, features=datasets.Features(text=datasets.Value("string")))
+    )
+    monkeypatch.setattr(gpt2_small.data, "_load_hub", lambda *args, **kwargs: empty)
+    with pytest.raises(ValueError, match=r"^dataset 'someone/empty' \(split 'train'\) is empty$"):
+        load_text_dataset("someone/empty", max_examples=3 if streamed else None)
 
 
 @pytest.mark.parametrize(
@@ -253,6 +310,11 @@ def test_mixed_file_kinds_are_refused(tmp_path):
     (tmp_path / "b.csv").write_text("y")
     with pytest.raises(ValueError, match=r"of one kind, found \['.csv', '.txt'\]"):
         load_text_dataset(str(tmp_path))
+    (tmp_path / "b.csv").rename(tmp_path / "b.jsonl")  # two kinds this reads, but not together
+    with pytest.raises(ValueError, match=r"of one kind, found \['.jsonl', '.txt'\]"):
+        load_text_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"of one kind, found \['.csv'\]"):  # one kind, not one this reads
+        load_text_dataset(str(write_jsonl(tmp_path / "c.csv", [])))
 
 
 def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):
@@ -267,6 +329,9 @@ def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):
 def test_dataset_shorter_than_one_window():
     with pytest.raises(ValueError, match=r"the val split has 100 tokens, shorter than one window of n_ctx \+ 1 = 129"):
         TokenWindows(np.zeros(100, dtype=np.uint16), n_ctx=128, name="val")
+    with pytest.raises(ValueError, match=r"the train split has 128 tokens, .*; use more data or a smaller n_ctx$"):
+        TokenWindows(np.zeros(128, dtype=np.uint16), n_ctx=128, name="train")
+    assert len(TokenWindows(np.zeros(129, dtype=np.uint16), n_ctx=128)) == 1
 
 
 def test_windows_tile_or_overlap_by_stride():
@@ -285,8 +350,9 @@ def test_train_val_split_is_a_deterministic_tail():
     tokens = np.arange(1000)
     train, val = train_val_split(tokens, 0.1)
     assert np.array_equal(train, np.arange(900)) and np.array_equal(val, np.arange(900, 1000))
-    with pytest.raises(ValueError, match="val_fraction must be in"):
-        train_val_split(tokens, 1.0)
+    for outside in (1.0, 0.0):
+        with pytest.raises(ValueError, match=rf"val_fraction must be in \(0, 1\), got {outside}"):
+            train_val_split(tokens, outside)
 
 
 def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
@@ -294,9 +360,22 @@ def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
     assert sorted(full) == list(range(10))
     assert full != list(ResumableSampler(10, seed=3, epoch=2))  # a new order each epoch
     assert list(ResumableSampler(10, seed=3, epoch=1, start=4)) == full[4:]
+    assert len(ResumableSampler(10, seed=3, epoch=1, start=4)) == 6  # what a progress bar counts
     shards = [list(ResumableSampler(10, seed=3, epoch=1, rank=r, world_size=3)) for r in range(3)]
     assert all(len(s) == 3 for s in shards)  # 10 // 3 each; the remainder is dropped evenly
     assert len(set().union(*shards)) == 9
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_loader_gives_whole_batches_and_leaves_the_global_rng_alone():
+    data = TokenData(np.arange(41, dtype=np.uint16), np.arange(9, dtype=np.uint16), "tiny")
+    loader = data.loader("train", n_ctx=4, batch_size=3, seed=1, pin_memory=True)
+    assert loader.pin_memory
+    before = torch.get_rng_state()
+    batches = list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 4)] * 3  # 10 windows: the tenth is dropped
+    assert len(loader) == 3
 
 
 def test_loader_refuses_a_split_smaller_than_a_batch():

@@ -494,20 +494,14 @@ def test_load_converts_to_the_dtype_asked_for(tmp_path):
 
 
 def _trained_looking_model(seed: int = 0) -> Transformer:
-    """Odd shapes and settings (d_head 12, d_mlp 100, eps 1e-3, init_range 0.05) and every parameter but b_U off its init, as
-    after training: a swapped or dropped bias or LayerNorm parameter changes the logits."""
+    """Odd shapes and settings (d_head 12, d_mlp 100, eps 1e-3, init_range 0.05) and every
+    parameter but b_U off its init, as after training: a swapped or dropped bias or LayerNorm
+    parameter changes the logits, and a dropped setting changes the config read back."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        d_model=48,
-        n_layers=2,
-        n_heads=4,
-        d_head=12,
-        d_mlp=100,
-        d_vocab=50257,
-        n_ctx=24,
-        layer_norm_eps=1e-3,
+        d_model=48, n_layers=2, n_heads=4, d_head=12, d_mlp=100, d_vocab=50257, n_ctx=24, layer_norm_eps=1e-3,
         init_range=0.05,
-    )
+    )  # fmt: skip
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

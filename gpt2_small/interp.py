@@ -154,7 +154,9 @@ class ActivationCache(dict):
                     f"('scale', 3, 'ln1'); got {key!r}"
                 )
             name, layer, *layer_type = key
-            if not (isinstance(layer, Integral) and -self.n_layers <= layer < self.n_layers):
+            if isinstance(layer, bool) or not isinstance(layer, Integral):
+                raise KeyError(f"the layer of {key!r} must be an int, got {type(layer).__name__} {layer!r}")
+            if not -self.n_layers <= layer < self.n_layers:
                 raise KeyError(
                     f"layer {layer!r} is outside [-{self.n_layers}, {self.n_layers}) (n_layers={self.n_layers})"
                 )
@@ -539,13 +541,19 @@ class ActivationCache(dict):
         As in TransformerLens: pos_slice says which positions the stack holds (it is applied to
         the cached scale only); batch_slice is applied to both, the stack's batch axis being its
         second (has_batch_dim=False: it has none). recompute_ln=True with layer = n_layers runs
-        ln_final itself (w and b included) on each component, with the component's own statistics.
+        ln_final itself (w and b included) on each component, with the component's own statistics;
+        with another layer it is refused (TransformerLens ignores it there, and divides by the cached scale).
         """
         layer = self._layer(layer)
+        if recompute_ln and layer != self.n_layers:
+            raise ValueError(
+                f"recompute_ln runs ln_final, which reads the final stream: pass layer=None (or -1, or "
+                f"n_layers={self.n_layers}), not {layer}"
+            )
         batch_slice = _as_slice(batch_slice)
         if has_batch_dim:
             residual_stack = batch_slice.apply(residual_stack, dim=1)
-        if recompute_ln and layer == self.n_layers:
+        if recompute_ln:
             flat = einops.rearrange(residual_stack, "... d_model -> (...) 1 d_model")  # ln_final's [batch pos d_model]
             return self.model.ln_final(flat).reshape(residual_stack.shape)
         residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)

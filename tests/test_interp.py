@@ -64,6 +64,8 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["resid_pre", 3]
     with pytest.raises(KeyError, match=r"layer -4 is outside \[-3, 3\)"):
         cache["resid_pre", -4]
+    with pytest.raises(KeyError, match=r"the layer of \('resid_pre', 1.0\) must be an int, got float 1.0"):
+        cache["resid_pre", 1.0]
     assert cache["scale", -1, "ln2"] is cache["blocks.2.ln2.hook_scale"] and cache["attn", 0] is cache["pattern", 0]
     assert cache["scale"] is cache["ln_final.hook_scale"]
     assert cache["k2"] is cache["k", 2] and cache["attn0"] is cache["pattern", 0]  # TransformerLens's compact keys
@@ -78,6 +80,10 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["pattern"]
     with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
         cache["blocks.9.hook_resid_pre"]
+    with pytest.raises(
+        KeyError, match="'blocks.1.hook_out' is the TransformerLens bridge's name for 'blocks.1.hook_resid_post'"
+    ):
+        cache["blocks.1.hook_out"]
     with pytest.raises(ValueError, match="unknown hook name 'resid'"):
         interp.act_name("resid", 0)
 
@@ -446,6 +452,16 @@ def test_accumulated_bias_and_residual_directions_refuse_what_has_no_meaning(mod
         model.tokens_to_residual_directions(" Mary and")
     with pytest.raises(ValueError, match=r"token id 101 is outside \[0, d_vocab=101\)"):
         model.tokens_to_residual_directions(101)
+    with pytest.raises(
+        TypeError, match=r"^tokens must be a token id, a str of one token or a tensor of ids, got True$"
+    ):
+        model.tokens_to_residual_directions(True)
+    with pytest.raises(TypeError, match=r"^tokens must be integer token ids, got dtype torch.float32$"):
+        model.tokens_to_residual_directions(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"^tokens must have at most 2 axes \(\[batch pos\]\), got shape \(1, 1, 2\)$"):
+        model.tokens_to_residual_directions(torch.zeros(1, 1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^tokens is empty$"):
+        model.tokens_to_residual_directions(torch.tensor([], dtype=torch.long))
 
 
 def test_cache_names_and_shapes_match_the_transformer_lens_bridge(ref):
@@ -553,6 +569,9 @@ def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
             expected = theirs.apply_ln_to_stack(stack, pos_slice=-1, **kwargs)
             torch.testing.assert_close(ours.apply_ln_to_stack(stack, pos_slice=-1, **kwargs), expected)
         assert ours.apply_ln_to_stack(stack, 2, pos_slice=-1, batch_slice=[1]).shape == (3, 1, ref.spec.n_embd)
+        # TransformerLens divides by layer 1's cached scale instead, as if recompute_ln were not given.
+        with pytest.raises(ValueError, match=r"recompute_ln runs ln_final, .*: pass layer=None .* not 1$"):
+            ours.apply_ln_to_stack(stack, 1, pos_slice=-1, recompute_ln=True)
 
 
 def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):

@@ -174,7 +174,9 @@ def _load_hub(source: str, config_name: str | None, split: str, streaming: bool 
 
     try:
         return datasets.load_dataset(source, config_name, split=split, streaming=streaming)
-    except (ConnectionError, FileNotFoundError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+    # OSError covers them all: an offline ConnectionError, a FileNotFoundError, and the hub's
+    # DatasetNotFoundError for an unknown id, which derives from FileNotFoundError.
+    except OSError as e:
         offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
         raise ValueError(
             f"unknown dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face Hub "

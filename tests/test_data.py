@@ -326,6 +326,23 @@ def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):
         load_text_dataset("nobody/no-such-dataset-xyz")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [datasets.exceptions.DatasetNotFoundError("no such dataset"), FileNotFoundError("no data files"), OSError("reset")],
+    ids=["not-found", "no-files", "os-error"],
+)
+def test_what_the_hub_raises_online_for_an_unknown_dataset_is_the_same_clear_error(monkeypatch, error):
+    """Online, the hub answers a wrong id with DatasetNotFoundError (or a missing file, or a dropped
+    connection), not the offline ConnectionError; load_dataset stands in for it here."""
+
+    def load_dataset(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(ValueError, match=rf"^unknown dataset 'nobody/typo': .*\({type(error).__name__}\)"):
+        load_text_dataset("nobody/typo")
+
+
 def test_dataset_shorter_than_one_window():
     with pytest.raises(ValueError, match=r"the val split has 100 tokens, shorter than one window of n_ctx \+ 1 = 129"):
         TokenWindows(np.zeros(100, dtype=np.uint16), n_ctx=128, name="val")

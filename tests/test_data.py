@@ -275,10 +275,11 @@ def test_an_empty_hub_split_is_refused_as_empty(monkeypatch, streamed):
     def no_rows():
         yield from ()
 
+    features = datasets.Features(text=datasets.Value("string"))
     empty = (
-        datasets.IterableDataset.from_generator(no_rows, features=datasets.Features(text=datasets.Value("string")))
+        datasets.IterableDataset.from_generator(no_rows, features=features)
         if streamed
-        else datasets.Dataset.from_dict({"text": []}, features=datasets.Features(text=datasets.Value("string")))
+        else datasets.Dataset.from_dict({"text": []}, features=features)
     )
     monkeypatch.setattr(gpt2_small.data, "_load_hub", lambda *args, **kwargs: empty)
     with pytest.raises(ValueError, match=r"^dataset 'someone/empty' \(split 'train'\) is empty$"):

@@ -352,6 +352,9 @@ def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    # Were the stand-in not called, offline with an empty cache the real hub would raise, not download.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = Transformer.from_pretrained("gpt2")
     tokens = tokens_for(model.cfg)
     torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))

@@ -1007,6 +1007,31 @@ def test_patched_logits_takes_transformer_lens_compact_names(model, tokens, run)
         patched_logits(model, corrupted, clean_cache, "blocks.1.hook_resid_pre", head=0)
 
 
+def test_patched_logits_refuses_a_source_of_another_shape(model, tokens, run):
+    _, cache = run
+    message = r"cannot patch blocks.0.hook_resid_pre: source \(3, 10, 32\) vs this run \(3, 5, 32\)"
+    with pytest.raises(ValueError, match=message):
+        patched_logits(model, tokens[:, :5], cache, "blocks.0.hook_resid_pre", pos=1)
+
+
+def test_patching_leaves_the_source_cache_alone_when_a_later_hook_edits_in_place(model, tokens, run):
+    """Layer 0's patched output is layer 1's input; a hook there that ablates in place, as
+    TransformerLens users' hooks often do, must not write into the source cache."""
+    _, cache = run
+    before = cache["resid_post", 0].clone()
+
+    def ablate(activation, hook):
+        activation[:, 0] = 0.0
+        return activation
+
+    model.add_hook("blocks.1.hook_resid_pre", ablate)
+    try:
+        patched_logits(model, tokens, cache, "blocks.0.hook_resid_post")
+    finally:
+        model.reset_hooks()
+    torch.testing.assert_close(cache["resid_post", 0], before, rtol=0, atol=0)
+
+
 def test_patching_every_position_of_resid_pre_0_restores_the_clean_logits(model, tokens, run):
     clean_logits, clean_cache = run
     corrupted = tokens.clone()
@@ -1036,6 +1061,10 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
     assert by_pos[2, 9] > 0.1  # by the last layer the information has moved to the last position
     by_head = activation_patching(model, tokens, corrupted, restored_fraction, by="head", progress=False)
     assert by_head.shape == (3, 4) and by_head.abs().max() > 0.01
+    # The documented default hooks: resid_pre by position, z by head.
+    for by, hook, grid in (("position", "resid_pre", by_pos), ("head", "z", by_head)):
+        named = activation_patching(model, tokens, corrupted, restored_fraction, hook=hook, by=by, progress=False)
+        torch.testing.assert_close(named, grid, rtol=0, atol=0)
     with pytest.raises(ValueError, match="by='head' needs a hook with a head axis"):
         activation_patching(model, tokens, corrupted, restored_fraction, hook="mlp_out", by="head")
     with pytest.raises(ValueError, match="got 'resid_pre'"):  # an explicit hook is never swapped for another
@@ -1061,6 +1090,10 @@ def test_activation_patching_checks_its_arguments_before_the_clean_run(model, to
     try:
         with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
             activation_patching(model, tokens, tokens.tolist(), lambda logits: logits.sum())
+        with pytest.raises(TypeError, match="tokens must be a torch.Tensor of token ids, got list"):
+            activation_patching(model, tokens.tolist(), tokens, lambda logits: logits.sum())
+        with pytest.raises(ValueError, match="by must be 'position' or 'head', got 'layer'"):
+            activation_patching(model, tokens, tokens, lambda logits: logits.sum(), by="layer")
         with pytest.raises(TypeError, match="metric must be a function of the patched logits, got NoneType"):
             activation_patching(model, tokens, tokens, None)
         with pytest.raises(ValueError, match=r"token id 101 is outside \[0, d_vocab=101\)"):
@@ -1068,6 +1101,13 @@ def test_activation_patching_checks_its_arguments_before_the_clean_run(model, to
         assert clean_runs == []
     finally:
         model.reset_hooks()
+
+
+def test_activation_patching_shows_a_progress_bar_unless_told_not_to(model, tokens, capsys):
+    for progress in (True, False):
+        activation_patching(model, tokens, tokens, lambda logits: logits.sum(), by="head", progress=progress)
+        shown = capsys.readouterr().err
+        assert ("patching z by head" in shown) == progress, shown
 
 
 # --- induction heads -----------------------------------------------------------------------
@@ -1127,9 +1167,46 @@ def test_induction_score_finds_the_hand_built_induction_head_and_not_a_random_mo
     for seq_len in (0, 1):  # no second copy, or one whose "next token" is the query itself
         with pytest.raises(ValueError, match=f"seq_len must be an int >= 2, got {seq_len}"):
             induction_score(random_model, seq_len=seq_len)
-    for batch in (0, -2):  # before: "tokens has batch size 0" from the forward pass, and torch's RuntimeError
+    for batch in (0, -2, True):  # before: "tokens has batch size 0" from the forward pass, and torch's RuntimeError
         with pytest.raises(ValueError, match=f"batch must be an int >= 1, got {batch}"):
             induction_score(random_model, seq_len=4, batch=batch)
+
+
+@pytest.mark.parametrize("bos", [None, 0])
+def test_induction_score_is_the_mean_attention_to_the_token_after_the_earlier_copy(bos):
+    """Against a loop over the repeated half's queries, with and without a bos in front."""
+    model, seq_len = induction_circuit(), 6
+    scores = induction_score(model, seq_len=seq_len, batch=3, seed=2, bos=bos)
+    tokens = interp.repeated_tokens(model.cfg.d_vocab, seq_len, 3, seed=2, bos=bos)
+    _, cache = model.run_with_cache(tokens)
+    offset = 0 if bos is None else 1
+    for layer in range(2):
+        pattern = cache["pattern", layer]
+        queries = range(offset + seq_len, offset + 2 * seq_len)  # the second copy
+        expected = sum(pattern[:, :, q, q - seq_len + 1] for q in queries).mean(dim=0) / seq_len
+        torch.testing.assert_close(scores[layer], expected, rtol=1e-6, atol=1e-7)
+    assert scores[1, 0] > 0.9  # the induction head, a bos in front or not
+
+
+def test_induction_score_prepends_endoftext_only_when_the_vocabulary_has_it(monkeypatch):
+    seen = []
+
+    def recording(d_vocab, seq_len, batch, seed=0, bos=None):
+        seen.append(bos)
+        return interp_repeated_tokens(d_vocab, seq_len, batch, seed, bos)
+
+    interp_repeated_tokens = interp.repeated_tokens
+    monkeypatch.setattr(interp, "repeated_tokens", recording)
+    for d_vocab, bos in ((50257, 50256), (50256, None)):
+        cfg = TransformerConfig(d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=8, d_vocab=d_vocab, n_ctx=8)
+        model = Transformer(cfg).eval()
+        induction_score(model, seq_len=3, batch=1)
+        assert seen.pop() == bos
+        if bos is None:
+            assert induction_score(model, seq_len=4, batch=1).shape == (1, 2)  # 2 * 4 fills n_ctx=8
+        else:  # the bos takes one position of n_ctx
+            with pytest.raises(ValueError, match=r"2 \* seq_len \+ 1 = 9 exceeds n_ctx=8; pass seq_len <= 3"):
+                induction_score(model, seq_len=4, batch=1)
 
 
 def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():
@@ -1230,3 +1307,66 @@ def test_plots_name_labels_that_do_not_fit_the_values(run, tmp_path):
     assert not path.exists()
     interp.plot_logit_lens(torch.randn(3, 9), ["a", "b", "c"], labels, path=path)  # labels that fit
     assert path.stat().st_size > 1000
+
+
+def test_heatmaps_scale_label_and_annotate_as_documented(tmp_path):
+    """What each heatmap promises beyond writing a PNG: its colour scale, axis titles, tick labels
+    and annotations (checked on the Figure, as a picture cannot be compared here)."""
+    values = torch.tensor([[0.5, -2.0, 1.0], [0.25, 0.0, -0.5]])
+    image = interp.plot_patching(values).axes[0]
+    assert image.images[0].get_clim() == (-2.0, 2.0)  # symmetric about 0: red restores, blue hurts
+    assert (image.get_xlabel(), image.get_ylabel()) == ("position", "layer")
+    assert interp.plot_patching(torch.zeros(2, 3)).axes[0].images[0].get_clim() == (-1.0, 1.0)
+    by_head = interp.plot_patching(values, by="head").axes[0]
+    assert by_head.get_xlabel() == "head" and [t.get_text() for t in by_head.get_xticklabels()] == ["0", "1", "2"]
+    labelled = interp.plot_patching(values, token_labels=["a", "b", "c"]).axes[0]
+    assert labelled.get_xlabel() == "" and [t.get_text() for t in labelled.get_xticklabels()] == ["a", "b", "c"]
+    assert {t.get_rotation() for t in labelled.get_xticklabels()} == {90.0}
+
+    induction = interp.plot_induction_scores(torch.tensor([[0.05, 0.1], [0.2, 0.125]])).axes[0]
+    assert induction.images[0].get_clim() == (0.0, 1.0)  # a fraction of attention, whatever the data
+    assert [t.get_text() for t in induction.texts] == ["0.05", "0.10", "0.20", "0.12"]
+    assert (induction.get_xlabel(), induction.get_ylabel()) == ("head", "layer")
+    lens = interp.plot_logit_lens(-torch.rand(2, 3), ["0_pre", "final"]).axes[0]
+    assert [t.get_text() for t in lens.get_yticklabels()] == ["0_pre", "final"]
+    assert lens.images[0].get_clim()[1] < 0  # the data's own range: log-probs are negative
+
+    title = "a title much longer than the three columns under it would leave room for"
+    assert interp.plot_patching(values, title=title).get_size_inches()[0] >= 0.09 * len(title) + 1.0
+
+
+def test_attention_pattern_grid_has_an_axis_per_head_and_labels_short_prompts(run):
+    _, cache = run
+    pattern = cache["pattern", 0][0]  # [n_heads=4 10 10]
+    five = torch.cat([pattern, pattern[:1]])
+    fig = interp.plot_attention_patterns(five, [f"t{i}" for i in range(10)])
+    assert len(fig.axes) == 8  # 4 columns, 2 rows; the last 3 empty and hidden
+    assert [ax.axison for ax in fig.axes] == [True] * 5 + [False] * 3
+    assert [ax.get_title() for ax in fig.axes[:5]] == [f"head {h}" for h in range(5)]
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in fig.axes[:5])  # probabilities
+    uniform = interp.plot_attention_patterns(torch.full((1, 4, 4), 0.25))  # the same scale, not the data's
+    assert uniform.axes[0].images[0].get_clim() == (0.0, 1.0)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [f"t{i}" for i in range(10)]
+    two = interp.plot_attention_patterns(pattern[:2])
+    assert len(two.axes) == 2 and two.get_size_inches()[0] == pytest.approx(6.4)  # no empty columns
+    # Past 40 positions the token labels would overlap: axis titles instead.
+    long = torch.softmax(torch.randn(1, 41, 41), dim=-1)
+    ax = interp.plot_attention_patterns(long, [f"tok{i}" for i in range(41)]).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("key position", "query position")
+    assert not any(t.get_text().startswith("tok") for t in ax.get_xticklabels())
+
+
+def test_composition_plot_labels_heads_or_layers_and_scales_from_zero_to_the_maximum():
+    scores = torch.rand(2, 3, 2, 3) * 0.5
+    ax = interp.plot_composition_scores(scores, mode="V").axes[0]
+    labels = ["L0H0", "L0H1", "L0H2", "L1H0", "L1H1", "L1H2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels == [t.get_text() for t in ax.get_yticklabels()]
+    assert ax.images[0].get_clim() == (0.0, pytest.approx(float(scores.max())))
+    assert ax.get_title() == "V-composition scores" and "OV circuit" in ax.get_xlabel() and not ax.lines
+    assert "QK circuit" in interp.plot_composition_scores(scores, mode="Q").axes[0].get_xlabel()
+    assert interp.plot_composition_scores(torch.zeros(2, 3, 2, 3)).axes[0].images[0].get_clim() == (0.0, 1.0)
+    # 7 layers of 7 heads (49 > 48): one label per layer, at the middle of its block, and lines between blocks.
+    big = interp.plot_composition_scores(torch.rand(7, 7, 7, 7)).axes[0]
+    assert [t.get_text() for t in big.get_xticklabels()] == [f"L{layer}" for layer in range(7)]
+    assert list(big.get_xticks()) == [7 * layer + 3 for layer in range(7)]
+    assert len(big.lines) == 2 * 6

@@ -554,6 +554,47 @@ def test_kv_cache_reorder_selects_batch_items(sampling_pair):
     logits = model(torch.tensor([[7], [8], [9]]), kv_cache=cache)
     expected = model(torch.tensor([[5, 6, 7], [5, 6, 8], [1, 2, 9]]))[:, -1:]
     assert rel_error(logits, expected) <= REL_TOL
+    # One index would broadcast to every item in the copy; the cache keeps its batch size.
+    with pytest.raises(ValueError, match="reorder index has 1 entries; the cache holds 3 sequences"):
+        cache.reorder(torch.tensor([0]))
+
+
+def test_kv_cache_reset_forgets_that_an_earlier_prompt_was_padded(sampling_pair):
+    """Otherwise every later generation in the same cache pays for a key mask (and loses flash
+    attention) although none of its positions is padding."""
+    model = sampling_pair.model
+    cache = KVCache.for_model(model, batch=2, max_pos=8)
+    tokens, mask = pad_prompts([[1, 2, 3], [4, 5]])
+    with torch.no_grad():
+        model(tokens, attention_mask=mask, kv_cache=cache)
+        assert cache.padded
+        cache.reset()
+        assert not cache.padded
+        model(torch.tensor([[1, 2], [3, 4]]), kv_cache=cache)
+        assert not cache.padded
+
+
+def test_kv_cache_keeps_built_weights_only_while_autograd_is_off(sampling_pair):
+    """A weight built while autograd records carries that call's graph, which a backward frees and
+    a later step would then reach; with autograd off it is built once per cache."""
+    cache = KVCache.for_model(sampling_pair.model, batch=1, max_pos=4)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return (torch.ones(2, requires_grad=True) * 2,)
+
+    cache.weights(0, build)
+    cache.weights(0, build)
+    assert len(builds) == 2
+    with torch.no_grad():
+        first, again = cache.weights(0, build), cache.weights(0, build)
+    assert len(builds) == 3 and again[0] is first[0] and not first[0].requires_grad
+
+
+def test_forward_names_a_kv_cache_of_another_type(sampling_pair, without_shape_checks):
+    with pytest.raises(TypeError, match="kv_cache must be a KVCache, got dict"):
+        sampling_pair.model(torch.tensor([[1, 2]]), kv_cache={})
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
@@ -992,6 +1033,13 @@ def test_forward_rejects_bad_masks_and_caches(sampling_pair):
         model(torch.tensor([[4], [5]]), kv_cache=cache)
     with pytest.raises(ValueError, match=r"KVCache max_pos=129 must be in \[1, n_ctx=128\]"):
         KVCache.for_model(model, batch=1, max_pos=129)
-    other = Transformer(TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, n_ctx=16))
-    with pytest.raises(ValueError, match="another shape"):
-        model(tokens, kv_cache=KVCache.for_model(other, batch=1, max_pos=8))
+    with pytest.raises(ValueError, match=r"KVCache max_pos=0 must be in \[1, n_ctx=128\]"):
+        KVCache.for_model(model, batch=1, max_pos=0)
+    with pytest.raises(ValueError, match="KVCache batch=0 must be >= 1"):
+        KVCache.for_model(model, batch=0, max_pos=4)
+    for n_layers, n_heads, d_head in ((1, 4, 16), (2, 2, 16), (2, 4, 8)):  # this model's is (2, 4, 16)
+        cfg = TransformerConfig(
+            d_model=n_heads * d_head, n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_mlp=64, n_ctx=16
+        )
+        with pytest.raises(ValueError, match="another shape"):
+            model(tokens, kv_cache=KVCache.for_model(Transformer(cfg), batch=1, max_pos=8))

@@ -104,6 +104,28 @@ def save_hf_checkpoint(spec: Spec, directory: Path) -> GPT2LMHeadModel:
     return hf
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory) -> Path:
+    """Point the token cache and datasets' Arrow cache into the session's temp dir.
+
+    Left at their defaults, every run writes into ~/.cache: datasets keys its cache on each data
+    file's path, so each test's tmp_path and each clone of the repo leaves a new entry (22 MB
+    for the bundled corpus) that nothing ever removes. The variables reach demo subprocesses;
+    datasets.config is patched too because datasets derives its paths once, at import.
+    """
+    import datasets
+
+    root = tmp_path_factory.mktemp("caches")
+    downloads = root / "datasets" / datasets.config.DOWNLOADED_DATASETS_DIR
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPT2_SMALL_CACHE", str(root / "gpt2_small"))
+        mp.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets")
+        mp.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", downloads)
+        mp.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", downloads / datasets.config.EXTRACTED_DATASETS_DIR)
+        yield root
+
+
 @pytest.fixture(scope="session", params=SPECS, ids=[s.name for s in SPECS])
 def ref(request, tmp_path_factory) -> Reference:
     from transformer_lens.model_bridge import TransformerBridge

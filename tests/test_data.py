@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -37,6 +38,14 @@ def test_embedded_shakespeare_is_42_works(tmp_path):
     assert tokens.dtype == np.uint16
     assert int((tokens == EOT_ID).sum()) == 42 and tokens[-1] == EOT_ID
     assert 1_500_000 < len(tokens) < 1_650_000  # about 1.57M GPT-2 tokens
+
+
+def test_the_suite_writes_its_caches_under_its_temp_dir_not_home(private_caches, tmp_path):
+    # conftest's private_caches; without it every run leaves Arrow caches in ~/.cache/huggingface.
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Hello world"}])
+    arrow_files = [f["filename"] for f in load_text_dataset(str(path)).cache_files]
+    assert arrow_files and all(Path(f).is_relative_to(private_caches) for f in arrow_files), arrow_files
+    assert gpt2_small.data.default_cache_dir().is_relative_to(private_caches)
 
 
 def test_documents_are_separated_by_endoftext(tmp_path):

@@ -14,13 +14,17 @@ import torch
 from gpt2_small import Transformer, TransformerConfig, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 SMALL = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=50304)
+
+
+def offline_env() -> dict[str, str]:
+    # Built per call, not at import, so the demos inherit conftest's private cache directories.
+    return os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
 
 
 def run_demo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "demos" / "generate_demo.py"), *args]
-    return subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +132,7 @@ def test_generate_demo_falls_back_to_a_random_model_offline(tmp_path):
 
 def run_interp_demo(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "demos" / "interp_demo.py"), *args]
-    return subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=offline_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_interp_demo_writes_every_png_and_prints_the_top_induction_heads(train_run, tmp_path):
@@ -293,7 +297,7 @@ def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
     cmd = [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--device", "foo", "--out-dir", str(tmp_path / "out")]
     if demo == "generate_demo":
         cmd[-2:] = ["--run-dir", str(tmp_path)]  # it writes nothing; the flag keeps it off the repo's runs/
-    result = subprocess.run(cmd, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"{demo}: device 'foo' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
     assert not (tmp_path / "out").exists()  # refused before anything was written
@@ -302,7 +306,10 @@ def test_demos_refuse_an_unknown_device_in_one_line(demo, tmp_path):
 @pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
 def test_demo_help_states_each_options_default_once(demo):
     result = subprocess.run(
-        [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--help"], env=OFFLINE, capture_output=True, text=True
+        [sys.executable, str(REPO / "demos" / f"{demo}.py"), "--help"],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     # One block per option: its line in the usage listing and the wrapped help lines under it.

@@ -21,6 +21,14 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
+    # A fresh install takes about 1.7 GiB (torch is 0.75 of it); pip would otherwise stop midway
+    # with "OSError: [Errno 28] No space left on device" and leave a half-built environment.
+    venv_parent=$(dirname "$VENV")
+    free_kib=$(df -Pk "$venv_parent" 2>/dev/null | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kib" ] && [ "$free_kib" -lt $((2 * 1024 * 1024)) ]; then
+        echo "setup_env.sh: only $((free_kib / 1024)) MiB free in $venv_parent; $VENV needs about 2 GiB (free some space, or set VENV=/path/elsewhere)" >&2
+        exit 1
+    fi
     echo "==> creating $VENV with $("$PYTHON" --version 2>&1)"
     "$PYTHON" -m venv "$VENV"
 fi

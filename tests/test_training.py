@@ -34,6 +34,7 @@ from gpt2_small.training import (
     param_groups,
     pick_device,
     plot_loss_curve,
+    sample_text,
     unembed_lm_loss,
 )
 from solution import Transformer, TransformerConfig, Unembedding
@@ -177,8 +178,13 @@ def test_train_config_rejects_bad_values():
         TrainConfig(preset="huge")
     with pytest.raises(ValueError, match="min_lr <= lr"):
         TrainConfig(lr=1e-4, min_lr=1e-3)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
-        TrainConfig(batch_size=0)
+    # keep_checkpoints=0 would prune with [:-0], which keeps every checkpoint.
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "sample_tokens", "keep_checkpoints"):
+        with pytest.raises(ValueError, match=f"^{name} must be >= 1, got 0$"):
+            TrainConfig(**{name: 0})
+    for name in ("warmup_steps", "eval_interval", "sample_interval", "checkpoint_interval"):
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number >= 0, got -1$"):
+            TrainConfig(**{name: -1})
     with pytest.raises(ValueError, match="dtype must be"):
         TrainConfig(dtype="float16")
     with pytest.raises(ValueError, match="grad_clip must be a finite number >= 0, got -1.0"):
@@ -231,11 +237,49 @@ def test_pick_device_takes_a_named_device_and_refuses_what_is_not_there(monkeypa
         pick_device("cuda:2")
 
 
+def test_each_update_uses_the_scheduled_learning_rate(tmp_path, shakespeare_slice):
+    """The optimizer's own lr, not only the lr the metrics row reports."""
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    used, real_step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        used.append([group["lr"] for group in trainer.optimizer.param_groups])
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    rows = [trainer.train_step() for _ in range(8)]
+    scheduled = [lr_at(step, trainer.cfg, trainer.max_steps) for step in range(8)]
+    assert scheduled[0] == trainer.cfg.lr / 2 and scheduled[-1] < scheduled[2] / 5  # warmup, then cosine decay
+    assert [row["lr"] for row in rows] == scheduled
+    assert used == [[lr, lr] for lr in scheduled]  # both groups: with and without weight decay
+
+
+def test_epochs_set_the_step_budget_in_place_of_max_steps_rounding_up(tmp_path, shakespeare_slice):
+    # 20,000 tokens make 1,249 windows of 16, so 312 whole batches of 4.
+    assert len(shakespeare_slice.loader("train", n_ctx=MICRO.n_ctx, batch_size=4, seed=0)) == 312
+    for epochs, grad_accum, steps_per_epoch, max_steps in [
+        (1.0, 1, 312, 312),
+        (0.01, 1, 312, 4),  # 3.12 steps: the part step is trained, not dropped
+        (2.0, 5, 62, 124),  # 312 batches make 62 steps of 5
+    ]:
+        cfg = micro_config(tmp_path, epochs=epochs, grad_accum=grad_accum, max_steps=1)
+        trainer = Trainer(cfg, data=shakespeare_slice)
+        assert (trainer.steps_per_epoch, trainer.max_steps) == (steps_per_epoch, max_steps), (epochs, grad_accum)
+
+
 def test_samples_longer_than_the_context_are_refused_up_front(tmp_path, shakespeare_slice):
     # MICRO has n_ctx 16; "ROMEO:" is 4 tokens with <|endoftext|> in front.
     with pytest.raises(ValueError, match=r"sample_prompt \(4 tokens .*\) \+ sample_tokens=13 exceed .* n_ctx=16"):
         Trainer(micro_config(tmp_path, sample_tokens=13), data=shakespeare_slice)
     Trainer(micro_config(tmp_path, sample_tokens=12), data=shakespeare_slice)  # exactly fits
+
+
+@pytest.mark.parametrize("training_mode", [True, False])
+def test_sample_text_continues_the_prompt_and_leaves_the_model_in_its_mode(training_mode):
+    model = Transformer(MICRO).train(training_mode)
+    text = sample_text(model, "ROMEO:", 5, seed=0)
+    assert text.startswith("ROMEO:")  # the <|endoftext|> in front of the prompt is not part of it
+    assert model.training is training_mode
 
 
 def test_lm_loss_is_uniform_cross_entropy_for_flat_logits():
@@ -442,6 +486,68 @@ def test_loss_curve_png_has_the_expected_size(tmp_path):
 
     with Image.open(tmp_path / "curve.png") as image:
         assert image.size == (880, 550)  # 8 x 5 inches at 110 dpi
+
+
+@pytest.mark.parametrize(("checkpoint_interval", "steps"), [(0, [4, 8]), (3, [3, 6, 8])])
+def test_checkpoints_come_every_checkpoint_interval_steps_else_at_each_evaluation_and_at_the_end(
+    checkpoint_interval, steps, tmp_path, shakespeare_slice
+):
+    cfg = micro_config(tmp_path, eval_interval=4, checkpoint_interval=checkpoint_interval, keep_checkpoints=5)
+    Trainer(cfg, data=shakespeare_slice).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [f"step-{s:07d}" for s in steps]
+
+
+def test_a_checkpoint_from_before_evaluated_at_and_sampled_at_were_kept_resumes_with_both_done(
+    tmp_path, shakespeare_slice
+):
+    cfg = micro_config(tmp_path, sample_interval=4)  # step 4 evaluates and samples
+    Trainer(cfg, data=shakespeare_slice).run(stop_at=4)
+    state_file = latest_checkpoint(tmp_path) / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["evaluated_at"], state["sampled_at"]
+    torch.save(state, state_file)
+    samples = (tmp_path / "samples.txt").read_text()
+    resumed = Trainer(cfg, data=shakespeare_slice, resume=True)
+    assert (resumed.step, resumed.evaluated_at, resumed.sampled_at) == (4, 4, 4)
+    resumed.run(stop_at=5)
+    assert (tmp_path / "samples.txt").read_text() == samples  # step 4's sample is not printed again
+    assert [r["step"] for r in resumed.rows if "val_loss" in r] == [4]  # nor its evaluation run again
+
+
+def test_only_rank_0_writes_checkpoints(tmp_path, shakespeare_slice):
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    trainer.train_step()
+    trainer.dist = training.DistInfo(rank=1, world_size=2)
+    assert trainer.save_checkpoint() is None
+    assert not (tmp_path / "checkpoints").exists()
+    trainer.dist = training.DistInfo()
+    assert trainer.save_checkpoint() == tmp_path / "checkpoints" / "step-0000001"
+
+
+def test_loss_curve_draws_raw_and_smoothed_train_loss_validation_and_the_unigram_baseline(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    rows = [{"step": 0, "tokens": 0, "unigram_val_loss": 7.0}]
+    rows += [{"step": s, "tokens": 64 * s, "loss": float(10 + s % 2 - 0.1 * s)} for s in range(1, 6)]
+    rows += [{"step": 4, "tokens": 256, "val_loss": 9.0}]
+    plot_loss_curve(rows, tmp_path / "curve.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["train (EMA 0.9)", "train (per step)", "unigram baseline (7.00)", "validation"]
+    train = [r["loss"] for r in rows if "loss" in r]
+    assert list(lines["train (per step)"].get_xdata()) == [64, 128, 192, 256, 320]
+    assert list(lines["train (per step)"].get_ydata()) == train
+    ema, expected = train[0], []
+    for value in train:
+        ema = 0.9 * ema + 0.1 * value
+        expected.append(ema)
+    torch.testing.assert_close(list(lines["train (EMA 0.9)"].get_ydata()), expected, rtol=1e-12, atol=0)
+    assert (list(lines["validation"].get_xdata()), list(lines["validation"].get_ydata())) == ([256], [9.0])
+    assert list(lines["unigram baseline (7.00)"].get_ydata()) == [7.0, 7.0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
@@ -705,6 +811,29 @@ def test_resume_names_a_damaged_trainer_state(tmp_path, shakespeare_slice):
     assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 2  # as the message says
 
 
+def test_without_a_latest_pointer_the_newest_complete_checkpoint_is_taken(tmp_path):
+    root = tmp_path / "checkpoints"
+    # Seven, made out of order: a directory lists them in an order of its own (sorting is tested).
+    for step in (3, 10, 2, 7, 5, 12, 9):
+        (root / f"step-{step:07d}").mkdir(parents=True)
+        if step != 12:  # the newest was cut off before its trainer state was written
+            (root / f"step-{step:07d}" / training.TRAINER_STATE).write_bytes(b"")
+    assert latest_checkpoint(tmp_path) == root / "step-0000010"
+    (root / "latest").write_text("step-0000003\n")
+    assert latest_checkpoint(tmp_path) == root / "step-0000003"  # a pointer, when there is one, decides
+
+
+def test_a_train_config_without_fields_added_since_resumes_without_warnings(tmp_path, shakespeare_slice, caplog):
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=4)
+    config_file = latest_checkpoint(tmp_path) / training.TRAIN_CONFIG
+    saved = json.loads(config_file.read_text())
+    del saved["fused_loss"], saved["checkpoint_interval"]
+    config_file.write_text(json.dumps(saved))
+    caplog.set_level("WARNING", logger="gpt2_small.training")
+    assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 4
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path, shakespeare_slice):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
@@ -896,6 +1025,26 @@ def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
     assert losses(resumed) == losses(whole)
+
+
+def test_ctrl_c_outside_the_update_interrupts_at_once(tmp_path, shakespeare_slice):
+    """Only the update itself holds a Ctrl-C: one in the forward pass stops the step it is in."""
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    real_loss = trainer.loss_fn
+    calls = []
+
+    def ctrl_c_then_loss(*args, **kwargs):
+        calls.append(trainer.step)
+        if trainer.step == 5:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    trainer.loss_fn = ctrl_c_then_loss
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert calls == [0, 1, 2, 3, 4, 5]  # step 6's forward pass (at step count 5) stopped
+    assert trainer.step == 5
+    assert latest_checkpoint(tmp_path).name == "step-0000005"
 
 
 def run_with_evaluation_interrupted(trainer: Trainer, step: int) -> None:
@@ -1114,6 +1263,7 @@ def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embe
     loss = trainer.forward_backward([(inputs[rows], targets[rows])])
     grads = {n: p.grad for n, p in trainer.model.named_parameters()}
     grads["loss over ranks"] = trainer.dist.mean_over_ranks(loss)  # what the step logs
+    grads["own loss"] = loss  # which mean_over_ranks must leave as it was: its all_reduce works in place
     grads["val loss"] = torch.tensor(trainer.evaluate())
     torch.save(grads, Path(out_dir) / f"grads-{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -1180,6 +1330,10 @@ def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tie_embeddings,
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
         torch.testing.assert_close(grads.pop("loss over ranks"), loss, rtol=1e-6, atol=0, msg=f"rank {rank} loss")
+        rows = slice(rank * 2, rank * 2 + 2)
+        with torch.no_grad():
+            own = lm_loss(single.model(inputs[rows]), targets[rows])
+        torch.testing.assert_close(grads.pop("own loss"), own, rtol=1e-5, atol=0, msg=f"rank {rank} own loss")
         torch.testing.assert_close(
             grads.pop("val loss"), torch.stack(shard_losses).mean(), rtol=1e-6, atol=0, msg=f"rank {rank} val loss"
         )

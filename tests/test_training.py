@@ -488,42 +488,6 @@ def test_loss_curve_png_has_the_expected_size(tmp_path):
         assert image.size == (880, 550)  # 8 x 5 inches at 110 dpi
 
 
-@pytest.mark.parametrize(("checkpoint_interval", "steps"), [(0, [4, 8]), (3, [3, 6, 8])])
-def test_checkpoints_come_every_checkpoint_interval_steps_else_at_each_evaluation_and_at_the_end(
-    checkpoint_interval, steps, tmp_path, shakespeare_slice
-):
-    cfg = micro_config(tmp_path, eval_interval=4, checkpoint_interval=checkpoint_interval, keep_checkpoints=5)
-    Trainer(cfg, data=shakespeare_slice).run()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [f"step-{s:07d}" for s in steps]
-
-
-def test_a_checkpoint_from_before_evaluated_at_and_sampled_at_were_kept_resumes_with_both_done(
-    tmp_path, shakespeare_slice
-):
-    cfg = micro_config(tmp_path, sample_interval=4)  # step 4 evaluates and samples
-    Trainer(cfg, data=shakespeare_slice).run(stop_at=4)
-    state_file = latest_checkpoint(tmp_path) / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=True)
-    del state["evaluated_at"], state["sampled_at"]
-    torch.save(state, state_file)
-    samples = (tmp_path / "samples.txt").read_text()
-    resumed = Trainer(cfg, data=shakespeare_slice, resume=True)
-    assert (resumed.step, resumed.evaluated_at, resumed.sampled_at) == (4, 4, 4)
-    resumed.run(stop_at=5)
-    assert (tmp_path / "samples.txt").read_text() == samples  # step 4's sample is not printed again
-    assert [r["step"] for r in resumed.rows if "val_loss" in r] == [4]  # nor its evaluation run again
-
-
-def test_only_rank_0_writes_checkpoints(tmp_path, shakespeare_slice):
-    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
-    trainer.train_step()
-    trainer.dist = training.DistInfo(rank=1, world_size=2)
-    assert trainer.save_checkpoint() is None
-    assert not (tmp_path / "checkpoints").exists()
-    trainer.dist = training.DistInfo()
-    assert trainer.save_checkpoint() == tmp_path / "checkpoints" / "step-0000001"
-
-
 def test_loss_curve_draws_raw_and_smoothed_train_loss_validation_and_the_unigram_baseline(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
@@ -551,6 +515,25 @@ def test_loss_curve_draws_raw_and_smoothed_train_loss_validation_and_the_unigram
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("checkpoint_interval", "steps"), [(0, [4, 8]), (3, [3, 6, 8])])
+def test_checkpoints_come_every_checkpoint_interval_steps_else_at_each_evaluation_and_at_the_end(
+    checkpoint_interval, steps, tmp_path, shakespeare_slice
+):
+    cfg = micro_config(tmp_path, eval_interval=4, checkpoint_interval=checkpoint_interval, keep_checkpoints=5)
+    Trainer(cfg, data=shakespeare_slice).run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [f"step-{s:07d}" for s in steps]
+
+
+def test_only_rank_0_writes_checkpoints(tmp_path, shakespeare_slice):
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    trainer.train_step()
+    trainer.dist = training.DistInfo(rank=1, world_size=2)
+    assert trainer.save_checkpoint() is None
+    assert not (tmp_path / "checkpoints").exists()
+    trainer.dist = training.DistInfo()
+    assert trainer.save_checkpoint() == tmp_path / "checkpoints" / "step-0000001"
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
@@ -832,6 +815,23 @@ def test_a_train_config_without_fields_added_since_resumes_without_warnings(tmp_
     caplog.set_level("WARNING", logger="gpt2_small.training")
     assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 4
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_a_checkpoint_from_before_evaluated_at_and_sampled_at_were_kept_resumes_with_both_done(
+    tmp_path, shakespeare_slice
+):
+    cfg = micro_config(tmp_path, sample_interval=4)  # step 4 evaluates and samples
+    Trainer(cfg, data=shakespeare_slice).run(stop_at=4)
+    state_file = latest_checkpoint(tmp_path) / training.TRAINER_STATE
+    state = torch.load(state_file, weights_only=True)
+    del state["evaluated_at"], state["sampled_at"]
+    torch.save(state, state_file)
+    samples = (tmp_path / "samples.txt").read_text()
+    resumed = Trainer(cfg, data=shakespeare_slice, resume=True)
+    assert (resumed.step, resumed.evaluated_at, resumed.sampled_at) == (4, 4, 4)
+    resumed.run(stop_at=5)
+    assert (tmp_path / "samples.txt").read_text() == samples  # step 4's sample is not printed again
+    assert [r["step"] for r in resumed.rows if "val_loss" in r] == [4]  # nor its evaluation run again
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path, shakespeare_slice):
@@ -1330,7 +1330,8 @@ def test_ddp_gloo_gradients_equal_one_process_on_the_whole_batch(tie_embeddings,
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads-{rank}.pt", weights_only=True)
         torch.testing.assert_close(grads.pop("loss over ranks"), loss, rtol=1e-6, atol=0, msg=f"rank {rank} loss")
-        rows = slice(rank * 2, rank * 2 + 2)
+        half = len(inputs) // 2  # the worker's shard
+        rows = slice(rank * half, (rank + 1) * half)
         with torch.no_grad():
             own = lm_loss(single.model(inputs[rows]), targets[rows])
         torch.testing.assert_close(grads.pop("own loss"), own, rtol=1e-5, atol=0, msg=f"rank {rank} own loss")

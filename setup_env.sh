@@ -21,7 +21,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-    # A fresh install takes about 1.7 GiB (torch is 0.75 of it); pip would otherwise stop midway
+    # A fresh install takes about 1.7 GiB, 0.75 GiB of it torch; pip would otherwise stop midway
     # with "OSError: [Errno 28] No space left on device" and leave a half-built environment.
     venv_parent=$(dirname "$VENV")
     free_kib=$(df -Pk "$venv_parent" 2>/dev/null | awk 'NR == 2 {print $4}')

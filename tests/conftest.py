@@ -116,11 +116,12 @@ def private_caches(tmp_path_factory) -> Path:
     import datasets
 
     root = tmp_path_factory.mktemp("caches")
-    downloads = root / "datasets" / datasets.config.DOWNLOADED_DATASETS_DIR
+    arrow = root / "datasets"
+    downloads = arrow / datasets.config.DOWNLOADED_DATASETS_DIR
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPT2_SMALL_CACHE", str(root / "gpt2_small"))
-        mp.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "datasets")
+        mp.setenv("HF_DATASETS_CACHE", str(arrow))
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", arrow)
         mp.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", downloads)
         mp.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", downloads / datasets.config.EXTRACTED_DATASETS_DIR)
         yield root

@@ -253,8 +253,10 @@ class KVCache:
     ) -> tuple[Float[Tensor, "batch key_pos n_heads d_head"], Float[Tensor, "batch key_pos n_heads d_head"]]:
         """Store layer `layer`'s keys and values for the new positions; return those of all key slots."""
         if self.static:
-            self.k[layer].index_copy_(1, self.slots, k)
-            self.v[layer].index_copy_(1, self.slots, v)
+            # Cast as the dynamic layout's slice assignment casts: under autocast k and v come in
+            # bf16, and index_copy_ refuses a dtype other than the cache's.
+            self.k[layer].index_copy_(1, self.slots, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(1, self.slots, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = self.length + k.shape[1]
         self.k[layer][:, self.length : end] = k

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_small import beam_search, generate, pad_prompts
+from gpt2_small import KVCache, beam_search, generate, pad_prompts
 from gpt2_small.data import TokenData
 from gpt2_small.training import PRESETS, TrainConfig, Trainer, embeddings_tied, lm_loss, unembed_lm_loss
 from solution import TransformerConfig, Unembedding
@@ -73,6 +73,23 @@ def test_bfloat16_cuda_graph_greedy_equals_bfloat16_eager(cuda_model):
     eager = generate(model, tokens, 64, temperature=0, stop_at_eos=False, cuda_graph=False)
     # Same kernels on the same static cache shapes: bitwise the same logits, so the same tokens.
     assert torch.equal(graphed, eager)
+
+
+def test_graphed_generation_runs_under_bf16_autocast(cuda_model):
+    """The float32 model under bf16 autocast: the graph's static cache takes the bf16 keys and
+    values (before, its index_copy_ refused them at the first step), and its logits are the
+    dynamic cache's to bf16 rounding (the attention spans all slots there, the filled ones here)."""
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = generate(cuda_model, tokens, 32, temperature=0, attention_mask=mask, stop_at_eos=False)
+        logits = {}
+        for static in (False, True):
+            cache = KVCache.for_model(cuda_model, batch=2, max_pos=tokens.shape[1] + 1, static=static)
+            with torch.no_grad():
+                cuda_model(tokens, attention_mask=mask, kv_cache=cache)
+                logits[static] = cuda_model(graphed[:, tokens.shape[1], None], kv_cache=cache)[:, -1]
+    assert graphed.shape == (2, tokens.shape[1] + 32) and bool((graphed < 50257).all())
+    torch.testing.assert_close(logits[True], logits[False], rtol=2e-2, atol=2e-2)
 
 
 def test_compiled_cuda_graph_decoding_equals_eager(cuda_model, without_shape_checks):

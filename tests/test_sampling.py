@@ -297,6 +297,26 @@ def test_kv_cache_extended_by_several_positions_at_once_equals_the_full_run(samp
     torch.testing.assert_close(torch.cat(chunks, dim=1)[real], full[real], rtol=1e-5, atol=1e-5)
 
 
+def test_a_static_cache_under_bf16_autocast_gives_the_dynamic_caches_logits(sampling_pair):
+    """Under autocast the keys and values arrive in bf16 and both layouts store them in the cache's
+    float32. Before: the static cache's index_copy_ refused them, so on CUDA, where generation
+    decodes on a static cache by default, any generate() under bf16 autocast failed at its first step."""
+    tokens, mask = pad_prompts([[3, 14, 15, 92, 65, 35], [89, 79]])
+
+    def decode(static: bool, autocast: bool) -> torch.Tensor:
+        cache = KVCache.for_model(sampling_pair.model, batch=2, max_pos=12, static=static)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = [sampling_pair.model(tokens, attention_mask=mask, kv_cache=cache)[:, -1]]
+            for _ in range(5):
+                logits.append(sampling_pair.model(logits[-1].argmax(-1, keepdim=True), kv_cache=cache)[:, -1])
+        assert cache.k[0].dtype == torch.float32
+        return torch.stack(logits)
+
+    static = decode(static=True, autocast=True)
+    torch.testing.assert_close(static, decode(static=False, autocast=True), rtol=1e-5, atol=1e-5)
+    assert (static - decode(static=True, autocast=False)).abs().max() > 1e-3  # autocast was on
+
+
 def test_static_kv_cache_attends_over_every_slot_with_the_unfilled_ones_masked(sampling_pair):
     model = sampling_pair.model
     cache = KVCache.for_model(model, batch=1, max_pos=7, static=True)

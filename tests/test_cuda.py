@@ -56,7 +56,7 @@ def test_cuda_graph_beam_search_equals_eager(cuda_model, padded):
     torch.testing.assert_close(graphed.scores, eager.scores)
 
 
-def test_cuda_graph_refuses_hooks_and_the_default_runs_them_eagerly(cuda_model):
+def test_cuda_graph_refuses_hooks_and_no_cache_and_the_default_runs_hooks_eagerly(cuda_model):
     tokens = torch.tensor([[10, 20, 30]], device="cuda")
     calls = []
     with cuda_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: calls.append(x.shape[1]))]):
@@ -64,6 +64,8 @@ def test_cuda_graph_refuses_hooks_and_the_default_runs_them_eagerly(cuda_model):
             generate(cuda_model, tokens, 5, temperature=0, cuda_graph=True)
         generate(cuda_model, tokens, 5, temperature=0)  # cuda_graph=None: eager, since a hook is attached
     assert calls == [3, 1, 1, 1, 1]  # the prompt, then every step's one position
+    with pytest.raises(ValueError, match=r"cuda_graph=True needs use_kv_cache=True"):
+        generate(cuda_model, tokens, 5, temperature=0, cuda_graph=True, use_kv_cache=False)
 
 
 def test_bfloat16_cuda_graph_greedy_equals_bfloat16_eager(cuda_model):

@@ -32,7 +32,7 @@ from gpt2_small import (
     stream_text,
     to_tokens,
 )
-from gpt2_small.sampling import banned_ngram_tokens, process_logits, sample_next_token
+from gpt2_small.sampling import banned_ngram_tokens, mask_padding_ids, process_logits, sample_next_token
 
 REL_TOL = 1e-5
 
@@ -69,6 +69,13 @@ def test_greedy_stops_at_eos_and_pads_like_hf(small_vocab_pair):
     for row in ours[finished, 5:]:
         first = int((row == pair.eos).nonzero()[0])
         assert (row[first:] == pair.eos).all()  # padded with eos after finishing
+    # When every row finishes, generation ends at the last row's eos, as HF's does.
+    done = tokens[finished]
+    ours = generate(pair.model, done, 40, temperature=0, eos_token_id=pair.eos)
+    assert torch.equal(ours, hf_generate(pair.hf, done, max_new_tokens=40))
+    last = max(int((row == pair.eos).nonzero()[0]) for row in ours[:, 5:])
+    assert ours.shape[1] == 5 + last + 1 < 5 + 40
+    assert len(list(stream(pair.model, done, 40, temperature=0, eos_token_id=pair.eos))) == last + 1
 
 
 def test_left_padded_batch_equals_hf_and_each_prompt_alone(sampling_pair):
@@ -429,7 +436,8 @@ def test_a_fast_generation_reuses_the_kept_cache_and_step_and_follows_weight_edi
 ):
     """A second fast (here compiled) generation of the same shape reuses the first one's static
     cache and decoding step, and gives the eager tokens, also after an in-place weight edit; a new
-    shape replaces the kept state; release_decoding_state and deleting the model free it."""
+    shape or moved parameters replace the kept state; release_decoding_state and deleting the
+    model free it."""
     from gpt2_small.sampling import _KEPT
 
     model, eos = copy.deepcopy(small_vocab_pair.model), small_vocab_pair.eos
@@ -460,10 +468,25 @@ def test_a_fast_generation_reuses_the_kept_cache_and_step_and_follows_weight_edi
 
     generate(model, tokens, 19, compile=True, **kwargs)  # another max_pos: a new state replaces it
     assert _KEPT[model] is not kept and _KEPT[model].cache.max_pos == 4 + 19
+    kept = _KEPT[model]
+    one_row = generate(model, tokens[:1], 19, compile=True, **{**kwargs, "attention_mask": mask[:1]})
+    assert _KEPT[model] is not kept and _KEPT[model].cache.batch == 1  # another batch size, likewise
+    assert torch.equal(one_row, generate(model, tokens[:1], 19, **{**kwargs, "attention_mask": mask[:1]}))
+    kept = _KEPT[model]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast, likewise: a graph would bake it in
+        fast = generate(model, tokens[:1], 19, compile=True, **{**kwargs, "attention_mask": mask[:1]})
+        assert torch.equal(fast, generate(model, tokens[:1], 19, **{**kwargs, "attention_mask": mask[:1]}))
+    assert _KEPT[model] is not kept and _KEPT[model].cache.batch == 1
     assert gpt2_small.release_decoding_state(model) and model not in _KEPT
     assert not gpt2_small.release_decoding_state(model)
 
     generate(model, tokens, 20, compile=True, **kwargs)
+    # Parameters that moved (loaded with assign=True, as from a file) make a new state of the same
+    # shape: a CUDA graph captured on the old storage would go on reading it.
+    kept = _KEPT[model]
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    assert torch.equal(generate(model, tokens, 20, compile=True, **kwargs), edited)
+    assert _KEPT[model] is not kept and _KEPT[model].cache.max_pos == kept.cache.max_pos
     alive, kept_states = weakref.ref(model), len(_KEPT)
     del model
     gc.collect()
@@ -474,6 +497,8 @@ def test_a_fast_generation_reuses_the_kept_cache_and_step_and_follows_weight_edi
 def test_interleaved_fast_streams_of_one_shape_do_not_share_a_cache(small_vocab_pair, without_shape_checks):
     """Two streams of one model and shape, advanced in turn: the second finds the kept state busy
     and decodes with one of its own, so each gives what it gives alone."""
+    from gpt2_small.sampling import _KEPT
+
     model, eos = small_vocab_pair.model, small_vocab_pair.eos
     a, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
     b = torch.tensor([[11, 12, 13, 14], [15, 16, 17, 18]])
@@ -481,9 +506,11 @@ def test_interleaved_fast_streams_of_one_shape_do_not_share_a_cache(small_vocab_
     alone_a = generate(model, a, 20, attention_mask=mask, **kwargs)[:, 4:]
     alone_b = generate(model, b, 20, **kwargs)[:, 4:]
     assert not torch.equal(alone_a, alone_b)
+    kept = _KEPT[model]
     pairs = list(zip(stream(model, a, 20, attention_mask=mask, **kwargs), stream(model, b, 20, **kwargs), strict=True))
     assert torch.equal(torch.stack([x for x, _ in pairs], dim=1), alone_a)
     assert torch.equal(torch.stack([y for _, y in pairs], dim=1), alone_b)
+    assert _KEPT[model] is kept  # the second stream's own state did not evict the kept one
 
 
 def test_compiled_decoding_step_writes_the_cache_in_place(without_shape_checks):
@@ -812,11 +839,27 @@ def test_padded_vocabulary_ids_are_never_sampled():
     model = Transformer(
         TransformerConfig(d_model=32, n_layers=1, n_heads=2, d_head=16, d_mlp=64, d_vocab=50304, n_ctx=32)
     )
-    with torch.no_grad():
-        model.unembed.b_U[50300] = 1e4  # the padding id would win every draw if it were allowed
-    out = generate(model, torch.tensor([[1, 2]]), 20, temperature=1.0, seed=0)
-    assert (out < 50257).all()
-    assert model(torch.tensor([[1, 2]]))[0, -1].argmax() == 50300
+    for padding_id in (50257, 50303):  # the first and the last
+        with torch.no_grad():
+            model.unembed.b_U.zero_()
+            model.unembed.b_U[padding_id] = 1e4  # it would win every draw if it were allowed
+        out = generate(model, torch.tensor([[1, 2]]), 20, temperature=1.0, seed=0)
+        assert (out < 50257).all()
+        assert (beam_search(model, torch.tensor([[1, 2]]), 3, 6).tokens < 50257).all()
+        assert model(torch.tensor([[1, 2]]))[0, -1].argmax() == padding_id
+    masked = mask_padding_ids(torch.zeros(2, 50304))
+    assert torch.equal(torch.isinf(masked), (torch.arange(50304) >= 50257).expand(2, -1))
+    assert torch.equal(mask_padding_ids(torch.ones(2, 50257)), torch.ones(2, 50257))
+
+
+def test_logits_are_processed_in_float32():
+    """A bf16 model's logits are upcast first: divided by the temperature in bf16 (8 bits of
+    mantissa) they would round, and top-p would sum rounded probabilities."""
+    low = (3 * torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))).bfloat16()
+    for settings in (SamplingSettings(temperature=0.7, top_p=0.9), SamplingSettings(temperature=0)):
+        processed = process_logits(low, settings)
+        assert processed.dtype == torch.float32
+        assert torch.equal(processed, process_logits(low.float(), settings))
 
 
 def test_same_seed_same_output_other_seed_differs(sampling_pair):
@@ -939,6 +982,8 @@ def test_max_new_tokens_zero_returns_the_prompt(sampling_pair):
     [
         (dict(temperature=-0.1), r"temperature must be .* got -0\.1"),
         (dict(temperature=math.nan), "temperature"),
+        (dict(temperature=math.inf), r"temperature must be a finite number >= 0 \(0 = greedy\), got inf"),
+        (dict(temperature=True), r"temperature must be .* got True"),
         (dict(top_k=0), r"top_k must be an int in \[1, d_vocab=50257\].*got 0"),
         (dict(top_k=50258), r"got 50258"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\].*got 0\.0"),
@@ -946,6 +991,7 @@ def test_max_new_tokens_zero_returns_the_prompt(sampling_pair):
         (dict(top_p=True), r"top_p must be in \(0, 1\].*got True"),
         (dict(top_k=True), r"top_k must be an int.*got True"),
         (dict(freq_penalty=math.inf), "freq_penalty"),
+        (dict(presence_penalty=-math.inf), r"presence_penalty must be a finite number, got -inf"),
     ],
 )
 def test_invalid_sampling_settings_raise(sampling_pair, kwargs, match):
@@ -953,11 +999,24 @@ def test_invalid_sampling_settings_raise(sampling_pair, kwargs, match):
         generate(sampling_pair.model, torch.tensor([[1, 2]]), 5, **kwargs)
 
 
+def test_the_ends_of_each_allowed_range_are_accepted(sampling_pair):
+    """top_k = d_vocab and top_p = 1 keep every token, so they draw what no filter draws; a prompt
+    plus max_new_tokens of exactly n_ctx fits."""
+    model, tokens = sampling_pair.model, torch.tensor([[464, 3290]])
+    plain = generate(model, tokens, 8, seed=1)
+    assert torch.equal(generate(model, tokens, 8, seed=1, top_k=model.cfg.d_vocab), plain)
+    assert torch.equal(generate(model, tokens, 8, seed=1, top_p=1), plain)
+    assert torch.equal(generate(model, tokens, 8, seed=1, top_p=1.0, temperature=1), plain)
+    prompt = torch.ones(1, 100, dtype=torch.long)
+    full = generate(model, prompt, model.cfg.n_ctx - 100, temperature=0, stop_at_eos=False)
+    assert full.shape == (1, model.cfg.n_ctx)
+
+
 def test_a_negative_eos_id_is_refused(sampling_pair, small_vocab_pair, without_shape_checks):
     """Before: accepted, and no row could ever stop at it. (Without jaxtyping, as in a user's code,
     our check also answers for the float.)"""
     model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
-    for eos, shown in ((-1, "-1"), (2.0, "2.0")):
+    for eos, shown in ((-1, "-1"), (2.0, "2.0"), (True, "True")):
         message = rf"^eos_token_id must be a token id, an int >= 0, got {shown}$"
         with pytest.raises(ValueError, match=message):
             generate(model, tokens, 3, eos_token_id=eos)
@@ -988,8 +1047,9 @@ def test_pad_prompts_refuses_ids_that_are_not_ints(without_shape_checks):
 
 def test_invalid_requests_raise(sampling_pair):
     model = sampling_pair.model
-    with pytest.raises(ValueError, match=r"max_new_tokens must be an int >= 0, got -1"):
-        generate(model, torch.tensor([[1, 2]]), -1)
+    for max_new_tokens in (-1, True):
+        with pytest.raises(ValueError, match=rf"^max_new_tokens must be an int >= 0, got {max_new_tokens}$"):
+            generate(model, torch.tensor([[1, 2]]), max_new_tokens)
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="prompt is empty"):
@@ -998,8 +1058,16 @@ def test_invalid_requests_raise(sampling_pair):
         generate(model, torch.ones(1, 100, dtype=torch.long), 29)
     with pytest.raises(ValueError, match="pad prompts on the left"):
         generate(model, torch.tensor([[1, 2, 3]]), 5, attention_mask=torch.tensor([[1, 1, 0]]))
-    with pytest.raises(ValueError, match=r"num_beams must be an int >= 1, got 0"):
-        beam_search(model, torch.tensor([[1, 2]]), 0, 5)
+    for num_beams in (0, True):
+        with pytest.raises(ValueError, match=rf"^num_beams must be an int >= 1, got {num_beams}$"):
+            beam_search(model, torch.tensor([[1, 2]]), num_beams, 5)
+    for size in (-1, True):
+        with pytest.raises(ValueError, match=rf"^no_repeat_ngram_size must be an int >= 0, got {size}$"):
+            beam_search(model, torch.tensor([[1, 2]]), 2, 5, no_repeat_ngram_size=size)
+    with pytest.raises(ValueError, match=r"^length_penalty must be finite, got inf$"):
+        beam_search(model, torch.tensor([[1, 2]]), 2, 5, length_penalty=math.inf)
+    with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 1 for beam search$"):
+        beam_search(model, torch.tensor([[1, 2]]), 2, 0)
 
 
 def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shape_checks):
@@ -1011,6 +1079,10 @@ def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shap
         generate(None, tokens, 3)
     with pytest.raises(TypeError, match="prompt must be a str or a sequence of str, got int"):
         generate_text(model, get_tokenizer(), 5, 3)
+    with pytest.raises(TypeError, match=r"^prompt must be a str, got int$"):
+        generate_text(model, get_tokenizer(), ["a", 5], 3)
+    with pytest.raises(TypeError, match=r"^prompt must be a str, got bytes$"):
+        next(stream_text(model, get_tokenizer(), b"a", 3))
     assert generate(model, tokens, 3, temperature=0).shape == (1, 5)  # the same calls, well typed
 
 

@@ -48,6 +48,14 @@ def test_the_suite_writes_its_caches_under_its_temp_dir_not_home(private_caches,
     assert gpt2_small.data.default_cache_dir().is_relative_to(private_caches)
 
 
+def test_the_default_token_cache_is_under_gpt2_small_cache_or_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_SMALL_CACHE", str(tmp_path / "mine"))
+    assert gpt2_small.data.default_cache_dir() == tmp_path / "mine" / "tokens"
+    monkeypatch.delenv("GPT2_SMALL_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / ".cache" / "gpt2_small" / "tokens"
+
+
 def test_documents_are_separated_by_endoftext(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Hello world"}, {"text": " the end"}])
     tokens = tokenize_dataset(load_text_dataset(str(path)), cache_dir=tmp_path / "cache")

@@ -134,6 +134,25 @@ def test_each_text_column_of_one_dataset_has_its_own_cache_entry(tmp_path):
     assert np.array_equal(tokenize_dataset(ds, cache_dir=tmp_path), titles)  # unnamed: the first column
 
 
+def test_another_tokenizer_file_is_another_cache_entry(tmp_path, monkeypatch, caplog):
+    """Tokens cached under one BPE file are never read back for another (an updated bundled asset)."""
+    ds = datasets.Dataset.from_dict({"text": ["a document", "another"]})
+    first = tokenize_dataset(ds, cache_dir=tmp_path)
+    monkeypatch.setattr(gpt2_small.data, "sha256_of", lambda path: "0" * 64)
+    with caplog.at_level(logging.INFO, logger="gpt2_small.data"):
+        second = tokenize_dataset(ds, cache_dir=tmp_path)
+    assert "tokenization skipped" not in caplog.text and "tokenized 2 documents" in caplog.text
+    assert np.array_equal(first, second) and len(list(tmp_path.glob("tokens-*.npy"))) == 2
+
+
+def test_a_cache_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ds = datasets.Dataset.from_dict({"text": ["a document"]})
+    tokenize_dataset(ds, cache_dir="~/token-cache")
+    assert len(list((tmp_path / "token-cache").glob("tokens-*.npy"))) == 1
+    assert not Path("~").exists()  # no folder literally named "~" in the working directory
+
+
 def test_a_cache_dir_that_is_a_file_is_refused_before_tokenizing(tmp_path, monkeypatch):
     """Before: "[Errno 17] File exists" after the whole dataset had been tokenized."""
     ds = datasets.Dataset.from_dict({"text": ["a document", "another"]})
@@ -239,7 +258,16 @@ def fake_hub(tmp_path, monkeypatch):
         if source != "someone/corpus":
             return real(source, config_name, split=split, streaming=streaming, **kwargs)
         calls.append({"split": split, "streaming": streaming})
-        return real("json", data_files={split: str(path)}, split=split, streaming=streaming)
+        ds = real("json", data_files={split: str(path)}, split=split, streaming=streaming)
+        if not streaming:
+            return ds
+        calls[-1]["rows_read"] = read = []  # filled as the stream is consumed
+
+        def count(row):
+            read.append(row["id"])
+            return row
+
+        return ds.map(count)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return calls
@@ -249,7 +277,9 @@ def test_max_examples_of_a_hub_dataset_are_streamed_not_downloaded_whole(tmp_pat
     whole = load_text_dataset("someone/corpus")
     assert fake_hub == [{"split": "train", "streaming": False}] and len(whole) == 40
     first = load_text_dataset("someone/corpus", max_examples=5)
-    assert fake_hub[-1] == {"split": "train", "streaming": True}
+    asked = fake_hub[-1]
+    assert (asked["split"], asked["streaming"]) == ("train", True)
+    assert asked["rows_read"] in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5])  # datasets' take() may read one ahead; not 40
     assert first["text"] == whole["text"][:5] == [f"hub document {i}" for i in range(5)]
     assert first.column_names == ["text"]
     with caplog.at_level(logging.INFO, logger="gpt2_small.data"):
@@ -390,6 +420,17 @@ def test_train_val_split_is_a_deterministic_tail():
             train_val_split(tokens, outside)
 
 
+def test_token_data_load_passes_its_options_through(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"body": f"document number {i}", "text": 0} for i in range(40)])
+    data = TokenData.load(str(path), text_column="body", max_examples=30, val_fraction=0.25, cache_dir=tmp_path / "c")
+    tokens = tokenize_dataset(load_text_dataset(str(path), text_column="body", max_examples=30), cache_dir=tmp_path)
+    assert len(tokens) == 30 * 4  # "document", " number", " 0" to " 29", <|endoftext|>
+    cut = int(len(tokens) * 0.75)
+    assert np.array_equal(data.train, tokens[:cut]) and np.array_equal(data.val, tokens[cut:])
+    assert data.source == str(path)
+    assert len(list((tmp_path / "c").glob("tokens-*.npy"))) == 1  # its cache_dir, not the default
+
+
 def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
     full = list(ResumableSampler(10, seed=3, epoch=1))
     assert sorted(full) == list(range(10))
@@ -415,8 +456,14 @@ def test_loader_gives_whole_batches_and_leaves_the_global_rng_alone():
 
 def test_loader_refuses_a_split_smaller_than_a_batch():
     data = TokenData(np.zeros(1000, dtype=np.uint16), np.zeros(200, dtype=np.uint16), "tiny")
-    with pytest.raises(ValueError, match="the val split gives 1 windows per process, fewer than batch_size=4"):
+    with pytest.raises(ValueError, match="the val split gives 1 windows per process, fewer than batch_size=4") as val:
         data.loader("val", n_ctx=128, batch_size=4)
+    assert str(val.value).endswith("more data or a larger val_fraction (--val-fraction)")
+    with pytest.raises(ValueError, match="the train split gives 7 windows per process, fewer than batch_size=8") as t:
+        data.loader("train", n_ctx=128, batch_size=8)
+    assert str(t.value).endswith("use a smaller batch_size (--batch-size), more data")  # val_fraction: no help
+    (x, y), *more = data.loader("val", n_ctx=128, batch_size=1)  # exactly one batch's windows are enough
+    assert x.shape == y.shape == (1, 128) and more == []
 
 
 def test_unigram_loss():

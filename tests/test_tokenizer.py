@@ -19,6 +19,7 @@ from gpt2_small import (
     to_strings,
     to_tokens,
 )
+from gpt2_small.tokenizer import hf_tokenizer
 
 
 @pytest.fixture
@@ -43,6 +44,16 @@ def test_known_ids_and_vocab_size():
     assert enc.encode(" the") == [262]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT_ID]
     assert to_tokens("a<|endoftext|>b").tolist() == [[64, EOT_ID, 65]]
+
+
+def test_the_hugging_face_tokenizer_gives_the_same_ids_and_names_endoftext_as_gpt2s_does():
+    """What export_hf saves beside a checkpoint: GPT2TokenizerFast's ids and special tokens."""
+    hf = hf_tokenizer()
+    texts = ["Hello world", "naïve café — 東京 🙂", "  x\n\ty", "a<|endoftext|>b"]
+    assert [hf(t)["input_ids"] for t in texts] == [get_tokenizer().encode(t, allowed_special="all") for t in texts]
+    assert hf("a<|endoftext|>b")["input_ids"] == [64, EOT_ID, 65]  # the special token, not its 7 characters' BPE
+    assert (hf.bos_token, hf.eos_token, hf.unk_token) == ("<|endoftext|>",) * 3
+    assert hf.bos_token_id == hf.eos_token_id == EOT_ID and len(hf) == 50257
 
 
 def test_prepend_bos_and_device():
@@ -90,7 +101,7 @@ def test_decoding_names_an_id_that_has_no_text():
     with pytest.raises(TypeError, match="to_string decodes integer token ids, got a tensor of dtype torch.float32"):
         to_string(torch.tensor([1.0, 2.0]))
     assert to_string([15496, EOT_ID]) == "Hello<|endoftext|>"  # the last id with text
-    with pytest.raises(ValueError, match=r"to_string: token id 50257 is outside"):
+    with pytest.raises(ValueError, match=r"to_string: token id 50257 is outside .* \(ids from 50257 up are a padded"):
         to_string([EOT_ID + 1])  # the first without
 
 
@@ -100,6 +111,17 @@ def test_decoding_takes_numpy_ids(without_shape_checks):
         to_string(np.array([15496, 995])) == to_string(list(np.array([15496, 995], dtype=np.uint16))) == "Hello world"
     )
     assert to_str_tokens(np.array([15496, 995])) == ["Hello", " world"]
+
+
+def test_decoding_refuses_bools_and_floats_given_for_ids(without_shape_checks):
+    """True is an int to Python (it would decode as id 1, '"'), and int() would truncate 15496.7."""
+    with pytest.raises(TypeError, match="^to_string decodes integer token ids, got a tensor of dtype torch.bool$"):
+        to_string(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="^to_string decodes integer token ids, got True$"):
+        to_string([True, False])
+    with pytest.raises(TypeError, match=r"^to_str_tokens decodes integer token ids, got 15496\.7$"):
+        to_str_tokens([15496.7])
+    assert to_string([1, 0]) == '"!'  # the ints themselves decode
 
 
 def test_decoding_names_text_given_for_ids(without_shape_checks):
@@ -161,6 +183,8 @@ def test_a_list_of_texts_is_pointed_to_pad_prompts(without_shape_checks):
         to_tokens(texts)
     with pytest.raises(TypeError, match=r"^text must be a str, got list$"):  # not texts: no recipe
         to_tokens([15496, 995])
+    with pytest.raises(TypeError, match=r"^text must be a str, got list$"):  # nor an empty list
+        to_tokens([])
     tokens, mask = pad_prompts([get_tokenizer().encode(t) for t in texts])
     assert tokens.tolist() == [[15496, 995], [EOT_ID, 17250]] and mask.tolist() == [[1, 1], [0, 1]]
 
@@ -186,6 +210,19 @@ def test_corrupt_ranks_file_is_refused(monkeypatch, tmp_path, fresh_caches):
     monkeypatch.setattr(assets, "ASSETS_DIR", corrupt)
     with pytest.raises(AssetChecksumError, match="gpt2.tiktoken has sha256 [0-9a-f]{64}, expected 306cd27f"):
         get_tokenizer()
+
+
+def test_sha256sums_in_binary_mode_and_blank_lines_are_read_and_a_missing_asset_is_named(
+    monkeypatch, tmp_path, fresh_caches
+):
+    """`sha256sum -b` writes "DIGEST *NAME"; a hand-edited file may end in blank lines."""
+    (tmp_path / "a.txt").write_bytes(b"some data\n")
+    digest = assets.sha256_of(tmp_path / "a.txt")
+    (tmp_path / "SHA256SUMS").write_text(f"{digest} *a.txt\n\n{'0' * 64}  gone.txt\n\n")
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path)
+    assert assets.asset_path("a.txt") == tmp_path / "a.txt"
+    with pytest.raises(FileNotFoundError, match=r"^bundled asset .*gone\.txt is missing; reinstall gpt2_small$"):
+        assets.asset_path("gone.txt")
 
 
 def test_every_bundled_asset_matches_its_checksum(fresh_caches):

@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -180,6 +181,16 @@ def test_an_untied_checkpoint_loads_its_lm_head_and_one_without_it_is_refused(tm
         )
 
 
+def test_a_config_json_without_tie_word_embeddings_ties_as_gpt2_does(tiny_checkpoint, tmp_path):
+    """GPT2Config's default is tied: a config.json that leaves the flag out (hand-written, or
+    written by a tool that drops defaults) loads without lm_head.weight, W_U = W_E^T."""
+    shutil.copytree(tiny_checkpoint[0], tmp_path, dirs_exist_ok=True)
+    _edit_json(tmp_path / "config.json", drop="tie_word_embeddings")
+    assert "tie_word_embeddings" not in json.loads((tmp_path / "config.json").read_text())
+    model = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(model.unembed.W_U, tiny_checkpoint[1].transformer.wte.weight.T)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -228,6 +239,20 @@ def test_unsupported_hf_configs_are_refused(tiny_checkpoint, change, message):
     hf_config = json.loads((directory / "config.json").read_text()) | change
     with pytest.raises(ValueError, match=message):
         config_from_hf(hf_config)
+
+
+def test_a_minimal_or_old_config_json_takes_gpt2s_defaults():
+    """A hand-written config.json or an old upload's (n_ctx, not n_positions): GPT2Config's defaults
+    fill the rest, as Hugging Face's from_pretrained would."""
+    minimal = {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}
+    cfg = config_from_hf(minimal)
+    assert (cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_layers, cfg.d_vocab) == (64, 4, 16, 2, 100)
+    assert (cfg.d_mlp, cfg.n_ctx, cfg.layer_norm_eps, cfg.init_range) == (256, 1024, 1e-5, 0.02)
+    assert config_from_hf(minimal | {"n_ctx": 64}).n_ctx == 64
+    assert config_from_hf(minimal | {"n_ctx": 64, "n_positions": 128}).n_ctx == 128
+    for key in minimal:
+        with pytest.raises(ValueError, match=f"^the GPT-2 config.json lacks {key}; every GPT2Config writes them$"):
+            config_from_hf({k: v for k, v in minimal.items() if k != key})
 
 
 def test_missing_directory_and_files(tmp_path, monkeypatch):
@@ -328,6 +353,21 @@ def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
         Transformer.from_pretrained("gpt2")
+
+
+def test_what_the_hub_raises_online_is_the_same_clear_error(monkeypatch):
+    """httpx's transport errors (a dropped connection, a timeout) are no OSError; the hub's own are."""
+    import httpx
+
+    for error in (httpx.ConnectError("connection reset"), httpx.ReadTimeout("timed out"), ConnectionError("down")):
+
+        def snapshot_download(repo_id, allow_patterns, error=error):
+            raise error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        named = rf"^'openai-community/gpt2' is not a local directory, .*\({type(error).__name__}: "
+        with pytest.raises(OSError, match=named):
+            Transformer.from_pretrained("gpt2")
 
 
 @pytest.mark.parametrize("has_safetensors", [True, False], ids=["safetensors", "bin-only"])
@@ -544,6 +584,8 @@ def test_export_hf_writes_what_save_pretrained_writes_and_ties_a_tied_unembeddin
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
+    with safe_open(source / "model.safetensors", "pt") as a, safe_open(directory / "model.safetensors", "pt") as b:
+        assert b.metadata() == a.metadata() == {"format": "pt"}  # as save_pretrained writes it
     config = json.loads((directory / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["architectures"] == ["GPT2LMHeadModel"]
     assert config["bos_token_id"] == config["eos_token_id"] == 50256  # <|endoftext|>
@@ -581,6 +623,14 @@ def test_export_hf_refuses_an_unembedding_bias_unless_told_to_drop_it(tmp_path):
     torch.testing.assert_close(hf_logits(GPT2LMHeadModel.from_pretrained(directory).eval(), tokens), expected)
 
 
+def test_export_hf_expands_a_directory_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    assert gpt2_small.export_hf(model, "~/exported", tokenizer=False) == tmp_path / "exported"
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    assert not Path("~").exists()
+
+
 def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
     model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
     (tmp_path / "file").write_text("x")
@@ -589,6 +639,10 @@ def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
     model.save(tmp_path / "ours")
     with pytest.raises(ValueError, match=r"holds a gpt2_small checkpoint or training run \(gpt2_small_config.json\)"):
         gpt2_small.export_hf(model, tmp_path / "ours")
+    model.save(tmp_path / "run" / "checkpoints" / "step-0000001")  # a training run's output directory
+    with pytest.raises(ValueError, match=r"holds a gpt2_small checkpoint or training run \(checkpoints\)"):
+        gpt2_small.export_hf(model, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
     with pytest.raises(TypeError, match="model must be a gpt2_small Transformer, got GPT2LMHeadModel"):
         gpt2_small.export_hf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tmp_path / "x")
     with pytest.raises(TypeError, match="tokenizer must be True or False, got 'yes'"):

@@ -17,6 +17,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import gpt2_small
 from gpt2_small import Transformer, TransformerConfig, WeightLoadError, config_from_hf, convert_hf_state_dict
 
+# Small enough that the tests of checkpoint files, loading and export take milliseconds.
+NANO = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+
 
 def hf_logits(hf, tokens):
     with torch.no_grad():
@@ -313,7 +316,7 @@ def test_a_cut_off_pytorch_model_bin_is_named_in_a_value_error(tiny_checkpoint, 
 
 
 def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
-    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    cfg = NANO
     Transformer(cfg).save(tmp_path)
     _truncate(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file"):
@@ -325,7 +328,7 @@ def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
 
 def test_a_gpt2_small_config_with_unknown_fields_is_refused_by_name(tmp_path):
     """Before: TypeError "unexpected keyword argument 'rotary'", naming no file."""
-    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    cfg = NANO
     Transformer(cfg).save(tmp_path)
     config_file = tmp_path / "gpt2_small_config.json"
     meta = json.loads(config_file.read_text())
@@ -449,7 +452,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, as_str):
 
 
 def test_save_load_keeps_bfloat16(tmp_path):
-    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model = Transformer(NANO)
     model.to(torch.bfloat16).save(tmp_path)
     loaded = Transformer.load(tmp_path)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
@@ -461,7 +464,7 @@ def test_a_save_cut_off_while_writing_a_file_leaves_the_earlier_file_whole(tmp_p
     """Each file is written under a temporary name and renamed into place once complete: a crash
     halfway through writing either one leaves the earlier checkpoint's file as it was, loadable,
     and no temporary file behind (written in place, the half would have replaced it)."""
-    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    cfg = NANO
     torch.manual_seed(0)
     Transformer(cfg).save(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -500,7 +503,7 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a gpt2_small checkpoint config"):
         Transformer.load(tmp_path)
-    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    cfg = NANO
     Transformer(cfg).save(tmp_path)
     save_file({}, tmp_path / "model.safetensors")  # a valid safetensors file with nothing in it
     with pytest.raises(ValueError, match="model.safetensors holds no tensors"):
@@ -509,7 +512,7 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
 
 def test_load_names_tensors_that_do_not_match_the_config(tmp_path):
     """Loaded leniently, a checkpoint missing a tensor would keep that parameter's random init."""
-    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
+    cfg = NANO
     Transformer(cfg).save(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["blocks.0.attn.b_Q"]
@@ -523,7 +526,7 @@ def test_load_names_tensors_that_do_not_match_the_config(tmp_path):
 
 
 def test_load_converts_to_the_dtype_asked_for(tmp_path):
-    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model = Transformer(NANO)
     model.save(tmp_path)
     loaded = Transformer.load(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
@@ -625,14 +628,14 @@ def test_export_hf_refuses_an_unembedding_bias_unless_told_to_drop_it(tmp_path):
 
 def test_export_hf_expands_a_directory_under_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model = Transformer(NANO)
     assert gpt2_small.export_hf(model, "~/exported", tokenizer=False) == tmp_path / "exported"
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
     assert not Path("~").exists()
 
 
 def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
-    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model = Transformer(NANO)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file; export_hf writes a directory"):
         gpt2_small.export_hf(model, tmp_path / "file")
@@ -668,6 +671,6 @@ def test_export_hf_and_save_write_parameters_that_share_memory(tmp_path):
 
 def test_export_hf_names_endoftext_only_in_a_vocabulary_that_has_it(tmp_path, without_shape_checks):
     """GPT2Config's default bos/eos is 50256, which transformers warns is outside a smaller vocabulary."""
-    model = Transformer(TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8))
+    model = Transformer(NANO)
     config = json.loads((gpt2_small.export_hf(model, tmp_path / "x", tokenizer=False) / "config.json").read_text())
     assert config["bos_token_id"] is None and config["eos_token_id"] is None

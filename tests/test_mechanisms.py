@@ -132,6 +132,10 @@ def test_layernorm_fused_bfloat16_path_equals_the_readable_formula(monkeypatch):
     monkeypatch.setattr(solution.F, "layer_norm", lambda *a, **k: fused_calls.append(1) or layer_norm(*a, **k))
     out_readable = readable(x)
     assert fused_calls == []  # a hook in use: the readable formula
+    normalized_only, seen = copy.deepcopy(fused), []
+    normalized_only.hook_normalized.add_hook(lambda normalized, hook: seen.append(normalized.dtype))
+    normalized_only(x)
+    assert fused_calls == [] and seen == [torch.float32]  # so does a hook on hook_normalized alone
     out_fused = fused(x)
     assert fused_calls == [1]
     fused.float()(x.float())
@@ -142,6 +146,19 @@ def test_layernorm_fused_bfloat16_path_equals_the_readable_formula(monkeypatch):
 
 
 # --- Attention -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_a_padding_query_attends_to_its_own_key_alone():
+    """No row of the mask is fully blocked (a softmax over nothing is NaN in some kernels): a
+    padding query sees its own key and nothing else, and no real query sees padding."""
+    model, tokens = tiny_model("eager"), random_tokens(1, 5)
+    _, cache = model.run_with_cache(tokens, attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))
+    for layer in range(TINY.n_layers):
+        pattern = cache["pattern", layer][0]  # [n_heads query_pos key_pos]
+        own = torch.eye(5)[:2].expand(TINY.n_heads, 2, 5)
+        torch.testing.assert_close(pattern[:, :2], own, rtol=0, atol=0)
+        assert bool((pattern[:, 2:, :2] == 0).all()) and bool((pattern[:, 2:, 2:].sum(-1) > 0.99).all())
 
 
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
@@ -691,6 +708,8 @@ def test_start_at_layer_rejects_what_it_cannot_do(without_shape_checks):
         model(resid[..., :31], start_at_layer=1)
     with pytest.raises(ValueError, match=r"1 <= pos <= n_ctx=16, got shape \(2, 17, 32\)"):
         model(torch.zeros(2, 17, 32), start_at_layer=1)
+    with pytest.raises(ValueError, match=r"with batch >= 1 and 1 <= pos <= n_ctx=16, got shape \(0, 3, 32\)"):
+        model(resid[:0], start_at_layer=1)
     with pytest.raises(ValueError, match=r"has dtype torch.float64 but the model's is torch.float32; convert it"):
         model(resid.double(), start_at_layer=1)
     with pytest.raises(ValueError, match=r"return_type='loss' with start_at_layer needs labels=tokens: the input is"):
@@ -772,7 +791,7 @@ def test_labels_reject_what_they_cannot_do():
         model(tokens, return_type="loss", labels=torch.full_like(tokens, -100))
 
 
-@pytest.mark.parametrize("keep", [1, 3])
+@pytest.mark.parametrize("keep", [1, 3, 6])  # 6: every position, the edge that is allowed
 def test_logits_to_keep_gives_the_last_positions_logits_and_runs_ln_final_on_them_alone(keep):
     model, tokens = tiny_model(), random_tokens(2, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding: positions still line up
@@ -798,9 +817,10 @@ def test_logits_to_keep_rejects_what_it_cannot_do():
 
 
 def test_loss_function_equals_transformer_lens_with_and_without_padding():
-    logits = torch.randn(3, 8, 50, generator=torch.Generator().manual_seed(0))
-    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [0, 0, 0, 0, 0, 0, 1, 1]])
+    logits = torch.randn(4, 8, 50, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(1))
+    # Left padding, none, nearly all, and right padding (a real token followed by padding: no pair).
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [0, 0, 0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]])
     for attention_mask in (None, mask, mask.bool()):
         for per_token in (False, True):
             expected = tl_lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=per_token)
@@ -810,7 +830,8 @@ def test_loss_function_equals_transformer_lens_with_and_without_padding():
     per_pair = -logits.log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     masked = solution.lm_cross_entropy_loss(logits, tokens, mask, per_token=True)
     assert torch.equal(masked[2, :6], torch.zeros(6)) and masked[2, 6] == per_pair[2, 6]
-    real_pairs = 5 + 7 + 1
+    assert torch.equal(masked[3, 4:], torch.zeros(3)) and torch.equal(masked[3, :4], per_pair[3, :4])
+    real_pairs = 5 + 7 + 1 + 4
     torch.testing.assert_close(solution.lm_cross_entropy_loss(logits, tokens, mask), masked.sum() / real_pairs)
 
 
@@ -851,6 +872,8 @@ def test_return_type_rejects_what_it_cannot_do(without_shape_checks):
         model(tokens, return_type="loss", stop_at_layer=1)
     with pytest.raises(ValueError, match="pass neither logits_to_keep nor kv_cache"):
         model(tokens, return_type="both", logits_to_keep=1)
+    with pytest.raises(ValueError, match="pass neither logits_to_keep nor kv_cache"):
+        model(tokens, return_type="loss", kv_cache=gpt2_small.KVCache.for_model(model, batch=1, max_pos=3))
     with pytest.raises(ValueError, match="the loss needs at least 2 positions"):
         model(tokens[:, :1], return_type="loss")
     with pytest.raises(ValueError, match="leaves no pair of consecutive real tokens"):
@@ -1039,8 +1062,20 @@ def test_config_rejects_inconsistent_values(overrides, error, message):
         TransformerConfig(**overrides)
 
 
+def test_config_refuses_a_bool_for_a_float_field(without_shape_checks):
+    # Without beartype, as in a user's code: True is an int, and 1 is a number, so True needs its own check.
+    with pytest.raises(TypeError, match="TransformerConfig.layer_norm_eps must be a float, got True"):
+        TransformerConfig(layer_norm_eps=True)
+    assert TransformerConfig(init_range=1).init_range == 1
+
+
 def test_transformer_rejects_a_non_config():
     with pytest.raises(TypeError, match="TransformerConfig"):
+        Transformer({"d_model": 768})
+
+
+def test_transformer_names_a_non_config_without_beartype(without_shape_checks):
+    with pytest.raises(TypeError, match="cfg must be a TransformerConfig, got dict"):
         Transformer({"d_model": 768})
 
 

@@ -321,9 +321,10 @@ def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
     _truncate(tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file"):
         Transformer.load(tmp_path)
-    (tmp_path / "gpt2_small_config.json").write_text('{"format": "gpt2_sm')
-    with pytest.raises(ValueError, match=r"gpt2_small_config.json is not valid JSON"):
-        Transformer.load(tmp_path)
+    for damaged in (b'{"format": "gpt2_sm', b'{"format": "\xff"}'):  # cut short; not UTF-8
+        (tmp_path / "gpt2_small_config.json").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"gpt2_small_config.json is not valid JSON"):
+            Transformer.load(tmp_path)
 
 
 def test_a_gpt2_small_config_with_unknown_fields_is_refused_by_name(tmp_path):
@@ -335,9 +336,10 @@ def test_a_gpt2_small_config_with_unknown_fields_is_refused_by_name(tmp_path):
     config_file.write_text(json.dumps(meta | {"config": meta["config"] | {"rotary": True}}))
     with pytest.raises(ValueError, match=r"gpt2_small_config.json sets \['rotary'\], which TransformerConfig does not"):
         Transformer.load(tmp_path)
-    config_file.write_text(json.dumps({"format": "gpt2_small"}))
-    with pytest.raises(ValueError, match=r"gpt2_small_config.json has no 'config' object"):
-        Transformer.load(tmp_path)
+    for config in (None, ["d_model", 16]):  # absent, or not an object
+        config_file.write_text(json.dumps({"format": "gpt2_small"} | ({} if config is None else {"config": config})))
+        with pytest.raises(ValueError, match=r"gpt2_small_config.json has no 'config' object"):
+            Transformer.load(tmp_path)
     # A field the file lacks (a checkpoint older than the field) takes its default.
     config_file.write_text(json.dumps(meta | {"config": {k: v for k, v in meta["config"].items() if k != "attn_impl"}}))
     assert Transformer.load(tmp_path).cfg == cfg
@@ -408,20 +410,25 @@ def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp
 
 
 @pytest.mark.parametrize(
-    ("placement", "message"),
+    ("placement", "error", "message"),
     [
-        (dict(device="foo"), r"device 'foo' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-        (dict(dtype=torch.int8), r"dtype must be floating point \(torch.float32, bfloat16 or float16\), got torch.int8"),
+        (dict(device="foo"), ValueError, r"device 'foo' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+        (dict(device=0), TypeError, r"device must be a str or torch.device, got int"),
+        (dict(dtype=torch.int8), ValueError, r"dtype must be floating point \(torch.float32, bfloat16 or float16\), got torch.int8"),
+        (dict(dtype="bfloat16"), TypeError, r"dtype must be a torch.dtype such as torch.bfloat16, got 'bfloat16'"),
     ],
 )  # fmt: skip
-def test_a_bad_device_or_dtype_is_refused_before_any_weights_are_read(monkeypatch, tmp_path, placement, message):
+def test_a_bad_device_or_dtype_is_refused_before_any_weights_are_read(
+    monkeypatch, tmp_path, placement, error, message, without_shape_checks
+):
+    # Shape checks off, as in a user's code: beartype would refuse a mistyped device or dtype first.
     # Offline with an empty cache, a hub id raises OSError once it is looked up: the ValueError
     # shows the check came first (online, before a download of up to 6 GB).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         Transformer.from_pretrained("gpt2", **placement)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         Transformer.load(tmp_path / "no checkpoint here", **placement)
 
 
@@ -449,6 +456,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, as_str):
     tokens = torch.randint(0, 97, (2, 20))
     assert torch.equal(model(tokens), loaded(tokens))
     assert sorted(p.name for p in path.iterdir()) == ["gpt2_small_config.json", "model.safetensors"]
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # as save_pretrained writes it, which HF's loaders check
 
 
 def test_save_load_keeps_bfloat16(tmp_path):
@@ -497,8 +506,15 @@ def test_a_save_cut_off_while_writing_a_file_leaves_the_earlier_file_whole(tmp_p
 
 
 def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
-    with pytest.raises(FileNotFoundError, match="expects a directory written by Transformer.save"):
+    # No checkpoints/ folder here, so no hint about a training run's directory.
+    with pytest.raises(
+        FileNotFoundError, match=r"expects a directory written by Transformer.save .*from_pretrained\)$"
+    ):
         Transformer.load(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)  # a training run's output directory: the hint says what to call
+    with pytest.raises(FileNotFoundError, match=re.escape(f"; {run} holds a training run: gpt2_small.load_model(")):
+        Transformer.load(run)
     (tmp_path / "gpt2_small_config.json").write_text(json.dumps({"format": "other"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not a gpt2_small checkpoint config"):

@@ -66,6 +66,8 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["resid_pre", -4]
     with pytest.raises(KeyError, match=r"the layer of \('resid_pre', 1.0\) must be an int, got float 1.0"):
         cache["resid_pre", 1.0]
+    with pytest.raises(KeyError, match=r"the layer of \('resid_pre', True\) must be an int, got bool True"):
+        cache["resid_pre", True]  # a bool is an Integral: it would read layer 1
     assert cache["scale", -1, "ln2"] is cache["blocks.2.ln2.hook_scale"] and cache["attn", 0] is cache["pattern", 0]
     assert cache["scale"] is cache["ln_final.hook_scale"]
     assert cache["k2"] is cache["k", 2] and cache["attn0"] is cache["pattern", 0]  # TransformerLens's compact keys
@@ -122,6 +124,7 @@ def test_act_name_spells_every_hook_as_transformer_lens_get_act_name(model, run)
         (("hook_embed", None, "a"), r"'hook_embed' is a full hook name already; .*layer_type='a'"),
         (("scale", 1, None), "layer_type 'ln1' or 'ln2'"),
         (("normalized", 1, "ln3"), "layer_type 'ln1' or 'ln2'"),
+        (("scale", 1, "ln_final"), "layer_type 'ln1' or 'ln2'"),  # ln_final is no block's: pass no layer
         (("k", 2, "mlp"), r"hook 'k' takes layer_type None or one of \('a', 'attn', 'attention'\), got 'mlp'"),
         (("resid_pre", 2, "ln1"), "hook 'resid_pre' takes layer_type None or one of"),
         (("embed", 0, None), "hook 'embed' is the model's, not a layer's"),
@@ -232,6 +235,14 @@ def test_apply_ln_reads_ln1s_per_head_scale_while_the_heads_agree(model, tokens,
     assert cache["scale", 1, "ln1"].shape == (*tokens.shape, SMALL.n_heads, 1)
     for kwargs in ({"layer": 1, "apply_ln": True}, {"layer": 1, "apply_ln": True, "pos_slice": -1}):
         torch.testing.assert_close(cache.decompose_resid(**kwargs), plain.decompose_resid(**kwargs))
+    # The same without the batch axis (remove_batch_dim): the head axis is then the scale's second.
+    with torch.no_grad():
+        _, one = per_head.run_with_cache(tokens[:1], remove_batch_dim=True)
+        _, plain_one = model.run_with_cache(tokens[:1], remove_batch_dim=True)
+    assert one["scale", 1, "ln1"].shape == (tokens.shape[1], SMALL.n_heads, 1)
+    torch.testing.assert_close(
+        one.decompose_resid(layer=1, apply_ln=True), plain_one.decompose_resid(layer=1, apply_ln=True)
+    )
     name = "blocks.1.hook_v_input" if setter == "set_use_split_qkv_input" else "blocks.1.hook_attn_in"
 
     def patch(x, hook):
@@ -534,6 +545,10 @@ def bridge_activations(ref, tokens: torch.Tensor, remove_batch_dim: bool = False
         ("get_full_resid_decomposition", {"expand_neurons": False, "apply_ln": True, "project_output_onto": "two"}),
         ("get_full_resid_decomposition", {"layer": 1, "apply_ln": True, "project_output_onto": "one"}),
         ("get_full_resid_decomposition", {"layer": 1, "mlp_input": True, "project_output_onto": "two"}),
+        (
+            "get_full_resid_decomposition",
+            {"layer": 1, "mlp_input": True, "apply_ln": True, "project_output_onto": "two"},
+        ),  # fmt: skip
     ],
 )
 def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref, helper, kwargs):
@@ -569,6 +584,13 @@ def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
             expected = theirs.apply_ln_to_stack(stack, pos_slice=-1, **kwargs)
             torch.testing.assert_close(ours.apply_ln_to_stack(stack, pos_slice=-1, **kwargs), expected)
         assert ours.apply_ln_to_stack(stack, 2, pos_slice=-1, batch_slice=[1]).shape == (3, 1, ref.spec.n_embd)
+        # One sequence's stack, without a batch axis: batch_slice then picks the scale alone.
+        one = stack[:, 1]  # [component d_model]
+        kwargs = {"pos_slice": -1, "batch_slice": 1, "has_batch_dim": False}
+        torch.testing.assert_close(ours.apply_ln_to_stack(one, 2, **kwargs), theirs.apply_ln_to_stack(one, 2, **kwargs))
+        torch.testing.assert_close(
+            ours.apply_ln_to_stack(one, 2, **kwargs), ours.apply_ln_to_stack(stack, 2, pos_slice=-1)[:, 1]
+        )
         # TransformerLens divides by layer 1's cached scale instead, as if recompute_ln were not given.
         with pytest.raises(ValueError, match=r"recompute_ln runs ln_final, .*: pass layer=None .* not 1$"):
             ours.apply_ln_to_stack(stack, 1, pos_slice=-1, recompute_ln=True)
@@ -893,6 +915,18 @@ def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(
     # a 0-d tensor, as indexing to_tokens(...) gives, means the same as the int
     as_scalar_tensor = direct_logit_attribution(model, cache, correct, torch.tensor(incorrect))
     torch.testing.assert_close(as_scalar_tensor.contributions, dla.contributions, rtol=0, atol=0)
+
+
+def test_logit_attribution_top_ranks_by_size_whatever_the_sign():
+    """A component that pushes hard against the answer matters as much as one that pushes for it."""
+    dla = interp.LogitAttribution(
+        contributions=torch.tensor([[1.0, 1.0], [-3.0, -1.0], [0.5, -0.5], [2.5, 2.5]]),
+        labels=["a", "b", "c", "d"],
+        bias=torch.zeros(2),
+        logit_diff=torch.zeros(2),
+    )
+    assert dla.top(3) == [("d", 2.5), ("b", -2.0), ("a", 1.0)]  # mean over the batch, ranked by |mean|
+    assert dla.top(10) == [("d", 2.5), ("b", -2.0), ("a", 1.0), ("c", 0.0)]
 
 
 def test_direct_logit_attribution_takes_no_text_for_a_token(model, run, without_shape_checks):
@@ -1365,7 +1399,8 @@ def test_composition_plot_labels_heads_or_layers_and_scales_from_zero_to_the_max
     assert [t.get_text() for t in ax.get_xticklabels()] == labels == [t.get_text() for t in ax.get_yticklabels()]
     assert ax.images[0].get_clim() == (0.0, pytest.approx(float(scores.max())))
     assert ax.get_title() == "V-composition scores" and "OV circuit" in ax.get_xlabel() and not ax.lines
-    assert "QK circuit" in interp.plot_composition_scores(scores, mode="Q").axes[0].get_xlabel()
+    for mode in ("Q", "K"):  # K-composition reads through the QK circuit too, by its keys
+        assert "QK circuit" in interp.plot_composition_scores(scores, mode=mode).axes[0].get_xlabel(), mode
     assert interp.plot_composition_scores(torch.zeros(2, 3, 2, 3)).axes[0].images[0].get_clim() == (0.0, 1.0)
     # 7 layers of 7 heads (49 > 48): one label per layer, at the middle of its block, and lines between blocks.
     big = interp.plot_composition_scores(torch.rand(7, 7, 7, 7)).axes[0]

@@ -91,6 +91,8 @@ def test_learning_rates_default_by_preset_and_floor_to_a_tenth_of_a_given_lr():
     assert (given.lr, given.min_lr) == (2e-4, pytest.approx(2e-5))
     assert TrainConfig(lr=1e-4).min_lr == pytest.approx(1e-5)  # below the tiny preset's floor: no error
     assert TrainConfig(preset="gpt2", min_lr=1e-5).lr == 6e-4  # a given floor is kept under the preset's peak
+    flat = TrainConfig(lr=1e-3, min_lr=1e-3, warmup_steps=2)  # a floor equal to the peak: a constant lr after warmup
+    assert [lr_at(step, flat, 10) for step in (2, 5, 10)] == [1e-3, 1e-3, 1e-3]
     with pytest.raises(ValueError, match="preset 'micro' has no default learning rate"):
         TrainConfig(preset="micro")  # registered by the autouse fixture, with no entry in PRESET_LR
 
@@ -209,8 +211,9 @@ def test_train_config_rejects_bad_values():
             TrainConfig(epochs=epochs)
     assert TrainConfig(beta1=0.0, beta2=0.999, grad_clip=0.0, weight_decay=0.0, epochs=0.5).epochs == 0.5
     # Refused before any data is read, not after a hub dataset has been downloaded and tokenized.
-    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
-        TrainConfig(val_fraction=1.5)
+    for val_fraction in (1.5, 0.0, 1.0):  # 0 or 1 leaves a split empty
+        with pytest.raises(ValueError, match=rf"val_fraction must be in \(0, 1\), got {val_fraction}"):
+            TrainConfig(val_fraction=val_fraction)
     for name in ("stride", "max_examples", "num_proc"):
         with pytest.raises(ValueError, match=f"{name} must be >= 1 or None, got 0"):
             TrainConfig(**{name: 0})
@@ -234,6 +237,7 @@ def test_pick_device_takes_a_named_device_and_refuses_what_is_not_there(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("auto", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK: one GPU per process
     with pytest.raises(
         ValueError, match=r"'cuda:2' requested, but this machine has 2 CUDA device\(s\): use cuda:0 to cuda:1"
     ):
@@ -480,6 +484,43 @@ def test_outputs_metrics_plot_samples_and_checkpoints(tmp_path, shakespeare_slic
     assert model.cfg == MICRO
 
 
+def test_samples_come_every_sample_interval_and_the_last_steps_at_the_end(tmp_path, shakespeare_slice):
+    Trainer(micro_config(tmp_path, max_steps=8, sample_interval=4), data=shakespeare_slice).run()
+    headings = re.findall(r"--- sample, (.*) ---", (tmp_path / "samples.txt").read_text())
+    assert headings == ["before training", "step 4", "step 8 (end)"]
+
+
+def test_run_stops_at_max_steps_even_when_told_to_stop_later(tmp_path, shakespeare_slice):
+    rows = Trainer(micro_config(tmp_path, max_steps=3), data=shakespeare_slice).run(stop_at=10)
+    assert max(losses(rows)) == 3 and latest_checkpoint(tmp_path).name == "step-0000003"
+
+
+def test_each_evaluation_reads_the_same_validation_batches(tmp_path, shakespeare_slice):
+    trainer = Trainer(micro_config(tmp_path, eval_batches=1), data=shakespeare_slice)  # 1 of 62 batches
+    first = trainer.evaluate()
+    trainer.step = 5  # a later evaluation of the same weights
+    assert trainer.evaluate() == first
+
+
+def test_a_validation_loss_too_large_for_exp_reports_a_capped_perplexity(tmp_path, shakespeare_slice, monkeypatch):
+    """math.exp(800.0) raises OverflowError: a diverging run must not crash in its log line."""
+    trainer = Trainer(micro_config(tmp_path, max_steps=4), data=shakespeare_slice)
+    monkeypatch.setattr(trainer, "evaluate", lambda: 800.0)
+    rows = trainer.run()
+    assert [r["val_ppl"] for r in rows if "val_ppl" in r] == [math.exp(50.0)]  # one evaluation, at step 4
+
+
+def test_a_checkpoint_of_nothing_new_is_not_written_again(tmp_path, shakespeare_slice):
+    """The last step is evaluated (and checkpointed) and then run() ends with a checkpoint: once
+    is enough, for a 124M model's 1.5 GB of weights and optimizer state."""
+    trainer = Trainer(micro_config(tmp_path, max_steps=4, eval_interval=4), data=shakespeare_slice)
+    trainer.run()
+    saved = latest_checkpoint(tmp_path)
+    before = (saved.stat().st_ino, (saved / "trainer_state.pt").stat().st_mtime_ns)
+    assert trainer.save_checkpoint() == saved
+    assert (saved.stat().st_ino, (saved / "trainer_state.pt").stat().st_mtime_ns) == before
+
+
 def test_loss_curve_png_has_the_expected_size(tmp_path):
     rows = [{"step": 0, "tokens": 0, "unigram_val_loss": 7.0}]
     rows += [{"step": s, "tokens": 64 * s, "loss": 10.0 - 0.1 * s} for s in range(1, 30)]
@@ -587,6 +628,40 @@ def test_a_cpu_trainer_gives_fused_adamw_contiguous_parameters(tmp_path, shakesp
     # ... which aten's CPU fused AdamW copies in every step: the trainer's CPU model has none.
     assert [n for n, p in trainer.model.named_parameters() if not p.is_contiguous()] == []
     assert trainer.optimizer.defaults["fused"]
+
+
+def test_the_optimizer_and_autocast_take_the_configs_settings(tmp_path, shakespeare_slice):
+    cfg = micro_config(tmp_path, beta1=0.8, beta2=0.99, weight_decay=0.05, dtype="bfloat16")
+    trainer = Trainer(cfg, data=shakespeare_slice)
+    assert [g["betas"] for g in trainer.optimizer.param_groups] == [(0.8, 0.99)] * 2
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05, 0.0]
+    # dtype="bfloat16" autocasts on a CPU too ("auto" would give float32 there)
+    assert trainer.autocast_dtype == torch.bfloat16
+    with trainer.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert Trainer(micro_config(tmp_path / "auto"), data=shakespeare_slice).autocast_dtype is None
+
+
+def test_embeddings_are_tied_only_by_the_transposed_view():
+    model = Transformer(MICRO)
+    assert not training.embeddings_tied(model)
+    training.tie_embeddings(model)
+    assert training.embeddings_tied(model)
+    with torch.no_grad():  # the same memory read in another order is not W_E^T
+        model.unembed.W_U.data = model.embed.W_E.data.reshape(MICRO.d_model, MICRO.d_vocab)
+    assert not training.embeddings_tied(model)
+
+
+def test_folding_a_tied_gradient_into_no_embedding_gradient_gives_a_contiguous_copy():
+    model = Transformer(MICRO)
+    training.tie_embeddings(model)
+    grad_U = torch.randn(MICRO.d_model, MICRO.d_vocab)
+    model.unembed.W_U.grad = grad_U
+    training.fold_tied_gradient(model)  # W_E has no gradient of its own yet
+    assert model.unembed.W_U.grad is None
+    torch.testing.assert_close(model.embed.W_E.grad, grad_U.T, rtol=0, atol=0)
+    # laid out as W_E (fused AdamW would copy a transposed one each step), not a view of W_U's gradient
+    assert model.embed.W_E.grad.is_contiguous() and model.embed.W_E.grad.data_ptr() != grad_U.data_ptr()
 
 
 def test_match_state_layouts_pairs_each_weight_with_its_own_moments():
@@ -783,6 +858,14 @@ def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_s
             Trainer(micro_config(tmp_path, max_steps=max_steps), data=shakespeare_slice, resume=True)
     assert (tmp_path / "samples.txt").read_text() == samples
     assert Trainer(micro_config(tmp_path, max_steps=4), data=shakespeare_slice, resume=True).run()[-1]["step"] == 4
+
+
+def test_resuming_past_a_lowered_max_steps_says_to_raise_it(tmp_path, shakespeare_slice):
+    """A checkpoint stopped between evaluations (step 6, evaluated at 4) is unfinished business at
+    max_steps=8, but beyond max_steps=5 there is nothing to train, evaluate or sample."""
+    Trainer(micro_config(tmp_path, max_steps=8, eval_interval=4), data=shakespeare_slice).run(stop_at=6)
+    with pytest.raises(ValueError, match=r"checkpoint step-0000006 is at step 6, and max_steps=5 leaves nothing"):
+        Trainer(micro_config(tmp_path, max_steps=5, eval_interval=4), data=shakespeare_slice, resume=True)
 
 
 def test_resume_names_a_damaged_trainer_state(tmp_path, shakespeare_slice):
@@ -1158,6 +1241,16 @@ def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_pat
     assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
 
 
+def test_a_ctrl_c_held_but_never_delivered_does_not_outlive_the_run():
+    """A Ctrl-C held during an update whose step then failed must not interrupt a later run()."""
+    interrupts = training._Interrupts()
+    with interrupts.install(), interrupts.commit():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.held
+    assert not interrupts.held and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    interrupts.deliver()  # nothing to raise
+
+
 def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_slice):
     def callers_handler(signum, frame):
         pass
@@ -1215,6 +1308,7 @@ def test_divergence_before_any_checkpoint_says_to_start_again(tmp_path, shakespe
     ):
         trainer.run()
     assert latest_checkpoint(tmp_path) is None
+    assert (tmp_path / "loss_curve.png").is_file()  # drawn up to the bad step, before any evaluation
 
 
 def test_each_steps_loss_is_read_only_after_the_next_step_is_queued(tmp_path, shakespeare_slice, monkeypatch):

@@ -456,6 +456,20 @@ def test_a_bridge_native_name_in_a_cache_lookup_names_ours():
         cache["blocks.2.hook_out"]
 
 
+@pytest.mark.parametrize("name", [5, "blocks.x.hook_out", "layers.0.hook_out", "blocks.2.hook_out"])
+def test_a_name_shaped_like_a_bridge_name_gets_no_bridge_hint(name):
+    """Only "blocks.{i}." with a block this model has is read as a bridge block name: not a name
+    that is no str, nor blocks.x., nor another prefix, which would name blocks.0.hook_resid_post."""
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    expected = f"names_filter: {name!r} is not the name of a hook point of this model; "
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        model.run_with_cache(tokens, names_filter=["hook_embed", name])
+    if isinstance(name, str):
+        _, cache = model.run_with_cache(tokens)
+        with pytest.raises(KeyError, match=re.escape(f"{name!r} is not in this cache")):
+            cache[name]
+
+
 def test_hooks_takes_a_generator_of_hooks():
     """TransformerLens's hooks() reads fwd_hooks once; the name check must not use the generator up."""
     model, tokens = tiny_model(), random_tokens(1, 4)

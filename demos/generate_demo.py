@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
 from gpt2_small import (  # noqa: E402
+    EOT_ID,
     SamplingSettings,
     Transformer,
     TransformerConfig,
@@ -152,8 +153,10 @@ def run_sections(model: Transformer, tok, prompt: str, n: int, sampled: dict, se
         show(f"{described}, seed {s}", generate_text(model, tok, prompt, n, seed=s, **sampled), prompt)
     beams = beam_search(model, to_tokens(prompt, device=model.device), num_beams=4, max_new_tokens=n,
                         no_repeat_ngram_size=3)  # fmt: skip
-    show(f"beam search, 4 beams, no 3-gram repeats (log-prob {beams.log_probs[0]:.1f})",
-         tok.decode([t for t in beams.tokens[0].tolist() if t < 50257]), prompt)  # fmt: skip
+    best = beams.tokens[0].tolist()
+    if best[-1] == EOT_ID:  # the beam ended itself; its text stops before <|endoftext|>, as the samples' do
+        best.pop()
+    show(f"beam search, 4 beams, no 3-gram repeats (log-prob {beams.log_probs[0]:.1f})", tok.decode(best), prompt)
 
     section(f"streaming ({described}), piece by piece as the tokens arrive")
     print(prompt, end="", flush=True)

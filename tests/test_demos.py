@@ -1,6 +1,10 @@
 """The demos as a user runs them, and load_model, which they load through."""
 
+import copy
+import dataclasses
 import importlib.util
+import json
+import math
 import os
 import re
 import shutil
@@ -8,10 +12,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
-from gpt2_small import Transformer, TransformerConfig, load_model
+from gpt2_small import (
+    EOT_ID,
+    BeamSearchOutput,
+    Transformer,
+    TransformerConfig,
+    beam_search,
+    generate_text,
+    get_tokenizer,
+    interp,
+    load_model,
+    process_weights,
+    to_single_token,
+    to_tokens,
+)
+from gpt2_small.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=50304)
@@ -82,6 +101,43 @@ def test_generate_demo_runs_every_section_on_a_train_demo_checkpoint(train_run):
     assert "Traceback" not in result.stderr
 
 
+def test_generate_demo_labels_say_what_made_each_sample(train_run, capsys):
+    """Each sample is the library's for the settings its label names: temperature, top-k, top-p and
+    seed (--seed, and the next seed for the second of your settings' samples), the random model
+    initialised under --seed, beam search with its log-prob, and the stream with your settings. Each
+    continuation follows one copy of the prompt."""
+    prompt, n, seed = "JULIET:", 12, 3
+    argv = ["--run-dir", str(train_run), "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0.7",
+            "--top-k", "7", "--seed", str(seed)]  # fmt: skip
+    assert import_demo("generate_demo").main(argv) == 0
+    out = capsys.readouterr().out
+    model, tok = load_model(train_run), get_tokenizer()
+
+    def sample(**settings):
+        return generate_text(model, tok, prompt, n, **settings)
+
+    torch.manual_seed(seed)
+    expected = [("random, T=1", generate_text(Transformer(model.cfg).eval(), tok, prompt, n, seed=seed))]
+    expected += [("greedy (T=0)", sample(temperature=0))]
+    expected += [(f"T={t}", sample(temperature=t, seed=seed)) for t in (0.5, 1.0, 1.5)]
+    expected += [(f"{k}={v}", sample(seed=seed, **{k: v})) for k, v in
+                 [("top_k", 10), ("top_k", 100), ("top_p", 0.5), ("top_p", 0.95)]]  # fmt: skip
+    expected += [("greedy", sample(temperature=0))]
+    expected += [(f"temperature=0.7, top_k=7, seed {s}", sample(temperature=0.7, top_k=7, seed=s)) for s in (3, 4)]
+    beams = beam_search(model, to_tokens(prompt), num_beams=4, max_new_tokens=n, no_repeat_ngram_size=3)
+    expected += [(f"beam search, 4 beams, no 3-gram repeats (log-prob {beams.log_probs[0]:.1f})",
+                  tok.decode(beams.tokens[0].tolist()))]  # fmt: skip
+    assert re.findall(r"^\[(.+?)\] ", out, flags=re.M) == [label for label, _ in expected]
+    for label, text in expected:
+        assert text.startswith(prompt) and len(text) > len(prompt), label
+        # Later lines of a sample are indented under its label.
+        assert f"[{label}] {prompt}" + text[len(prompt) :].replace("\n", "\n    ") + "\n" in out, label
+    assert len({text for _, text in expected}) >= 8  # the settings do change the samples
+    streamed = re.search(r"=== streaming \((.+?)\), piece by piece.*?\n(.*)\n\(12 tokens at most", out, flags=re.S)
+    assert streamed[1] == "temperature=0.7, top_k=7"
+    assert streamed[2] == sample(temperature=0.7, top_k=7, seed=seed)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -121,6 +177,89 @@ def test_generate_demo_reports_a_broken_newest_checkpoint_rather_than_falling_ba
     assert "step-0000002/model.safetensors not found" in result.stderr
 
 
+def test_generate_demo_shows_a_beam_that_ended_without_its_endoftext(train_run, monkeypatch, capsys):
+    """Before: a beam that chose <|endoftext|> was printed with it, where the samples stop before it."""
+    demo = import_demo("generate_demo")
+    tok = get_tokenizer()
+    ended = tok.encode("ROMEO: O Juliet") + [EOT_ID]
+
+    def beam_search(model, tokens, num_beams, max_new_tokens, **kwargs):
+        assert tokens.tolist() == [tok.encode("ROMEO:")] and (num_beams, max_new_tokens) == (4, 5)
+        return BeamSearchOutput(torch.tensor([ended]), torch.tensor([-0.5]), torch.tensor([-1.5]), torch.tensor([3]))
+
+    monkeypatch.setattr(demo, "beam_search", beam_search)
+    assert demo.main(["--run-dir", str(train_run), "--max-new-tokens", "5"]) == 0
+    assert "[beam search, 4 beams, no 3-gram repeats (log-prob -1.5)] ROMEO: O Juliet\n" in capsys.readouterr().out
+
+
+def test_generate_demo_beam_search_repeats_no_3_gram(tmp_path, monkeypatch, capsys):
+    """A model with every weight 0 scores every token alike, so only the ban keeps beam search from
+    repeating one token: the shown beam has no 3-gram twice, and each token's log-prob is -log 50257."""
+    model = Transformer(SMALL)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    model.save(tmp_path / "flat")
+    demo = import_demo("generate_demo")
+    found = []
+
+    def recorded(*args, **kwargs):
+        found.append(beam_search(*args, **kwargs))
+        return found[-1]
+
+    monkeypatch.setattr(demo, "beam_search", recorded)
+    assert demo.main(["--model", str(tmp_path / "flat"), "--max-new-tokens", "8"]) == 0
+    tokens = found[0].tokens[0].tolist()
+    assert len(tokens) == len(get_tokenizer().encode("ROMEO:")) + 8
+    trigrams = [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+    assert len(set(trigrams)) == len(trigrams), tokens
+    log_prob = 8 * -math.log(50257)
+    assert f"[beam search, 4 beams, no 3-gram repeats (log-prob {log_prob:.1f})] " in capsys.readouterr().out
+
+
+def test_generate_demo_indents_a_samples_later_lines_under_its_label(tmp_path, capsys):
+    """A model that always says "\\n": each sample's continuation lines start indented, so no line of
+    generated text can pass for a new label."""
+    model = Transformer(SMALL)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.unembed.b_U[get_tokenizer().encode("\n")[0]] = 20.0
+    model.save(tmp_path / "newlines")
+    assert import_demo("generate_demo").main(["--model", str(tmp_path / "newlines"), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "\n[greedy (T=0)] ROMEO:\n    \n    \n    \n[T=0.5] ROMEO:\n    \n    \n    \n" in out
+
+
+def test_generate_demo_reports_a_checkpoint_it_cannot_build_in_one_line(train_run, tmp_path, capsys):
+    """A config that TransformerConfig refuses (a ValueError, not an OSError) is reported like a missing file."""
+    checkpoint = tmp_path / "edited"
+    shutil.copytree(train_run / "checkpoints" / "step-0000001", checkpoint)
+    saved = json.loads((checkpoint / "gpt2_small_config.json").read_text())
+    saved["config"]["n_heads"] = 0
+    (checkpoint / "gpt2_small_config.json").write_text(json.dumps(saved))
+    assert import_demo("generate_demo").main(["--model", str(checkpoint)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"generate_demo: could not load '{checkpoint}': TransformerConfig.n_heads must be positive, got 0\n"
+
+
+def test_generate_demo_offline_fallback_is_one_seeded_random_model(tmp_path, monkeypatch, capsys):
+    """With no checkpoint and no hub, the random GPT-2 small is initialised under a fixed seed, whatever
+    the caller's random state: two runs sample from the same model."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    demo = import_demo("generate_demo")
+    weights = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        model, origin = demo.load(None, tmp_path / "no-run", torch.device("cpu"))
+        assert origin == "random GPT-2 small" and model.cfg == TransformerConfig()
+        weights.append(model.blocks[0].attn.W_Q.detach())
+    assert capsys.readouterr().out.startswith("no train_demo checkpoint and no network for gpt2 from the hub")
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_generate_demo_falls_back_to_a_random_model_offline(tmp_path):
     result = run_demo("--run-dir", str(tmp_path / "no-run"), "--max-new-tokens", "2")
@@ -152,6 +291,94 @@ def test_interp_demo_writes_every_png_and_prints_the_top_induction_heads(train_r
         assert f"{best} is in layer 0: no earlier head's output reaches its keys" in out
     assert all((tmp_path / "interp" / name).stat().st_size > 1000 for name in pngs)
     assert "Traceback" not in result.stderr
+
+
+def test_interp_demo_prints_and_plots_what_the_library_computes(tmp_path, monkeypatch, capsys):
+    """Each number the interp demo prints and each map it plots, checked on the model it loaded: the
+    induction scores, their top heads and the uniform-attention baseline; the best head's layer's
+    attention; the logit lens's next-token log-probs and their mean over each copy of the line; the
+    logit differences; patching in logit difference recovered (0 = as corrupted, the gap = clean);
+    the heads that recover most; direct logit attribution of the clean run; K-composition of the
+    folded weights and the best head's readers. The weights are drawn at scale 0.3: a 0.02 init
+    predicts about -log(50257) everywhere, at every layer and for both prompts, which hides a mix-up."""
+    torch.manual_seed(3)  # a seed whose best induction head is L1H1: its readers are not head 0's
+    Transformer(dataclasses.replace(SMALL, init_range=0.3)).save(tmp_path / "model")
+    demo = import_demo("interp_demo")
+    plotted = {}
+
+    def recorder(name):
+        def record(values, *args, **kwargs):
+            plotted.setdefault(name, []).append((values, kwargs.get("title")))
+
+        return record
+
+    for name in ("induction_scores", "attention_patterns", "logit_lens", "patching", "composition_scores"):
+        monkeypatch.setattr(demo.interp, f"plot_{name}", recorder(name))
+    out_dir = tmp_path / "not" / "yet" / "there"
+    assert demo.main(["--model", str(tmp_path / "model"), "--out-dir", str(out_dir)]) == 0
+    assert out_dir.is_dir()
+    out = capsys.readouterr().out
+    model = load_model(tmp_path / "model")
+    exact = dict(rtol=0, atol=0)  # the same computation on the same weights
+
+    seq_len = 31  # the longest repeat that fits n_ctx=64 with its BOS
+    scores = interp.induction_score(model, seq_len=seq_len, batch=8)
+    torch.testing.assert_close(plotted["induction_scores"][0][0], scores, **exact)
+    top = interp.top_heads(scores, k=5)
+    assert "".join(f"\n  {name}: {score:.3f}" for name, score in top) in out
+    # Uniform attention over a causal prefix scores 1 / (keys seen) at each query of the second copy.
+    uniform = float((1 / torch.arange(seq_len + 2, 2 * seq_len + 2)).mean())
+    assert abs(float(re.search(r"uniform attention would give ~([\d.]+)", out)[1]) - uniform) <= 0.005
+
+    best = top[0][0]
+    layer, head = int(best[1]), int(best[3])
+    assert (layer, head) == (1, 1)
+    line = to_tokens(f"{demo.LINE} {demo.LINE}")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(line)
+    torch.testing.assert_close(plotted["attention_patterns"][0][0], cache["pattern", layer][0], **exact)
+    next_log_probs = interp.logit_lens(model, line).log_probs_of(line[:, 1:])[:, 0]
+    torch.testing.assert_close(plotted["logit_lens"][0][0], next_log_probs, **exact)
+    first_copy = to_tokens(demo.LINE).shape[1] - 1  # its tokens after the BOS: the first predictions' targets
+    final = next_log_probs[-1]
+    assert (f"first copy of the line {final[:first_copy].mean():.2f}, second copy "
+            f"{final[first_copy:].mean():.2f}") in out  # fmt: skip
+
+    clean, corrupted = to_tokens(demo.CLEAN), to_tokens(demo.CORRUPTED)
+    good, bad = to_single_token(" Romeo"), to_single_token(" Juliet")
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        corrupted_logits = model(corrupted)
+    clean_diff = float(clean_logits[0, -1, good] - clean_logits[0, -1, bad])
+    corrupted_diff = float(corrupted_logits[0, -1, good] - corrupted_logits[0, -1, bad])
+    assert f"logit difference ' Romeo' - ' Juliet': clean {clean_diff:.2f}, corrupted {corrupted_diff:.2f}" in out
+    gap = clean_diff - corrupted_diff
+    assert abs(gap) >= 0.1 and "barely tells the two prompts apart" not in out
+    (by_position, position_title), (by_head, head_title) = plotted["patching"]
+    assert f"(clean = {gap:+.2f})" in position_title and f"(clean = {gap:+.2f})" in head_title
+    # The prompts differ at one token: patching its embedding in gives the clean run, elsewhere nothing.
+    (changed,) = (clean[0] != corrupted[0]).nonzero()[0].tolist()
+    torch.testing.assert_close(by_position[0, changed], torch.tensor(gap), rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_position[0, :changed], torch.zeros(changed), rtol=0, atol=1e-5)
+    assert by_position.abs().max() > 0  # a gap of 0 would make the checks above vacuous
+    recovered = interp.activation_patching(
+        model, clean, corrupted, lambda logits: logits[0, -1, good] - logits[0, -1, bad] - corrupted_diff, by="head"
+    )
+    torch.testing.assert_close(by_head, recovered, rtol=0, atol=1e-6)
+    top_recovering = ", ".join(f"{name} {value:+.2f}" for name, value in interp.top_heads(recovered, 3))
+    assert f"heads whose clean z recovers the most: {top_recovering}\n" in out
+    dla = interp.direct_logit_attribution(model, clean_cache, good, bad)
+    torch.testing.assert_close(dla.contributions.sum(), torch.tensor(clean_diff), rtol=0, atol=1e-5)
+    assert "largest components: " + ", ".join(f"{name} {value:+.2f}" for name, value in dla.top(5)) + "\n" in out
+
+    composition = process_weights(copy.deepcopy(model)).all_composition_scores("K")
+    torch.testing.assert_close(plotted["composition_scores"][0][0], composition, **exact)
+    if layer > 0:
+        readers = interp.top_heads(composition[:layer, :, layer, head], 3)
+        said = ", ".join(f"{name} {value:.3f}" for name, value in readers)
+        assert f"{best}'s keys read most (K-composition; random heads score about 0.177): {said}\n" in out
+    else:
+        assert f"{best} is in layer 0: no earlier head's output reaches its keys" in out
 
 
 @pytest.mark.slow
@@ -197,6 +424,62 @@ def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, mon
     assert capsys.readouterr().err == f"interrupted; the newest checkpoint is {checkpoint} (continue with --resume)\n"
 
 
+def read_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_demo_reports_its_run_refuses_a_second_start_and_resumes(tmp_path, capsys):
+    """A short run on the bundled Shakespeare, as a user starts it: the last validation loss and the
+    unigram baseline are reported; a second start in the same --out-dir is refused in one line;
+    --resume continues from the newest checkpoint."""
+    demo = import_demo("train_demo")
+    out_dir = tmp_path / "run"
+    argv = ["--out-dir", str(out_dir), "--batch-size", "2", "--eval-interval", "1", "--eval-batches", "1",
+            "--sample-tokens", "2", "--warmup-steps", "1", "--device", "cpu"]  # fmt: skip
+    assert demo.main([*argv, "--max-steps", "2"]) == 0
+    rows = read_rows(out_dir)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    unigram = next(r["unigram_val_loss"] for r in rows if "unigram_val_loss" in r)
+    assert f"{val[0]:.3f}" != f"{val[-1]:.3f}"  # the report names the last
+    out = capsys.readouterr().out
+    assert f"\nfinal validation loss {val[-1]:.3f} nats/token (unigram baseline {unigram:.3f})\n" in out
+    assert demo.main([*argv, "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith(f"train_demo: {out_dir} holds an earlier run (checkpoints, ")
+    assert demo.main([*argv, "--max-steps", "3", "--resume"]) == 0
+    assert [r["step"] for r in read_rows(out_dir) if "loss" in r] == [1, 2, 3]
+
+
+def test_train_demo_reports_divergence_in_one_line(tmp_path, capsys):
+    demo = import_demo("train_demo")
+    argv = ["--out-dir", str(tmp_path), "--batch-size", "2", "--eval-interval", "0", "--eval-batches", "1",
+            "--sample-tokens", "2", "--warmup-steps", "1", "--device", "cpu", "--max-steps", "4", "--lr", "1e12"]  # fmt: skip
+    assert demo.main(argv) == 1
+    err = capsys.readouterr().err
+    # One line after the progress bar, with no traceback; no checkpoint was due, so it says to start again.
+    assert re.search(r"\ntrain_demo: training diverged at step \d: loss \S+, gradient norm .+ --overwrite\.\n\Z", err)
+    assert "Traceback" not in err
+
+
+def test_train_demo_with_no_flags_trains_trainconfigs_defaults():
+    parsed = vars(import_demo("train_demo").build_parser().parse_args([]))
+    assert parsed.pop("resume") is False
+    assert TrainConfig(**parsed) == TrainConfig(out_dir=str(REPO / "runs" / "train_demo"))
+    flags = ["--lr", "3e-4", "--batch-size", "3", "--no-fused-loss", "--compile", "--epochs", "2"]
+    parsed = vars(import_demo("train_demo").build_parser().parse_args(flags))
+    chosen = {name: parsed[name] for name in ("lr", "batch_size", "fused_loss", "compile", "epochs")}
+    assert chosen == {"lr": 3e-4, "batch_size": 3, "fused_loss": False, "compile": True, "epochs": 2}
+
+
+def test_train_demo_help_states_each_presets_defaults():
+    options = re.split(r"\n(?=  -)", import_demo("train_demo").build_parser().format_help())
+    said = {block.split()[0].rstrip(","): " ".join(block.split()) for block in options if block.startswith("  -")}
+    assert "(default by preset: gpt2 6.0e-04, tiny 1.5e-03)" in said["--lr"]
+    assert "(default by preset: gpt2 6.0e-05, tiny 1.5e-04; lr / 10 when --lr is given)" in said["--min-lr"]
+    # GPT-2's own form for gpt2: W_U tied to W_E, and no b_U; TransformerLens's for tiny.
+    assert "(default by preset: gpt2 off, tiny on)" in said["--unembed-bias"]
+    assert "(default by preset: gpt2 on, tiny off)" in said["--tie-embeddings"]
+
+
 def test_generate_demo_ends_an_interrupted_stream_in_one_line(train_run, monkeypatch, capsys):
     """Before: a Ctrl-C printed Python's KeyboardInterrupt traceback after the half-streamed line."""
     demo = import_demo("generate_demo")
@@ -222,13 +505,66 @@ def test_interp_demo_interrupted_names_the_pngs_already_written(train_run, tmp_p
     """Before: a Ctrl-C printed Python's KeyboardInterrupt traceback and nothing about the PNGs."""
     demo = import_demo("interp_demo")
     out_dir = tmp_path / "interp"
+    plot_attention_patterns = demo.interp.plot_attention_patterns
     monkeypatch.setattr(demo.interp, "plot_attention_patterns", interrupt)  # the second plot, after the first
     assert demo.main(["--run-dir", str(train_run), "--out-dir", str(out_dir)]) == 130
     assert capsys.readouterr().err == f"\ninterp_demo: interrupted; PNGs in {out_dir}: induction_scores.png\n"
+    monkeypatch.setattr(demo.interp, "plot_attention_patterns", plot_attention_patterns)
+    monkeypatch.setattr(demo.interp, "plot_patching", interrupt)  # the fourth, after three in another order
+    assert demo.main(["--run-dir", str(train_run), "--out-dir", str(out_dir)]) == 130
+    assert capsys.readouterr().err.endswith(  # after the patching's progress bar
+        f"\ninterp_demo: interrupted; PNGs in {out_dir}: attention_layer1.png, induction_scores.png, logit_lens.png\n"
+    )
+    for png in ("attention_layer1.png", "logit_lens.png"):
+        (out_dir / png).unlink()
     monkeypatch.setattr(demo.interp, "induction_score", interrupt)  # the first experiment
     (out_dir / "induction_scores.png").unlink()
     assert demo.main(["--run-dir", str(train_run), "--out-dir", str(out_dir)]) == 130
     assert capsys.readouterr().err == "\ninterp_demo: interrupted; no PNG was written yet\n"
+
+
+def test_interp_demo_prefers_the_train_demo_run_to_its_own_fallback_run(train_run, tmp_path):
+    """Both hold a checkpoint: --run-dir's is taken; the fallback's under <out-dir>/train only when it has none."""
+    demo = import_demo("interp_demo")
+    shutil.copytree(train_run / "checkpoints", tmp_path / "out" / "train" / "checkpoints")
+    args = demo.build_parser().parse_args(["--run-dir", str(train_run), "--out-dir", str(tmp_path / "out")])
+    assert demo.load(args, torch.device("cpu"))[1] == f"{train_run} (newest checkpoint)"
+    args.run_dir = str(tmp_path / "no-run")
+    assert demo.load(args, torch.device("cpu"))[1] == f"{tmp_path / 'out' / 'train'} (newest checkpoint)"
+
+
+def test_interp_demo_fallback_training_takes_the_device_and_replaces_an_unfinished_run(tmp_path, monkeypatch):
+    """Offline with no checkpoint anywhere: the short run trains on --device, and an earlier fallback
+    run stopped before its first checkpoint (its metrics.jsonl alone) is started afresh, not refused."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    demo = import_demo("interp_demo")
+    fallback = tmp_path / "out" / "train"
+    fallback.mkdir(parents=True)
+    (fallback / "metrics.jsonl").write_text('{"step": 0}\n')
+    started = []
+
+    class Trainer(demo.Trainer):
+        def run(self):
+            started.append((self.cfg.device, self.step))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "Trainer", Trainer)
+    argv = ["--run-dir", str(tmp_path / "no-run"), "--out-dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert demo.main([*argv, "--train-steps", "2"]) == 130
+    assert started == [("cpu", 0)]
+    assert not (fallback / "metrics.jsonl").exists()  # the unfinished run's, deleted
+
+
+def test_interp_demo_refuses_a_one_layer_model(tmp_path, capsys):
+    Transformer(dataclasses.replace(SMALL, n_layers=1)).save(tmp_path / "one-layer")
+    demo = import_demo("interp_demo")
+    assert demo.main(["--model", str(tmp_path / "one-layer"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"interp_demo: induction heads need at least 2 layers; {tmp_path / 'one-layer'} has 1\n"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -280,6 +280,22 @@ def test_kv_cache_logits_equal_full_recompute_at_every_step(sampling_pair, attn_
     assert int(cache.cursor) == (20 if static else 0)  # only a static cache keeps its position on the device
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_kv_cache_for_a_bfloat16_model_holds_bfloat16_and_decodes_as_the_full_run(sampling_pair, static):
+    """for_model takes the model's dtype: a float32 cache beside a bf16 model would hand attention
+    float32 keys and values for bf16 queries."""
+    model = copy.deepcopy(sampling_pair.model).to(torch.bfloat16)
+    cache = KVCache.for_model(model, batch=1, max_pos=6, static=static)
+    assert {t.dtype for t in (*cache.k, *cache.v)} == {torch.bfloat16}
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        model(tokens[:, :5], kv_cache=cache)
+        logits = model(tokens[:, 5:], kv_cache=cache)
+        full = model(tokens)[:, -1:]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, full)  # bfloat16's default tolerances: rtol 1.6e-2, atol 1e-5
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])

@@ -245,6 +245,16 @@ def small_vocab_pair(tmp_path_factory) -> SamplingPair:
 
 
 @pytest.fixture
+def offline_hub(monkeypatch, tmp_path) -> None:
+    """The Hugging Face Hub offline, with an empty cache: a hub id is then refused with an OSError at
+    once, as on a machine with no network that has downloaded nothing."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.fixture
 def without_shape_checks():
     """Turn jaxtyping's runtime shape checks off for one test, as in a user's code: torch.compile
     (dynamo) cannot trace the checker, and a wrongly typed argument would otherwise be refused by

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -192,14 +191,19 @@ def test_generate_demo_shows_a_beam_that_ended_without_its_endoftext(train_run, 
     assert "[beam search, 4 beams, no 3-gram repeats (log-prob -1.5)] ROMEO: O Juliet\n" in capsys.readouterr().out
 
 
-def test_generate_demo_beam_search_repeats_no_3_gram(tmp_path, monkeypatch, capsys):
-    """A model with every weight 0 scores every token alike, so only the ban keeps beam search from
-    repeating one token: the shown beam has no 3-gram twice, and each token's log-prob is -log 50257."""
+def flat_model() -> Transformer:
+    """SMALL with every weight 0: the same logits, so the same score, for every token."""
     model = Transformer(SMALL)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.zero_()
-    model.save(tmp_path / "flat")
+    return model
+
+
+def test_generate_demo_beam_search_repeats_no_3_gram(tmp_path, monkeypatch, capsys):
+    """A model with every weight 0 scores every token alike, so only the ban keeps beam search from
+    repeating one token: the shown beam has no 3-gram twice, and each token's log-prob is -log 50257."""
+    flat_model().save(tmp_path / "flat")
     demo = import_demo("generate_demo")
     found = []
 
@@ -220,10 +224,8 @@ def test_generate_demo_beam_search_repeats_no_3_gram(tmp_path, monkeypatch, caps
 def test_generate_demo_indents_a_samples_later_lines_under_its_label(tmp_path, capsys):
     """A model that always says "\\n": each sample's continuation lines start indented, so no line of
     generated text can pass for a new label."""
-    model = Transformer(SMALL)
+    model = flat_model()
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.zero_()
         model.unembed.b_U[get_tokenizer().encode("\n")[0]] = 20.0
     model.save(tmp_path / "newlines")
     assert import_demo("generate_demo").main(["--model", str(tmp_path / "newlines"), "--max-new-tokens", "3"]) == 0
@@ -244,11 +246,9 @@ def test_generate_demo_reports_a_checkpoint_it_cannot_build_in_one_line(train_ru
     assert err == f"generate_demo: could not load '{checkpoint}': TransformerConfig.n_heads must be positive, got 0\n"
 
 
-def test_generate_demo_offline_fallback_is_one_seeded_random_model(tmp_path, monkeypatch, capsys):
+def test_generate_demo_offline_fallback_is_one_seeded_random_model(tmp_path, capsys, offline_hub):
     """With no checkpoint and no hub, the random GPT-2 small is initialised under a fixed seed, whatever
     the caller's random state: two runs sample from the same model."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     demo = import_demo("generate_demo")
     weights = []
     for state in (1, 2):
@@ -533,11 +533,11 @@ def test_interp_demo_prefers_the_train_demo_run_to_its_own_fallback_run(train_ru
     assert demo.load(args, torch.device("cpu"))[1] == f"{tmp_path / 'out' / 'train'} (newest checkpoint)"
 
 
-def test_interp_demo_fallback_training_takes_the_device_and_replaces_an_unfinished_run(tmp_path, monkeypatch):
+def test_interp_demo_fallback_training_takes_the_device_and_replaces_an_unfinished_run(
+    tmp_path, monkeypatch, offline_hub
+):
     """Offline with no checkpoint anywhere: the short run trains on --device, and an earlier fallback
     run stopped before its first checkpoint (its metrics.jsonl alone) is started afresh, not refused."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     demo = import_demo("interp_demo")
     fallback = tmp_path / "out" / "train"
     fallback.mkdir(parents=True)

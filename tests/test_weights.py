@@ -258,13 +258,11 @@ def test_a_minimal_or_old_config_json_takes_gpt2s_defaults():
             config_from_hf({k: v for k, v in minimal.items() if k != key})
 
 
-def test_missing_directory_and_files(tmp_path, monkeypatch):
+def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         Transformer.from_pretrained(tmp_path / "nope" / "deeper")
     # Spelled as paths, not hub ids ("user/model"), so never looked up on the hub, which offline
     # with an empty cache would raise a plain OSError.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)
     for name in ("./finetuned", "/finetuned-gpt2", "~/no-such-gpt2-checkpoint", "runs/finetuned/final"):
         with pytest.raises(
@@ -353,9 +351,7 @@ def _edit_json(path: Path, drop: str) -> None:
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != drop}))
 
 
-def test_hub_id_offline_gives_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+def test_hub_id_offline_gives_one_clear_error(offline_hub):
     with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
         Transformer.from_pretrained("gpt2")
 
@@ -376,7 +372,9 @@ def test_what_the_hub_raises_online_is_the_same_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("has_safetensors", [True, False], ids=["safetensors", "bin-only"])
-def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp_path, monkeypatch, has_safetensors):
+def test_a_hub_id_downloads_the_config_and_one_weights_file(
+    tiny_checkpoint, tmp_path, monkeypatch, has_safetensors, offline_hub
+):
     """The hub stands in for a repository holding both files, or, like older uploads, only the pickle."""
     directory, hf = tiny_checkpoint
     repo = tmp_path / "repo"
@@ -398,8 +396,6 @@ def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     # Were the stand-in not called, offline with an empty cache the real hub would raise, not download.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = Transformer.from_pretrained("gpt2")
     tokens = tokens_for(model.cfg)
     torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
@@ -419,13 +415,11 @@ def test_a_hub_id_downloads_the_config_and_one_weights_file(tiny_checkpoint, tmp
     ],
 )  # fmt: skip
 def test_a_bad_device_or_dtype_is_refused_before_any_weights_are_read(
-    monkeypatch, tmp_path, placement, error, message, without_shape_checks
+    tmp_path, placement, error, message, without_shape_checks, offline_hub
 ):
     # Shape checks off, as in a user's code: beartype would refuse a mistyped device or dtype first.
     # Offline with an empty cache, a hub id raises OSError once it is looked up: the ValueError
     # shows the check came first (online, before a download of up to 6 GB).
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(error, match=message):
         Transformer.from_pretrained("gpt2", **placement)
     with pytest.raises(error, match=message):

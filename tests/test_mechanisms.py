@@ -423,6 +423,38 @@ def test_a_misspelt_hook_name_is_refused_before_anything_runs(route):
         model.run_with_cache(tokens, names_filter="hook_zzz")
 
 
+def test_a_misspelt_hook_name_near_several_gets_the_three_nearest():
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    near = "'blocks.0.hook_resid_pre' or 'blocks.0.hook_resid_mid' or 'blocks.0.hook_resid_post'"
+    with pytest.raises(ValueError, match=re.escape(f"did you mean {near}?")):
+        model.run_with_cache(tokens, names_filter="blocks.0.hook_resid")
+
+
+@pytest.mark.parametrize("route", ["run_with_hooks", "bwd_hooks", "add_hook"])
+def test_a_hook_named_by_a_filter_function_runs_on_every_hook_point_it_picks(route):
+    """As in TransformerLens, a hook's name may be a function of the hook name: it is no name to
+    check, and the hook runs at each hook point for which it returns True."""
+    model, tokens = tiny_model(), random_tokens(1, 4)
+    seen = []
+
+    def record(x, hook):
+        seen.append(hook.name)
+
+    def picks(name):
+        return name.endswith("hook_resid_post")
+
+    if route == "add_hook":
+        model.add_hook(picks, record)
+        model(tokens)
+    elif route == "run_with_hooks":
+        model.run_with_hooks(tokens, fwd_hooks=[(picks, record)])
+    else:
+        model.run_with_hooks(tokens, return_type="loss", bwd_hooks=[(picks, record)], reset_hooks_end=False).backward()
+    model.reset_hooks()
+    expected = [f"blocks.{layer}.hook_resid_post" for layer in range(TINY.n_layers)]
+    assert sorted(seen) == expected and len(seen) == len(expected)
+
+
 @pytest.mark.parametrize("route", HOOK_NAME_ROUTES)
 def test_a_bridge_native_hook_name_is_refused_with_ours(route):
     """The TransformerLens bridge's own names ("blocks.1.hook_out", "unembed.hook_out") are no hook
@@ -558,6 +590,8 @@ def test_split_qkv_input_and_attn_in_exclude_each_other():
     model.set_use_split_qkv_input(True)
     with pytest.raises(ValueError, match=r"mutually exclusive .* call model.set_use_split_qkv_input\(False\) first"):
         model.set_use_attn_in(True)
+    assert "blocks.0.hook_q_input" in model.hook_dict and "blocks.0.hook_attn_in" not in model.hook_dict
+    model.set_use_attn_in(False)  # turning the other one off is no conflict, and changes nothing
     assert "blocks.0.hook_q_input" in model.hook_dict and "blocks.0.hook_attn_in" not in model.hook_dict
 
 

@@ -1147,6 +1147,9 @@ def test_forward_rejects_bad_masks_and_caches(sampling_pair):
         model(torch.tensor([[4, 5]]), kv_cache=cache)
     with pytest.raises(ValueError, match="kv_cache holds 1 sequences, but tokens has batch size 2"):
         model(torch.tensor([[4], [5]]), kv_cache=cache)
+    # A larger cache too: one sequence's keys would broadcast into both of its rows.
+    with pytest.raises(ValueError, match="kv_cache holds 2 sequences, but tokens has batch size 1"):
+        model(tokens, kv_cache=KVCache.for_model(model, batch=2, max_pos=4))
     with pytest.raises(ValueError, match=r"KVCache max_pos=129 must be in \[1, n_ctx=128\]"):
         KVCache.for_model(model, batch=1, max_pos=129)
     with pytest.raises(ValueError, match=r"KVCache max_pos=0 must be in \[1, n_ctx=128\]"):

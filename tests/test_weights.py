@@ -515,12 +515,10 @@ def test_load_refuses_what_save_did_not_write(tmp_path, tiny_checkpoint):
         Transformer.load(tmp_path)
     cfg = NANO
     Transformer(cfg).save(tmp_path)
-    config_file = tmp_path / "gpt2_small_config.json"
-    meta = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({"config": meta["config"]}))  # a valid config with no format tag
+    _edit_json(tmp_path / "gpt2_small_config.json", drop="format")  # a valid config with no format tag
     with pytest.raises(ValueError, match=r"not a gpt2_small checkpoint config \(format=None\)"):
         Transformer.load(tmp_path)
-    config_file.write_text(json.dumps(meta))
+    Transformer(cfg).save(tmp_path)
     save_file({}, tmp_path / "model.safetensors")  # a valid safetensors file with nothing in it
     with pytest.raises(ValueError, match="model.safetensors holds no tensors"):
         Transformer.load(tmp_path)

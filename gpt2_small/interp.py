@@ -275,7 +275,7 @@ class ActivationCache(dict):
         each layer's logits); for an earlier layer, the cached scale of the LayerNorm that reads
         the last entry, blocks[layer].ln1 (ln2 with mlp_input), as in apply_ln_to_stack.
         """
-        layer = self._layer(layer)
+        layer = self._layer(layer, mlp_input=mlp_input)
         labels, parts = [], []
         for i in range(layer + 1):
             if i == self.n_layers:
@@ -315,12 +315,12 @@ class ActivationCache(dict):
         """
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
-        layer = self._layer(layer)
+        layer = self._layer(layer, mlp_input=mlp_input)
         labels, parts = [], []
         if incl_embeds:
             labels += ["embed", "pos_embed"]
             parts += [self["hook_embed"], self["hook_pos_embed"]]
-        for i in range(layer + (1 if mlp_input and layer < self.n_layers else 0)):
+        for i in range(layer + int(mlp_input)):
             if mode != "mlp":
                 labels.append(f"{i}_attn_out")
                 parts.append(self["attn_out", i])
@@ -544,7 +544,7 @@ class ActivationCache(dict):
         ln_final itself (w and b included) on each component, with the component's own statistics;
         with another layer it is refused (TransformerLens ignores it there, and divides by the cached scale).
         """
-        layer = self._layer(layer)
+        layer = self._layer(layer, mlp_input=mlp_input)
         if recompute_ln and layer != self.n_layers:
             raise ValueError(
                 f"recompute_ln runs ln_final, which reads the final stream: pass layer=None (or -1, or "

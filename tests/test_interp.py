@@ -323,6 +323,24 @@ def test_neuron_and_full_decompositions_refuse_what_has_no_meaning(run, without_
             getattr(cache, helper)(2, project_output_onto=torch.ones(31))
 
 
+@pytest.mark.parametrize("layer", [None, -1, 3])
+@pytest.mark.parametrize("helper", ["accumulated_resid", "decompose_resid", "apply_ln_to_stack"])
+def test_mlp_input_after_the_last_block_is_refused_not_ignored(run, helper, layer):
+    """There is no MLP after the last block, so no stream it reads. TransformerLens ignores mlp_input
+    there (accumulated_resid, apply_ln_to_stack) or fails on a missing hook (decompose_resid)."""
+    _, cache = run
+    args = (cache.accumulated_resid(),) if helper == "apply_ln_to_stack" else ()
+    with pytest.raises(ValueError, match="mlp_input needs a layer below n_layers=3: there is no MLP after the last"):
+        getattr(cache, helper)(*args, layer=layer, mlp_input=True)
+    # one block earlier, mlp_input is the input of block 2's MLP: resid_mid, read by ln2
+    args = (cache.accumulated_resid(layer=2, mlp_input=True),) if helper == "apply_ln_to_stack" else ()
+    stack = getattr(cache, helper)(*args, layer=2, mlp_input=True)
+    if helper == "apply_ln_to_stack":
+        torch.testing.assert_close(stack[-1], cache["normalized", 2, "ln2"])
+    else:
+        torch.testing.assert_close(stack[-1] if helper == "accumulated_resid" else stack.sum(0), cache["resid_mid", 2])
+
+
 def test_a_cache_without_its_batch_axis_gives_the_same_helpers_without_it(model, tokens):
     with torch.no_grad():
         _, batched = model.run_with_cache(tokens[:1])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import SPECS
 from PIL import Image
+from transformer_lens import patching as tl_patching
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 
@@ -1134,6 +1135,35 @@ def test_patching_grids_by_position_and_by_head_locate_the_corruption(model, tok
         activation_patching(model, tokens, corrupted[:, :5], restored_fraction)
     with pytest.raises(ValueError, match=r"metric must return a scalar, got a tensor of shape \(3,\)"):
         activation_patching(model, tokens, corrupted, lambda logits: logits[:, -1, 0], progress=False)
+
+
+# TransformerLens's patching module, with the hook names it patches in each grid
+TL_PATCHING = [("get_act_patch_resid_pre", "resid_pre", "position"), ("get_act_patch_attn_out", "attn_out", "position"),
+               ("get_act_patch_mlp_out", "mlp_out", "position"), ("get_act_patch_attn_head_out_all_pos", "z", "head"),
+               ("get_act_patch_attn_head_q_all_pos", "q", "head"), ("get_act_patch_attn_head_k_all_pos", "k", "head"),
+               ("get_act_patch_attn_head_v_all_pos", "v", "head"),
+               ("get_act_patch_attn_head_pattern_all_pos", "pattern", "head")]  # fmt: skip
+
+
+@pytest.mark.parametrize("ref", [SPECS[1]], ids=[SPECS[1].name], indirect=True)
+def test_activation_patching_equals_transformer_lens_patching_on_the_bridge(ref):
+    """Each grid against transformer_lens.patching's get_act_patch_* on the bridge, same tokens and
+    metric. Not resid_mid: editing the bridge's hook_resid_mid reaches ln2 alone, not the stream that
+    mlp_out is added to (see test_an_edit_of_resid_mid_is_the_stream_the_mlp_output_is_added_to)."""
+    clean = ref.tokens[:2, :6]
+    corrupted = clean.clone()
+    corrupted[:, 2] = (corrupted[:, 2] + 7) % 50257
+
+    def metric(logits):
+        return (logits[:, -1, 11] - logits[:, -1, 12]).mean()
+
+    with torch.no_grad():
+        _, clean_cache = ref.bridge.run_with_cache(clean)
+    for function, hook, by in TL_PATCHING:
+        expected = getattr(tl_patching, function)(ref.bridge, corrupted, clean_cache, metric)
+        grid = activation_patching(ref.model, clean, corrupted, metric, hook=hook, by=by, progress=False)
+        torch.testing.assert_close(grid, expected, rtol=1e-4, atol=1e-4, msg=function)
+        assert grid.abs().max() > 1e-3, function  # the corruption reaches the metric through this hook
 
 
 def test_activation_patching_checks_its_arguments_before_the_clean_run(model, tokens, without_shape_checks):

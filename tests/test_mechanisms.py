@@ -624,6 +624,21 @@ def test_a_split_key_input_reaches_that_heads_keys_alone():
     assert len(calls) == 3
 
 
+def test_an_edit_of_resid_mid_is_the_stream_the_mlp_output_is_added_to():
+    """hook_resid_mid sits on the residual stream itself, as in TransformerLens's HookedTransformer
+    (TransformerLens issue #309; hook_mlp_in is the copy only the MLP reads): an edit there reaches
+    ln2 and resid_post both. On the 4.3 bridge it reaches ln2 alone."""
+    model, tokens = tiny_model(), random_tokens(2, 6)
+    _, clean = model.run_with_cache(tokens)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_mid", lambda x, hook: 2.0 * x)]):
+        _, patched = model.run_with_cache(tokens)
+    torch.testing.assert_close(patched["resid_mid", 0], 2.0 * clean["resid_mid", 0], rtol=0, atol=0)
+    assert not torch.equal(patched["mlp_out", 0], clean["mlp_out", 0])  # ln2 read the edit
+    torch.testing.assert_close(
+        patched["resid_post", 0], patched["resid_mid", 0] + patched["mlp_out", 0], rtol=0, atol=0
+    )
+
+
 def test_mlp_in_is_a_copy_only_the_mlp_reads():
     model, tokens = tiny_model(), random_tokens(2, 6)
     model.set_use_hook_mlp_in(True)

@@ -309,7 +309,11 @@ class TokenWindows(Dataset):
         return (len(self.tokens) - self.n_ctx - 1) // self.stride + 1
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = i * self.stride
+        # IndexError past the end is what stops a for loop over the windows (a Dataset has no __iter__)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"window {i} is outside the {n} windows [{-n}, {n})")
+        start = (i % n) * self.stride
         window = torch.from_numpy(self.tokens[start : start + self.n_ctx + 1].astype(np.int64))
         return window[:-1], window[1:]
 

@@ -1,6 +1,7 @@
 """Datasets to token windows: sources, document separators, the cache, splits, errors."""
 
 import gzip
+import itertools
 import json
 import logging
 import re
@@ -409,6 +410,18 @@ def test_windows_tile_or_overlap_by_stride():
     assert len(overlapping) == 8 and overlapping[1][0].tolist() == [2, 3, 4, 5]
     with pytest.raises(ValueError, match="stride must be >= 1"):
         TokenWindows(tokens, n_ctx=4, stride=0)
+
+
+def test_windows_index_as_a_sequence_and_iteration_stops_at_the_last():
+    """Before, an index past the end gave a short window (or an empty one), and a for loop over the
+    windows, which stops only at an IndexError, never ended."""
+    windows = TokenWindows(np.arange(20, dtype=np.uint16), n_ctx=4, stride=3)  # starts 0, 3, ..., 15
+    inputs = [x.tolist() for x, _ in itertools.islice(windows, 10)]  # bounded: before, it never stopped
+    assert inputs == [[start + i for i in range(4)] for start in range(0, 16, 3)]
+    assert windows[-1][1].tolist() == [16, 17, 18, 19] and windows[-6][0].tolist() == [0, 1, 2, 3]
+    for outside in (6, -7):
+        with pytest.raises(IndexError, match=rf"window {outside} is outside the 6 windows \[-6, 6\)"):
+            windows[outside]
 
 
 def test_train_val_split_is_a_deterministic_tail():

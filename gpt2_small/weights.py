@@ -66,6 +66,7 @@ def config_from_hf(hf_config: dict) -> TransformerConfig:
         ("scale_attn_weights", True),
         ("scale_attn_by_inverse_layer_idx", False),
         ("reorder_and_upcast_attn", False),
+        ("add_cross_attention", False),  # an encoder-decoder's GPT-2 half: each block also attends to an encoder
     ):
         if hf_config.get(flag, supported) != supported:
             raise ValueError(f"{flag}={hf_config[flag]!r} is not supported; GPT-2 uses {flag}={supported}")

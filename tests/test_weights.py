@@ -234,6 +234,11 @@ def test_convert_rejects_a_state_dict_for_another_shape(tiny_checkpoint):
             "scale_attn_weights=False is not supported; GPT-2 uses scale_attn_weights=True",
         ),
         ({"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn=True is not supported"),
+        # before, the first cross-attention tensor was named as an unexpected key, after the weights were read
+        (
+            {"add_cross_attention": True},
+            "add_cross_attention=True is not supported; GPT-2 uses add_cross_attention=False",
+        ),
         ({"n_head": 5}, "n_embd=32 is not divisible by n_head=5"),
     ],
 )

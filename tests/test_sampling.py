@@ -435,6 +435,9 @@ def test_compiled_decoding_step_gives_the_eager_tokens(small_vocab_pair, without
     penalties, and beam search, each with left padding. All three have one cache shape, so one compilation serves them."""
     model, eos = small_vocab_pair.model, small_vocab_pair.eos
     tokens, mask = pad_prompts([[5, 6, 7, 8], [9, 10]], pad_id=eos)
+    # The compiled step is one function for every generation, so an earlier test that compiled it
+    # for this shape (in another test order) would leave nothing to compile here: start afresh.
+    torch._dynamo.reset()
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
     greedy = generate(model, tokens, 20, temperature=0, attention_mask=mask, stop_at_eos=False, compile=True)

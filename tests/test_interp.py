@@ -956,6 +956,9 @@ def test_direct_logit_attribution_takes_no_text_for_a_token(model, run, without_
         direct_logit_attribution(model, cache, " Romeo", 7)
     with pytest.raises(TypeError, match="^incorrect must be a token id"):
         direct_logit_attribution(model, cache, 7, "x")
+    for not_ids in (torch.tensor([1.0, 2.0, 3.0]), True, torch.tensor(True)):  # a float, a bool: no id
+        with pytest.raises(ValueError, match=r"^correct must be token ids \(ints\), got dtype torch\.(float32|bool)$"):
+            direct_logit_attribution(model, cache, not_ids, 7)
 
 
 def test_direct_logit_attribution_names_bad_token_ids_and_positions(model, run):

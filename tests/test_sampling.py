@@ -1137,6 +1137,12 @@ def test_a_mask_value_other_than_0_or_1_is_refused(sampling_pair, value):
         generate(model, tokens, 2, attention_mask=mask, freq_penalty=1.0)
 
 
+def test_forward_names_a_mask_that_is_no_tensor(sampling_pair, without_shape_checks):
+    """As a user's code without jaxtyping's checks passes it: a list, where a tensor is needed."""
+    with pytest.raises(TypeError, match="^attention_mask must be a torch.Tensor, got list$"):
+        sampling_pair.model(torch.tensor([[1, 2, 3]]), attention_mask=[[1, 1, 1]])
+
+
 def test_forward_rejects_bad_masks_and_caches(sampling_pair):
     model = sampling_pair.model
     tokens = torch.tensor([[1, 2, 3]])

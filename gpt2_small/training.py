@@ -1023,7 +1023,7 @@ class Trainer:
         if self.step >= self.max_steps and finished:
             budget = f"max_steps={self.max_steps}"
             if self.cfg.epochs:
-                budget = f"epochs={self.cfg.epochs} ({self.max_steps} steps)"
+                budget = f"epochs={self.cfg.epochs} ({self.max_steps} step{'' if self.max_steps == 1 else 's'})"
             raise ValueError(
                 f"--resume: the checkpoint {path.name} is at step {self.step}, and {budget} leaves nothing to "
                 f"train; raise --max-steps (or --epochs) to train on"

@@ -860,6 +860,9 @@ def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_s
         with pytest.raises(ValueError, match=rf"checkpoint step-0000003 is at step 3, and max_steps={max_steps} "
                            r"leaves nothing to train; raise --max-steps \(or --epochs\)"):  # fmt: skip
             Trainer(micro_config(tmp_path, max_steps=max_steps), data=shakespeare_slice, resume=True)
+    # A budget given in epochs is named as given, with the steps it comes to (here 1 of 3 done)
+    with pytest.raises(ValueError, match=r"is at step 3, and epochs=0\.001 \(1 step\) leaves nothing to train"):
+        Trainer(micro_config(tmp_path, epochs=0.001), data=shakespeare_slice, resume=True)
     assert (tmp_path / "samples.txt").read_text() == samples
     assert Trainer(micro_config(tmp_path, max_steps=4), data=shakespeare_slice, resume=True).run()[-1]["step"] == 4
 

@@ -1389,7 +1389,7 @@ class Transformer(HookedRootModule):
         """
         from safetensors.torch import save_file
 
-        path = Path(path)
+        path = Path(path).expanduser()  # "~/runs/x": a "~" directory in the working directory is never meant
         path.mkdir(parents=True, exist_ok=True)
         tensors = _dense_unshared(self.state_dict())
         _atomic_write(path / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -1406,7 +1406,7 @@ class Transformer(HookedRootModule):
     ) -> "Transformer":
         """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
         _check_placement(device, dtype)
-        path = Path(path)
+        path = Path(path).expanduser()
         config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
         for f in (config_file, weights_file):
             if not f.is_file():

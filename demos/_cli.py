@@ -8,6 +8,12 @@ from pathlib import Path
 TRAIN_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 
+def user_path(text: str) -> str:
+    """A directory option's argparse type: "~" expanded. The shell leaves it alone in --out-dir=~/x,
+    and the demo would then write to a directory named "~" in the working directory."""
+    return str(Path(text).expanduser())
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each option's default to its help, unless the help already says what the default is.
 

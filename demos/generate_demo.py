@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
 from gpt2_small import (  # noqa: E402
     EOT_ID,
     SamplingSettings,
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed for every sample")
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu) or a torch device")
     parser.add_argument(
-        "--run-dir", default=str(TRAIN_RUN), help="the train_demo --out-dir tried when --model is not given"
+        "--run-dir",
+        type=user_path,
+        default=str(TRAIN_RUN),
+        help="the train_demo --out-dir tried when --model is not given",
     )
     return parser
 

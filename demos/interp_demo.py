@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
 from gpt2_small import (  # noqa: E402
     Transformer,
     interp,  # noqa: E402
@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None, help="hub id, Hugging Face directory, Transformer.save directory "
                         "or train_demo --out-dir (default: runs/train_demo, else gpt2, else a short training run)")  # fmt: skip
-    parser.add_argument("--run-dir", default=str(TRAIN_RUN), help="train_demo run tried first")
-    parser.add_argument("--out-dir", default=str(ROOT / "runs" / "interp_demo"), help="where the PNGs go")
+    parser.add_argument("--run-dir", type=user_path, default=str(TRAIN_RUN), help="train_demo run tried first")
+    parser.add_argument(
+        "--out-dir", type=user_path, default=str(ROOT / "runs" / "interp_demo"), help="where the PNGs go"
+    )
     parser.add_argument("--prompt", default=f"{LINE} {LINE}", help="text for the attention and logit-lens plots")
     parser.add_argument("--clean", default=CLEAN, help="clean prompt of the patching experiment")
     parser.add_argument("--corrupted", default=CORRUPTED, help="corrupted prompt (same token count as --clean)")

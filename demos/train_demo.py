@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demos._cli import TRAIN_RUN, HelpFormatter  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
 from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
     PRESETS,
@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         if base is bool:  # None: the preset's
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
             continue
-        parser.add_argument(flag, type=base, default=f.default, help=HELP[f.name])
+        kind = user_path if f.name.endswith("_dir") else base
+        parser.add_argument(flag, type=kind, default=f.default, help=HELP[f.name])
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     parser.set_defaults(out_dir=str(TRAIN_RUN))  # the repository's runs/, where the other demos look
     return parser

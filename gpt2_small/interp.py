@@ -1093,7 +1093,8 @@ def _figure(width: float, height: float):
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         logger.info("wrote %s", path)
     return fig

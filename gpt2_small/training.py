@@ -568,7 +568,7 @@ class _Interrupts:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: TokenData | None = None):
         self.cfg = cfg
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = Path(cfg.out_dir).expanduser()
         requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
         self.dist = init_distributed(pick_device(requested).type)
         self.device = pick_device(cfg.device, self.dist.local_rank)
@@ -1066,7 +1066,7 @@ def finish_row(row: dict) -> dict:
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory under out_dir/checkpoints, or None."""
-    root = Path(out_dir) / CHECKPOINTS
+    root = Path(out_dir).expanduser() / CHECKPOINTS
     pointer = root / "latest"
     if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
         return root / pointer.read_text().strip()

@@ -255,6 +255,18 @@ def offline_hub(monkeypatch, tmp_path) -> None:
 
 
 @pytest.fixture
+def home(monkeypatch, tmp_path) -> Path:
+    """A home directory of the test's own (HOME, which "~" expands to) and a working directory apart
+    from it, where a path taken literally would make a directory named "~"."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    return home
+
+
+@pytest.fixture
 def without_shape_checks():
     """Turn jaxtyping's runtime shape checks off for one test, as in a user's code: torch.compile
     (dynamo) cannot trace the checker, and a wrongly typed argument would otherwise be refused by

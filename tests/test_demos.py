@@ -616,6 +616,23 @@ def test_the_demos_share_one_default_training_run_whatever_the_working_directory
 
 
 @pytest.mark.parametrize(
+    "demo, flags",
+    [
+        ("train_demo", {"out_dir": "--out-dir=~/run", "cache_dir": "--cache-dir=~/tokens"}),
+        ("generate_demo", {"run_dir": "--run-dir=~/run"}),
+        ("interp_demo", {"run_dir": "--run-dir=~/run", "out_dir": "--out-dir=~/plots"}),
+    ],
+)
+def test_directory_options_expand_home(demo, flags, home):
+    """The shell leaves "~" alone after "=" (--out-dir=~/run), so the demo expands it: before, it made
+    a directory named "~" in the working directory."""
+    parsed = vars(import_demo(demo).build_parser().parse_args(list(flags.values())))
+    assert {name: parsed[name] for name in flags} == {
+        name: str(home / flag.split("~/")[1]) for name, flag in flags.items()
+    }
+
+
+@pytest.mark.parametrize(
     "args, expected",
     [
         ([], (None, None)),

@@ -2,6 +2,7 @@
 patching, induction scores and plots, on small random models and one hand-built induction circuit."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1344,6 +1345,11 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
     # which matplotlib 3.10 truncates and 3.11 rounds, so either whole number is the right size.
     size = _png_size(path)
     assert size[0] in {int(width), round(width)} and size[1] in {int(height), round(height)}, (size, width, height)
+
+
+def test_a_plot_path_under_home_is_expanded(home):
+    interp.plot_induction_scores(torch.rand(3, 4), path="~/plots/induction.png")
+    assert (home / "plots" / "induction.png").stat().st_size > 1000 and not Path("~").exists()
 
 
 def test_plots_name_values_with_the_wrong_number_of_axes(run, tmp_path, without_shape_checks):

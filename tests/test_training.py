@@ -843,6 +843,12 @@ def test_resume_crosses_an_epoch_boundary_exactly(tmp_path):
     assert losses(whole) == losses(resumed)
 
 
+def test_an_out_dir_under_home_is_expanded(home, shakespeare_slice):
+    Trainer(micro_config("~/run", max_steps=2, eval_interval=0), data=shakespeare_slice).run()
+    assert latest_checkpoint(home / "run") is not None and not Path("~").exists()
+    assert latest_checkpoint("~/run") == latest_checkpoint(home / "run")
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_slice, monkeypatch):
     Trainer(micro_config(tmp_path, max_steps=2), data=shakespeare_slice).run()
     monkeypatch.setitem(

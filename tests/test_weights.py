@@ -459,6 +459,14 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, as_str):
         assert f.metadata() == {"format": "pt"}  # as save_pretrained writes it, which HF's loaders check
 
 
+def test_save_and_load_expand_a_directory_under_home(home):
+    model = Transformer(NANO)
+    assert model.save("~/ckpt") == home / "ckpt"
+    assert (home / "ckpt" / "model.safetensors").is_file() and not Path("~").exists()
+    loaded = Transformer.load("~/ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True))
+
+
 def test_save_load_keeps_bfloat16(tmp_path):
     model = Transformer(NANO)
     model.to(torch.bfloat16).save(tmp_path)
@@ -645,11 +653,10 @@ def test_export_hf_refuses_an_unembedding_bias_unless_told_to_drop_it(tmp_path):
     torch.testing.assert_close(hf_logits(GPT2LMHeadModel.from_pretrained(directory).eval(), tokens), expected)
 
 
-def test_export_hf_expands_a_directory_under_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+def test_export_hf_expands_a_directory_under_home(home):
     model = Transformer(NANO)
-    assert gpt2_small.export_hf(model, "~/exported", tokenizer=False) == tmp_path / "exported"
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    assert gpt2_small.export_hf(model, "~/exported", tokenizer=False) == home / "exported"
+    assert sorted(p.name for p in (home / "exported").iterdir()) == ["config.json", "model.safetensors"]
     assert not Path("~").exists()
 
 

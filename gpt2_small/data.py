@@ -55,7 +55,7 @@ _CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPT2_SMALL_CACHE", Path.home() / ".cache" / "gpt2_small")) / "tokens"
+    return Path(os.environ.get("GPT2_SMALL_CACHE", Path.home() / ".cache" / "gpt2_small")).expanduser() / "tokens"
 
 
 def check_directory_path(path: str | os.PathLike, what: str) -> None:

@@ -55,6 +55,8 @@ def test_the_default_token_cache_is_under_gpt2_small_cache_or_home(tmp_path, mon
     monkeypatch.delenv("GPT2_SMALL_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / ".cache" / "gpt2_small" / "tokens"
+    monkeypatch.setenv("GPT2_SMALL_CACHE", "~/mine")  # as a quoted export leaves it
+    assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / "mine" / "tokens"
 
 
 def test_documents_are_separated_by_endoftext(tmp_path):

@@ -1390,6 +1390,18 @@ class Transformer(HookedRootModule):
         from safetensors.torch import save_file
 
         path = Path(path).expanduser()  # "~/runs/x": a "~" directory in the working directory is never meant
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file; Transformer.save writes a directory")
+        if (path / "config.json").exists():
+            raise ValueError(
+                f"{path} holds a Hugging Face checkpoint (config.json), whose model.safetensors save would overwrite "
+                f"with its own; save to a directory of its own"
+            )
+        if (path / "checkpoints").is_dir():
+            raise ValueError(
+                f"{path} holds a training run (checkpoints/); save to a directory of its own: load_model would read "
+                f"this checkpoint instead of the run's newest"
+            )
         path.mkdir(parents=True, exist_ok=True)
         tensors = _dense_unshared(self.state_dict())
         _atomic_write(path / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

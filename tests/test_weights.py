@@ -467,6 +467,28 @@ def test_save_and_load_expand_a_directory_under_home(home):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True))
 
 
+def test_save_refuses_a_file_a_hugging_face_checkpoint_and_a_training_run(tmp_path, tiny_checkpoint):
+    """Before: FileExistsError for a file; into a Hugging Face directory it overwrote that checkpoint's
+    model.safetensors with its own (same name, other tensor names); into a training run its files
+    shadowed the run's checkpoints, which load_model and generate_demo read after them."""
+    model = Transformer(NANO)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file is a file; Transformer.save writes a directory"):
+        model.save(tmp_path / "file")
+    hf_dir = shutil.copytree(tiny_checkpoint[0], tmp_path / "hf")  # a copy: the fixture is shared
+    weights = (hf_dir / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds a Hugging Face checkpoint \(config.json\), whose model.safetensors"):
+        model.save(hf_dir)
+    assert (hf_dir / "model.safetensors").read_bytes() == weights and not (hf_dir / "gpt2_small_config.json").exists()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"run holds a training run \(checkpoints/\); save to a directory of its own"):
+        model.save(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    model.save(tmp_path / "ckpt")
+    model.save(tmp_path / "ckpt")  # its own earlier checkpoint it overwrites
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["gpt2_small_config.json", "model.safetensors"]
+
+
 def test_save_load_keeps_bfloat16(tmp_path):
     model = Transformer(NANO)
     model.to(torch.bfloat16).save(tmp_path)

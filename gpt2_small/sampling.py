@@ -67,6 +67,7 @@ import contextlib
 import functools
 import itertools
 import math
+import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -211,6 +212,13 @@ def _check_eos(eos: object) -> None:
     # only means that no row stops early. A negative id is never a token.
     if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
         raise ValueError(f"eos_token_id must be a token id, an int >= 0, got {eos!r}")
+
+
+def _check_seed(seed: object) -> None:
+    # numpy's ints have __index__ and are taken; a bool would pass for seed 0 or 1 without a word,
+    # and a tensor (which has __index__ too) would be read from the device at each generation.
+    if seed is not None and (isinstance(seed, (bool, Tensor)) or not hasattr(type(seed), "__index__")):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
 
 
 def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
@@ -480,6 +488,7 @@ def stream(
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
     settings.check(model.cfg.d_vocab)
     _check_eos(eos_token_id)
+    _check_seed(seed)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
     if max_new_tokens == 0:
@@ -488,7 +497,7 @@ def stream(
     device = model.device
     tokens = tokens.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(operator.index(seed))
     counts = None
     if settings.uses_counts:
         counts = torch.zeros(batch, model.cfg.d_vocab, device=device)

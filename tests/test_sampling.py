@@ -1039,6 +1039,16 @@ def test_the_ends_of_each_allowed_range_are_accepted(sampling_pair):
     assert full.shape == (1, model.cfg.n_ctx)
 
 
+def test_a_seed_that_is_no_int_is_refused_before_any_step(sampling_pair, without_shape_checks):
+    """Before: torch's "manual_seed expected a long, but got str", from inside the stream. A bool is
+    refused too: seed=True would silently be seed 1."""
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    for seed in ("a", 1.5, True, torch.tensor(3)):
+        with pytest.raises(TypeError, match=rf"^seed must be an int or None, got {re.escape(repr(seed))}$"):
+            generate(model, tokens, 3, seed=seed)
+    assert torch.equal(generate(model, tokens, 3, seed=np.int64(7)), generate(model, tokens, 3, seed=7))
+
+
 def test_a_negative_eos_id_is_refused(sampling_pair, small_vocab_pair, without_shape_checks):
     """Before: accepted, and no row could ever stop at it. (Without jaxtyping, as in a user's code,
     our check also answers for the float.)"""

@@ -31,6 +31,7 @@ import shutil
 import signal
 import threading
 import time
+import typing
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,12 @@ _OUTSIDE_TRAJECTORY = {
 }  # fmt: skip
 
 
+# TrainConfig's fields that name a file or directory: a str, or an os.PathLike that __post_init__
+# turns into its str (train_config.json holds the config, and json takes no Path).
+_PATH_FIELDS = ("dataset", "cache_dir", "out_dir")
+_KIND_NAMES = {bool: "True or False", int: "an int", float: "a number", str: "a str"}
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run; the defaults train the tiny model on Shakespeare on a CPU."""
@@ -104,7 +111,9 @@ class TrainConfig:
     # None: the preset's: False for gpt2, True for tiny. False keeps b_U 0, as GPT-2 has none (export_hf needs that).
     unembed_bias: bool | None = None  # train unembed.b_U
     # data
-    dataset: str = EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
+    dataset: str | os.PathLike = (
+        EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a local .txt/.jsonl/.parquet path
+    )
     text_column: str = "text"  # the column holding the documents
     split: str = "train"  # which split of the source dataset to read
     config_name: str | None = None  # the hub dataset's configuration, if it has several
@@ -112,7 +121,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # the last fraction of the token stream is held out for validation
     stride: int | None = None  # window stride in tokens; None = n_ctx (no overlap), smaller overlaps
     num_proc: int | None = None  # tokenizer processes for datasets.map; None picks by dataset size
-    cache_dir: str | None = None  # token cache; None = ~/.cache/gpt2_small/tokens (or $GPT2_SMALL_CACHE)
+    cache_dir: str | os.PathLike | None = None  # token cache; None = ~/.cache/gpt2_small/tokens (or $GPT2_SMALL_CACHE)
     # optimisation
     batch_size: int = 4  # sequences per micro-batch, per process (16+ on a GPU)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -137,12 +146,13 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere; or "float32" / "bfloat16"
     compile: bool = False  # torch.compile the model (worth it on GPUs, slow to start on CPUs)
     fused_loss: bool = True  # unembedding + cross-entropy without storing the logits (unembed_lm_loss); False: lm_loss
-    out_dir: str = "runs/train_demo"  # checkpoints, metrics, plots and samples go here
+    out_dir: str | os.PathLike = "runs/train_demo"  # checkpoints, metrics, plots and samples go here
     overwrite: bool = False  # start afresh in an out_dir that holds an earlier run, deleting that run
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     checkpoint_interval: int = 0  # steps between checkpoints; 0 = at every evaluation and at the end
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         for name, default in preset_unembedding(self.preset).items():
@@ -187,6 +197,34 @@ class TrainConfig:
         for name in ("stride", "max_examples", "num_proc"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        """Each field of its annotated type, before the range checks compare it; a path as its str
+        and a numpy int as an int, which train_config.json can hold (json refuses both, and a
+        PosixPath out_dir once failed the first checkpoint, after the steps before it had run)."""
+        hints = typing.get_type_hints(TrainConfig)
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if name in ("tie_embeddings", "unembed_bias"):
+                continue  # checked with the preset's defaults in __post_init__
+            kinds = typing.get_args(hints[name]) or (hints[name],)  # X | None -> (X, NoneType)
+            if value is None and type(None) in kinds:
+                continue
+            base = next(kind for kind in kinds if kind is not type(None))
+            if name in _PATH_FIELDS and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif base is int and isinstance(value, np.integer):
+                value = int(value)
+            elif base is float and isinstance(value, np.floating | np.integer):
+                value = float(value)
+            setattr(self, name, value)
+            if base is bool:
+                ok = isinstance(value, bool)
+            else:
+                ok = not isinstance(value, bool) and isinstance(value, (int, float) if base is float else base)
+            if not ok:
+                what = "a str or a path" if name in _PATH_FIELDS else _KIND_NAMES[base]
+                raise TypeError(f"{name} must be {what}{' or None' if type(None) in kinds else ''}, got {value!r}")
 
     @property
     def model_config(self) -> TransformerConfig:

@@ -1,6 +1,7 @@
 """The trainer: schedule, decay groups, learning, exact resume, Ctrl-C, DDP."""
 
 import atexit
+import dataclasses
 import itertools
 import json
 import math
@@ -173,6 +174,51 @@ def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     assert sorted(tied_decay["names"]) == sorted(set(expected_decay) - {"unembed.W_U"})
     with pytest.raises(ValueError, match=r"exclude names \['unembed.W'\], which are not parameters"):
         param_groups(model, 0.1, exclude={"unembed.W"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("seed", "a", "seed must be an int, got 'a'"),  # before: taken, and refused by torch at the first step
+        ("batch_size", 2.0, "batch_size must be an int, got 2.0"),
+        ("max_steps", True, "max_steps must be an int, got True"),
+        ("lr", "1e-3", "lr must be a number or None, got '1e-3'"),  # before: "'<' not supported between ..."
+        ("val_fraction", None, "val_fraction must be a number, got None"),
+        ("compile", "yes", "compile must be True or False, got 'yes'"),
+        ("sample_prompt", 3, "sample_prompt must be a str, got 3"),
+        ("stride", 64.0, "stride must be an int or None, got 64.0"),
+        ("out_dir", 3, "out_dir must be a str or a path, got 3"),
+    ],
+)
+def test_train_config_names_a_value_of_the_wrong_type(field, value, message, without_shape_checks):
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_takes_paths_and_numpy_numbers_as_what_they_stand_for(
+    tmp_path,
+    shakespeare_slice,
+    without_shape_checks,  # numpy's ints are no ints to jaxtyping's check
+):
+    """Before: a Path out_dir was taken, and the first checkpoint failed on it ("Object of type
+    PosixPath is not JSON serializable") after the steps before it had run."""
+    given = {
+        "out_dir": tmp_path / "run",
+        "cache_dir": tmp_path / "cache",
+        "seed": np.int64(3),
+        "batch_size": np.int32(4),
+    }
+    cfg = TrainConfig(**dataclasses.asdict(micro_config(tmp_path, max_steps=2, eval_interval=0)) | given)
+    assert (cfg.out_dir, cfg.cache_dir, cfg.seed, cfg.batch_size) == (
+        str(tmp_path / "run"),
+        str(tmp_path / "cache"),
+        3,
+        4,
+    )
+    assert type(cfg.seed) is int and type(cfg.batch_size) is int
+    Trainer(cfg, data=shakespeare_slice).run()
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / training.TRAIN_CONFIG).read_text())
+    assert saved["out_dir"] == str(tmp_path / "run") and saved["seed"] == 3
 
 
 def test_train_config_rejects_bad_values():

@@ -202,6 +202,8 @@ class KVCache:
         dtype: torch.dtype | None = None,
         static: bool = False,
     ):
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in (batch, max_pos)):
+            raise TypeError(f"KVCache batch and max_pos must be ints, got batch={batch!r}, max_pos={max_pos!r}")
         if not 1 <= max_pos <= cfg.n_ctx:
             raise ValueError(f"KVCache max_pos={max_pos} must be in [1, n_ctx={cfg.n_ctx}]")
         if batch < 1:

@@ -37,7 +37,7 @@ from transformer_lens.utilities import Slice
 
 from gpt2_small.bridge_names import bridge_name_hint
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, check_device
+from solution import OPTIONAL_HOOKS, Transformer, check_device, check_flag
 
 logger = logging.getLogger(__name__)
 
@@ -632,6 +632,7 @@ class ActivationCache(dict):
         incl_mid, through ln_final with its own statistics and the unembedding. The last entry
         equals the run's logits. A cache without its batch axis (remove_batch_dim) gives batch 1.
         """
+        check_flag("incl_mid", incl_mid)  # a str such as "no" would be truthy
         stack, labels = self.accumulated_resid(incl_mid=incl_mid, apply_ln=True, return_labels=True)
         if not self.has_batch_dim:
             stack = einops.rearrange(stack, "component pos d_model -> component 1 pos d_model")
@@ -710,6 +711,7 @@ def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"], incl_mid: b
     if the remaining blocks were skipped. The last entry equals the model's logits. A cache at
     hand gives the same without a new run: cache.logit_lens().
     """
+    check_flag("incl_mid", incl_mid)  # before the run
     kept = ("resid_pre", "resid_post", "resid_mid") if incl_mid else ("resid_pre", "resid_post")
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(kept))
     return cache.logit_lens(incl_mid)
@@ -983,6 +985,7 @@ def activation_patching(
     normalised so that clean = 1 and corrupted = 0).
     """
     _check_by(by)
+    check_flag("progress", progress)
     if not callable(metric):
         raise TypeError(f"metric must be a function of the patched logits, got {type(metric).__name__}")
     model.check_tokens(clean_tokens)
@@ -1074,7 +1077,9 @@ def induction_score(
 
 
 def top_heads(scores: Float[Tensor, "n_layers n_heads"], k: int = 5) -> list[tuple[str, float]]:
-    """The k highest-scoring heads as ("L{layer}H{head}", score)."""
+    """The k highest-scoring heads as ("L{layer}H{head}", score); every head if there are fewer than k."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # a negative k sliced off the lowest heads
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     flat = scores.flatten()
     order = flat.argsort(descending=True)[:k]
     n_heads = scores.shape[1]

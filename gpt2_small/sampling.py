@@ -78,7 +78,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
-from solution import KVCache, Transformer, check_device
+from solution import KVCache, Transformer, check_device, check_flag
 
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 
@@ -251,6 +251,8 @@ def _hooked(model: Transformer) -> bool:
 
 def _use_compile(model: Transformer, compile: bool, use_kv_cache: bool) -> bool:
     """Check the compile argument: it needs the cache and no hooks."""
+    check_flag("use_kv_cache", use_kv_cache)  # a str such as "no" would be truthy
+    check_flag("compile", compile)
     if compile and not use_kv_cache:
         raise ValueError("compile=True needs use_kv_cache=True: it compiles one cached decoding step")
     if compile and _hooked(model):
@@ -263,6 +265,8 @@ def _use_compile(model: Transformer, compile: bool, use_kv_cache: bool) -> bool:
 
 def _use_cuda_graph(model: Transformer, cuda_graph: bool | None, use_kv_cache: bool) -> bool:
     """Resolve the cuda_graph argument: None picks graphs where they work, True insists on them."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
     hooked = _hooked(model)
     if cuda_graph is None:
         return model.device.type == "cuda" and use_kv_cache and not hooked
@@ -489,6 +493,7 @@ def stream(
     settings.check(model.cfg.d_vocab)
     _check_eos(eos_token_id)
     _check_seed(seed)
+    check_flag("stop_at_eos", stop_at_eos)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
     if max_new_tokens == 0:
@@ -676,8 +681,12 @@ def beam_search(
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
-    if not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be finite, got {length_penalty!r}")
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, (int, float))
+        or not math.isfinite(length_penalty)
+    ):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     _check_request(model, tokens, attention_mask, max_new_tokens)
     if max_new_tokens == 0:
         raise ValueError("max_new_tokens must be >= 1 for beam search")

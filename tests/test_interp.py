@@ -1170,6 +1170,23 @@ def test_activation_patching_equals_transformer_lens_patching_on_the_bridge(ref)
         assert grid.abs().max() > 1e-3, function  # the corruption reaches the metric through this hook
 
 
+def test_interp_flags_and_counts_are_checked_not_taken_for_truthy(model, tokens, run, without_shape_checks):
+    """Before: incl_mid="no" and progress="no" were truthy, and top_heads(k=-1) sliced off the
+    lowest-scoring head, returning all the others."""
+    _, cache = run
+    with pytest.raises(TypeError, match=r"^incl_mid must be True or False, got 'no'$"):
+        logit_lens(model, tokens, incl_mid="no")
+    with pytest.raises(TypeError, match=r"^incl_mid must be True or False, got 'no'$"):
+        cache.logit_lens(incl_mid="no")
+    with pytest.raises(TypeError, match=r"^progress must be True or False, got 'no'$"):
+        activation_patching(model, tokens, tokens, lambda logits: logits.sum(), progress="no")
+    scores = torch.tensor([[0.1, 0.9], [0.5, 0.3]])
+    for k in (0, -1, 1.0):
+        with pytest.raises(ValueError, match=rf"^k must be an int >= 1, got {k}$"):
+            interp.top_heads(scores, k=k)
+    assert [name for name, _ in interp.top_heads(scores, k=9)] == ["L0H1", "L1H0", "L1H1", "L0H0"]
+
+
 def test_activation_patching_checks_its_arguments_before_the_clean_run(model, tokens, without_shape_checks):
     """Wrong types, as a user's code without jaxtyping's checks passes them (before: AttributeError
     or a TypeError from the first patched run), and bad ids before any run."""

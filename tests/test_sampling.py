@@ -1039,6 +1039,29 @@ def test_the_ends_of_each_allowed_range_are_accepted(sampling_pair):
     assert full.shape == (1, model.cfg.n_ctx)
 
 
+def test_flags_that_are_no_bools_are_refused_not_taken_as_true(sampling_pair, without_shape_checks):
+    """Before: "no" (a str from a config file, say) was truthy, so stop_at_eos="no" stopped at eos and
+    use_kv_cache="no" used the cache."""
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    for flag in ("stop_at_eos", "use_kv_cache", "compile"):
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'$"):
+            generate(model, tokens, 3, **{flag: "no"})
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 1$"):
+            generate(model, tokens, 3, **{flag: 1})
+    with pytest.raises(TypeError, match=r"^cuda_graph must be True, False or None, got 'no'$"):
+        generate(model, tokens, 3, cuda_graph="no")
+    for flag in ("use_kv_cache", "compile"):
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'$"):
+            beam_search(model, tokens, 2, 3, **{flag: "no"})
+    with pytest.raises(
+        ValueError, match=r"^length_penalty must be a finite number, got 'a'$"
+    ):  # was "must be real number"
+        beam_search(model, tokens, 2, 3, length_penalty="a")
+    for batch, max_pos in ((1.5, 4), (1, 4.0), (True, 4)):  # was torch's "zeros(): argument 'size' ..."
+        with pytest.raises(TypeError, match=r"^KVCache batch and max_pos must be ints, got "):
+            KVCache.for_model(model, batch, max_pos)
+
+
 def test_a_seed_that_is_no_int_is_refused_before_any_step(sampling_pair, without_shape_checks):
     """Before: torch's "manual_seed expected a long, but got str", from inside the stream. A bool is
     refused too: seed=True would silently be seed 1."""
@@ -1101,7 +1124,7 @@ def test_invalid_requests_raise(sampling_pair):
     for size in (-1, True):
         with pytest.raises(ValueError, match=rf"^no_repeat_ngram_size must be an int >= 0, got {size}$"):
             beam_search(model, torch.tensor([[1, 2]]), 2, 5, no_repeat_ngram_size=size)
-    with pytest.raises(ValueError, match=r"^length_penalty must be finite, got inf$"):
+    with pytest.raises(ValueError, match=r"^length_penalty must be a finite number, got inf$"):
         beam_search(model, torch.tensor([[1, 2]]), 2, 5, length_penalty=math.inf)
     with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 1 for beam search$"):
         beam_search(model, torch.tensor([[1, 2]]), 2, 0)

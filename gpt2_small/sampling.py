@@ -73,6 +73,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import einops
+import tiktoken
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -572,6 +573,10 @@ def generate(
 
 
 def _encode(tokenizer, prompt: str) -> list[int]:
+    if not isinstance(tokenizer, tiktoken.Encoding):  # stream_text needs its decode_single_token_bytes
+        raise TypeError(
+            f"tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer() returns, got {type(tokenizer).__name__}"
+        )
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt, allowed_special={EOT_TOKEN})

@@ -33,6 +33,7 @@ from gpt2_small import (
     to_tokens,
 )
 from gpt2_small.sampling import banned_ngram_tokens, mask_padding_ids, process_logits, sample_next_token
+from gpt2_small.tokenizer import hf_tokenizer
 
 REL_TOL = 1e-5
 
@@ -986,6 +987,19 @@ def test_a_prompt_of_endoftext_is_the_special_token(sampling_pair):
     expected = "<|endoftext|>" + tok.decode(generated)
     assert generate_text(model, tok, "<|endoftext|>", 6, temperature=0) == expected
     assert "<|endoftext|>" + "".join(stream_text(model, tok, "<|endoftext|>", 6, temperature=0)) == expected
+
+
+@pytest.mark.parametrize("tokenizer", [None, "gpt2", "hf"], ids=["None", "str", "hf"])
+def test_the_text_functions_name_a_tokenizer_that_is_not_tiktokens(sampling_pair, tokenizer, without_shape_checks):
+    """Before: None and "gpt2" failed inside as "'NoneType' object has no attribute 'encode'" and
+    "'allowed_special' is an invalid keyword argument"; Hugging Face's tokenizer passed generate_text
+    and failed stream_text halfway, at its first token (it has no decode_single_token_bytes)."""
+    tokenizer = hf_tokenizer() if tokenizer == "hf" else tokenizer
+    message = r"^tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer\(\) returns, got "
+    with pytest.raises(TypeError, match=message):
+        generate_text(sampling_pair.model, tokenizer, "Hi", 2)
+    with pytest.raises(TypeError, match=message):
+        next(stream_text(sampling_pair.model, tokenizer, "Hi", 2))
 
 
 def test_generate_text_batches_prompts_of_different_lengths(sampling_pair):

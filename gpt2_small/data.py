@@ -281,8 +281,8 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 def train_val_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The first (1 - val_fraction) of the stream for training, the rest for validation."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     cut = int(len(tokens) * (1.0 - val_fraction))
     return tokens[:cut], tokens[cut:]
 
@@ -294,9 +294,10 @@ class TokenWindows(Dataset):
     """
 
     def __init__(self, tokens: np.ndarray, n_ctx: int, stride: int | None = None, name: str = "dataset"):
+        for arg, value in (("n_ctx", n_ctx), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{arg} must be an int >= 1, got {value!r}")  # a float stride: float starts
         stride = n_ctx if stride is None else stride
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
         if len(tokens) < n_ctx + 1:
             more = "more data, a larger val_fraction (--val-fraction)" if name == "val" else "more data"
             raise ValueError(
@@ -385,6 +386,8 @@ class TokenData:
         pin_memory: bool = False,
     ) -> DataLoader:
         """A DataLoader of (input, target) [batch_size, n_ctx] batches over one split."""
+        if which not in ("train", "val"):
+            raise ValueError(f"which must be 'train' or 'val', got {which!r}")
         tokens = {"train": self.train, "val": self.val}[which]
         windows = TokenWindows(tokens, n_ctx, stride, name=which)
         sampler = ResumableSampler(len(windows), seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size)

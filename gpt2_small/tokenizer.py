@@ -17,7 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from gpt2_small.assets import asset_path
-from solution import check_device
+from solution import check_device, check_flag
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -72,6 +72,7 @@ def to_tokens(
         raise TypeError(f"text must be a str, got {type(text).__name__}{hint}")
     if device is not None:
         device = check_device(device)  # "cuda" without a GPU: torch's AssertionError names no argument
+    check_flag("prepend_bos", prepend_bos)  # "no" would be truthy
     ids = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
     if prepend_bos:
         ids = [EOT_ID, *ids]

@@ -410,8 +410,18 @@ def test_windows_tile_or_overlap_by_stride():
     assert x.tolist() == [4, 5, 6, 7] and y.tolist() == [5, 6, 7, 8] and x.dtype == torch.long
     overlapping = TokenWindows(tokens, n_ctx=4, stride=2)
     assert len(overlapping) == 8 and overlapping[1][0].tolist() == [2, 3, 4, 5]
-    with pytest.raises(ValueError, match="stride must be >= 1"):
+    with pytest.raises(ValueError, match=r"^stride must be an int >= 1, got 0$"):
         TokenWindows(tokens, n_ctx=4, stride=0)
+
+
+def test_windows_name_an_n_ctx_or_stride_that_is_no_positive_int(without_shape_checks):
+    """Before: n_ctx=0 was named as a bad stride (its default), and a float stride was taken, to
+    fail at the first window's float slice."""
+    tokens = np.arange(20, dtype=np.uint16)
+    with pytest.raises(ValueError, match=r"^n_ctx must be an int >= 1, got 0$"):
+        TokenWindows(tokens, n_ctx=0)
+    with pytest.raises(ValueError, match=r"^stride must be an int >= 1, got 1.5$"):
+        TokenWindows(tokens, n_ctx=4, stride=1.5)
 
 
 def test_windows_index_as_a_sequence_and_iteration_stops_at_the_last():
@@ -433,6 +443,18 @@ def test_train_val_split_is_a_deterministic_tail():
     for outside in (1.0, 0.0):
         with pytest.raises(ValueError, match=rf"val_fraction must be in \(0, 1\), got {outside}"):
             train_val_split(tokens, outside)
+
+
+def test_train_val_split_names_a_fraction_that_is_no_number(without_shape_checks):
+    with pytest.raises(ValueError, match=r"^val_fraction must be in \(0, 1\), got '0.1'$"):  # was "'<' not supported"
+        train_val_split(np.arange(1000), "0.1")
+
+
+def test_a_loader_of_another_split_than_train_or_val_is_named():
+    data = TokenData(np.arange(100, dtype=np.uint16), np.arange(50, dtype=np.uint16), "numbers")
+    with pytest.raises(ValueError, match=r"^which must be 'train' or 'val', got 'test'$"):  # was KeyError: 'test'
+        data.loader("test", n_ctx=4, batch_size=1)
+    assert next(iter(data.loader("val", n_ctx=4, batch_size=1)))[0].shape == (1, 4)
 
 
 def test_token_data_load_passes_its_options_through(tmp_path):

@@ -61,6 +61,13 @@ def test_prepend_bos_and_device():
     assert tokens.tolist() == [[EOT_ID, 15496, 995]] and tokens.device == torch.device("cpu")
 
 
+def test_prepend_bos_that_is_no_bool_is_refused(without_shape_checks):
+    """Before: "no" was truthy, and <|endoftext|> was put first."""
+    for value in ("no", 1, None):
+        with pytest.raises(TypeError, match=rf"^prepend_bos must be True or False, got {value!r}$"):
+            to_tokens("Hello world", prepend_bos=value)
+
+
 @pytest.mark.parametrize("text", ["Hello world", "  leading spaces\nand\ttabs", "naïve café — 東京 🙂", "x" * 300])
 def test_round_trip(text):
     tokens = to_tokens(text)

@@ -721,9 +721,15 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "gpt2_small_config.json"
 
 
+def _holds_training_run(path: Path) -> bool:
+    """Whether `path` is a training run's output directory: gpt2_small.training's layout,
+    out_dir/checkpoints/step-NNNNNNN."""
+    return (path / "checkpoints").is_dir()
+
+
 def _training_run_hint(path: Path) -> str:
     """What to say when a loader is pointed at a training run's output directory instead of one checkpoint."""
-    if not (path / "checkpoints").is_dir():  # gpt2_small.training's layout: out_dir/checkpoints/step-NNNNNNN
+    if not _holds_training_run(path):
         return ""
     return f"; {path} holds a training run: gpt2_small.load_model({str(path)!r}) loads its newest checkpoint"
 
@@ -1399,7 +1405,7 @@ class Transformer(HookedRootModule):
                 f"{path} holds a Hugging Face checkpoint (config.json), whose model.safetensors save would overwrite "
                 f"with its own; save to a directory of its own"
             )
-        if (path / "checkpoints").is_dir():
+        if _holds_training_run(path):
             raise ValueError(
                 f"{path} holds a training run (checkpoints/); save to a directory of its own: load_model would read "
                 f"this checkpoint instead of the run's newest"

@@ -87,6 +87,11 @@ _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 # --- settings and one step ---------------------------------------------------------------------
 
 
+def _is_number(value: object) -> bool:
+    """An int or a float, and not a bool, which Python counts as an int but no setting means as one."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How one next token is chosen; see the module docstring for the order of operations."""
@@ -100,18 +105,18 @@ class SamplingSettings:
     def check(self, d_vocab: int) -> None:
         """Raise ValueError naming any setting outside its allowed range."""
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t >= 0 and math.isfinite(t)):
+        if not _is_number(t) or not (t >= 0 and math.isfinite(t)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= d_vocab
         ):
             raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {self.top_k!r}")
         p = self.top_p
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+        if p is not None and (not _is_number(p) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
         for name in ("freq_penalty", "presence_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
 
     @property
@@ -686,11 +691,7 @@ def beam_search(
         raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
     if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
-    if (
-        isinstance(length_penalty, bool)
-        or not isinstance(length_penalty, (int, float))
-        or not math.isfinite(length_penalty)
-    ):
+    if not _is_number(length_penalty) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     _check_request(model, tokens, attention_mask, max_new_tokens)
     if max_new_tokens == 0:

@@ -32,6 +32,7 @@ from solution import (
     _atomic_write,
     _check_placement,
     _dense_unshared,
+    _holds_training_run,
     _read_json,
     _read_safetensors,
     _training_run_hint,
@@ -256,7 +257,7 @@ def load_model(
     path = Path(name_or_path).expanduser()
     if (path / CHECKPOINT_CONFIG).is_file():
         return Transformer.load(path, device=device, dtype=dtype).eval()
-    if (path / "checkpoints").is_dir():
+    if _holds_training_run(path):
         newest = latest_checkpoint(path)
         if newest is None:
             raise FileNotFoundError(f"{path / 'checkpoints'} holds no complete checkpoint")

@@ -1,7 +1,9 @@
 """Load GPT-2 weights saved in Hugging Face's format into `solution.Transformer`.
 
 A checkpoint is a directory holding `config.json` and `model.safetensors` (or, for older
-uploads, `pytorch_model.bin`, read with `weights_only=True` so no pickled code runs). The
+uploads, `pytorch_model.bin`, read with `weights_only=True` so no pickled code runs), either
+whole or in shards listed by a `.index.json` beside them, as save_pretrained writes a model
+larger than its max_shard_size (transformers 4 did so from 5 GB: gpt2-xl in float32). The
 config decides the model's shape, so gpt2, gpt2-medium, gpt2-large, gpt2-xl and any model
 saved by `GPT2LMHeadModel.save_pretrained` load alike.
 
@@ -18,6 +20,7 @@ write it, for Hugging Face's transformers, TransformerLens's TransformerBridge, 
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import einops
@@ -47,7 +50,9 @@ HUB_ALIASES = {
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
 }
+# In Hugging Face's order of preference; each may instead be shards listed in its index.
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_SUFFIX = ".index.json"
 # Causal-mask buffers that older transformers versions saved with the weights; not parameters.
 _IGNORED_KEY = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -178,9 +183,16 @@ def _download_from_hub(repo_id: str) -> Path:
 
     try:
         logger.info("fetching %s from the Hugging Face Hub (or its local cache)", repo_id)
-        directory = Path(snapshot_download(repo_id, allow_patterns=["config.json", _WEIGHT_FILES[0]]))
-        if not (directory / _WEIGHT_FILES[0]).is_file():  # older uploads have only the pickle
-            directory = Path(snapshot_download(repo_id, allow_patterns=["config.json", _WEIGHT_FILES[1]]))
+        # One format at a time, whole file or index first: a repository holding several would
+        # otherwise be downloaded several times over. Older uploads have only the pickle.
+        for weights in _WEIGHT_FILES:
+            index = weights + _INDEX_SUFFIX
+            directory = Path(snapshot_download(repo_id, allow_patterns=["config.json", weights, index]))
+            if (directory / weights).is_file():
+                return directory
+            if (directory / index).is_file():
+                shards = _shard_names(directory / index)
+                return Path(snapshot_download(repo_id, allow_patterns=["config.json", index, *shards]))
         return directory
     except _hub_errors() as e:
         raise OSError(
@@ -207,20 +219,52 @@ def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
             f"{_training_run_hint(directory)}"
         )
     hf_config = _read_json(config_file)
-    safetensors_file, bin_file = (directory / f for f in _WEIGHT_FILES)
-    if safetensors_file.is_file():
-        return hf_config, _read_safetensors(safetensors_file)
-    if bin_file.is_file():
-        try:
-            return hf_config, torch.load(bin_file, map_location="cpu", weights_only=True)
-        # What a cut-off or foreign file gives. Not UnpicklingError: torch's own message for a pickle
-        # that weights_only refuses (it would run code) says more than ours could.
-        except (RuntimeError, EOFError, KeyError) as e:
-            raise ValueError(
-                f"{bin_file} is not a complete PyTorch checkpoint ({type(e).__name__}: {e}); it is damaged or cut "
-                f"short: download or save it again"
-            ) from e
-    raise FileNotFoundError(f"{directory} holds none of {_WEIGHT_FILES}")
+    for weights, read in zip(_WEIGHT_FILES, (_read_safetensors, _read_pytorch_bin), strict=True):
+        if (directory / weights).is_file():
+            return hf_config, read(directory / weights)
+        if (directory / (weights + _INDEX_SUFFIX)).is_file():
+            return hf_config, _read_shards(directory / (weights + _INDEX_SUFFIX), read)
+    raise FileNotFoundError(
+        f"{directory} holds none of {', '.join(f'{w} or {w}{_INDEX_SUFFIX}' for w in _WEIGHT_FILES)}"
+    )
+
+
+def _read_pytorch_bin(path: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # What a cut-off or foreign file gives. Not UnpicklingError: torch's own message for a pickle
+    # that weights_only refuses (it would run code) says more than ours could.
+    except (RuntimeError, EOFError, KeyError) as e:
+        raise ValueError(
+            f"{path} is not a complete PyTorch checkpoint ({type(e).__name__}: {e}); it is damaged or cut "
+            f"short: download or save it again"
+        ) from e
+
+
+def _shard_names(index_file: Path) -> list[str]:
+    """The shard files a save_pretrained index lists, each a file beside the index."""
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_file} has no 'weight_map' object naming each tensor's shard file")
+    names = sorted(set(weight_map.values()))
+    # A name with a folder in it would read (or, from the hub, fetch) files outside the checkpoint.
+    if outside := [name for name in names if Path(name).name != name or name in (".", "..")]:
+        raise ValueError(f"{index_file} names shard files outside its directory: {outside}")
+    return names
+
+
+def _read_shards(index_file: Path, read: Callable[[Path], dict[str, Tensor]]) -> dict[str, Tensor]:
+    names = _shard_names(index_file)
+    if missing := [name for name in names if not (index_file.parent / name).is_file()]:
+        raise FileNotFoundError(
+            f"{index_file.parent} lacks {len(missing)} of the {len(names)} shard files {index_file.name} lists: "
+            f"{missing}; download or save the checkpoint again"
+        )
+    state = {}
+    for name in names:
+        state.update(read(index_file.parent / name))
+    return state
 
 
 def load_hf_gpt2(

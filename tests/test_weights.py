@@ -318,6 +318,83 @@ def test_a_cut_off_pytorch_model_bin_is_named_in_a_value_error(tiny_checkpoint, 
         Transformer.from_pretrained(tmp_path)
 
 
+def _shard_pytorch_bin(state: dict, directory: Path) -> None:
+    """Two pickled shards and their index, as save_pretrained(safe_serialization=False) wrote them
+    in transformers 4 (5 writes safetensors only)."""
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+        name = f"pytorch_model-0000{i}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, directory / name)
+        weight_map |= dict.fromkeys(part, name)
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_a_sharded_checkpoint_loads_from_its_index(tiny_checkpoint, tmp_path, kind):
+    """save_pretrained shards a model larger than max_shard_size (transformers 4: from 5 GB, so
+    gpt2-xl in float32). Before: "holds none of ('model.safetensors', 'pytorch_model.bin')"."""
+    directory, hf = tiny_checkpoint
+    if kind == "safetensors":
+        hf.save_pretrained(tmp_path, max_shard_size="2MB")
+    else:
+        shutil.copy(directory / "config.json", tmp_path)
+        _shard_pytorch_bin(hf.state_dict(), tmp_path)
+    shards = sorted(p.name for p in tmp_path.glob(f"*-of-*.{kind}"))
+    assert len(shards) > 1 and not (tmp_path / f"model.{kind}").exists()
+    model = Transformer.from_pretrained(tmp_path)
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+    # Every shard is read: without the last, the load fails naming it.
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"lacks 1 of the {len(shards)} shard files .*\['{shards[-1]}'\]"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_a_whole_weights_file_is_read_before_an_index_beside_it(tiny_checkpoint, tmp_path):
+    """Hugging Face's order: model.safetensors, its index, then the pickle's. An index whose shards
+    are gone is then never opened."""
+    directory, hf = tiny_checkpoint
+    shutil.copytree(directory, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"wte.weight": "gone.safetensors"}})
+    )
+    model = Transformer.from_pretrained(tmp_path)
+    tokens = tokens_for(model.cfg)
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of the 1 shard files model.safetensors.index.json lists"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ({"metadata": {}}, r"has no 'weight_map' object naming each tensor's shard file"),
+        ({"weight_map": {}}, r"has no 'weight_map' object"),
+        ({"weight_map": {"wte.weight": 3}}, r"has no 'weight_map' object"),
+        (
+            {"weight_map": {"wte.weight": "../model.safetensors"}},
+            r"names shard files outside its directory: \['../model.safetensors'\]",
+        ),
+        (
+            {"weight_map": {"wte.weight": "/etc/model.safetensors"}},
+            r"names shard files outside its directory: \['/etc/model.safetensors'\]",
+        ),
+    ],
+    ids=["no-map", "empty-map", "not-a-name", "parent", "absolute"],
+)
+def test_an_index_that_names_no_shard_beside_it_is_refused(tiny_checkpoint, tmp_path, index, message):
+    # Whole weights one folder up, which a followed "../model.safetensors" would load.
+    shutil.copy(tiny_checkpoint[0] / "model.safetensors", tmp_path)
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    shutil.copy(tiny_checkpoint[0] / "config.json", directory)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json " + message):
+        Transformer.from_pretrained(directory)
+
+
 def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
     cfg = NANO
     Transformer(cfg).save(tmp_path)
@@ -376,18 +453,25 @@ def test_what_the_hub_raises_online_is_the_same_clear_error(monkeypatch):
             Transformer.from_pretrained("gpt2")
 
 
-@pytest.mark.parametrize("has_safetensors", [True, False], ids=["safetensors", "bin-only"])
+@pytest.mark.parametrize("layout", ["safetensors", "bin-only", "sharded"])
 def test_a_hub_id_downloads_the_config_and_one_weights_file(
-    tiny_checkpoint, tmp_path, monkeypatch, has_safetensors, offline_hub
+    tiny_checkpoint, tmp_path, monkeypatch, layout, offline_hub
 ):
-    """The hub stands in for a repository holding both files, or, like older uploads, only the pickle."""
+    """The hub stands in for a repository holding both files; like older uploads, only the pickle;
+    or, like an upload of a large model, the pickle and safetensors shards with their index."""
     directory, hf = tiny_checkpoint
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(directory / "config.json", repo)
     torch.save(hf.state_dict(), repo / "pytorch_model.bin")
-    if has_safetensors:
+    if layout == "safetensors":
         shutil.copy(directory / "model.safetensors", repo)
+    elif layout == "sharded":
+        hf.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+        for path in (tmp_path / "sharded").glob("model*"):
+            shutil.copy(path, repo)
+    shards = sorted(p.name for p in repo.glob("model-*-of-*.safetensors"))
+    assert (len(shards) > 1) == (layout == "sharded")
     calls = []
 
     def snapshot_download(repo_id, allow_patterns):
@@ -404,9 +488,16 @@ def test_a_hub_id_downloads_the_config_and_one_weights_file(
     model = Transformer.from_pretrained("gpt2")
     tokens = tokens_for(model.cfg)
     torch.testing.assert_close(model(tokens), hf_logits(hf, tokens))
-    first = ("openai-community/gpt2", ["config.json", "model.safetensors"])
-    assert calls == (
-        [first] if has_safetensors else [first, ("openai-community/gpt2", ["config.json", "pytorch_model.bin"])]
+    repo_id, index = "openai-community/gpt2", "model.safetensors.index.json"
+    first = (repo_id, ["config.json", "model.safetensors", index])
+    # Only the files one format needs: the pickle is never fetched beside safetensors.
+    assert (
+        calls
+        == {
+            "safetensors": [first],
+            "bin-only": [first, (repo_id, ["config.json", "pytorch_model.bin", "pytorch_model.bin.index.json"])],
+            "sharded": [first, (repo_id, ["config.json", index, *shards])],
+        }[layout]
     )
 
 

@@ -1469,9 +1469,14 @@ class Transformer(HookedRootModule):
 def _read_json(path: Path) -> dict:
     """A checkpoint's JSON config, or a ValueError naming the damaged file (json's own error names none)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: save or download it again") from e
+    if not isinstance(data, dict):  # every config and index is an object; its readers look keys up
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; the file is damaged: save or download it again"
+        )
+    return data
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

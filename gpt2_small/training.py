@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
 from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
-from solution import Transformer, TransformerConfig, Unembedding, check_device
+from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -1092,7 +1092,7 @@ class Trainer:
 def _read_train_config(checkpoint: Path) -> dict:
     """The TrainConfig fields a checkpoint was written with ({} if it has no train_config.json)."""
     saved_file = checkpoint / TRAIN_CONFIG
-    return json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    return _read_json(saved_file) if saved_file.is_file() else {}
 
 
 def finish_row(row: dict) -> dict:

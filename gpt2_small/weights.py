@@ -243,8 +243,7 @@ def _read_pytorch_bin(path: Path) -> dict[str, Tensor]:
 
 def _shard_names(index_file: Path) -> list[str]:
     """The shard files a save_pretrained index lists, each a file beside the index."""
-    index = _read_json(index_file)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = _read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index_file} has no 'weight_map' object naming each tensor's shard file")
     names = sorted(set(weight_map.values()))

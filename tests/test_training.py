@@ -962,6 +962,18 @@ def test_a_train_config_without_fields_added_since_resumes_without_warnings(tmp_
     assert [r.getMessage() for r in caplog.records] == []
 
 
+@pytest.mark.parametrize(
+    ("content", "named"), [('{"lr": 0.0', "is not valid JSON"), ("[0.001]", "holds a JSON list")], ids=["cut", "list"]
+)
+def test_a_damaged_train_config_is_named_on_resume(tmp_path, shakespeare_slice, content, named):
+    """Before: json's JSONDecodeError naming no file, or "'list' object has no attribute 'get'"."""
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=2)
+    config_file = latest_checkpoint(tmp_path) / training.TRAIN_CONFIG
+    config_file.write_text(content)
+    with pytest.raises(ValueError, match=rf"step-0000002/train_config.json {named}.*; the file is damaged"):
+        Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True)
+
+
 def test_a_checkpoint_from_before_evaluated_at_and_sampled_at_were_kept_resumes_with_both_done(
     tmp_path, shakespeare_slice
 ):

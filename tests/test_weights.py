@@ -288,6 +288,7 @@ def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
     ("damage", "message"),
     [
         (lambda d: (d / "config.json").write_text("{cut off"), r"config.json is not valid JSON \(Expecting"),
+        (lambda d: (d / "config.json").write_text('["n_embd", 32]'), r"config.json holds a JSON list, not an object"),
         (lambda d: (d / "model.safetensors").write_bytes(b""), r"model.safetensors is not a complete safetensors file"),
         (lambda d: _truncate(d / "model.safetensors"), r"model.safetensors is not a complete safetensors file"),
         (
@@ -295,7 +296,7 @@ def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
             r"the GPT-2 config.json lacks n_embd; every GPT2Config",
         ),
     ],
-    ids=["config-json", "empty-weights", "cut-weights", "config-key"],
+    ids=["config-json", "config-list", "empty-weights", "cut-weights", "config-key"],
 )
 def test_a_damaged_hf_checkpoint_is_named_in_a_value_error(tiny_checkpoint, tmp_path, damage, message):
     """Before: json's JSONDecodeError or a KeyError naming no file, or safetensors' SafetensorError,
@@ -370,6 +371,7 @@ def test_a_whole_weights_file_is_read_before_an_index_beside_it(tiny_checkpoint,
 @pytest.mark.parametrize(
     ("index", "message"),
     [
+        (["model-00001-of-00002.safetensors"], r"holds a JSON list, not an object"),
         ({"metadata": {}}, r"has no 'weight_map' object naming each tensor's shard file"),
         ({"weight_map": {}}, r"has no 'weight_map' object"),
         ({"weight_map": {"wte.weight": 3}}, r"has no 'weight_map' object"),
@@ -382,7 +384,7 @@ def test_a_whole_weights_file_is_read_before_an_index_beside_it(tiny_checkpoint,
             r"names shard files outside its directory: \['/etc/model.safetensors'\]",
         ),
     ],
-    ids=["no-map", "empty-map", "not-a-name", "parent", "absolute"],
+    ids=["a-list", "no-map", "empty-map", "not-a-name", "parent", "absolute"],
 )
 def test_an_index_that_names_no_shard_beside_it_is_refused(tiny_checkpoint, tmp_path, index, message):
     # Whole weights one folder up, which a followed "../model.safetensors" would load.
@@ -405,6 +407,11 @@ def test_a_damaged_gpt2_small_checkpoint_is_named_in_a_value_error(tmp_path):
         (tmp_path / "gpt2_small_config.json").write_bytes(damaged)
         with pytest.raises(ValueError, match=r"gpt2_small_config.json is not valid JSON"):
             Transformer.load(tmp_path)
+    (tmp_path / "gpt2_small_config.json").write_text('"gpt2_small"')
+    with pytest.raises(
+        ValueError, match=r"gpt2_small_config.json holds a JSON str, not an object; the file is damaged"
+    ):
+        Transformer.load(tmp_path)
 
 
 def test_a_gpt2_small_config_with_unknown_fields_is_refused_by_name(tmp_path):

@@ -1339,9 +1339,10 @@ class Transformer(HookedRootModule):
         values ("V"), as TransformerLens's (Elhage et al. 2021, "A Mathematical Framework for
         Transformer Circuits"): ||OV_1 M_2||_F / (||OV_1||_F ||M_2||_F), where OV_1 is the earlier
         head's and M_2 the later head's QK, QK^T or OV. [l1, h1, l2, h2] is 0 unless l1 < l2.
-        Independent random heads score about 1/sqrt(d_model) (0.036 for GPT-2 small). The LayerNorm
-        between the heads is not in the product: fold its weights in first with
-        gpt2_small.process_weights, as TransformerLens advises.
+        Independent random heads score about 1/sqrt(d_model) (0.036 for GPT-2 small). A head whose
+        matrix is zero (say, ablated) scores NaN, 0/0, as in TransformerLens; plot_composition_scores
+        draws those cells grey. The LayerNorm between the heads is not in the product: fold its
+        weights in first with gpt2_small.process_weights, as TransformerLens advises.
         """
         if mode not in ("Q", "K", "V"):
             raise ValueError(f"mode must be 'Q', 'K' or 'V', got {mode!r}")

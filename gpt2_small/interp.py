@@ -1114,6 +1114,25 @@ def _check_values(values: object, axes: str, name: str, hint: str) -> None:
         raise ValueError(f"{name} must be a tensor [{axes}], got {got}; {hint}")
 
 
+def _colormap(name: str, values: np.ndarray, title: str):
+    """matplotlib's colormap `name`, with cells that are not finite drawn grey.
+
+    A zero-ablated head's composition scores are 0/0 and a metric can divide by zero; by default
+    such cells are left blank, in the colour of 0 on a scale centred there.
+    """
+    import matplotlib
+
+    if bad := int((~np.isfinite(values)).sum()):
+        logger.warning("%s: %d of %d values are not finite (NaN or inf), drawn grey", title, bad, values.size)
+    return matplotlib.colormaps[name].with_extremes(bad="0.6")
+
+
+def _finite_max(values: np.ndarray) -> float:
+    """The largest finite |value|, 0 if there is none: one NaN would otherwise become the scale's end."""
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def _check_labels(labels: Sequence[str] | None, count: int, name: str, of: str) -> None:
     # matplotlib's own error ("The number of FixedLocator locations (6), usually from a call to
     # set_ticks, does not match the number of labels (2)") names neither the argument nor the axis.
@@ -1146,10 +1165,10 @@ def _heatmap(
     fig = _figure(max(5.0, 0.35 * cols + 2.5, 0.09 * len(title) + 1.0), 0.35 * rows + 1.8)
     ax = fig.subplots()
     if center:
-        limit = float(abs(values).max()) or 1.0
+        limit = _finite_max(values) or 1.0
         value_range = (-limit, limit)
     low, high = value_range if value_range is not None else (None, None)
-    image = ax.imshow(values, cmap=cmap, aspect="auto", vmin=low, vmax=high)
+    image = ax.imshow(values, cmap=_colormap(cmap, values, title), aspect="auto", vmin=low, vmax=high)
     fig.colorbar(image, ax=ax, label=label)
     # One tick per row and column (layers and heads are integers, never 0.5).
     ax.set_xticks(
@@ -1187,7 +1206,8 @@ def plot_attention_patterns(
         if h >= n_heads:
             ax.axis("off")
             continue
-        ax.imshow(pattern[h].detach().float().cpu().numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+        values = pattern[h].detach().float().cpu().numpy()
+        ax.imshow(values, cmap=_colormap("Blues", values, f"{title}, head {h}"), vmin=0.0, vmax=1.0)
         ax.set_title(f"head {h}", fontsize=9)
         if token_labels is not None and pos <= 40:
             ax.set_xticks(range(pos), token_labels, rotation=90, fontsize=6)
@@ -1266,7 +1286,8 @@ def plot_composition_scores(
     side = min(0.3 * n + 2.0, 11.0)
     fig = _figure(side + 1.5, side + 0.6)
     ax = fig.subplots()
-    image = ax.imshow(grid, cmap="Reds", vmin=0.0, vmax=float(grid.max()) or 1.0)
+    title = title if title is not None else f"{mode}-composition scores"
+    image = ax.imshow(grid, cmap=_colormap("Reds", grid, title), vmin=0.0, vmax=_finite_max(grid) or 1.0)
     fig.colorbar(image, ax=ax, label=f"{mode}-composition score")
     if n <= 48:
         labels = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
@@ -1282,7 +1303,7 @@ def plot_composition_scores(
             ax.axvline(edge * n_heads - 0.5, color="0.8", linewidth=0.5)
     ax.set_xlabel(f"later head (reads through its {'QK' if mode in ('Q', 'K') else 'OV'} circuit)")
     ax.set_ylabel("earlier head (writes through its OV circuit)")
-    ax.set_title(title if title is not None else f"{mode}-composition scores")
+    ax.set_title(title)
     return _finish(fig, path)
 
 

@@ -4,6 +4,7 @@ patching, induction scores and plots, on small random models and one hand-built 
 import copy
 from pathlib import Path
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -1481,3 +1482,32 @@ def test_composition_plot_labels_heads_or_layers_and_scales_from_zero_to_the_max
     assert [t.get_text() for t in big.get_xticklabels()] == [f"L{layer}" for layer in range(7)]
     assert list(big.get_xticks()) == [7 * layer + 3 for layer in range(7)]
     assert len(big.lines) == 2 * 6
+
+
+def test_heatmaps_scale_by_the_finite_values_and_draw_the_others_grey(model, caplog):
+    """A zero-ablated head's composition scores are NaN (0/0, as TransformerLens's), and a patching
+    metric can divide by zero. Before: one NaN made the colour scale's ends NaN, so matplotlib drew
+    every cell on [-0.1, 0.1], saturated, and the NaN cells blank, in the colour of 0."""
+    ablated = Transformer(SMALL)
+    ablated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ablated.blocks[0].attn.W_O[1] = 0.0
+    scores = ablated.all_composition_scores("K")
+    assert scores[0, 1, 1:].isnan().all() and scores.isnan().sum() == 2 * 4  # L0H1 onto L1 and L2's heads
+    grey = matplotlib.colors.to_rgba("0.6")
+    caplog.set_level("WARNING", logger="gpt2_small.interp")
+    image = interp.plot_composition_scores(scores).axes[0].images[0]
+    assert image.get_clim() == (0.0, pytest.approx(float(scores.nan_to_num().max())))
+    assert image.cmap.get_bad() == pytest.approx(grey) and image.cmap(0.0) != pytest.approx(grey)
+    values = torch.tensor([[float("nan"), 1.0], [0.5, -2.0], [float("inf"), 0.0]])
+    image = interp.plot_patching(values).axes[0].images[0]
+    assert image.get_clim() == (-2.0, 2.0) and image.cmap.get_bad() == pytest.approx(grey)
+    pattern = torch.full((2, 3, 3), 1 / 3)
+    pattern[1, 2] = float("nan")
+    fig = interp.plot_attention_patterns(pattern)
+    assert all(ax.images[0].cmap.get_bad() == pytest.approx(grey) for ax in fig.axes)
+    assert [r.getMessage() for r in caplog.records] == [
+        "K-composition scores: 8 of 144 values are not finite (NaN or inf), drawn grey",
+        "activation patching: 2 of 6 values are not finite (NaN or inf), drawn grey",
+        "attention patterns, head 1: 3 of 9 values are not finite (NaN or inf), drawn grey",
+    ]

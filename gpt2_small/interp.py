@@ -1112,6 +1112,8 @@ def _check_values(values: object, axes: str, name: str, hint: str) -> None:
     if not isinstance(values, Tensor) or values.ndim != len(axes.split()):
         got = f"shape {tuple(values.shape)}" if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"{name} must be a tensor [{axes}], got {got}; {hint}")
+    if values.numel() == 0:  # else an empty picture, or an error from matplotlib that names neither
+        raise ValueError(f"{name} [{axes}] has an empty axis (shape {tuple(values.shape)}); there is nothing to draw")
 
 
 def _colormap(name: str, values: np.ndarray, title: str):

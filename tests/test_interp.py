@@ -1390,6 +1390,13 @@ def test_plots_name_values_with_the_wrong_number_of_axes(run, tmp_path, without_
         interp.plot_composition_scores(torch.rand(3, 4), path=path)
     with pytest.raises(ValueError, match=rf"scores must be {axes}, got shape \(3, 4, 2, 4\)"):
         interp.plot_composition_scores(torch.rand(3, 4, 2, 4), path=path)
+    empty = r"has an empty axis \(shape {}\); there is nothing to draw"
+    with pytest.raises(ValueError, match=r"^values \[n_layers width\] " + empty.format(r"\(2, 0\)")):
+        interp.plot_patching(torch.zeros(2, 0), path=path)
+    with pytest.raises(ValueError, match=r"^pattern \[n_heads query_pos key_pos\] " + empty.format(r"\(0, 3, 3\)")):
+        interp.plot_attention_patterns(torch.zeros(0, 3, 3), path=path)
+    with pytest.raises(ValueError, match=r"^scores \[n_layers n_heads n_layers n_heads\] " + empty.format(".*")):
+        interp.plot_composition_scores(torch.zeros(0, 0, 0, 0), path=path)
     assert not path.exists()
     interp.plot_attention_patterns(pattern[0], path=path)  # one prompt's pattern
     assert path.stat().st_size > 1000

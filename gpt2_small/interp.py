@@ -1077,11 +1077,15 @@ def induction_score(
 
 
 def top_heads(scores: Float[Tensor, "n_layers n_heads"], k: int = 5) -> list[tuple[str, float]]:
-    """The k highest-scoring heads as ("L{layer}H{head}", score); every head if there are fewer than k."""
+    """The k highest-scoring heads as ("L{layer}H{head}", score); every head if there are fewer than k.
+
+    NaN scores (an ablated head's composition, 0/0) rank last, where torch's sort puts them first.
+    """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # a negative k sliced off the lowest heads
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     flat = scores.flatten()
-    order = flat.argsort(descending=True)[:k]
+    ranked = flat.nan_to_num(nan=-torch.inf).argsort(descending=True, stable=True)
+    order = torch.cat([ranked[~flat[ranked].isnan()], ranked[flat[ranked].isnan()]])[:k]
     n_heads = scores.shape[1]
     return [(f"L{int(i) // n_heads}H{int(i) % n_heads}", float(flat[i])) for i in order]
 

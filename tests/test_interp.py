@@ -2,6 +2,7 @@
 patching, induction scores and plots, on small random models and one hand-built induction circuit."""
 
 import copy
+import math
 from pathlib import Path
 
 import matplotlib.colors
@@ -1186,6 +1187,17 @@ def test_interp_flags_and_counts_are_checked_not_taken_for_truthy(model, tokens,
         with pytest.raises(ValueError, match=rf"^k must be an int >= 1, got {k}$"):
             interp.top_heads(scores, k=k)
     assert [name for name, _ in interp.top_heads(scores, k=9)] == ["L0H1", "L1H0", "L1H1", "L0H0"]
+
+
+def test_top_heads_ranks_nan_scores_last():
+    """An ablated head's composition scores are NaN (0/0). Before: torch's descending sort put them
+    first, so the top heads were the ones with no score."""
+    nan = float("nan")
+    scores = torch.tensor([[nan, 0.2, -1.0], [0.7, nan, -torch.inf]])
+    assert [name for name, _ in interp.top_heads(scores, k=3)] == ["L1H0", "L0H1", "L0H2"]
+    ranked = interp.top_heads(scores, k=6)
+    assert [name for name, _ in ranked] == ["L1H0", "L0H1", "L0H2", "L1H2", "L0H0", "L1H1"]
+    assert ranked[3][1] == -float("inf") and all(math.isnan(value) for _, value in ranked[4:])
 
 
 def test_activation_patching_checks_its_arguments_before_the_clean_run(model, tokens, without_shape_checks):

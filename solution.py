@@ -101,7 +101,8 @@ class TransformerConfig:
         head counts nearest n_heads that do (a d_head of d_model // n_heads would leave a remainder)."""
         if self.d_model % self.n_heads == 0:
             return f"set d_head={self.d_model // self.n_heads} or change n_heads"
-        below = max(h for h in range(1, self.n_heads) if self.d_model % h == 0)
+        # No divisor of d_model exceeds it: a search up to a mistyped n_heads=10**12 would never end.
+        below = max(h for h in range(1, min(self.n_heads, self.d_model + 1)) if self.d_model % h == 0)
         above = next((h for h in range(self.n_heads + 1, self.d_model + 1) if self.d_model % h == 0), None)
         choices = " or ".join(f"n_heads={h} with d_head={self.d_model // h}" for h in (below, above) if h)
         return f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}; use {choices}"

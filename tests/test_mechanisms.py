@@ -1109,6 +1109,8 @@ def test_config_defaults_are_gpt2_small():
             "d_model=30 is not a multiple of n_heads=4; use n_heads=3 with d_head=10 or n_heads=5 with d_head=6$",
         ),
         ({"d_model": 7, "n_heads": 12}, ValueError, "not a multiple of n_heads=12; use n_heads=7 with d_head=1$"),
+        # Before: the hint searched every count below n_heads for a divisor of d_model, 10**12 of them.
+        ({"n_heads": 10**12}, ValueError, f"not a multiple of n_heads={10**12}; use n_heads=768 with d_head=1$"),
         ({"n_layers": 0}, ValueError, "n_layers must be positive, got 0"),
         ({"d_vocab": -5}, ValueError, "d_vocab must be positive, got -5"),
         # A wrong type is refused by beartype (in tests) or __post_init__; both name field and value.

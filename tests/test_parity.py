@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from gpt2_small import convert_hf_state_dict
 from gpt2_small.bridge_names import bridge_name_hint
 from solution import _optional_hook_setter, causal_mask
 
@@ -247,6 +248,42 @@ def test_loss_gradients_cached_with_incl_bwd_equal_the_bridges(ref):
         if name.endswith("hook_resid_mid_grad"):
             theirs = theirs + expected[name.replace("resid_mid", "resid_post")]
         assert rel_error(cache[name], theirs) <= 1e-5, name
+
+
+def test_parameter_gradients_of_the_loss_equal_hfs(ref):
+    """What training steps on: every parameter's gradient of the mean next-token loss, against HF's
+    (labels=tokens) on the same weights, mapped by convert_hf_state_dict, which moves and reshapes
+    each tensor and so maps gradients as it maps weights. HF ties lm_head to wte, so its wte
+    gradient is our W_E's plus W_U's transposed. b_U, which HF lacks, is checked to be the summed
+    gradient of the logits: softmax minus the one-hot target, over the pairs, over their count."""
+    model, hf = ref.model, ref.hf
+    model.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+    try:
+        logits, loss = model(ref.tokens, return_type="both")
+        loss.backward()
+        hf(ref.tokens, labels=ref.tokens).loss.backward()
+        hf_grads = {name: p.grad for name, p in hf.named_parameters() if name != "lm_head.weight"}
+        expected = convert_hf_state_dict(hf_grads, model.cfg)
+        errors = {}
+        for name, p in model.named_parameters():
+            if name.endswith("attn.b_K"):
+                # Zero in exact arithmetic: a bias on every key shifts each query's scores by one
+                # constant, which the softmax takes away. Both are rounding (about 1e-8 of W_K's).
+                errors[name] = float(p.grad.norm() / model.get_parameter(name.replace("b_K", "W_K")).grad.norm())
+            elif name not in ("embed.W_E", "unembed.W_U", "unembed.b_U"):
+                errors[name] = rel_error(p.grad, expected[name])
+        errors["W_E + W_U.T"] = rel_error(
+            model.embed.W_E.grad + model.unembed.W_U.grad.T, hf.transformer.wte.weight.grad
+        )
+        one_hot = torch.nn.functional.one_hot(ref.tokens[:, 1:], model.cfg.d_vocab)
+        d_logits = (logits[:, :-1].detach().softmax(dim=-1) - one_hot) / one_hot[..., 0].numel()
+        errors["b_U"] = rel_error(model.unembed.b_U.grad, d_logits.sum(dim=(0, 1)))
+        assert len(errors) == len(list(model.parameters())) - 1  # W_E and W_U together
+        assert max(errors.values()) <= 1e-5, max(errors.items(), key=lambda item: item[1])
+    finally:
+        model.zero_grad(set_to_none=True)
+        hf.zero_grad(set_to_none=True)
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

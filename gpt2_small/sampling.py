@@ -577,16 +577,18 @@ def generate(
     return torch.cat([tokens.to(model.device), *new_tokens], dim=1)
 
 
-def _encode(tokenizer, prompt: str) -> list[int]:
+def _encode(tokenizer, prompt: str, index: int | None = None) -> list[int]:
+    """The prompt's ids; `index` is its place in a list of prompts, which the errors name."""
     if not isinstance(tokenizer, tiktoken.Encoding):  # stream_text needs its decode_single_token_bytes
         raise TypeError(
             f"tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer() returns, got {type(tokenizer).__name__}"
         )
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise TypeError(f"prompt{'' if index is None else f' {index}'} must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt, allowed_special={EOT_TOKEN})
     if not ids:
-        raise ValueError("the prompt is empty; use '<|endoftext|>' for an unconditional sample")
+        which = "the prompt" if index is None else f"prompt {index} of the list"
+        raise ValueError(f"{which} is empty; use '<|endoftext|>' for an unconditional sample")
     return ids
 
 
@@ -602,7 +604,8 @@ def generate_text(
     if not single and not isinstance(prompt, Sequence):
         raise TypeError(f"prompt must be a str or a sequence of str, got {type(prompt).__name__}")
     prompts = [prompt] if single else list(prompt)
-    tokens, mask = pad_prompts([_encode(tokenizer, p) for p in prompts], device=model.device)
+    ids = [_encode(tokenizer, p, None if single else i) for i, p in enumerate(prompts)]
+    tokens, mask = pad_prompts(ids, device=model.device)
     out = generate(model, tokens, max_new_tokens, attention_mask=mask, **kwargs)
     eos = kwargs.get("eos_token_id", EOT_ID)
     texts = []

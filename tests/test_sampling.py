@@ -1153,8 +1153,10 @@ def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shap
         generate(None, tokens, 3)
     with pytest.raises(TypeError, match="prompt must be a str or a sequence of str, got int"):
         generate_text(model, get_tokenizer(), 5, 3)
-    with pytest.raises(TypeError, match=r"^prompt must be a str, got int$"):
+    with pytest.raises(TypeError, match=r"^prompt 1 must be a str, got int$"):  # the one in the list named
         generate_text(model, get_tokenizer(), ["a", 5], 3)
+    with pytest.raises(ValueError, match=r"^prompt 2 of the list is empty; use '<\|endoftext\|>' for an unconditional"):
+        generate_text(model, get_tokenizer(), ["a", "b", ""], 3)
     with pytest.raises(TypeError, match=r"^prompt must be a str, got bytes$"):
         next(stream_text(model, get_tokenizer(), b"a", 3))
     assert generate(model, tokens, 3, temperature=0).shape == (1, 5)  # the same calls, well typed

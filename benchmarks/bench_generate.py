@@ -172,25 +172,27 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    directory = Path(tempfile.mkdtemp(prefix="bench-generate-"))
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 small, random weights
+    # Removed afterwards, Ctrl-C included: the checkpoint is 500 MB.
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        directory = Path(tmp)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(directory)  # GPT-2 small, random weights
 
-    rows, failures = [], []
-    for batch in batch_sizes:
-        prompt = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
-        prompt = prompt.to(device)
-        outputs = {}
-        run_one = functools.partial(
-            row_of, directory=directory, prompt=prompt, new_tokens=new_tokens, device=device, repeats=repeats,
-            outputs=outputs,
-        )  # fmt: skip
-        batch_rows, batch_failures = run_variants(variants, run_one, device, label=f"batch {batch}: ")
-        reference = outputs.get("hf")
-        for row in batch_rows:
-            same = outputs[row["variant"]]
-            row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
-        rows += batch_rows
-        failures += batch_failures
+        rows, failures = [], []
+        for batch in batch_sizes:
+            prompt = torch.randint(0, 50257, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(batch))
+            prompt = prompt.to(device)
+            outputs = {}
+            run_one = functools.partial(
+                row_of, directory=directory, prompt=prompt, new_tokens=new_tokens, device=device, repeats=repeats,
+                outputs=outputs,
+            )  # fmt: skip
+            batch_rows, batch_failures = run_variants(variants, run_one, device, label=f"batch {batch}: ")
+            reference = outputs.get("hf")
+            for row in batch_rows:
+                same = outputs[row["variant"]]
+                row["same"] = "n/a" if reference is None else ("yes" if torch.equal(same, reference) else "no")
+            rows += batch_rows
+            failures += batch_failures
 
     def ms(row: dict, key: str) -> str:
         return f"{row[key]:.2f}" if key in row else "n/a"

@@ -1,9 +1,10 @@
 """The benchmark scripts' variant names: each one a GPU session will run is accepted, and a misspelt
 or misplaced option is refused before anything runs. The scripts read options by substring, so an
 unchecked typo would time the wrong thing under the name asked for, on a GPU lent for minutes.
-No timing happens here.
+One run of bench_generate, its smallest, checks that it cleans up; no timing is asserted.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -92,3 +93,18 @@ def test_bench_generate_refuses_a_bad_variant_before_building_anything(tmp_path)
     assert run.returncode == 2, run.stderr
     assert "variant 'ours-compield'" in run.stderr
     assert not results.exists()
+
+
+def test_bench_generate_removes_its_checkpoint_when_done(tmp_path):
+    """It saves a random GPT-2 small (500 MB) to read back as each peer does. Before, the folder
+    stayed in the temporary directory after every run. The smallest run: one variant, two tokens."""
+    temp, results = tmp_path / "tmp", tmp_path / "RESULTS.md"
+    temp.mkdir()
+    args = ["--device", "cpu", "--batch-sizes", "1", "--new-tokens", "2", "--variants", "ours", "--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_generate.py", *args, "--results", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^\| 1 \| ours \| [\d,]+ \|", results.read_text(), flags=re.MULTILINE)  # it measured
+    assert not list(temp.glob("bench-generate-*"))

@@ -1528,7 +1528,13 @@ def test_a_two_process_checkpoint_resumed_by_one_process_keeps_its_place_in_the_
 
 @pytest.mark.slow
 def test_torchrun_two_process_training_completes(tmp_path):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "GPT2_SMALL_CACHE": str(tmp_path / "cache")}
+    # TMPDIR: torchrun makes a torchelastic_* log folder there and leaves it behind.
+    (tmp_path / "tmp").mkdir()
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "GPT2_SMALL_CACHE": str(tmp_path / "cache"),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
         str(REPO / "demos" / "train_demo.py"), "--max-steps", "3", "--batch-size", "2", "--eval-interval", "0",

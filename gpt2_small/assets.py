@@ -28,6 +28,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def expected_sha256(name: str) -> str:
+    """The sha256 that _assets/SHA256SUMS records for the bundled asset `name`."""
+    return _expected_digests()[name]
+
+
 @functools.cache
 def asset_path(name: str) -> Path:
     """Path of the bundled asset `name`, after checking its sha256 (once per process)."""

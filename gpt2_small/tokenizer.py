@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from gpt2_small.assets import asset_path
+from gpt2_small.assets import asset_path, expected_sha256
 from solution import check_device, check_flag
 
 EOT_TOKEN = "<|endoftext|>"
@@ -25,10 +25,23 @@ GPT2_VOCAB = EOT_ID + 1  # real GPT-2 tokens; ids at or above are padding of a p
 TOKENIZER_ASSET = "gpt2.tiktoken"
 
 
+def _bundled_ranks() -> dict[bytes, int]:
+    """The BPE ranks of the bundled file, as tiktoken.load.load_tiktoken_bpe reads them, checked.
+
+    tiktoken keeps a copy of each ranks file it reads in a cache keyed by the file's path alone
+    ($TIKTOKEN_CACHE_DIR, else data-gym-cache in the temporary directory, which any user of the
+    machine can write to) and, unless given the file's hash, returns that copy unchecked: the
+    sha256 that asset_path checks would vouch for a file that was not what was read. Given the
+    hash, tiktoken replaces a copy that differs with the file itself.
+    """
+    path = str(asset_path(TOKENIZER_ASSET))
+    return tiktoken.load.load_tiktoken_bpe(path, expected_hash=expected_sha256(TOKENIZER_ASSET))
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding, read from the bundled ranks file; never touches the network."""
-    ranks = tiktoken.load.load_tiktoken_bpe(str(asset_path(TOKENIZER_ASSET)))
+    ranks = _bundled_ranks()
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=tiktoken_ext.openai_public.r50k_pat_str,
@@ -44,7 +57,12 @@ def hf_tokenizer():
     from transformers import PreTrainedTokenizerFast  # deferred: transformers is slow to import
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    converted = TikTokenConverter(
+    class BundledRanksConverter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:  # its own reads tiktoken's cache unchecked
+            return _bundled_ranks()
+
+    converted = BundledRanksConverter(
         vocab_file=str(asset_path(TOKENIZER_ASSET)),
         pattern=tiktoken_ext.openai_public.r50k_pat_str,
         extra_special_tokens={EOT_TOKEN: EOT_ID},

@@ -1,10 +1,13 @@
 """The bundled GPT-2 tokenizer: exact ids, offline, and refused when its file is corrupt."""
 
+import hashlib
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken.load
 import torch
 
 import gpt2_small.assets as assets
@@ -217,6 +220,27 @@ def test_corrupt_ranks_file_is_refused(monkeypatch, tmp_path, fresh_caches):
     monkeypatch.setattr(assets, "ASSETS_DIR", corrupt)
     with pytest.raises(AssetChecksumError, match="gpt2.tiktoken has sha256 [0-9a-f]{64}, expected 306cd27f"):
         get_tokenizer()
+
+
+def test_a_stale_or_planted_copy_in_tiktokens_cache_is_not_read(monkeypatch, tmp_path, fresh_caches):
+    """tiktoken keeps a copy of each ranks file it reads, keyed by the path alone, in a cache any user
+    of the machine can write to (/tmp/data-gym-cache unless TIKTOKEN_CACHE_DIR is set), and returns
+    it unchecked without the file's hash. Before, both tokenizers read a planted copy, while the
+    sha256 checked on the bundled file passed."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    ranks_file = str(assets.asset_path("gpt2.tiktoken"))
+    real = Path(ranks_file).read_bytes()
+    lines = real.splitlines(keepends=True)
+    hello, world = (next(i for i, line in enumerate(lines) if line.endswith(b" %d\n" % rank)) for rank in (15496, 995))
+    lines[hello], lines[world] = lines[hello].replace(b" 15496", b" 995"), lines[world].replace(b" 995", b" 15496")
+    planted = b"".join(lines)
+    copy = tmp_path / hashlib.sha1(ranks_file.encode()).hexdigest()  # where tiktoken keeps it
+    copy.write_bytes(planted)
+    assert tiktoken.load.read_file_cached(ranks_file) == planted  # what tiktoken alone would read
+    assert get_tokenizer().encode("Hello world") == [15496, 995]
+    assert copy.read_bytes() == real  # replaced by the file itself
+    copy.write_bytes(planted)
+    assert hf_tokenizer()("Hello world").input_ids == [15496, 995]
 
 
 def test_sha256sums_in_binary_mode_and_blank_lines_are_read_and_a_missing_asset_is_named(

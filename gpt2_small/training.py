@@ -831,6 +831,11 @@ class Trainer:
 
     def run(self, stop_at: int | None = None) -> list[dict]:
         """Train until max_steps (or `stop_at`, then checkpoint). Returns the metric rows."""
+        if stop_at is not None:
+            if isinstance(stop_at, bool) or not isinstance(stop_at, (int, np.integer)):  # 2.5 ran 2 steps; True, 1
+                raise TypeError(f"stop_at must be an int (the step to stop after) or None, got {stop_at!r}")
+            if stop_at < 1:
+                raise ValueError(f"stop_at must be >= 1 (the step to stop after) or None, got {stop_at}")
         cfg, main = self.cfg, self.dist.is_main
         stop = self.max_steps if stop_at is None else min(stop_at, self.max_steps)
         if main:

@@ -536,6 +536,23 @@ def test_samples_come_every_sample_interval_and_the_last_steps_at_the_end(tmp_pa
     assert headings == ["before training", "step 4", "step 8 (end)"]
 
 
+def test_run_names_a_stop_at_that_is_no_step(tmp_path, shakespeare_slice, without_shape_checks):
+    """Before: 2.5 trained two steps, True one, 0 and -1 none, and "3" failed with
+    "'<' not supported between instances of 'int' and 'str'"."""
+    trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
+    for stop_at, error, message in [
+        (2.5, TypeError, r"^stop_at must be an int \(the step to stop after\) or None, got 2\.5$"),
+        (True, TypeError, r"^stop_at must be an int \(the step to stop after\) or None, got True$"),
+        ("3", TypeError, r"^stop_at must be an int \(the step to stop after\) or None, got '3'$"),
+        (0, ValueError, r"^stop_at must be >= 1 \(the step to stop after\) or None, got 0$"),
+        (-1, ValueError, r"^stop_at must be >= 1 \(the step to stop after\) or None, got -1$"),
+    ]:
+        with pytest.raises(error, match=message):
+            trainer.run(stop_at=stop_at)
+    assert trainer.step == 0 and not (tmp_path / "metrics.jsonl").exists()  # refused before anything ran
+    assert [r["step"] for r in trainer.run(stop_at=np.int64(2)) if "loss" in r] == [1, 2]
+
+
 def test_run_stops_at_max_steps_even_when_told_to_stop_later(tmp_path, shakespeare_slice):
     rows = Trainer(micro_config(tmp_path, max_steps=3), data=shakespeare_slice).run(stop_at=10)
     assert max(losses(rows)) == 3 and latest_checkpoint(tmp_path).name == "step-0000003"

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
 from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
-from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device
+from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device, check_flag
 
 logger = logging.getLogger(__name__)
 
@@ -603,6 +603,16 @@ class _Interrupts:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, data: TokenData | None = None):
+        # Before anything: resume="no" was truthy and resumed, and the others failed later on an attribute.
+        if not isinstance(cfg, TrainConfig):
+            hint = "; build one with TrainConfig(**settings)" if isinstance(cfg, dict) else ""
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}{hint}")
+        check_flag("resume", resume)
+        if data is not None and not isinstance(data, TokenData):
+            raise TypeError(
+                f"data must be a TokenData (TokenData.load(...)) or None, got {type(data).__name__}; "
+                f"to train on a dataset by name, set TrainConfig's dataset"
+            )
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir).expanduser()
         requested = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device

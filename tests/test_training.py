@@ -536,6 +536,25 @@ def test_samples_come_every_sample_interval_and_the_last_steps_at_the_end(tmp_pa
     assert headings == ["before training", "step 4", "step 8 (end)"]
 
 
+def test_trainer_names_arguments_of_the_wrong_type_before_anything_runs(
+    tmp_path, shakespeare_slice, without_shape_checks
+):
+    """Before: resume="no" was truthy and resumed the earlier run; a dataset's name for data, or a
+    dict for cfg, failed with AttributeError ("'str' object has no attribute 'loader'")."""
+    Trainer(micro_config(tmp_path), data=shakespeare_slice).run(stop_at=2)
+    with pytest.raises(TypeError, match=r"^resume must be True or False, got 'no'$"):
+        Trainer(micro_config(tmp_path), data=shakespeare_slice, resume="no")
+    for data in ("shakespeare", np.array(shakespeare_slice.train)):
+        with pytest.raises(TypeError, match=r"^data must be a TokenData \(TokenData.load\(...\)\) or None, got "):
+            Trainer(micro_config(tmp_path / "other"), data=data)
+    with pytest.raises(
+        TypeError, match=r"^cfg must be a TrainConfig, got dict; build one with TrainConfig\(\*\*settings\)$"
+    ):
+        Trainer({"preset": "micro", "out_dir": str(tmp_path / "other")}, data=shakespeare_slice)
+    assert not (tmp_path / "other").exists()
+    assert Trainer(micro_config(tmp_path), data=shakespeare_slice, resume=True).step == 2
+
+
 def test_run_names_a_stop_at_that_is_no_step(tmp_path, shakespeare_slice, without_shape_checks):
     """Before: 2.5 trained two steps, True one, 0 and -1 none, and "3" failed with
     "'<' not supported between instances of 'int' and 'str'"."""

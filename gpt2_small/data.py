@@ -82,8 +82,15 @@ def load_text_dataset(
     """A `datasets.Dataset` with one document per row in `text_column`."""
     import datasets
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a dataset's name or a path, got {type(source).__name__}")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)):
+        raise TypeError(
+            f"max_examples must be an int or None, got {max_examples!r}"
+        )  # 2.5 was taken, '3' failed in '<'
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    source = os.fspath(source)  # a Path names a local file or folder, as its str does
     path = Path(source).expanduser()
     _refuse_options_that_do_not_apply(source, path, text_column=text_column, split=split, config_name=config_name)
     if source == EMBEDDED_DATASET:
@@ -238,6 +245,10 @@ def tokenize_dataset(
     ds, *, text_column: str | None = None, num_proc: int | None = None, cache_dir: str | Path | None = None
 ) -> np.ndarray:
     """The whole dataset as one uint16 token stream, <|endoftext|> after each document; cached."""
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"ds must be a datasets.Dataset (load_text_dataset gives one), got {type(ds).__name__}")
     text_column = text_column or ds.column_names[0]
     _check_text_column(ds, text_column)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -248,6 +248,21 @@ def test_max_examples(tmp_path):
     assert len(load_text_dataset(str(path), max_examples=11)) == 10  # more than there are: all of them
 
 
+def test_loading_and_tokenizing_name_arguments_of_the_wrong_type(tmp_path, without_shape_checks):
+    """Before: max_examples=2.5 was taken (and failed in range() once the dataset had more rows),
+    "3" failed with "'<' not supported", source=None with os.fspath's message naming no argument,
+    and tokenize_dataset of a list with "'list' object has no attribute 'column_names'"."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": str(i)} for i in range(10)])
+    for value in (2.5, "3", True):
+        with pytest.raises(TypeError, match=rf"^max_examples must be an int or None, got {re.escape(repr(value))}$"):
+            load_text_dataset(str(path), max_examples=value)
+    with pytest.raises(TypeError, match=r"^source must be a dataset's name or a path, got NoneType$"):
+        load_text_dataset(None)
+    with pytest.raises(TypeError, match=r"^ds must be a datasets.Dataset \(load_text_dataset gives one\), got list$"):
+        tokenize_dataset(["some text"], cache_dir=tmp_path / "cache")
+    assert load_text_dataset(path, max_examples=2)["text"] == ["0", "1"]  # a Path, as its str
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """'someone/corpus' on a pretend hub: load_dataset serves it from a local JSONL file (streamed

@@ -80,6 +80,8 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     "blocks.3.attn.hook_pattern", act_name("scale", 3, "ln1") == "blocks.3.ln1.hook_scale",
     act_name("scale") == "ln_final.hook_scale", and compactly act_name("k6") == "blocks.6.attn.hook_k",
     act_name("scale4ln1") == "blocks.4.ln1.hook_scale"; full names pass through, given alone."""
+    if not isinstance(name, str):  # else "'tuple' object has no attribute 'startswith'"
+        raise TypeError(f"a hook name must be a str, got {type(name).__name__} {name!r}")
     if name.startswith(("blocks.", "hook_", "ln_final.")):
         if layer is None and layer_type is None:
             return name
@@ -887,6 +889,10 @@ def direct_logit_attribution(
     direction = W_U[:, correct] - W_U[:, incorrect]. The contributions sum exactly to the logit
     difference minus `bias` = ln_final.b @ direction + b_U[correct] - b_U[incorrect].
     """
+    if not isinstance(cache, ActivationCache):  # a plain dict (return_cache_object=False) lacks its helpers
+        raise TypeError(
+            f"cache must be the ActivationCache that model.run_with_cache(tokens) returns, got {type(cache).__name__}"
+        )
     if not cache.has_batch_dim:
         raise ValueError(
             "direct_logit_attribution needs the cache's batch axis; run_with_cache without remove_batch_dim=True"
@@ -925,7 +931,7 @@ def patched_logits(
     model: Transformer,
     tokens: Int[Tensor, "batch pos"],
     source: ActivationCache | dict[str, Tensor],
-    hook_name: str,
+    hook_name: str | tuple,
     pos: int | None = None,
     head: int | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
@@ -934,13 +940,26 @@ def patched_logits(
     head needs a hook with an n_heads axis (q, k, v, z, attn_scores, pattern, and the optional
     result, attn_in, q_input, k_input, v_input, once the model has them). For attn_scores and
     pattern, pos is the query position (every key of it is patched). hook_name may be any spelling
-    act_name takes ("blocks.0.attn.hook_z", "z0").
+    act_name takes ("blocks.0.attn.hook_z", "z0"), or a cache key's tuple, ("z", 0).
     """
-    hook_name = act_name(hook_name)  # so that a plain dict source, and the hook itself, get the full name
+    # The full name, so that a plain dict source, and the hook itself, get it
+    hook_name = act_name(*hook_name) if isinstance(hook_name, tuple) else act_name(hook_name)
     clean = source[hook_name]
     if head is not None and not hook_name.endswith(tuple(f".{_PER_LAYER_HOOKS[h]}" for h in _HEAD_HOOKS)):
         # Indexing [:, :, head] of a [batch pos d_model] activation would patch one residual dimension.
         raise ValueError(f"head={head} needs a hook with a head axis, one of {_HEAD_HOOKS}; got {hook_name!r}")
+    # Before the run: inside the hook, torch's IndexError named a dimension, not the argument.
+    n_heads, n_pos = model.cfg.n_heads, tokens.shape[-1]
+    for arg, value, size, why in (
+        ("head", head, n_heads, f"the model has n_heads={n_heads}"),
+        ("pos", pos, n_pos, f"the tokens have {n_pos} positions"),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{arg} must be an int or None, got {value!r}")
+        if not -size <= value < size:
+            raise ValueError(f"{arg}={value} is outside [{-size}, {size}): {why}")
 
     def patch(activation: Tensor, hook) -> Tensor:
         if clean.shape != activation.shape:

@@ -1068,6 +1068,34 @@ def test_patched_logits_takes_transformer_lens_compact_names(model, tokens, run)
         patched_logits(model, corrupted, clean_cache, "blocks.1.hook_resid_pre", head=0)
 
 
+def test_patched_logits_takes_a_cache_keys_tuple_and_names_a_head_or_pos_out_of_range(
+    model, tokens, run, without_shape_checks
+):
+    """act_name's own error for "resid_pre0" says to give the layer apart, ("resid_pre", 0); before,
+    that tuple failed with "'tuple' object has no attribute 'startswith'". A head or pos out of
+    range failed inside the hook with torch's IndexError, naming a dimension; a plain dict given to
+    direct_logit_attribution with "'dict' object has no attribute 'has_batch_dim'"."""
+    _, clean_cache = run
+    corrupted = (tokens + 1) % 101
+    with torch.no_grad():
+        expected = patched_logits(model, corrupted, clean_cache, "blocks.1.attn.hook_z", pos=3, head=2)
+        torch.testing.assert_close(patched_logits(model, corrupted, clean_cache, ("z", 1), pos=3, head=2), expected)
+    with pytest.raises(ValueError, match=r"give the layer apart: \('resid_pre', 0\)"):
+        patched_logits(model, corrupted, clean_cache, "resid_pre0")
+    with pytest.raises(ValueError, match=r"^head=4 is outside \[-4, 4\): the model has n_heads=4$"):
+        patched_logits(model, corrupted, clean_cache, ("z", 1), head=4)
+    with pytest.raises(ValueError, match=r"^pos=-11 is outside \[-10, 10\): the tokens have 10 positions$"):
+        patched_logits(model, corrupted, clean_cache, ("resid_pre", 0), pos=-11)
+    with pytest.raises(TypeError, match=r"^head must be an int or None, got 1.0$"):
+        patched_logits(model, corrupted, clean_cache, ("z", 1), head=1.0)
+    with pytest.raises(TypeError, match=r"^a hook name must be a str, got int 3$"):
+        patched_logits(model, corrupted, clean_cache, 3)
+    with pytest.raises(
+        TypeError, match=r"^cache must be the ActivationCache that model.run_with_cache\(tokens\) returns, got dict$"
+    ):
+        direct_logit_attribution(model, dict(clean_cache), 1, 2)
+
+
 def test_patched_logits_refuses_a_source_of_another_shape(model, tokens, run):
     _, cache = run
     message = r"cannot patch blocks.0.hook_resid_pre: source \(3, 10, 32\) vs this run \(3, 5, 32\)"

@@ -63,6 +63,8 @@ class WeightLoadError(ValueError):
 
 def config_from_hf(hf_config: dict) -> TransformerConfig:
     """TransformerConfig for a Hugging Face GPT2Config given as its config.json dict."""
+    if not isinstance(hf_config, dict):
+        raise TypeError(f"hf_config must be the dict of a config.json, got {type(hf_config).__name__}")
     if hf_config.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type={hf_config['model_type']!r}")
     act = hf_config.get("activation_function", "gelu_new")
@@ -78,6 +80,11 @@ def config_from_hf(hf_config: dict) -> TransformerConfig:
             raise ValueError(f"{flag}={hf_config[flag]!r} is not supported; GPT-2 uses {flag}={supported}")
     if missing := [key for key in ("n_embd", "n_head", "n_layer", "vocab_size") if key not in hf_config]:
         raise ValueError(f"the GPT-2 config.json lacks {', '.join(missing)}; every GPT2Config writes them")
+    for key in ("n_embd", "n_head", "n_layer", "vocab_size", "n_positions", "n_ctx", "n_inner"):
+        value = hf_config.get(key)
+        # A quoted "768" made n_embd % n_head a str formatting ("not all arguments converted").
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"the GPT-2 config.json's {key} must be an int, got {value!r}")
     d_model, n_heads = hf_config["n_embd"], hf_config["n_head"]
     if d_model % n_heads:
         raise ValueError(f"n_embd={d_model} is not divisible by n_head={n_heads}")

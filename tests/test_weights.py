@@ -263,6 +263,21 @@ def test_a_minimal_or_old_config_json_takes_gpt2s_defaults():
             config_from_hf({k: v for k, v in minimal.items() if k != key})
 
 
+def test_a_config_json_whose_sizes_are_no_ints_is_named(without_shape_checks):
+    """Before: a quoted "64" made n_embd % n_head a str formatting, failing with "not all arguments
+    converted during string formatting"; a list for the whole config, with "'list' object has no
+    attribute 'get'"."""
+    minimal = {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 100}
+    for key, value in [("n_embd", "64"), ("n_head", 4.0), ("n_layer", True), ("n_positions", "1024"), ("n_inner", 2.5)]:
+        with pytest.raises(
+            ValueError, match=rf"^the GPT-2 config.json's {key} must be an int, got {re.escape(repr(value))}$"
+        ):
+            config_from_hf(minimal | {key: value})
+    assert config_from_hf(minimal | {"n_inner": None}).d_mlp == 256  # GPT2Config writes null: 4 * n_embd
+    with pytest.raises(TypeError, match=r"^hf_config must be the dict of a config.json, got list$"):
+        config_from_hf([minimal])
+
+
 def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         Transformer.from_pretrained(tmp_path / "nope" / "deeper")

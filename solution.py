@@ -1399,7 +1399,7 @@ class Transformer(HookedRootModule):
         """
         from safetensors.torch import save_file
 
-        path = Path(path).expanduser()  # "~/runs/x": a "~" directory in the working directory is never meant
+        path = user_path(path, "path")  # "~/runs/x": a "~" directory in the working directory is never meant
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file; Transformer.save writes a directory")
         if (path / "config.json").exists():
@@ -1428,7 +1428,7 @@ class Transformer(HookedRootModule):
     ) -> "Transformer":
         """Load a checkpoint written by `save`. Parameters keep their saved dtype unless `dtype` is given."""
         _check_placement(device, dtype)
-        path = Path(path).expanduser()
+        path = user_path(path, "path")
         config_file, weights_file = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
         for f in (config_file, weights_file):
             if not f.is_file():
@@ -1517,6 +1517,13 @@ def _optional_hook_setter(name: object, n_layers: int) -> str | None:
 def _optional_hooks_of(flag: str) -> list[str]:
     """The hook points, by their name in a block, that set_{flag} governs."""
     return [name for name, setter in OPTIONAL_HOOKS.items() if setter == f"set_{flag}"]
+
+
+def user_path(value: object, name: str) -> Path:
+    """`value` as a Path, "~" expanded, or a TypeError naming `name` (os.fspath's own names no argument)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike path, got {type(value).__name__}")
+    return Path(value).expanduser()
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from solution import _atomic_write
+from solution import _atomic_write, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def check_directory_path(path: str | os.PathLike, what: str) -> None:
     Called before long work (a download, tokenization), which would otherwise end in errno 17 or
     20 at the first write.
     """
-    path = Path(path).expanduser()
+    path = user_path(path, what)
     blocker = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         where = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
@@ -251,7 +251,7 @@ def tokenize_dataset(
         raise TypeError(f"ds must be a datasets.Dataset (load_text_dataset gives one), got {type(ds).__name__}")
     text_column = text_column or ds.column_names[0]
     _check_text_column(ds, text_column)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = user_path(cache_dir, "cache_dir") if cache_dir is not None else default_cache_dir()
     check_directory_path(cache_dir, "cache_dir")
     cache_file = cache_dir / f"tokens-{_cache_key(ds, text_column)}.npy"
     if cache_file.is_file():

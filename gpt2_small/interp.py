@@ -37,7 +37,7 @@ from transformer_lens.utilities import Slice
 
 from gpt2_small.bridge_names import bridge_name_hint
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, check_device, check_flag
+from solution import OPTIONAL_HOOKS, Transformer, check_device, check_flag, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -1121,7 +1121,7 @@ def _figure(width: float, height: float):
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
-        path = Path(path).expanduser()
+        path = user_path(path, "path")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         logger.info("wrote %s", path)

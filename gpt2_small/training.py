@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
 from gpt2_small.sampling import generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
-from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device, check_flag
+from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device, check_flag, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -1117,7 +1117,7 @@ def finish_row(row: dict) -> dict:
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory under out_dir/checkpoints, or None."""
-    root = Path(out_dir).expanduser() / CHECKPOINTS
+    root = user_path(out_dir, "out_dir") / CHECKPOINTS
     pointer = root / "latest"
     if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
         return root / pointer.read_text().strip()

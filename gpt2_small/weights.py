@@ -39,6 +39,7 @@ from solution import (
     _read_json,
     _read_safetensors,
     _training_run_hint,
+    user_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def convert_hf_state_dict(
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; otherwise a hub id, downloaded (config and weights only) and cached."""
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "name_or_path")
     if path.is_dir():
         return path
     name = str(name_or_path)
@@ -304,7 +305,7 @@ def load_model(
     """
     from gpt2_small.training import latest_checkpoint  # deferred: importing training here would be circular
 
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path, "name_or_path")
     if (path / CHECKPOINT_CONFIG).is_file():
         return Transformer.load(path, device=device, dtype=dtype).eval()
     if _holds_training_run(path):
@@ -374,7 +375,7 @@ def export_hf(
     for name, value in (("tokenizer", tokenizer), ("drop_unembed_bias", drop_unembed_bias)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
-    path = Path(directory).expanduser()
+    path = user_path(directory, "directory")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; export_hf writes a directory")
     for marker in (CHECKPOINT_CONFIG, "checkpoints"):

@@ -455,6 +455,23 @@ def _edit_json(path: Path, drop: str) -> None:
     path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != drop}))
 
 
+def test_a_path_that_is_no_str_or_path_is_named(without_shape_checks):
+    """Before: os.fspath's "expected str, bytes or os.PathLike object, not NoneType", naming no argument."""
+    from gpt2_small.training import latest_checkpoint
+
+    model = Transformer(NANO)
+    for call, name in [
+        (lambda: gpt2_small.load_model(None), "name_or_path"),
+        (lambda: Transformer.from_pretrained(3), "name_or_path"),
+        (lambda: model.save(None), "path"),
+        (lambda: Transformer.load(None), "path"),
+        (lambda: gpt2_small.export_hf(model, None), "directory"),
+        (lambda: latest_checkpoint(None), "out_dir"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{name} must be a str or os.PathLike path, got (NoneType|int)$"):
+            call()
+
+
 def test_hub_id_offline_gives_one_clear_error(offline_hub):
     with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
         Transformer.from_pretrained("gpt2")

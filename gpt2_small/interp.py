@@ -693,14 +693,19 @@ class LogitLens:
         targets may be shorter than the lens: tokens[:, 1:], the actual next tokens, scores every
         position but the last, which has no next token.
         """
-        batch, n_pos = self.logits.shape[1:3]
+        # Checked here: torch's gather named a dimension ("index 99 is out of bounds for dimension 3") or a dtype.
+        if not isinstance(targets, Tensor) or targets.dtype == torch.bool or targets.is_floating_point():
+            got = f"a {targets.dtype} tensor" if isinstance(targets, Tensor) else type(targets).__name__
+            raise TypeError(f"targets must be a tensor of token ids, got {got}")
+        batch, n_pos, d_vocab = self.logits.shape[1:]
         if targets.ndim != 2 or targets.shape[0] != batch or not 1 <= targets.shape[1] <= n_pos:
             raise ValueError(
                 f"targets must have shape [batch={batch}, target_pos <= {n_pos}] (one id per position read), "
                 f"got {tuple(targets.shape)}"
             )
+        _check_id_range("targets", targets, d_vocab)
         log_probs = self.logits.float().log_softmax(dim=-1)
-        index = einops.repeat(targets, "batch pos -> component batch pos 1", component=log_probs.shape[0])
+        index = einops.repeat(targets.long(), "batch pos -> component batch pos 1", component=log_probs.shape[0])
         return log_probs.gather(-1, index).squeeze(-1)
 
 
@@ -1078,6 +1083,8 @@ def induction_score(
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     if bos == "auto":
         bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
+    elif bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):  # 1.5 was named as "tokens"' dtype
+        raise TypeError(f"bos must be a token id, None or 'auto', got {bos!r}")
     offset = 0 if bos is None else 1
     if offset + 2 * seq_len > model.cfg.n_ctx:
         raise ValueError(

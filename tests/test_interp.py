@@ -873,6 +873,22 @@ def test_logit_lens_ends_at_the_model_logits_and_starts_at_the_embeddings(model,
             lens.log_probs_of(wrong)
 
 
+def test_logit_lens_log_probs_of_names_targets_that_are_no_token_ids(model, tokens, without_shape_checks):
+    """Before: torch's "index 101 is out of bounds for dimension 3 with size 101" from gather, its
+    "Expected dtype int32/int64 for index" for floats, and "'list' object has no attribute 'ndim'"."""
+    lens = logit_lens(model, tokens)
+    targets = tokens[:, 1:]
+    with pytest.raises(ValueError, match=r"^targets token id 101 is outside \[0, d_vocab=101\)$"):
+        lens.log_probs_of(torch.full_like(targets, 101))
+    with pytest.raises(TypeError, match=r"^targets must be a tensor of token ids, got a torch.float32 tensor$"):
+        lens.log_probs_of(targets.float())
+    with pytest.raises(TypeError, match=r"^targets must be a tensor of token ids, got list$"):
+        lens.log_probs_of(targets.tolist())
+    assert torch.equal(lens.log_probs_of(targets.int()), lens.log_probs_of(targets))
+    with pytest.raises(TypeError, match=r"^bos must be a token id, None or 'auto', got 1.5$"):
+        induction_score(model, seq_len=4, bos=1.5)
+
+
 def test_logit_lens_log_probs_of_a_bfloat16_model_are_taken_in_float32():
     """A bf16 model's lens holds bf16 logits; their log-softmax over the vocabulary, rounded to
     bf16, would be off by ~2**-9 of its magnitude (several nats here)."""

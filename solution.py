@@ -203,6 +203,10 @@ class KVCache:
         dtype: torch.dtype | None = None,
         static: bool = False,
     ):
+        if not isinstance(cfg, TransformerConfig):  # else "'str' object has no attribute 'n_ctx'"
+            raise TypeError(
+                f"KVCache cfg must be a TransformerConfig (or use KVCache.for_model), got {type(cfg).__name__}"
+            )
         if any(isinstance(n, bool) or not isinstance(n, int) for n in (batch, max_pos)):
             raise TypeError(f"KVCache batch and max_pos must be ints, got batch={batch!r}, max_pos={max_pos!r}")
         if not 1 <= max_pos <= cfg.n_ctx:

@@ -1074,6 +1074,10 @@ def test_flags_that_are_no_bools_are_refused_not_taken_as_true(sampling_pair, wi
     for batch, max_pos in ((1.5, 4), (1, 4.0), (True, 4)):  # was torch's "zeros(): argument 'size' ..."
         with pytest.raises(TypeError, match=r"^KVCache batch and max_pos must be ints, got "):
             KVCache.for_model(model, batch, max_pos)
+    with pytest.raises(
+        TypeError, match=r"^KVCache cfg must be a TransformerConfig \(or use KVCache.for_model\), got Transformer$"
+    ):
+        KVCache(model, 1, 4)  # was "'Transformer' object has no attribute 'n_ctx'"
 
 
 def test_a_seed_that_is_no_int_is_refused_before_any_step(sampling_pair, without_shape_checks):

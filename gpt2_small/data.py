@@ -84,10 +84,9 @@ def load_text_dataset(
 
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a dataset's name or a path, got {type(source).__name__}")
+    # Else 2.5 was taken (and failed in range() on a longer dataset), and "3" failed in a comparison.
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)):
-        raise TypeError(
-            f"max_examples must be an int or None, got {max_examples!r}"
-        )  # 2.5 was taken, '3' failed in '<'
+        raise TypeError(f"max_examples must be an int or None, got {max_examples!r}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     source = os.fspath(source)  # a Path names a local file or folder, as its str does

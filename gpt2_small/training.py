@@ -842,7 +842,8 @@ class Trainer:
     def run(self, stop_at: int | None = None) -> list[dict]:
         """Train until max_steps (or `stop_at`, then checkpoint). Returns the metric rows."""
         if stop_at is not None:
-            if isinstance(stop_at, bool) or not isinstance(stop_at, (int, np.integer)):  # 2.5 ran 2 steps; True, 1
+            # Else 2.5 stopped after step 2 and True after step 1.
+            if isinstance(stop_at, bool) or not isinstance(stop_at, (int, np.integer)):
                 raise TypeError(f"stop_at must be an int (the step to stop after) or None, got {stop_at!r}")
             if stop_at < 1:
                 raise ValueError(f"stop_at must be >= 1 (the step to stop after) or None, got {stop_at}")

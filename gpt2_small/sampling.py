@@ -67,6 +67,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -188,6 +189,9 @@ def pad_prompts(
     """Left-pad token lists to one batch; returns (tokens, attention_mask) with 0 at padding."""
     if device is not None:
         device = check_device(device)
+    # As for the ids below: 1.5 or True would silently pad with the token 1, and -1 is no token.
+    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral) or pad_id < 0:  # numpy's ints too
+        raise ValueError(f"pad_id must be a token id, an int >= 0, got {pad_id!r}")
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one")
     if text := next((p for p in prompts if isinstance(p, str)), None):

@@ -1173,6 +1173,16 @@ def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():
         pad_prompts([[1, 2], []])
 
 
+def test_pad_prompts_names_a_pad_id_that_is_no_token_id(without_shape_checks):
+    """Before: pad_id=1.5 or True padded with the token 1, and -1 was put in the tokens."""
+    for pad_id in (1.5, True, -1, "0"):
+        with pytest.raises(
+            ValueError, match=rf"^pad_id must be a token id, an int >= 0, got {re.escape(repr(pad_id))}$"
+        ):
+            pad_prompts([[1, 2], [3]], pad_id=pad_id)
+    assert pad_prompts([[1, 2], [3]], pad_id=np.int64(7))[0].tolist() == [[1, 2], [7, 3]]
+
+
 @pytest.mark.parametrize("value", [2, -1])
 def test_a_mask_value_other_than_0_or_1_is_refused(sampling_pair, value):
     # forward reads any nonzero value as a token, but generate's penalties would count a 2 twice.

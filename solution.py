@@ -964,8 +964,11 @@ class Transformer(HookedRootModule):
         positions = (kv_cache.key_mask.long().cumsum(dim=-1) - 1).clamp(min=0).index_select(1, slots)
         return positions, blocked_keys(slots, kv_cache.key_mask)
 
-    def check_tokens(self, tokens: object) -> None:
-        """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None."""
+    def check_tokens(self, tokens: object, attention_mask: object = None) -> None:
+        """Raise ValueError/TypeError naming what is wrong with `tokens`, or return None.
+
+        attention_mask, when given, only sharpens the message for an id outside the vocabulary
+        that sits in the padding (pad_prompts pads with <|endoftext|>, 50256, by default)."""
         if not isinstance(tokens, Tensor):
             hint = ""
             if isinstance(tokens, str):  # TransformerLens's forward takes text; this one takes ids only
@@ -993,6 +996,14 @@ class Transformer(HookedRootModule):
         low, high = int(low), int(high)
         if low < 0 or high >= self.cfg.d_vocab:
             bad = low if low < 0 else high
+            outside = (tokens < 0) | (tokens >= self.cfg.d_vocab)
+            padding = attention_mask is not None and isinstance(attention_mask, Tensor)
+            if padding and attention_mask.shape == tokens.shape and not bool((outside & attention_mask.bool()).any()):
+                # Padding is embedded like any token (and then never attended to), so its id must exist.
+                raise ValueError(
+                    f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab}); it is the padding's (attention_mask 0), "
+                    f"which is embedded all the same: pad with an id the model has, pad_prompts(..., pad_id=0)"
+                )
             raise ValueError(f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab})")
 
     def check_residual(self, residual: object) -> None:
@@ -1579,7 +1590,7 @@ def _host_reads_possible(tokens: Tensor) -> bool:
 def _check_tokens_pre_hook(model: Transformer, args: tuple, kwargs: dict) -> None:
     tokens = args[0] if args else kwargs.get("tokens")
     if kwargs.get("start_at_layer") is None:
-        model.check_tokens(tokens)
+        model.check_tokens(tokens, kwargs.get("attention_mask"))
     else:
         model.check_residual(tokens)
     model.check_mask_and_cache(tokens, kwargs.get("attention_mask"), kwargs.get("kv_cache"))

@@ -240,7 +240,7 @@ def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | 
         raise ValueError(
             "the prompt is empty (0 tokens); start from <|endoftext|> (id 50256) for an unconditional sample"
         )
-    model.check_tokens(tokens)
+    model.check_tokens(tokens, attention_mask)
     model.check_mask_and_cache(tokens, attention_mask, None)
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("attention_mask must have 1 at the last position of every row: pad prompts on the left")

@@ -1173,6 +1173,27 @@ def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():
         pad_prompts([[1, 2], []])
 
 
+def test_padding_outside_a_small_vocabulary_is_named_as_the_padding(small_vocab_pair):
+    """pad_prompts pads with <|endoftext|> (50256) by default, which a small vocabulary lacks.
+    Before: "token id 50256 is outside [0, d_vocab=...)", with nothing pointing at the padding."""
+    model = small_vocab_pair.model
+    d_vocab = model.cfg.d_vocab
+    tokens, mask = pad_prompts([[1, 2, 3], [4]])
+    padding = rf"^token id 50256 is outside \[0, d_vocab={d_vocab}\); it is the padding's \(attention_mask 0\), "
+    for call in (
+        lambda: generate(model, tokens, 3, attention_mask=mask, temperature=0),
+        lambda: beam_search(model, tokens, 2, 3, attention_mask=mask),
+        lambda: model(tokens, attention_mask=mask),
+    ):
+        with pytest.raises(ValueError, match=padding + r"which is embedded all the same: pad with an id the model has"):
+            call()
+    real = tokens.clone()
+    real[1, 0], real[0, 0] = 0, 50256  # now a real token is out of range: the plain message
+    with pytest.raises(ValueError, match=rf"^token id 50256 is outside \[0, d_vocab={d_vocab}\)$"):
+        model(real, attention_mask=mask)
+    generate(model, pad_prompts([[1, 2, 3], [4]], pad_id=0)[0], 3, attention_mask=mask, temperature=0)  # as it says
+
+
 def test_pad_prompts_names_a_pad_id_that_is_no_token_id(without_shape_checks):
     """Before: pad_id=1.5 or True padded with the token 1, and -1 was put in the tokens."""
     for pad_id in (1.5, True, -1, "0"):

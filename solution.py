@@ -898,8 +898,7 @@ class Transformer(HookedRootModule):
         """Refuse a return_type, or a combination, that forward cannot honour; True if it wants the loss."""
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}, got {return_type!r}")
-        if not isinstance(loss_per_token, bool):
-            raise TypeError(f"loss_per_token must be True or False, got {loss_per_token!r}")
+        check_flag("loss_per_token", loss_per_token)
         if stop_at_layer is not None and return_type != "logits":
             raise ValueError(
                 f"return_type={return_type!r} cannot be used with stop_at_layer, which returns the residual"

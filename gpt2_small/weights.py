@@ -39,6 +39,7 @@ from solution import (
     _read_json,
     _read_safetensors,
     _training_run_hint,
+    check_flag,
     user_path,
 )
 
@@ -372,9 +373,8 @@ def export_hf(
 
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a gpt2_small Transformer, got {type(model).__name__}")
-    for name, value in (("tokenizer", tokenizer), ("drop_unembed_bias", drop_unembed_bias)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+    check_flag("tokenizer", tokenizer)
+    check_flag("drop_unembed_bias", drop_unembed_bias)
     path = user_path(directory, "directory")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; export_hf writes a directory")

@@ -1413,9 +1413,8 @@ class Transformer(HookedRootModule):
         """
         from safetensors.torch import save_file
 
-        path = user_path(path, "path")  # "~/runs/x": a "~" directory in the working directory is never meant
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} is a file; Transformer.save writes a directory")
+        # "~/runs/x" expanded: a "~" directory in the working directory is never meant
+        path = directory_to_write(path, "path", "Transformer.save")
         if (path / "config.json").exists():
             raise ValueError(
                 f"{path} holds a Hugging Face checkpoint (config.json), whose model.safetensors save would overwrite "
@@ -1538,6 +1537,14 @@ def user_path(value: object, name: str) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike path, got {type(value).__name__}")
     return Path(value).expanduser()
+
+
+def directory_to_write(value: object, name: str, writer: str) -> Path:
+    """user_path(value, name), refused if it is a file: `writer` writes a directory there."""
+    path = user_path(value, name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; {writer} writes a directory")
+    return path
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -40,6 +40,7 @@ from solution import (
     _read_safetensors,
     _training_run_hint,
     check_flag,
+    directory_to_write,
     user_path,
 )
 
@@ -375,9 +376,7 @@ def export_hf(
         raise TypeError(f"model must be a gpt2_small Transformer, got {type(model).__name__}")
     check_flag("tokenizer", tokenizer)
     check_flag("drop_unembed_bias", drop_unembed_bias)
-    path = user_path(directory, "directory")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file; export_hf writes a directory")
+    path = directory_to_write(directory, "directory", "export_hf")
     for marker in (CHECKPOINT_CONFIG, "checkpoints"):
         if (path / marker).exists():
             raise ValueError(

@@ -996,8 +996,8 @@ class Transformer(HookedRootModule):
         if low < 0 or high >= self.cfg.d_vocab:
             bad = low if low < 0 else high
             outside = (tokens < 0) | (tokens >= self.cfg.d_vocab)
-            padding = attention_mask is not None and isinstance(attention_mask, Tensor)
-            if padding and attention_mask.shape == tokens.shape and not bool((outside & attention_mask.bool()).any()):
+            masked = isinstance(attention_mask, Tensor) and attention_mask.shape == tokens.shape
+            if masked and not bool((outside & attention_mask.bool()).any()):
                 # Padding is embedded like any token (and then never attended to), so its id must exist.
                 raise ValueError(
                     f"token id {bad} is outside [0, d_vocab={self.cfg.d_vocab}); it is the padding's (attention_mask 0), "

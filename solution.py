@@ -108,6 +108,15 @@ class TransformerConfig:
         return f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}; use {choices}"
 
 
+def checked_config(cfg: object, owner: str) -> TransformerConfig:
+    """cfg itself, once it is a TransformerConfig: a dict or a model would otherwise fail later
+    with "'dict' object has no attribute 'd_vocab'", naming neither the module nor the fix."""
+    if not isinstance(cfg, TransformerConfig):
+        hint = "; build one with TransformerConfig(**cfg)" if isinstance(cfg, dict) else ""
+        raise TypeError(f"{owner} cfg must be a TransformerConfig, got {type(cfg).__name__}{hint}")
+    return cfg
+
+
 def _normal(*shape: int, std: float) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape).normal_(mean=0.0, std=std))
 
@@ -140,7 +149,7 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "Embedding")
         self.W_E = _normal(cfg.d_vocab, cfg.d_model, std=cfg.init_range)
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
@@ -159,7 +168,7 @@ class PositionalEmbedding(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "PositionalEmbedding")
         self.W_pos = _normal(cfg.n_ctx, cfg.d_model, std=cfg.init_range)
 
     def forward(
@@ -321,7 +330,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "LayerNorm")
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
         self.b = _zeros(cfg.d_model)
@@ -358,7 +367,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "Attention")
         std, out_std = cfg.init_range, _residual_init_std(cfg)
         # Shape [n_heads d_model d_head] as in TransformerLens, stored d_model-major (a permuted
         # view): stacking the three into the fused projection's weight is then a plain copy, not
@@ -589,7 +598,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "MLP")
         self.W_in = _normal(cfg.d_model, cfg.d_mlp, std=cfg.init_range)
         self.b_in = _zeros(cfg.d_mlp)
         self.W_out = _normal(cfg.d_mlp, cfg.d_model, std=_residual_init_std(cfg))
@@ -608,7 +617,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "TransformerBlock")
         self.ln1 = LayerNorm(cfg)
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg)
@@ -670,7 +679,7 @@ class Unembedding(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "Unembedding")
         # Shape [d_model d_vocab], stored vocab-major (a transposed view, like HF's lm_head): with
         # d_vocab = 50257 the row-major layout has an odd leading dimension, and GPU GEMMs on it
         # fall back to unaligned kernels (compiled training on an H100: 232k -> 245k tok/s).
@@ -763,9 +772,7 @@ class Transformer(HookedRootModule):
         super().__init__()
         if cfg is None:
             cfg = TransformerConfig()
-        if not isinstance(cfg, TransformerConfig):
-            raise TypeError(f"cfg must be a TransformerConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+        self.cfg = cfg = checked_config(cfg, "Transformer")
         self.embed = Embedding(cfg)
         self.hook_embed = HookPoint()  # [batch pos d_model]
         self.pos_embed = PositionalEmbedding(cfg)

@@ -1139,9 +1139,30 @@ def test_transformer_rejects_a_non_config():
         Transformer({"d_model": 768})
 
 
-def test_transformer_names_a_non_config_without_beartype(without_shape_checks):
-    with pytest.raises(TypeError, match="cfg must be a TransformerConfig, got dict"):
-        Transformer({"d_model": 768})
+@pytest.mark.parametrize(
+    "module",
+    [
+        "Embedding",
+        "PositionalEmbedding",
+        "LayerNorm",
+        "Attention",
+        "MLP",
+        "TransformerBlock",
+        "Unembedding",
+        "Transformer",
+    ],
+)
+def test_every_module_names_a_non_config_without_beartype(module, without_shape_checks):
+    # Users build single layers as in ARENA; a dict used to fail with "'dict' object has no attribute 'd_vocab'".
+    cls = getattr(solution, module)
+    with pytest.raises(
+        TypeError,
+        match=rf"^{module} cfg must be a TransformerConfig, got dict; build one with TransformerConfig\(\*\*cfg\)$",
+    ):
+        cls({"d_model": 768})
+    with pytest.raises(TypeError, match=rf"^{module} cfg must be a TransformerConfig, got Transformer$"):
+        cls(tiny_model())
+    assert isinstance(cls(TINY), torch.nn.Module)
 
 
 def test_runtime_shape_checking_is_on():

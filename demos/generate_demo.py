@@ -34,6 +34,7 @@ from gpt2_small import (  # noqa: E402
     stream_text,
     to_tokens,
 )
+from gpt2_small.sampling import check_seed  # noqa: E402
 from gpt2_small.training import latest_checkpoint, pick_device  # noqa: E402
 
 
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         # Bad settings are refused before any output, not halfway through: the sampling rules here,
         # the prompt and its length by the first generation, the greedy one that two sections show.
         SamplingSettings(**sampled).check(model.cfg.d_vocab)
+        check_seed(args.seed)
+        if args.seed == 2**64 - 1:  # the last section's second sample takes seed + 1
+            raise ValueError(f"seed {args.seed} leaves no seed + 1 for the second sample; pass a smaller one")
         if n == 0:  # generate returns the bare prompt for 0; beam search, the fourth section, refuses it
             raise ValueError("max_new_tokens=0 leaves nothing to show; ask for at least 1")
         greedy = generate_text(model, tok, prompt, n, temperature=0)

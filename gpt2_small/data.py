@@ -344,7 +344,8 @@ class ResumableSampler(Sampler[int]):
         return self.n // self.world_size
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        # Modulo 2**64 as torch takes a negative seed, so the largest seeds wrap rather than overflow.
+        gen = torch.Generator().manual_seed((self.seed + self.epoch) % 2**64)
         order = torch.randperm(self.n, generator=gen)[: self.per_rank() * self.world_size]
         mine = order[self.rank :: self.world_size]
         return iter(mine[self.start :].tolist())

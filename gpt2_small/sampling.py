@@ -224,11 +224,15 @@ def _check_eos(eos: object) -> None:
         raise ValueError(f"eos_token_id must be a token id, an int >= 0, got {eos!r}")
 
 
-def _check_seed(seed: object) -> None:
+def check_seed(seed: object) -> None:
+    """A seed torch's generators take: None or an int in [-2**63, 2**64) (a negative one is
+    taken modulo 2**64). Outside it, torch says only "Overflow when unpacking long long"."""
     # numpy's ints have __index__ and are taken; a bool would pass for seed 0 or 1 without a word,
     # and a tensor (which has __index__ too) would be read from the device at each generation.
     if seed is not None and (isinstance(seed, (bool, Tensor)) or not hasattr(type(seed), "__index__")):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not -(2**63) <= operator.index(seed) < 2**64:
+        raise ValueError(f"seed {seed} is outside the range torch's generators take, [-2**63, 2**64)")
 
 
 def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
@@ -502,7 +506,7 @@ def stream(
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
     settings.check(model.cfg.d_vocab)
     _check_eos(eos_token_id)
-    _check_seed(seed)
+    check_seed(seed)
     check_flag("stop_at_eos", stop_at_eos)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)
@@ -793,6 +797,7 @@ __all__ = [
     "SamplingSettings",
     "banned_ngram_tokens",
     "beam_search",
+    "check_seed",
     "generate",
     "generate_text",
     "mask_padding_ids",

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
-from gpt2_small.sampling import generate
+from gpt2_small.sampling import check_seed, generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
 from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device, check_flag, user_path
 
@@ -187,6 +187,7 @@ class TrainConfig:
             raise ValueError(f"need 0 < min_lr <= lr, both finite, got min_lr={self.min_lr}, lr={self.lr}")
         if self.epochs is not None and not 0 < self.epochs < math.inf:
             raise ValueError(f"epochs must be a finite number > 0, got {self.epochs}")
+        check_seed(self.seed)  # else torch's "Overflow when unpacking long long", once the data has loaded
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         # The data's own checks would only run after a hub dataset is downloaded and tokenized.

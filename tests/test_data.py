@@ -494,6 +494,15 @@ def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
     assert len(set().union(*shards)) == 9
 
 
+
+def test_sampler_takes_every_seed_torch_does_in_every_epoch():
+    """seed + epoch is taken modulo 2**64, as torch takes a negative seed: the largest seed overflowed
+    torch's generator in its second epoch, and -1 must stay the order torch gives 2**64 - 1."""
+    assert list(ResumableSampler(10, seed=-1, epoch=0)) == list(ResumableSampler(10, seed=2**64 - 1, epoch=0))
+    assert list(ResumableSampler(10, seed=2**64 - 1, epoch=1)) == list(ResumableSampler(10, seed=0, epoch=0))
+    assert list(ResumableSampler(10, seed=-(2**63), epoch=3)) == list(ResumableSampler(10, seed=2**63 + 3))
+
+
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
 def test_loader_gives_whole_batches_and_leaves_the_global_rng_alone():
     data = TokenData(np.arange(41, dtype=np.uint16), np.arange(9, dtype=np.uint16), "tiny")

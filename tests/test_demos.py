@@ -147,6 +147,10 @@ def test_generate_demo_labels_say_what_made_each_sample(train_run, capsys):
         (["--max-new-tokens", "0"], "max_new_tokens=0 leaves nothing to show; ask for at least 1"),
         (["--max-new-tokens", "100"], "prompt of 3 tokens + max_new_tokens=100 = 103 exceeds n_ctx=64; "
                                       "shorten the prompt or ask for fewer tokens"),
+        # Before: torch's "Overflow when unpacking long long", after the first section's header.
+        (["--seed", str(2**64)], f"seed {2**64} is outside the range torch's generators take, [-2**63, 2**64)"),
+        (["--seed", str(2**64 - 1)], f"seed {2**64 - 1} leaves no seed + 1 for the second sample; "
+                                     "pass a smaller one"),
     ],
 )  # fmt: skip
 def test_generate_demo_reports_bad_settings_in_one_line(train_run, args, message):

@@ -1090,6 +1090,18 @@ def test_a_seed_that_is_no_int_is_refused_before_any_step(sampling_pair, without
     assert torch.equal(generate(model, tokens, 3, seed=np.int64(7)), generate(model, tokens, 3, seed=7))
 
 
+def test_a_seed_outside_torchs_range_is_named(sampling_pair):
+    """torch's generators take [-2**63, 2**64) and said only "Overflow when unpacking long long"
+    past either end; both ends themselves still sample (a negative seed is taken modulo 2**64)."""
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=rf"^seed {seed} is outside the range torch's generators take, "):
+            generate(model, tokens, 3, temperature=1.0, seed=seed)
+    same = generate(model, tokens, 5, temperature=1.0, seed=-1)
+    assert torch.equal(same, generate(model, tokens, 5, temperature=1.0, seed=2**64 - 1))
+    assert generate(model, tokens, 5, temperature=1.0, seed=-(2**63)).shape == (1, 7)
+
+
 def test_a_negative_eos_id_is_refused(sampling_pair, small_vocab_pair, without_shape_checks):
     """Before: accepted, and no row could ever stop at it. (Without jaxtyping, as in a user's code,
     our check also answers for the float.)"""

@@ -263,6 +263,11 @@ def test_train_config_rejects_bad_values():
     for name in ("stride", "max_examples", "num_proc"):
         with pytest.raises(ValueError, match=f"{name} must be >= 1 or None, got 0"):
             TrainConfig(**{name: 0})
+    # Before: accepted, then torch's "Overflow when unpacking long long" once the data had loaded.
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=rf"^seed {seed} is outside the range torch's generators take"):
+            TrainConfig(seed=seed)
+    assert TrainConfig(seed=-1).seed == -1 and TrainConfig(seed=2**64 - 1).seed == 2**64 - 1
 
 
 def test_pick_device_takes_a_named_device_and_refuses_what_is_not_there(monkeypatch):

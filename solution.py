@@ -1561,6 +1561,13 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+def check_count(name: str, value: object, minimum: int) -> int:
+    """`value`, or a ValueError naming `name` if it is not an int >= minimum (True is no count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device, or a ValueError naming it if it is not one this machine has."""
     if not isinstance(device, (str, torch.device)):

@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
 from gpt2_small.bridge_names import bridge_name_hint
+from gpt2_small.sampling import check_seed
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, check_device, check_flag, user_path
+from solution import OPTIONAL_HOOKS, Transformer, check_count, check_device, check_flag, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -1055,6 +1056,12 @@ def repeated_tokens(
     d_vocab: int, seq_len: int, batch: int, seed: int = 0, bos: int | None = None
 ) -> Int[Tensor, "batch pos"]:
     """[bos] + r + r for `batch` random sequences r of seq_len distinct tokens (no repeats inside r)."""
+    # A negative seq_len sliced all but the last tokens off each half, so r + r was no repeat.
+    for name, value in (("d_vocab", d_vocab), ("seq_len", seq_len), ("batch", batch)):
+        check_count(name, value, 1)
+    check_seed(seed)
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < d_vocab):
+        raise ValueError(f"bos must be None or a token id in [0, d_vocab={d_vocab}), got {bos!r}")
     vocab = min(d_vocab, EOT_ID)  # real tokens only, never <|endoftext|> or padding ids
     if seq_len > vocab:
         raise ValueError(f"seq_len={seq_len} exceeds the {vocab} distinct tokens available")
@@ -1076,11 +1083,8 @@ def induction_score(
     the first copy's position j + 1, seq_len - 1 positions back. 1 = always, ~1/pos = uniform.
     bos="auto" prepends <|endoftext|> when the vocabulary has it (as TransformerLens does).
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        # with 1, "the token after the first occurrence" is the query itself
-        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    check_count("seq_len", seq_len, 2)  # with 1, "the token after the first occurrence" is the query itself
+    check_count("batch", batch, 1)
     if bos == "auto":
         bos = EOT_ID if model.cfg.d_vocab > EOT_ID else None
     elif bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):  # 1.5 was named as "tokens"' dtype

@@ -1383,6 +1383,31 @@ def test_repeated_tokens_repeat_distinct_tokens_after_an_optional_bos():
         interp.repeated_tokens(d_vocab=50304, seq_len=50257, batch=1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        # before: shape (2, 198), each "copy" a half of a permutation with its last token cut off
+        ({"seq_len": -1}, ValueError, r"^seq_len must be an int >= 1, got -1$"),
+        ({"seq_len": 0}, ValueError, r"^seq_len must be an int >= 1, got 0$"),  # before: shape (2, 0)
+        ({"seq_len": 5.0}, ValueError, r"^seq_len must be an int >= 1, got 5.0$"),
+        ({"batch": 0}, ValueError, r"^batch must be an int >= 1, got 0$"),  # before: shape (0, 10)
+        ({"batch": -1}, ValueError, r"^batch must be an int >= 1, got -1$"),  # before: "negative dimension -1"
+        ({"d_vocab": 0}, ValueError, r"^d_vocab must be an int >= 1, got 0$"),
+        ({"seed": 1.5}, TypeError, r"^seed must be an int or None, got 1.5$"),  # before: torch's "expected a long"
+        ({"seed": 2**64}, ValueError, r"^seed 18446744073709551616 is outside the range torch's generators take"),
+        ({"bos": 100}, ValueError, r"^bos must be None or a token id in \[0, d_vocab=100\), got 100$"),
+        ({"bos": -1}, ValueError, r"^bos must be None or a token id in \[0, d_vocab=100\), got -1$"),
+        ({"bos": True}, ValueError, r"^bos must be None or a token id in \[0, d_vocab=100\), got True$"),
+    ],
+)
+def test_repeated_tokens_names_a_bad_argument(kwargs, error, message, without_shape_checks):
+    arguments = {"d_vocab": 100, "seq_len": 5, "batch": 2, "seed": 0, "bos": None} | kwargs
+    with pytest.raises(error, match=message):
+        interp.repeated_tokens(**arguments)
+    good = {"d_vocab": 100, "seq_len": 5, "batch": 2, "seed": 0, "bos": 99}
+    assert interp.repeated_tokens(**good).shape == (2, 11)
+
+
 # --- plots ---------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from solution import _atomic_write, user_path
+from solution import _atomic_write, check_count, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +305,8 @@ class TokenWindows(Dataset):
 
     def __init__(self, tokens: np.ndarray, n_ctx: int, stride: int | None = None, name: str = "dataset"):
         for arg, value in (("n_ctx", n_ctx), ("stride", stride)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{arg} must be an int >= 1, got {value!r}")  # a float stride: float starts
+            if value is not None:
+                check_count(arg, value, 1)  # a float stride: float starts
         stride = n_ctx if stride is None else stride
         if len(tokens) < n_ctx + 1:
             more = "more data, a larger val_fraction (--val-fraction)" if name == "val" else "more data"

@@ -1111,8 +1111,7 @@ def top_heads(scores: Float[Tensor, "n_layers n_heads"], k: int = 5) -> list[tup
 
     NaN scores (an ablated head's composition, 0/0) rank last, where torch's sort puts them first.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # a negative k sliced off the lowest heads
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    check_count("k", k, 1)  # a negative k sliced off the lowest heads
     flat = scores.flatten()
     ranked = flat.nan_to_num(nan=-torch.inf).argsort(descending=True, stable=True)
     order = torch.cat([ranked[~flat[ranked].isnan()], ranked[flat[ranked].isnan()]])[:k]

@@ -80,7 +80,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
-from solution import KVCache, Transformer, check_device, check_flag
+from solution import KVCache, Transformer, check_count, check_device, check_flag
 
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 
@@ -238,8 +238,7 @@ def check_seed(seed: object) -> None:
 def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens, 0)
     if isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[1] == 0:
         raise ValueError(
             "the prompt is empty (0 tokens); start from <|endoftext|> (id 50256) for an unconditional sample"
@@ -698,10 +697,8 @@ def beam_search(
     are those of the real tokens; HF also counts the padding's, which can differ only when a
     pad id is generated right after the n-1 tokens that followed it in the padding.
     """
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
-    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
+    check_count("num_beams", num_beams, 1)
+    check_count("no_repeat_ngram_size", no_repeat_ngram_size, 0)
     if not _is_number(length_penalty) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     _check_request(model, tokens, attention_mask, max_new_tokens)

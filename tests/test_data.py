@@ -494,7 +494,6 @@ def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
     assert len(set().union(*shards)) == 9
 
 
-
 def test_sampler_takes_every_seed_torch_does_in_every_epoch():
     """seed + epoch is taken modulo 2**64, as torch takes a negative seed: the largest seed overflowed
     torch's generator in its second epoch, and -1 must stay the order torch gives 2**64 - 1."""

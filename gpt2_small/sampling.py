@@ -93,6 +93,14 @@ def _is_number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _check_top_k(top_k: object, d_vocab: int | None) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1 or (d_vocab is not None and top_k > d_vocab):
+        allowed = "an int >= 1" if d_vocab is None else f"an int in [1, d_vocab={d_vocab}]"
+        raise ValueError(f"top_k must be {allowed} or None, got {top_k!r}")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How one next token is chosen; see the module docstring for the order of operations."""
@@ -103,15 +111,13 @@ class SamplingSettings:
     freq_penalty: float | int = 0.0  # subtracted once per earlier occurrence of a token
     presence_penalty: float | int = 0.0  # subtracted once if a token occurred at all
 
-    def check(self, d_vocab: int) -> None:
-        """Raise ValueError naming any setting outside its allowed range."""
+    def __post_init__(self) -> None:
+        # Checked here, not only by generate: process_logits and sample_next_token are public, and
+        # there a temperature of -1 inverted the distribution and a top_p of 2 sampled unfiltered.
         t = self.temperature
         if not _is_number(t) or not (t >= 0 and math.isfinite(t)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= d_vocab
-        ):
-            raise ValueError(f"top_k must be an int in [1, d_vocab={d_vocab}] or None, got {self.top_k!r}")
+        _check_top_k(self.top_k, d_vocab=None)
         p = self.top_p
         if p is not None and (not _is_number(p) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
@@ -119,6 +125,10 @@ class SamplingSettings:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+    def check(self, d_vocab: int) -> None:
+        """Raise ValueError if top_k exceeds the vocabulary; every other range is checked at construction."""
+        _check_top_k(self.top_k, d_vocab)
 
     @property
     def uses_counts(self) -> bool:
@@ -502,8 +512,8 @@ def stream(
     ends once every row has.
     """
     _check_request(model, tokens, attention_mask, max_new_tokens)
+    _check_top_k(top_k, model.cfg.d_vocab)  # before the settings' own check, which cannot name d_vocab
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
-    settings.check(model.cfg.d_vocab)
     _check_eos(eos_token_id)
     check_seed(seed)
     check_flag("stop_at_eos", stop_at_eos)

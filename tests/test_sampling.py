@@ -1040,6 +1040,29 @@ def test_invalid_sampling_settings_raise(sampling_pair, kwargs, match):
         generate(sampling_pair.model, torch.tensor([[1, 2]]), 5, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        # before: accepted, and process_logits divided by -1, which made the least likely token the greedy one
+        (dict(temperature=-1.0), r"^temperature must be a finite number >= 0 \(0 = greedy\), got -1\.0$"),
+        (dict(top_p=2.0), r"^top_p must be in \(0, 1\] or None, got 2\.0$"),  # before: sampled unfiltered
+        (dict(top_k=0), r"^top_k must be an int >= 1 or None, got 0$"),  # before: topk's IndexError
+        (dict(top_k=2.0), r"^top_k must be an int >= 1 or None, got 2\.0$"),
+        (dict(freq_penalty=math.nan), r"^freq_penalty must be a finite number, got nan$"),
+    ],
+)
+def test_sampling_settings_are_checked_when_made(kwargs, match, without_shape_checks):
+    """process_logits and sample_next_token are public and take the settings as given; generate was
+    the only caller that checked them."""
+    with pytest.raises(ValueError, match=match):
+        SamplingSettings(**kwargs)
+    settings = SamplingSettings(temperature=0.5, top_k=10**9, top_p=1)  # no vocabulary yet to bound top_k by
+    logits = torch.tensor([[0.0, 1.0, 3.0]])
+    torch.testing.assert_close(process_logits(logits, settings), logits / 0.5, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^top_k must be an int in \[1, d_vocab=3\] or None, got 1000000000$"):
+        settings.check(3)
+
+
 def test_the_ends_of_each_allowed_range_are_accepted(sampling_pair):
     """top_k = d_vocab and top_p = 1 keep every token, so they draw what no filter draws; a prompt
     plus max_new_tokens of exactly n_ctx fits."""

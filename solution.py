@@ -117,6 +117,11 @@ def checked_config(cfg: object, owner: str) -> TransformerConfig:
     return cfg
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32 if it is held in fewer bits (bfloat16, float16); float32 and float64 as they are."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def _normal(*shape: int, std: float) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape).normal_(mean=0.0, std=std))
 
@@ -511,7 +516,7 @@ class Attention(nn.Module):
             attn_bias = attention_bias(causal_mask(q.shape[1], k.shape[1], q.device), scores.dtype)
         scores = scores + attn_bias
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype))
+        pattern = self.hook_pattern(at_least_float32(scores).softmax(dim=-1).to(v.dtype))
         return einops.einsum(
             pattern,
             v,
@@ -709,9 +714,9 @@ def lm_cross_entropy_loss(
     `tokens` may be labels: a token of IGNORE_INDEX (-100) is no target, and its pair counts 0
     and is left out of the mean, as in Hugging Face. With attention_mask, so is a pair where
     either token is padding. per_token gives each pair's loss, [batch pos-1]. The softmax is
-    taken in float32.
+    taken in float32 at least: a float64 model's loss stays float64, as TransformerLens's does.
     """
-    log_probs = logits.float().log_softmax(dim=-1)
+    log_probs = at_least_float32(logits).log_softmax(dim=-1)
     targets = tokens[:, 1:]
     # IGNORE_INDEX is clamped to a real id for the gather; its loss is zeroed below.
     next_tokens = einops.rearrange(targets.clamp(min=0), "batch pos -> batch pos 1")

@@ -38,7 +38,7 @@ from transformer_lens.utilities import Slice
 from gpt2_small.bridge_names import bridge_name_hint
 from gpt2_small.sampling import check_seed
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, check_count, check_device, check_flag, user_path
+from solution import OPTIONAL_HOOKS, Transformer, at_least_float32, check_count, check_device, check_flag, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -705,7 +705,7 @@ class LogitLens:
                 f"got {tuple(targets.shape)}"
             )
         _check_id_range("targets", targets, d_vocab)
-        log_probs = self.logits.float().log_softmax(dim=-1)
+        log_probs = at_least_float32(self.logits).log_softmax(dim=-1)
         index = einops.repeat(targets.long(), "batch pos -> component batch pos 1", component=log_probs.shape[0])
         return log_probs.gather(-1, index).squeeze(-1)
 

@@ -889,7 +889,7 @@ def test_logit_lens_log_probs_of_names_targets_that_are_no_token_ids(model, toke
         induction_score(model, seq_len=4, bos=1.5)
 
 
-def test_logit_lens_log_probs_of_a_bfloat16_model_are_taken_in_float32():
+def test_logit_lens_log_probs_of_a_bfloat16_model_are_taken_in_float32_and_a_float64_models_in_float64():
     """A bf16 model's lens holds bf16 logits; their log-softmax over the vocabulary, rounded to
     bf16, would be off by ~2**-9 of its magnitude (several nats here)."""
     logits = (4 * torch.randn(2, 1, 6, 50257, generator=torch.Generator().manual_seed(0))).bfloat16()
@@ -898,6 +898,11 @@ def test_logit_lens_log_probs_of_a_bfloat16_model_are_taken_in_float32():
     assert log_probs.dtype == torch.float32
     expected = logits.float().log_softmax(-1)[:, :, :5].gather(-1, targets[None, ..., None].expand(2, 1, 5, 1))[..., 0]
     torch.testing.assert_close(log_probs, expected, rtol=1e-6, atol=0)
+    # A float64 model's keep their digits: they were rounded to float32 too.
+    log_probs = interp.LogitLens(logits.double(), ["0_pre", "final_post"]).log_probs_of(targets)
+    assert log_probs.dtype == torch.float64
+    expected = logits.double().log_softmax(-1)[:, :, :5].gather(-1, targets[None, ..., None].expand(2, 1, 5, 1))[..., 0]
+    torch.testing.assert_close(log_probs, expected, rtol=1e-15, atol=0)
 
 
 def test_cache_logit_lens_reads_the_cache_it_is_given_and_no_new_run(model, tokens, run):

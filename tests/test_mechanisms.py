@@ -264,6 +264,21 @@ def test_sdpa_path_equals_eager_path():
     assert not sdpa.blocks[0].attn.uses_eager_path() and eager.blocks[0].attn.uses_eager_path()
 
 
+def test_a_float64_models_attention_pattern_is_a_float64_softmax():
+    """The eager path's softmax rounded a float64 model's pattern to float32 (~1e-8), where the
+    SDPA path keeps float64: the two paths then disagreed beyond float64 rounding."""
+    tokens = random_tokens(3, 16)
+    eager, sdpa = tiny_model("eager").double(), tiny_model("sdpa").double()
+    with torch.no_grad():
+        logits, cache = eager.run_with_cache(tokens)
+        torch.testing.assert_close(sdpa(tokens), logits, rtol=1e-12, atol=1e-12)
+    for layer in range(TINY.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert pattern.dtype == torch.float64
+        expected = cache[f"blocks.{layer}.attn.hook_attn_scores"].softmax(dim=-1)
+        torch.testing.assert_close(pattern, expected, rtol=1e-15, atol=1e-15)
+
+
 def test_hooks_on_the_pattern_switch_sdpa_to_the_eager_path():
     model = tiny_model("sdpa")
     attn = model.blocks[0].attn
@@ -906,6 +921,24 @@ def test_the_loss_of_bfloat16_logits_is_taken_in_float32():
     loss = solution.lm_cross_entropy_loss(logits, tokens)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, solution.lm_cross_entropy_loss(logits.float(), tokens), rtol=1e-6, atol=0)
+
+
+def test_the_loss_of_float64_logits_stays_float64_as_transformerlens_s():
+    """Upcasting is for fewer bits than float32: a float64 model's loss was rounded to float32, 1e-8
+    relative, where TransformerLens's keeps every digit."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(2, 16, 50257, generator=generator, dtype=torch.float64)
+    tokens = torch.randint(0, 50257, (2, 16), generator=generator)
+    for per_token in (False, True):
+        loss = solution.lm_cross_entropy_loss(logits, tokens, per_token=per_token)
+        assert loss.dtype == torch.float64
+        expected = tl_lm_cross_entropy_loss(logits, tokens, per_token=per_token)
+        torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    model = tiny_model().double()
+    with torch.no_grad():
+        logits, loss = model(tokens % TINY.d_vocab, return_type="both")
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, tl_lm_cross_entropy_loss(logits, tokens % TINY.d_vocab), rtol=1e-14, atol=0)
 
 
 def test_a_left_padded_loss_is_each_sequences_own():

@@ -4,6 +4,7 @@ Each component is fed its own reference input from the bridge's cache, so a fail
 at that component and not at something upstream.
 """
 
+import copy
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,6 +179,23 @@ def test_cache_matches_bridge_cache(ref, parity):
             ours, theirs, truth = ours[..., ~masked], theirs[..., ~masked], truth[..., ~masked]
         component = "cache " + name.split(".", 2)[-1] if name.startswith("blocks.") else "cache " + name
         parity(ours, theirs, component, ref.spec.name, truth=truth)
+
+
+def test_a_float64_run_matches_the_float64_bridge_to_float64_rounding(ref):
+    """Converted to float64, every hook and the logits are the float64 bridge's to 1e-12: no step
+    rounds through float32 (the eager softmax once did, ~1e-8 on the pattern)."""
+    model = copy.deepcopy(ref.model).double()
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(ref.tokens)
+    assert logits.dtype == torch.float64
+    assert rel_error(logits, ref.logits64) <= 1e-12
+    masked = causal_mask(ref.spec.pos, ref.spec.pos, torch.device("cpu"))
+    for name in hook_names(ref.spec.n_layer):
+        ours, truth = cache[name], ref.cache64[name]
+        assert ours.dtype == torch.float64, name
+        if name.endswith("hook_attn_scores"):
+            ours, truth = ours[..., ~masked], truth[..., ~masked]
+        assert rel_error(ours, truth) <= 1e-12, (name, rel_error(ours, truth))
 
 
 def test_weights_match_bridge_weights(ref):

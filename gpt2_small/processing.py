@@ -22,7 +22,7 @@ exact in arithmetic (the log-probabilities stay the same to float32 rounding; te
 What changes is what the hooks see: the residual stream is centred, hook_v and hook_z lack
 b_V, logits are centred. Parameter names and shapes stay the same, so a processed model saves
 and loads as any other (with LayerNorm w = 1 and b = 0). The tensors are rewritten in place
-(copy_), in float32 for a low-precision model, so that nothing holding the parameters (an
+(copy_), in float32 for a low-precision model and in float64 for a float64 one, so that nothing holding the parameters (an
 optimizer, a kept CUDA graph) loses them. Meant for analysis: training a processed model
 trains the same function from another parametrisation.
 """
@@ -31,7 +31,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import Transformer, check_flag
+from solution import Transformer, at_least_float32, check_flag
 
 
 def _fold_ln_into(weights: dict[str, Tensor], ln: str, readers: list[tuple[str, str, str]]) -> None:
@@ -122,9 +122,9 @@ def process_weights(
             "Untie them first: model.unembed.W_U = torch.nn.Parameter(model.unembed.W_U.detach().clone())"
         )
     params = dict(model.named_parameters())
-    # New tensors from here on (a float32 parameter's .float() is itself, never written to):
+    # New tensors from here on (a float32 or float64 parameter is itself, never written to):
     # every rewrite reads the weights as they were before any is copied back.
-    weights = {name: param.detach().float() for name, param in params.items()}
+    weights = {name: at_least_float32(param.detach()) for name, param in params.items()}
     n_layers = model.cfg.n_layers
     if fold_ln:
         _fold_ln(weights, n_layers)

@@ -163,6 +163,19 @@ def test_a_bfloat16_model_is_processed_in_float32(pair):
         assert torch.equal(param, reference.get_parameter(name).bfloat16()), name
 
 
+def test_a_float64_model_is_processed_in_float64(pair):
+    """Processing is exact in arithmetic, so in float64 the log-probs stay to float64 rounding; the
+    weights were rounded to float32 (log-probs ~1e-7 off) and copied back."""
+    model = copy.deepcopy(pair[0]).double()
+    tokens = pair[2]
+    with torch.no_grad():
+        before = model(tokens).log_softmax(-1)
+        process_weights(model)
+        after = model(tokens).log_softmax(-1)
+    assert model.dtype == torch.float64
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_arguments_are_refused(pair, without_shape_checks):
     model = copy.deepcopy(pair[0])
     with pytest.raises(TypeError, match="model must be a gpt2_small.Transformer"):

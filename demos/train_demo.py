@@ -29,6 +29,7 @@ from gpt2_small.training import (  # noqa: E402
     NonFiniteLossError,
     TrainConfig,
     Trainer,
+    TrainingTerminated,
     latest_checkpoint,
     preset_unembedding,
 )
@@ -122,18 +123,20 @@ def main(argv=None) -> int:
         cfg = TrainConfig(**args)
         trainer = Trainer(cfg, resume=resume)
         trainer.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        # SIGTERM's is TrainingTerminated; the exit statuses are a shell's for each signal (128 + its number).
+        how, status = (
+            ("terminated (SIGTERM)", 143) if isinstance(interrupt, TrainingTerminated) else ("interrupted", 130)
+        )
         # Interrupted while loading the data there is no checkpoint yet, unless an earlier run left one.
         last = latest_checkpoint(args["out_dir"])
         if last is None:
             wrote = any((Path(args["out_dir"]) / name).exists() for name in RUN_FILES)
             again = f"; start again with --overwrite (it deletes what {args['out_dir']} holds)" if wrote else ""
-            print(
-                f"interrupted before any checkpoint was written; there is nothing to --resume{again}", file=sys.stderr
-            )
+            print(f"{how} before any checkpoint was written; there is nothing to --resume{again}", file=sys.stderr)
         else:
-            print(f"interrupted; the newest checkpoint is {last} (continue with --resume)", file=sys.stderr)
-        return 130
+            print(f"{how}; the newest checkpoint is {last} (continue with --resume)", file=sys.stderr)
+        return status
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"train_demo: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ and renamed, with a `latest` pointer), metrics.jsonl (one row per step and per e
 loss_curve.png (redrawn at every evaluation) and samples.txt.
 
 Resuming (`resume=True`) restores all of it, so a run stopped at step k continues with the same
-losses an uninterrupted run would have had. Ctrl-C saves a checkpoint of the last whole step
-before exiting (see _Interrupts and train_step). A NaN or infinite loss or gradient norm stops
+losses an uninterrupted run would have had. Ctrl-C and SIGTERM save a checkpoint of the last
+whole step before exiting (see _Interrupts and train_step). A NaN or infinite loss or gradient norm stops
 the run (NonFiniteLossError) before the damaged weights are checkpointed, so the newest
 checkpoint stays one to resume from.
 
@@ -555,37 +555,54 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged: a step's loss or gradient norm is NaN or infinite."""
 
 
+class TrainingTerminated(KeyboardInterrupt):
+    """SIGTERM arrived during Trainer.run(): a cluster's time limit or preemption, `kill`, or
+    torchrun shutting its workers down. Handled as Ctrl-C is, a checkpoint first; a KeyboardInterrupt,
+    so that `except Exception` does not swallow it either."""
+
+
 class _Interrupts:
-    """Ctrl-C during Trainer.run(): a KeyboardInterrupt at once, as always, except while a step
-    commits its update (optimizer.step() and the step count). One arriving then is held, and run()
-    raises it once that step's row is queued for the log.
+    """Ctrl-C (SIGINT) and SIGTERM during Trainer.run(): a KeyboardInterrupt (TrainingTerminated
+    for SIGTERM) at once, except while a step commits its update (optimizer.step() and the step
+    count). One arriving then is held, and run() raises it once that step's row is queued for the log.
 
     Without the hold, a Ctrl-C inside optimizer.step() (one update per parameter group) or just
-    after it left the weights a step ahead of the step count the checkpoint recorded. Only the
-    main thread receives signals, and only Python's own SIGINT handler is replaced: under another
-    one (a notebook's, a caller's) run() leaves signals alone.
+    after it left the weights a step ahead of the step count the checkpoint recorded. Without the
+    SIGTERM handler, Python's default ends the process at once, and every step since the last
+    checkpoint is lost. Only the main thread receives signals, and a signal's handler is replaced
+    only while it is Python's default: under another one (a notebook's, a caller's) run() leaves
+    that signal alone.
     """
 
+    # Each signal, the handler Python starts with, and what it raises here.
+    SIGNALS = {
+        signal.SIGINT: (signal.default_int_handler, KeyboardInterrupt),
+        signal.SIGTERM: (signal.SIG_DFL, TrainingTerminated),
+    }
+
     def __init__(self) -> None:
-        self.committing = self.held = False
+        self.committing = False
+        self.held: type[KeyboardInterrupt] | None = None
 
     def _handler(self, signum: int, frame: object) -> None:
+        interrupt = self.SIGNALS[signal.Signals(signum)][1]
         if not self.committing:
-            raise KeyboardInterrupt
-        self.held = True
+            raise interrupt
+        self.held = self.held or interrupt
 
     @contextlib.contextmanager
     def install(self) -> Iterator[None]:
-        usable = threading.current_thread() is threading.main_thread()
-        if not usable or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            yield
-            return
-        signal.signal(signal.SIGINT, self._handler)
+        replaced = []
+        if threading.current_thread() is threading.main_thread():
+            replaced = [sig for sig, (default, _) in self.SIGNALS.items() if signal.getsignal(sig) is default]
+        for sig in replaced:
+            signal.signal(sig, self._handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.held = False
+            for sig in replaced:
+                signal.signal(sig, self.SIGNALS[sig][0])
+            self.held = None
 
     @contextlib.contextmanager
     def commit(self) -> Iterator[None]:
@@ -596,10 +613,10 @@ class _Interrupts:
             self.committing = False
 
     def deliver(self) -> None:
-        """Raise the Ctrl-C held during the last commit, if one came."""
+        """Raise the Ctrl-C or SIGTERM held during the last commit, if one came."""
         if self.held:
-            self.held = False
-            raise KeyboardInterrupt
+            interrupt, self.held = self.held, None
+            raise interrupt
 
 
 class Trainer:
@@ -911,14 +928,13 @@ class Trainer:
                 bar.close()
                 if main and self.step == self.max_steps and self.sampled_at != self.step:
                     self._sample(f"step {self.step} (end)")  # before the checkpoint, which then records it
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             log_steps(keep=0)
             bar.close()
             if main:
                 path = self.save_checkpoint()
-                logger.warning(
-                    "interrupted at step %d; checkpoint saved to %s; continue with --resume", self.step, path
-                )
+                how = "terminated (SIGTERM)" if isinstance(interrupt, TrainingTerminated) else "interrupted"
+                logger.warning("%s at step %d; checkpoint saved to %s; continue with --resume", how, self.step, path)
             raise
         self.save_checkpoint()
         return self.rows
@@ -1186,6 +1202,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "TrainingTerminated",
     "embeddings_tied",
     "fold_tied_gradient",
     "latest_checkpoint",

@@ -8,8 +8,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from gpt2_small import (
     to_single_token,
     to_tokens,
 )
-from gpt2_small.training import TrainConfig
+from gpt2_small.training import TrainConfig, TrainingTerminated, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = TransformerConfig(d_model=32, n_layers=2, n_heads=2, d_head=16, d_mlp=64, n_ctx=64, d_vocab=50304)
@@ -428,8 +430,46 @@ def test_train_demo_says_whether_an_interrupted_run_can_be_resumed(tmp_path, mon
     assert capsys.readouterr().err == f"interrupted; the newest checkpoint is {checkpoint} (continue with --resume)\n"
 
 
+def test_train_demo_names_sigterm_and_exits_as_a_shell_does(tmp_path, monkeypatch, capsys):
+    demo = import_demo("train_demo")
+
+    def terminated(*args, **kwargs):
+        raise TrainingTerminated
+
+    monkeypatch.setattr(demo, "Trainer", terminated)
+    assert demo.main(["--out-dir", str(tmp_path)]) == 143  # 128 + SIGTERM's 15
+    err = capsys.readouterr().err
+    assert err == "terminated (SIGTERM) before any checkpoint was written; there is nothing to --resume\n"
+
+
 def read_rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_demo_checkpoints_on_a_real_sigterm(tmp_path):
+    """A scheduler's time limit or preemption sends SIGTERM, then SIGKILL. Before, Python's default
+    ended the run at once and every step since the last checkpoint was lost."""
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "demos" / "train_demo.py"), "--out-dir", str(out_dir), "--device", "cpu",
+           "--batch-size", "2", "--max-steps", "100000", "--eval-interval", "0", "--sample-interval", "0",
+           "--sample-tokens", "2", "--warmup-steps", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out_dir / "metrics.jsonl").exists() or len(read_rows(out_dir)) < 4:  # the unigram row + 3 steps
+            assert proc.poll() is None and time.monotonic() < deadline, "train_demo ended or never started stepping"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    checkpoint = latest_checkpoint(out_dir)
+    assert checkpoint is not None
+    assert err.endswith(f"terminated (SIGTERM); the newest checkpoint is {checkpoint} (continue with --resume)\n")
+    assert f"terminated (SIGTERM) at step {int(checkpoint.name[5:])}; checkpoint saved to {checkpoint}" in err
+    steps = [row["step"] for row in read_rows(out_dir) if "loss" in row]
+    assert steps == list(range(1, int(checkpoint.name[5:]) + 1))  # every step up to the checkpoint's logged
 
 
 def test_train_demo_reports_its_run_refuses_a_second_start_and_resumes(tmp_path, capsys):

@@ -4,6 +4,7 @@ import atexit
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -29,6 +30,7 @@ from gpt2_small.training import (
     NonFiniteLossError,
     TrainConfig,
     Trainer,
+    TrainingTerminated,
     latest_checkpoint,
     lm_loss,
     lr_at,
@@ -1204,45 +1206,71 @@ def test_a_run_interrupted_in_its_first_step_resumes_without_repeating_its_start
     assert (tmp_path / "split" / "samples.txt").read_text() == (tmp_path / "whole" / "samples.txt").read_text()
 
 
-def test_ctrl_c_during_the_optimizer_step_is_held_until_the_step_is_counted(tmp_path, shakespeare_slice):
-    """Before: the KeyboardInterrupt left step 6's update in the weights of checkpoint step-5."""
+# Ctrl-C, and SIGTERM: a cluster's time limit or preemption, `kill`, torchrun stopping its workers.
+SIGNALS = [
+    pytest.param(signal.SIGINT, signal.default_int_handler, KeyboardInterrupt, id="SIGINT"),
+    pytest.param(signal.SIGTERM, signal.SIG_DFL, TrainingTerminated, id="SIGTERM"),
+]
+
+
+def send(signum: signal.Signals, default) -> None:
+    """The signal, as the terminal or a scheduler sends it; refused where run() left Python's default
+    handler in place: SIGTERM's would end the test process."""
+    if signal.getsignal(signum) is default:
+        pytest.fail(f"run() left {signum.name} to Python's default handler")
+    signal.raise_signal(signum)
+
+
+@pytest.mark.parametrize(("signum", "default", "interrupt"), SIGNALS)
+def test_a_signal_during_the_optimizer_step_is_held_until_the_step_is_counted(
+    tmp_path, shakespeare_slice, signum, default, interrupt
+):
+    """Before: the KeyboardInterrupt left step 6's update in the weights of checkpoint step-5; and
+    SIGTERM ended the process there, without a checkpoint."""
     whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
     trainer = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice)
     real_step = trainer.optimizer.step
 
-    def update_then_ctrl_c(*args, **kwargs):
+    def update_then_signal(*args, **kwargs):
         result = real_step(*args, **kwargs)
         if trainer.step == 5:
-            signal.raise_signal(signal.SIGINT)  # as the terminal sends it
+            send(signum, default)
         return result
 
-    trainer.optimizer.step = update_then_ctrl_c
-    with pytest.raises(KeyboardInterrupt):
+    trainer.optimizer.step = update_then_signal
+    with pytest.raises(interrupt) as raised:
         trainer.run()
+    assert type(raised.value) is interrupt
     assert latest_checkpoint(tmp_path / "split").name == "step-0000006"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signum) is default  # put back
     resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True).run()
     assert losses(resumed) == losses(whole)
 
 
-def test_ctrl_c_outside_the_update_interrupts_at_once(tmp_path, shakespeare_slice):
-    """Only the update itself holds a Ctrl-C: one in the forward pass stops the step it is in."""
+@pytest.mark.parametrize(("signum", "default", "interrupt"), SIGNALS)
+def test_a_signal_outside_the_update_interrupts_at_once(
+    tmp_path, shakespeare_slice, caplog, signum, default, interrupt
+):
+    """Only the update itself holds a Ctrl-C or SIGTERM: one in the forward pass stops the step it is in."""
     trainer = Trainer(micro_config(tmp_path), data=shakespeare_slice)
     real_loss = trainer.loss_fn
     calls = []
 
-    def ctrl_c_then_loss(*args, **kwargs):
+    def signal_then_loss(*args, **kwargs):
         calls.append(trainer.step)
         if trainer.step == 5:
-            signal.raise_signal(signal.SIGINT)
+            send(signum, default)
         return real_loss(*args, **kwargs)
 
-    trainer.loss_fn = ctrl_c_then_loss
-    with pytest.raises(KeyboardInterrupt):
+    trainer.loss_fn = signal_then_loss
+    with caplog.at_level(logging.WARNING, logger="gpt2_small.training"), pytest.raises(interrupt) as raised:
         trainer.run()
+    assert type(raised.value) is interrupt
     assert calls == [0, 1, 2, 3, 4, 5]  # step 6's forward pass (at step count 5) stopped
     assert trainer.step == 5
     assert latest_checkpoint(tmp_path).name == "step-0000005"
+    how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    assert f"{how} at step 5; checkpoint saved to {latest_checkpoint(tmp_path)}" in caplog.text
 
 
 def run_with_evaluation_interrupted(trainer: Trainer, step: int) -> None:
@@ -1353,17 +1381,30 @@ def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_pat
     assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
 
 
-def test_a_ctrl_c_held_but_never_delivered_does_not_outlive_the_run():
-    """A Ctrl-C held during an update whose step then failed must not interrupt a later run()."""
+@pytest.mark.parametrize(("signum", "default", "interrupt"), SIGNALS)
+def test_a_signal_held_but_never_delivered_does_not_outlive_the_run(signum, default, interrupt):
+    """A Ctrl-C or SIGTERM held during an update whose step then failed must not interrupt a later run()."""
     interrupts = training._Interrupts()
     with interrupts.install(), interrupts.commit():
-        signal.raise_signal(signal.SIGINT)
-        assert interrupts.held
-    assert not interrupts.held and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        send(signum, default)
+        assert interrupts.held is interrupt
+    assert not interrupts.held and signal.getsignal(signum) is default
     interrupts.deliver()  # nothing to raise
 
 
-def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_slice):
+def test_the_first_of_two_held_signals_is_the_one_delivered():
+    interrupts = training._Interrupts()
+    with interrupts.install():
+        with interrupts.commit():
+            send(signal.SIGTERM, signal.SIG_DFL)
+            send(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(TrainingTerminated):
+            interrupts.deliver()
+        interrupts.deliver()  # delivered once
+
+
+@pytest.mark.parametrize(("signum", "default", "interrupt"), SIGNALS)
+def test_run_leaves_a_callers_own_handler_in_place(tmp_path, shakespeare_slice, signum, default, interrupt):
     def callers_handler(signum, frame):
         pass
 
@@ -1371,17 +1412,19 @@ def test_run_leaves_a_callers_own_sigint_handler_in_place(tmp_path, shakespeare_
     real_step, seen = trainer.train_step, []
 
     def step(**kwargs):
-        seen.append(signal.getsignal(signal.SIGINT))
+        seen.append((signal.getsignal(signum), signal.getsignal(({signal.SIGINT, signal.SIGTERM} - {signum}).pop())))
         return real_step(**kwargs)
 
     trainer.train_step = step
-    previous = signal.signal(signal.SIGINT, callers_handler)
+    previous = signal.signal(signum, callers_handler)
     try:
         trainer.run()
-        assert signal.getsignal(signal.SIGINT) is callers_handler
+        assert signal.getsignal(signum) is callers_handler
     finally:
-        signal.signal(signal.SIGINT, previous)
-    assert seen == [callers_handler, callers_handler]
+        signal.signal(signum, previous)
+    other = trainer._interrupts._handler  # the other signal is still handled by run()
+    assert [mine for mine, _ in seen] == [callers_handler, callers_handler]
+    assert all(theirs == other for _, theirs in seen)
 
 
 @pytest.mark.parametrize("broken", ["weights", "gradients"])

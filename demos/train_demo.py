@@ -15,6 +15,7 @@ checkpoint from there.
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -128,6 +129,10 @@ def main(argv=None) -> int:
         how, status = (
             ("terminated (SIGTERM)", 143) if isinstance(interrupt, TrainingTerminated) else ("interrupted", 130)
         )
+        if os.environ.get("RANK", "0") != "0":
+            # Under torchrun rank 0 writes the checkpoint and says where; another rank, looking before
+            # it was written, said there was none.
+            return status
         # Interrupted while loading the data there is no checkpoint yet, unless an earlier run left one.
         last = latest_checkpoint(args["out_dir"])
         if last is None:

@@ -440,6 +440,13 @@ def test_train_demo_names_sigterm_and_exits_as_a_shell_does(tmp_path, monkeypatc
     assert demo.main(["--out-dir", str(tmp_path)]) == 143  # 128 + SIGTERM's 15
     err = capsys.readouterr().err
     assert err == "terminated (SIGTERM) before any checkpoint was written; there is nothing to --resume\n"
+    # Under torchrun only rank 0 answers, once it has written the checkpoint. Before, rank 1 looked
+    # first and said there was nothing to --resume.
+    monkeypatch.setenv("RANK", "1")
+    assert demo.main(["--out-dir", str(tmp_path)]) == 143
+    monkeypatch.setattr(demo, "Trainer", interrupt)
+    assert demo.main(["--out-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ""
 
 
 def read_rows(out_dir: Path) -> list[dict]:

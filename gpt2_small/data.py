@@ -102,6 +102,12 @@ def load_text_dataset(
         text_column = "text"
     elif path.exists():
         ds = _load_local(path, split)
+    elif _names_a_path(source):
+        # Asking the hub for it would only retry for ~20 s and then fail, or worse, find a dataset.
+        raise FileNotFoundError(
+            f"no such file or directory: {source!r}, looked for at {path.absolute()} (a hub dataset is named "
+            f"'owner/name', as roneneldan/TinyStories)"
+        )
     elif max_examples is None:
         ds = _load_hub(source, config_name, split)
     else:
@@ -134,6 +140,12 @@ def _refuse_options_that_do_not_apply(source: str, path: Path, **given) -> None:
         raise ValueError(
             f"{what}: {' and '.join(off)} cannot apply; leave {'it' if len(off) == 1 else 'them'} out{fix}"
         )
+
+
+def _names_a_path(source: str) -> bool:
+    """Whether `source` can only be a path: no hub id starts with '/', '.' or '~', nor ends in a data
+    file's suffix."""
+    return source.startswith(("/", ".", "~")) or os.path.isabs(source) or _suffix(Path(source)) in _TEXT_SUFFIXES
 
 
 def _suffix(path: Path) -> str:

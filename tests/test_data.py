@@ -409,6 +409,26 @@ def test_what_the_hub_raises_online_for_an_unknown_dataset_is_the_same_clear_err
         load_text_dataset("nobody/typo")
 
 
+@pytest.mark.parametrize("source", ["missing.txt", "corpus/missing.jsonl", "b.parquet", "./notes", "~/no-such-dir-xyz"])
+@pytest.mark.parametrize("max_examples", [None, 3])
+def test_a_missing_local_path_is_named_without_asking_the_hub(source, max_examples, monkeypatch, tmp_path):
+    """A mistyped file name went to the hub: about 20 s of retries offline, then "unknown dataset"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args[0]!r}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    where = re.escape(str((tmp_path / source.removeprefix("~/")).absolute()).replace("/./", "/"))
+    with pytest.raises(
+        FileNotFoundError, match=rf"^no such file or directory: '{re.escape(source)}', looked for at {where} "
+    ):
+        load_text_dataset(source, max_examples=max_examples)
+    with pytest.raises(AssertionError, match="the hub was asked for 'owner/name'"):  # a hub id still goes there
+        load_text_dataset("owner/name", max_examples=max_examples)
+
+
 def test_dataset_shorter_than_one_window():
     with pytest.raises(ValueError, match=r"the val split has 100 tokens, shorter than one window of n_ctx \+ 1 = 129"):
         TokenWindows(np.zeros(100, dtype=np.uint16), n_ctx=128, name="val")

@@ -183,7 +183,9 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists():
         raise ValueError(f"{path} is a file; pass the directory that holds config.json and {_WEIGHT_FILES[0]}")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    # No hub id starts with these, ends with a slash or has two: huggingface_hub refused "finetuned/"
+    # with its own repo-id rules, which said nothing of a missing directory.
+    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1:
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     return _download_from_hub(HUB_ALIASES.get(name, name))
 

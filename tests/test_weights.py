@@ -284,7 +284,7 @@ def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
     # Spelled as paths, not hub ids ("user/model"), so never looked up on the hub, which offline
     # with an empty cache would raise a plain OSError.
     monkeypatch.chdir(tmp_path)
-    for name in ("./finetuned", "/finetuned-gpt2", "~/no-such-gpt2-checkpoint", "runs/finetuned/final"):
+    for name in ("./finetuned", "/finetuned-gpt2", "~/no-such-gpt2-checkpoint", "runs/finetuned/final", "finetuned/"):
         with pytest.raises(
             FileNotFoundError, match=f"no checkpoint directory at {re.escape(str(Path(name).expanduser()))}$"
         ):

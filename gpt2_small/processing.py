@@ -22,9 +22,9 @@ exact in arithmetic (the log-probabilities stay the same to float32 rounding; te
 What changes is what the hooks see: the residual stream is centred, hook_v and hook_z lack
 b_V, logits are centred. Parameter names and shapes stay the same, so a processed model saves
 and loads as any other (with LayerNorm w = 1 and b = 0). The tensors are rewritten in place
-(copy_), in float32 for a low-precision model and in float64 for a float64 one, so that nothing holding the parameters (an
-optimizer, a kept CUDA graph) loses them. Meant for analysis: training a processed model
-trains the same function from another parametrisation.
+(copy_), in float32 for a low-precision model and in float64 for a float64 one, so that
+nothing holding the parameters (an optimizer, a kept CUDA graph) loses them. Meant for
+analysis: training a processed model trains the same function from another parametrisation.
 """
 
 import einops

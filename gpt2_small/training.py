@@ -10,9 +10,9 @@ loss_curve.png (redrawn at every evaluation) and samples.txt.
 
 Resuming (`resume=True`) restores all of it, so a run stopped at step k continues with the same
 losses an uninterrupted run would have had. Ctrl-C and SIGTERM save a checkpoint of the last
-whole step before exiting (see _Interrupts and train_step). A NaN or infinite loss or gradient norm stops
-the run (NonFiniteLossError) before the damaged weights are checkpointed, so the newest
-checkpoint stays one to resume from.
+whole step before exiting (see _Interrupts and train_step). A NaN or infinite loss or gradient
+norm stops the run (NonFiniteLossError) before the damaged weights are checkpointed, so the
+newest checkpoint stays one to resume from.
 
 Under `torchrun --nproc_per_node=N`, the model is wrapped in DistributedDataParallel (NCCL on
 GPUs, gloo on CPUs); each process reads its own shard of every epoch, and only rank 0 logs,

@@ -55,7 +55,7 @@ HELP = {
     "tie_embeddings": "train the unembedding as the embedding's transpose, W_U = W_E^T, one matrix as in GPT-2 and "
     "nanoGPT (124M parameters for --preset gpt2 where untied has 163M); checkpoints hold W_U as a copy "
     f"(default by preset: {_unembedding_by_preset('tie_embeddings')})",
-    "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.parquet file or folder",
+    "dataset": "'shakespeare' (bundled), a Hugging Face dataset id, or a local .txt/.jsonl/.csv/.parquet file or folder",
     "text_column": "column holding the documents",
     "split": "split of the source dataset to read",
     "config_name": "configuration of the hub dataset, if it has several (default: the dataset's own)",

@@ -4,7 +4,8 @@ Three sources, all through Hugging Face `datasets`:
 
 - "shakespeare" (the default): the 42 works bundled in the package, one document per work;
   it needs no network.
-- a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json (gzipped too), .parquet.
+- a local file or directory: .txt / .txt.gz (one document per file), .jsonl / .json (gzipped too),
+  .csv (with a header row; gzipped too), .parquet.
 - any hub dataset id when online, e.g. "roneneldan/TinyStories" or "NeelNanda/pile-10k"; with
   `max_examples`, only those first documents are streamed, not the whole split downloaded.
 
@@ -47,6 +48,8 @@ _TEXT_SUFFIXES = {
     ".json": "json",
     ".jsonl.gz": "json",
     ".json.gz": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
     ".parquet": "parquet",
 }
 # Each bundled work opens "TITLE\n\nby William Shakespeare" (one newline for the Sonnets).
@@ -171,7 +174,7 @@ def _load_local(path: Path, split: str):
     if len(builders) != 1 or None in builders:
         kinds = sorted({_suffix(p) for p in files}) or ["no files"]
         raise ValueError(
-            f"{path}: expected .txt/.txt.gz, .jsonl/.json(.gz) or .parquet files of one kind, found {kinds}"
+            f"{path}: expected .txt/.txt.gz, .jsonl/.json(.gz), .csv(.gz) or .parquet files of one kind, found {kinds}"
         )
     builder = builders.pop()
     data_files = [str(p) for p in files]
@@ -199,7 +202,7 @@ def _load_hub(source: str, config_name: str | None, split: str, streaming: bool 
         raise ValueError(
             f"unknown dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face Hub "
             f"could not provide it ({type(e).__name__}). Offline, use the bundled {EMBEDDED_DATASET!r} or a local "
-            f".txt/.jsonl/.parquet file."
+            f".txt/.jsonl/.csv/.parquet file."
         ) from e
 
 

@@ -192,7 +192,7 @@ def test_options_a_local_path_cannot_honour_are_refused(tmp_path):
     assert load_text_dataset(str(path), split="train", config_name=None)["text"] == ["a document"]
 
 
-@pytest.mark.parametrize("kind", ["txt", "txt.gz", "jsonl", "jsonl.gz", "parquet"])
+@pytest.mark.parametrize("kind", ["txt", "txt.gz", "jsonl", "jsonl.gz", "csv", "csv.gz", "parquet"])
 def test_local_files(tmp_path, kind):
     """Before, a .jsonl.gz was read as one text document of raw JSON lines."""
     docs = ["First document.\nWith two lines.", "Second document."]
@@ -215,6 +215,12 @@ def test_local_files(tmp_path, kind):
         source = tmp_path / "d.jsonl.gz"
         with gzip.open(source, "wt") as f:
             f.write("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    elif kind.startswith("csv"):  # a quoted field keeps its newline and comma in one document
+        docs[1] = 'Second, "quoted" document.'
+        table = 'id,body\n1,"First document.\nWith two lines."\n2,"Second, ""quoted"" document."\n'
+        source = tmp_path / f"d.{kind}"
+        with gzip.open(source, "wt") if kind.endswith(".gz") else open(source, "w") as f:
+            f.write(table)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -361,6 +367,8 @@ def test_an_empty_hub_split_is_refused_as_empty(monkeypatch, streamed):
         ),
         ("cut.jsonl", b'{"text": "a"}\n{"text": \n', r"as json \(ArrowInvalid: JSON parse error"),
         ("fake.parquet", b"not parquet", r"as parquet \(ArrowInvalid: Parquet magic bytes not found"),
+        ("empty.csv", b"", r"as csv \(EmptyDataError: No columns to parse from file\)"),
+        ("ragged.csv", b'text\n"a\nb,c\n', r"as csv \(ParserError: "),
     ],
 )
 def test_unreadable_local_files_are_named(tmp_path, name, content, match):
@@ -373,14 +381,14 @@ def test_unreadable_local_files_are_named(tmp_path, name, content, match):
 
 def test_mixed_file_kinds_are_refused(tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    (tmp_path / "b.csv").write_text("y")
-    with pytest.raises(ValueError, match=r"of one kind, found \['.csv', '.txt'\]"):
+    (tmp_path / "b.xml").write_text("y")
+    with pytest.raises(ValueError, match=r"of one kind, found \['.txt', '.xml'\]"):
         load_text_dataset(str(tmp_path))
-    (tmp_path / "b.csv").rename(tmp_path / "b.jsonl")  # two kinds this reads, but not together
+    (tmp_path / "b.xml").rename(tmp_path / "b.jsonl")  # two kinds this reads, but not together
     with pytest.raises(ValueError, match=r"of one kind, found \['.jsonl', '.txt'\]"):
         load_text_dataset(str(tmp_path))
-    with pytest.raises(ValueError, match=r"of one kind, found \['.csv'\]"):  # one kind, not one this reads
-        load_text_dataset(str(write_jsonl(tmp_path / "c.csv", [])))
+    with pytest.raises(ValueError, match=r"of one kind, found \['.xml'\]"):  # one kind, not one this reads
+        load_text_dataset(str(write_jsonl(tmp_path / "c.xml", [])))
 
 
 def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):

@@ -1381,6 +1381,26 @@ def test_a_second_ctrl_c_after_a_re_run_evaluation_does_not_log_it_twice(tmp_pat
     assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
 
 
+def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path, shakespeare_slice, caplog):
+    """A SIGKILL inside save_checkpoint (a scheduler's, once SIGTERM's grace period is over) left a
+    whole checkpoint under a hidden name of the dead process's id, which nothing ever removed."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=4)
+    root = tmp_path / "split" / "checkpoints"
+    shutil.copytree(root / "step-0000004", root / ".tmp-step-0000005-99999")  # killed before its rename
+    shutil.copytree(root / "step-0000004", root / ".old-step-0000004-99998")  # killed after the new one's
+    shutil.copytree(root / "step-0000004", root / ".old-step-0000003-99997")  # step-3's only copy: kept
+    (root / ".tmp-step-0000006-99996").mkdir()  # killed at its first file
+    with caplog.at_level(logging.WARNING, logger="gpt2_small.training"):
+        resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == [".old-step-0000003-99997", "latest", "step-0000004"]
+    assert (
+        "removed 3 unfinished checkpoint writes: .old-step-0000004-99998, .tmp-step-0000005-99999, "
+        ".tmp-step-0000006-99996" in caplog.text
+    )
+    assert losses(resumed.run()) == losses(whole)
+
+
 @pytest.mark.parametrize(("signum", "default", "interrupt"), SIGNALS)
 def test_a_signal_held_but_never_delivered_does_not_outlive_the_run(signum, default, interrupt):
     """A Ctrl-C or SIGTERM held during an update whose step then failed must not interrupt a later run()."""

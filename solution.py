@@ -108,12 +108,13 @@ class TransformerConfig:
         return f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}; use {choices}"
 
 
-def checked_config(cfg: object, owner: str) -> TransformerConfig:
+def checked_config(cfg: object, owner: str, alternative: str = "") -> TransformerConfig:
     """cfg itself, once it is a TransformerConfig: a dict or a model would otherwise fail later
-    with "'dict' object has no attribute 'd_vocab'", naming neither the module nor the fix."""
+    with "'dict' object has no attribute 'd_vocab'", naming neither the module nor the fix.
+    `alternative`, as " (or use X)", names another way to build `owner`."""
     if not isinstance(cfg, TransformerConfig):
         hint = "; build one with TransformerConfig(**cfg)" if isinstance(cfg, dict) else ""
-        raise TypeError(f"{owner} cfg must be a TransformerConfig, got {type(cfg).__name__}{hint}")
+        raise TypeError(f"{owner} cfg must be a TransformerConfig{alternative}, got {type(cfg).__name__}{hint}")
     return cfg
 
 
@@ -217,10 +218,7 @@ class KVCache:
         dtype: torch.dtype | None = None,
         static: bool = False,
     ):
-        if not isinstance(cfg, TransformerConfig):  # else "'str' object has no attribute 'n_ctx'"
-            raise TypeError(
-                f"KVCache cfg must be a TransformerConfig (or use KVCache.for_model), got {type(cfg).__name__}"
-            )
+        checked_config(cfg, "KVCache", alternative=" (or use KVCache.for_model)")
         if any(isinstance(n, bool) or not isinstance(n, int) for n in (batch, max_pos)):
             raise TypeError(f"KVCache batch and max_pos must be ints, got batch={batch!r}, max_pos={max_pos!r}")
         if not 1 <= max_pos <= cfg.n_ctx:

@@ -111,9 +111,7 @@ class TrainConfig:
     # None: the preset's: False for gpt2, True for tiny. False keeps b_U 0, as GPT-2 has none (export_hf needs that).
     unembed_bias: bool | None = None  # train unembed.b_U
     # data
-    dataset: str | os.PathLike = (
-        EMBEDDED_DATASET  # "shakespeare", a hub dataset id, or a .txt/.jsonl/.csv/.parquet path
-    )
+    dataset: str | os.PathLike = EMBEDDED_DATASET  # "shakespeare", a hub id, or a .txt/.jsonl/.csv/.parquet path
     text_column: str = "text"  # the column holding the documents
     split: str = "train"  # which split of the source dataset to read
     config_name: str | None = None  # the hub dataset's configuration, if it has several

@@ -1549,6 +1549,14 @@ def user_path(value: object, name: str) -> Path:
     return Path(value).expanduser()
 
 
+def spelled_as_path(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hugging Face Hub id ("name" or "owner/name"):
+    it starts with '.', '/' or '~', is absolute, ends with a separator or has more than one '/'."""
+    return (
+        name.startswith((".", "/", "~")) or os.path.isabs(name) or name.endswith(("/", os.sep)) or name.count("/") > 1
+    )
+
+
 def directory_to_write(value: object, name: str, writer: str) -> Path:
     """user_path(value, name), refused if it is a file: `writer` writes a directory there."""
     path = user_path(value, name)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from solution import _atomic_write, check_count, user_path
+from solution import _atomic_write, check_count, spelled_as_path, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ def _refuse_options_that_do_not_apply(source: str, path: Path, **given) -> None:
 
 
 def _names_a_path(source: str) -> bool:
-    """Whether `source` can only be a path: no hub id starts with '/', '.' or '~', nor ends in a data
-    file's suffix."""
-    return source.startswith(("/", ".", "~")) or os.path.isabs(source) or _suffix(Path(source)) in _TEXT_SUFFIXES
+    """Whether `source` can only be a path: spelled as one (solution.spelled_as_path, as load_model
+    decides), or ending in a data file's suffix, which no hub id does."""
+    return spelled_as_path(source) or _suffix(Path(source)) in _TEXT_SUFFIXES
 
 
 def _suffix(path: Path) -> str:

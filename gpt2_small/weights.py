@@ -41,6 +41,7 @@ from solution import (
     _training_run_hint,
     check_flag,
     directory_to_write,
+    spelled_as_path,
     user_path,
 )
 
@@ -183,9 +184,9 @@ def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists():
         raise ValueError(f"{path} is a file; pass the directory that holds config.json and {_WEIGHT_FILES[0]}")
-    # No hub id starts with these, ends with a slash or has two: huggingface_hub refused "finetuned/"
-    # with its own repo-id rules, which said nothing of a missing directory.
-    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or name.count("/") > 1:
+    # Not asked of the hub: huggingface_hub refused "finetuned/" with its own repo-id rules, which
+    # said nothing of a missing directory.
+    if spelled_as_path(name):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     return _download_from_hub(HUB_ALIASES.get(name, name))
 

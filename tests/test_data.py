@@ -417,7 +417,9 @@ def test_what_the_hub_raises_online_for_an_unknown_dataset_is_the_same_clear_err
         load_text_dataset("nobody/typo")
 
 
-@pytest.mark.parametrize("source", ["missing.txt", "corpus/missing.jsonl", "b.parquet", "./notes", "~/no-such-dir-xyz"])
+@pytest.mark.parametrize(
+    "source", ["missing.txt", "corpus/missing.jsonl", "b.parquet", "./notes", "~/no-such-dir-xyz", "notes/", "a/b/c"]
+)
 @pytest.mark.parametrize("max_examples", [None, 3])
 def test_a_missing_local_path_is_named_without_asking_the_hub(source, max_examples, monkeypatch, tmp_path):
     """A mistyped file name went to the hub: about 20 s of retries offline, then "unknown dataset"."""

@@ -1039,19 +1039,26 @@ class Trainer:
         return final
 
     def _remove_unfinished_writes(self) -> None:
-        """Delete what a process killed inside save_checkpoint left: its .tmp-* directory, and a
-        .old-* copy of a checkpoint rewritten in place when the new one did reach its name.
+        """Clear up after a process killed inside save_checkpoint: delete its .tmp-* directory and a
+        .old-* copy of a checkpoint rewritten in place whose new version did reach its name, and put
+        back a .old-* whose new version did not.
 
         A scheduler's SIGKILL, when a checkpoint takes longer to write than the grace period after
         SIGTERM, lands there; each leftover is a whole checkpoint (about 2 GB for the gpt2 preset
         with its optimizer state), named by the dead process's id, so nothing ever reused or removed
-        it. A .old-* whose checkpoint is missing is the only copy of that step and is kept.
+        it. Killed between moving a step aside and renaming its rewrite, a .old-* is that step's only
+        copy under a name latest_checkpoint never reads: resuming went back to an older checkpoint,
+        or found none.
         """
         root = self.out_dir / CHECKPOINTS
         stale = list(root.glob(".tmp-step-*"))
-        stale += [
-            old for old in root.glob(".old-step-*") if (root / old.name[len(".old-") :].rsplit("-", 1)[0]).is_dir()
-        ]
+        for old in sorted(root.glob(".old-step-*")):
+            step = root / old.name[len(".old-") :].rsplit("-", 1)[0]
+            if step.is_dir():
+                stale.append(old)
+            else:
+                os.replace(old, step)
+                logger.warning("restored %s from %s, which an unfinished rewrite of it left", step.name, old.name)
         for path in stale:
             shutil.rmtree(path)
         if stale:
@@ -1060,8 +1067,10 @@ class Trainer:
             )
 
     def _resume(self) -> None:
-        if self.dist.is_main:  # the other ranks never read these hidden directories
+        if self.dist.is_main:
             self._remove_unfinished_writes()
+        if self.dist.enabled:  # the others look for the newest checkpoint after rank 0 may have put one back
+            dist.barrier()
         path = latest_checkpoint(self.out_dir)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out_dir / CHECKPOINTS}; start without --resume")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1389,15 +1390,33 @@ def test_resume_removes_what_a_killed_checkpoint_write_left(tmp_path, shakespear
     root = tmp_path / "split" / "checkpoints"
     shutil.copytree(root / "step-0000004", root / ".tmp-step-0000005-99999")  # killed before its rename
     shutil.copytree(root / "step-0000004", root / ".old-step-0000004-99998")  # killed after the new one's
-    shutil.copytree(root / "step-0000004", root / ".old-step-0000003-99997")  # step-3's only copy: kept
     (root / ".tmp-step-0000006-99996").mkdir()  # killed at its first file
     with caplog.at_level(logging.WARNING, logger="gpt2_small.training"):
         resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
-    assert sorted(p.name for p in root.iterdir()) == [".old-step-0000003-99997", "latest", "step-0000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004"]
     assert (
         "removed 3 unfinished checkpoint writes: .old-step-0000004-99998, .tmp-step-0000005-99999, "
         ".tmp-step-0000006-99996" in caplog.text
     )
+    assert losses(resumed.run()) == losses(whole)
+
+
+def test_resume_puts_back_a_checkpoint_killed_between_its_rewrites_two_renames(tmp_path, shakespeare_slice, caplog):
+    """Rewriting step-N moves it to .old-step-N-PID, then renames the new one in. A SIGKILL between
+    the two left step-N only under the hidden name, with `latest` naming the missing step-N:
+    --resume took an older checkpoint, or with none found no checkpoint at all."""
+    whole = Trainer(micro_config(tmp_path / "whole"), data=shakespeare_slice).run()
+    Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice).run(stop_at=4)
+    root = tmp_path / "split" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004"]
+    shutil.copytree(root / "step-0000004", root / ".tmp-step-0000004-99998")  # the rewrite, never renamed
+    os.replace(root / "step-0000004", root / ".old-step-0000004-99998")
+    with caplog.at_level(logging.WARNING, logger="gpt2_small.training"):
+        resumed = Trainer(micro_config(tmp_path / "split"), data=shakespeare_slice, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000004"]
+    assert "restored step-0000004 from .old-step-0000004-99998" in caplog.text
+    assert "removed 1 unfinished checkpoint writes: .tmp-step-0000004-99998" in caplog.text
+    assert resumed.step == 4
     assert losses(resumed.run()) == losses(whole)
 
 
@@ -1551,6 +1570,24 @@ def _train_worker(rank, world_size, port, data, out_dir, steps):
     torch.distributed.destroy_process_group()
 
 
+def _resume_worker(rank, world_size, port, data, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    PRESETS["micro"] = MICRO
+    put_back = Trainer._remove_unfinished_writes
+
+    def slow_put_back(self):  # rank 1 would look for the newest checkpoint meanwhile, were it not held
+        time.sleep(2)
+        put_back(self)
+
+    Trainer._remove_unfinished_writes = slow_put_back
+    trainer = Trainer(micro_config(out_dir), data=data, resume=True)
+    Path(out_dir, f"rank-{rank}").write_text(str(trainer.step))
+    torch.distributed.destroy_process_group()
+
+
 def _exit_worker(rank, world_size, port, out_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
@@ -1628,6 +1665,17 @@ def test_a_two_process_checkpoint_resumed_by_one_process_keeps_its_place_in_the_
     assert (trainer.step, trainer.position.epoch, trainer.position.consumed) == (3, 0, 24)
     assert "resuming a 2-process run with 1 processes: the data order differs" in caplog.text
     assert len(trainer.run()) > 0 and trainer.step == 8
+
+
+def test_two_processes_resume_from_the_checkpoint_rank_0_puts_back(tmp_path, shakespeare_slice):
+    """Rank 1 looks for the newest checkpoint only once rank 0 has put back the one a killed rewrite
+    left under its .old-* name; before, it found none, or an older one than rank 0's."""
+    mp.spawn(_train_worker, args=(2, _free_port(), shakespeare_slice, str(tmp_path), 3), nprocs=2, join=True)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003"]
+    os.replace(root / "step-0000003", root / ".old-step-0000003-99998")
+    mp.spawn(_resume_worker, args=(2, _free_port(), shakespeare_slice, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank-{rank}").read_text() for rank in range(2)] == ["3", "3"]
 
 
 @pytest.mark.slow

@@ -131,6 +131,12 @@ PosSlice = Slice | int | np.integer | tuple | slice | list | np.ndarray | Tensor
 TokenChoice = str | int | Int[Tensor, ""] | Int[Tensor, " batch"] | Int[Tensor, "batch pos"]
 
 
+def _check_flags(**flags: object) -> None:
+    """A TypeError naming the first of `flags` that is not a bool: a str such as "False" is truthy."""
+    for name, value in flags.items():
+        check_flag(name, value)
+
+
 class ActivationCache(dict):
     """Hook name -> activation of one forward pass, with TransformerLens's residual-stream helpers.
 
@@ -144,7 +150,7 @@ class ActivationCache(dict):
     def __init__(self, activations: dict[str, Tensor], model: Transformer, has_batch_dim: bool = True):
         super().__init__(activations)
         self.model = model
-        self.has_batch_dim = has_batch_dim
+        self.has_batch_dim = check_flag("has_batch_dim", has_batch_dim)
 
     def __getitem__(self, key: str | tuple) -> Tensor:  # (name, layer), checked below
         # TransformerLens's shorthands: cache["resid_post", -1] (layers count from the end too),
@@ -237,6 +243,10 @@ class ActivationCache(dict):
         """None or -1 -> n_layers (the whole model), as in TransformerLens. A stack of `stacked`
         ("heads before it", ...) needs layer >= 1: TransformerLens returns an empty stack at 0,
         and a remainder from the *last* layer. mlp_input=True needs an MLP after the stream."""
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, Integral)):
+            raise TypeError(
+                f"layer must be an int or None, got {layer!r}"
+            )  # "2" met the range check's < as a TypeError
         if layer is None or layer == -1:
             layer = self.n_layers
         elif not 0 <= layer <= self.n_layers:
@@ -278,6 +288,7 @@ class ActivationCache(dict):
         each layer's logits); for an earlier layer, the cached scale of the LayerNorm that reads
         the last entry, blocks[layer].ln1 (ln2 with mlp_input), as in apply_ln_to_stack.
         """
+        _check_flags(incl_mid=incl_mid, apply_ln=apply_ln, mlp_input=mlp_input, return_labels=return_labels)
         layer = self._layer(layer, mlp_input=mlp_input)
         labels, parts = [], []
         for i in range(layer + 1):
@@ -316,6 +327,7 @@ class ActivationCache(dict):
         "mlp" keeps only those outputs, incl_embeds=False leaves the embeddings out, and pos_slice
         is as in accumulated_resid; apply_ln is apply_ln_to_stack (cached scale).
         """
+        _check_flags(mlp_input=mlp_input, apply_ln=apply_ln, incl_embeds=incl_embeds, return_labels=return_labels)
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         layer = self._layer(layer, mlp_input=mlp_input)
@@ -354,6 +366,7 @@ class ActivationCache(dict):
         (resid_post of layer - 1 minus the heads), and pos_slice is as in accumulated_resid.
         The arguments are in TransformerLens's order (return_labels second).
         """
+        _check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln)
         layer = self._layer(layer, stacked="heads before it")
         pos_slice = _as_slice(pos_slice)
         parts, labels = [], []
@@ -427,6 +440,7 @@ class ActivationCache(dict):
         [neuron ... d_model] stack: it is linear, centring each W_out row and dividing by the scale.
         Every neuron of GPT-2 small is 36,864 components: at d_model each costs 3 KiB per position.
         """
+        _check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln, mlp_input=mlp_input)
         layer = self._layer(layer, stacked="neurons before it", mlp_input=mlp_input)
         pos_slice, neuron_slice = _as_slice(pos_slice), _as_slice(neuron_slice)
         if neuron_slice.mode == "int":  # the neuron axis is the stack's: keep it
@@ -470,6 +484,7 @@ class ActivationCache(dict):
         too) and, when neurons are expanded, every b_out: what no head or neuron carries.
         project_output_onto and apply_ln are as in stack_neuron_results.
         """
+        _check_flags(mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, return_labels=return_labels)
         layer = self._layer(layer, mlp_input=mlp_input)
         pos_slice = _as_slice(pos_slice)
         project, squeeze = self._projection(project_output_onto)
@@ -547,6 +562,7 @@ class ActivationCache(dict):
         ln_final itself (w and b included) on each component, with the component's own statistics;
         with another layer it is refused (TransformerLens ignores it there, and divides by the cached scale).
         """
+        _check_flags(mlp_input=mlp_input, has_batch_dim=has_batch_dim, recompute_ln=recompute_ln)
         layer = self._layer(layer, mlp_input=mlp_input)
         if recompute_ln and layer != self.n_layers:
             raise ValueError(
@@ -609,6 +625,7 @@ class ActivationCache(dict):
         b_U[tokens] (tested). Unprocessed, they leave w out, as TransformerLens warns;
         direct_logit_attribution is exact on either.
         """
+        check_flag("has_batch_dim", has_batch_dim)
         directions = residual_directions(self.model, tokens, "tokens")
         if incorrect_tokens is not None:
             incorrect = residual_directions(self.model, incorrect_tokens, "incorrect_tokens")

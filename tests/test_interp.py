@@ -3,6 +3,7 @@ patching, induction scores and plots, on small random models and one hand-built 
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import matplotlib.colors
@@ -1236,6 +1237,43 @@ def test_interp_flags_and_counts_are_checked_not_taken_for_truthy(model, tokens,
         with pytest.raises(ValueError, match=rf"^k must be an int >= 1, got {k}$"):
             interp.top_heads(scores, k=k)
     assert [name for name, _ in interp.top_heads(scores, k=9)] == ["L0H1", "L1H0", "L1H1", "L0H0"]
+
+
+@pytest.mark.parametrize(
+    ("method", "flag"),
+    [
+        ("accumulated_resid", "incl_mid"), ("accumulated_resid", "apply_ln"), ("accumulated_resid", "mlp_input"),
+        ("accumulated_resid", "return_labels"), ("decompose_resid", "mlp_input"), ("decompose_resid", "apply_ln"),
+        ("decompose_resid", "incl_embeds"), ("decompose_resid", "return_labels"),
+        ("stack_head_results", "return_labels"), ("stack_head_results", "incl_remainder"),
+        ("stack_head_results", "apply_ln"), ("stack_neuron_results", "return_labels"),
+        ("stack_neuron_results", "incl_remainder"), ("stack_neuron_results", "apply_ln"),
+        ("stack_neuron_results", "mlp_input"), ("get_full_resid_decomposition", "mlp_input"),
+        ("get_full_resid_decomposition", "expand_neurons"), ("get_full_resid_decomposition", "apply_ln"),
+        ("get_full_resid_decomposition", "return_labels"), ("apply_ln_to_stack", "mlp_input"),
+        ("apply_ln_to_stack", "has_batch_dim"), ("apply_ln_to_stack", "recompute_ln"), ("logit_attrs", "has_batch_dim"),
+    ],
+)  # fmt: skip
+def test_activation_cache_flags_are_checked_not_taken_for_truthy(run, method, flag, without_shape_checks):
+    """Before: apply_ln="False" applied the LayerNorm, mlp_input="no" read resid_mid, and so on."""
+    _, cache = run
+    layer = 1 if method == "stack_neuron_results" else None
+    stack = cache.accumulated_resid()
+    args = {"apply_ln_to_stack": (stack,), "logit_attrs": (stack, 11)}.get(method, (layer,))
+    getattr(cache, method)(*args, **{flag: False})  # the bool itself is taken
+    with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'False'$"):
+        getattr(cache, method)(*args, **{flag: "False"})
+
+
+def test_activation_cache_layers_must_be_ints_or_none(run, without_shape_checks):
+    """Before: layer=True was layer 1, and "2" or 2.0 failed inside a comparison or range()."""
+    _, cache = run
+    for layer in (True, "2", 2.0):
+        with pytest.raises(TypeError, match=rf"^layer must be an int or None, got {re.escape(repr(layer))}$"):
+            cache.accumulated_resid(layer)
+    torch.testing.assert_close(cache.accumulated_resid(np.int64(1)), cache.accumulated_resid(1), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"^has_batch_dim must be True or False, got 1$"):
+        interp.ActivationCache(dict(cache), cache.model, has_batch_dim=1)
 
 
 def test_top_heads_ranks_nan_scores_last():

@@ -219,6 +219,7 @@ class KVCache:
         static: bool = False,
     ):
         checked_config(cfg, "KVCache", alternative=" (or use KVCache.for_model)")
+        check_flag("static", static)  # "no" would be truthy
         if any(isinstance(n, bool) or not isinstance(n, int) for n in (batch, max_pos)):
             raise TypeError(f"KVCache batch and max_pos must be ints, got batch={batch!r}, max_pos={max_pos!r}")
         if not 1 <= max_pos <= cfg.n_ctx:
@@ -714,6 +715,7 @@ def lm_cross_entropy_loss(
     either token is padding. per_token gives each pair's loss, [batch pos-1]. The softmax is
     taken in float32 at least: a float64 model's loss stays float64, as TransformerLens's does.
     """
+    check_flag("per_token", per_token)  # "no" would be truthy
     log_probs = at_least_float32(logits).log_softmax(dim=-1)
     targets = tokens[:, 1:]
     # IGNORE_INDEX is clamped to a real id for the gather; its loss is zeroed below.
@@ -1109,6 +1111,9 @@ class Transformer(HookedRootModule):
         from gpt2_small.interp import ActivationCache
 
         tokens = model_args[0] if model_args else kwargs.get("tokens")
+        check_flag("return_cache_object", return_cache_object)  # "no" would be truthy
+        check_flag("remove_batch_dim", remove_batch_dim)
+        check_flag("incl_bwd", kwargs.get("incl_bwd", False))
         if kwargs.get("incl_bwd") and (kwargs.get("return_type", "logits") != "loss" or kwargs.get("loss_per_token")):
             # HookedRootModule calls backward() on the output, which only a scalar allows.
             raise ValueError(
@@ -1226,7 +1231,7 @@ class Transformer(HookedRootModule):
         of their own here. Pretrained GPT-2 ties W_U to W_E and has no b_U, which is where the
         usual "124M" (124,439,808) comes from: `num_params(include_unembed=False)`.
         """
-        skip = set() if include_unembed else {id(p) for p in self.unembed.parameters()}
+        skip = set() if check_flag("include_unembed", include_unembed) else {id(p) for p in self.unembed.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     @property
@@ -1335,6 +1340,8 @@ class Transformer(HookedRootModule):
         n_layers = self.cfg.n_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
             raise ValueError(f"layer must be an int in [0, n_layers={n_layers}], got {layer!r}")
+        check_flag("mlp_input", mlp_input)  # "no" would be truthy
+        check_flag("include_mlp_biases", include_mlp_biases)
         if mlp_input and layer == n_layers:
             raise ValueError(f"mlp_input=True needs the block's own b_O, and there is no block {layer}")
         bias = torch.zeros_like(self.blocks[0].attn.b_O)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from solution import _atomic_write, check_count, spelled_as_path, user_path
+from solution import _atomic_write, check_count, check_flag, spelled_as_path, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +414,7 @@ class TokenData:
         """A DataLoader of (input, target) [batch_size, n_ctx] batches over one split."""
         if which not in ("train", "val"):
             raise ValueError(f"which must be 'train' or 'val', got {which!r}")
+        check_flag("pin_memory", pin_memory)  # "no" would be truthy
         tokens = {"train": self.train, "val": self.val}[which]
         windows = TokenWindows(tokens, n_ctx, stride, name=which)
         sampler = ResumableSampler(len(windows), seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size)

@@ -816,7 +816,7 @@ def test_prompt(
         raise ValueError(f"answer must be a non-empty str or a non-empty list of them, got {answer!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= model.cfg.d_vocab:
         raise ValueError(f"top_k must be an int in [0, d_vocab={model.cfg.d_vocab}], got {top_k!r}")
-    if prepend_space_to_answer:
+    if check_flag("prepend_space_to_answer", prepend_space_to_answer):  # "no" would be truthy
         answers = [a if a.startswith(" ") else " " + a for a in answers]
     prompt_tokens = to_tokens(prompt, prepend_bos=prepend_bos, device=model.device)
     answer_ids = [to_tokens(a)[0] for a in answers]

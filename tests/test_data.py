@@ -502,6 +502,14 @@ def test_a_loader_of_another_split_than_train_or_val_is_named():
     assert next(iter(data.loader("val", n_ctx=4, batch_size=1)))[0].shape == (1, 4)
 
 
+def test_a_loader_pin_memory_that_is_no_bool_is_named(without_shape_checks):
+    """Before: pin_memory="no" was truthy, and pinned (or, with no accelerator, warned)."""
+    data = TokenData(np.arange(100, dtype=np.uint16), np.arange(50, dtype=np.uint16), "numbers")
+    with pytest.raises(TypeError, match=r"^pin_memory must be True or False, got 'no'$"):
+        data.loader("val", n_ctx=4, batch_size=1, pin_memory="no")
+    assert data.loader("val", n_ctx=4, batch_size=1, pin_memory=False).pin_memory is False
+
+
 def test_token_data_load_passes_its_options_through(tmp_path):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"body": f"document number {i}", "text": 0} for i in range(40)])
     data = TokenData.load(str(path), text_column="body", max_examples=30, val_fraction=0.25, cache_dir=tmp_path / "c")

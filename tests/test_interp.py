@@ -1232,6 +1232,8 @@ def test_interp_flags_and_counts_are_checked_not_taken_for_truthy(model, tokens,
         cache.logit_lens(incl_mid="no")
     with pytest.raises(TypeError, match=r"^progress must be True or False, got 'no'$"):
         activation_patching(model, tokens, tokens, lambda logits: logits.sum(), progress="no")
+    with pytest.raises(TypeError, match=r"^prepend_space_to_answer must be True or False, got 'no'$"):
+        interp.test_prompt(model, "Hello", "world", prepend_space_to_answer="no")  # was truthy
     scores = torch.tensor([[0.1, 0.9], [0.5, 0.3]])
     for k in (0, -1, 1.0):
         with pytest.raises(ValueError, match=rf"^k must be an int >= 1, got {k}$"):

@@ -956,6 +956,29 @@ def test_a_left_padded_loss_is_each_sequences_own():
     assert not torch.isclose(loss, unmasked)  # the mask matters: padding would otherwise be predicted
 
 
+def test_model_flags_are_checked_not_taken_for_truthy(without_shape_checks):
+    """Before: remove_batch_dim="no" dropped the batch axis, per_token="no" gave per-token losses,
+    static="no" made a static cache, include_unembed="no" counted the unembedding, and
+    accumulated_bias(mlp_input="no") failed in int("no")."""
+    model, tokens = tiny_model(), random_tokens(1, 3)
+    logits = model(tokens)
+    calls = {
+        "static": lambda value: gpt2_small.KVCache.for_model(model, batch=1, max_pos=3, static=value),
+        "per_token": lambda value: gpt2_small.lm_cross_entropy_loss(logits, tokens, per_token=value),
+        "return_cache_object": lambda value: model.run_with_cache(tokens, return_cache_object=value),
+        "remove_batch_dim": lambda value: model.run_with_cache(tokens, remove_batch_dim=value),
+        "incl_bwd": lambda value: model.run_with_cache(tokens, return_type="loss", incl_bwd=value),
+        "include_unembed": lambda value: model.num_params(include_unembed=value),
+        "mlp_input": lambda value: model.accumulated_bias(1, mlp_input=value),
+        "include_mlp_biases": lambda value: model.accumulated_bias(1, include_mlp_biases=value),
+    }
+    for flag, call in calls.items():
+        call(False)  # the bool itself is taken
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 'no'$"):
+            call("no")
+    assert model.run_with_cache(tokens, remove_batch_dim=False)[1]["hook_embed"].shape == (1, 3, TINY.d_model)
+
+
 def test_return_type_rejects_what_it_cannot_do(without_shape_checks):
     model, tokens = tiny_model(), random_tokens(1, 3)
     with pytest.raises(ValueError, match=r"return_type must be one of \('logits', 'loss', 'both', None\), got 'logit'"):

@@ -21,6 +21,7 @@ with apply_ln over the whole model applies ln_final to each entry on its own (th
 """
 
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1148,7 +1149,20 @@ def _figure(width: float, height: float):
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
+        import matplotlib
+
+        spelled = path
         path = user_path(path, "path")
+        # savefig writes "plots.png" for an existing directory "plots" (or "plots/"), beside it.
+        if path.is_dir() or str(spelled).endswith(("/", os.sep)):
+            raise ValueError(
+                f"path {str(spelled)!r} is a directory; name the image file, such as {path / 'figure.png'}"
+            )
+        if not path.suffix:  # what savefig would add, said here so the log names the file written
+            path = path.with_name(f"{path.name}.{matplotlib.rcParams['savefig.format']}")
+        formats = fig.canvas.get_supported_filetypes()
+        if path.suffix[1:].lower() not in formats:  # before the mkdir below, which would then stay empty
+            raise ValueError(f"path {str(path)!r}: matplotlib writes no {path.suffix!r}; use one of {sorted(formats)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         logger.info("wrote %s", path)

@@ -2,6 +2,7 @@
 patching, induction scores and plots, on small random models and one hand-built induction circuit."""
 
 import copy
+import logging
 import math
 import re
 from pathlib import Path
@@ -1494,6 +1495,25 @@ def test_plots_write_non_empty_pngs_of_the_figure_size(kind, tmp_path, run, mode
 def test_a_plot_path_under_home_is_expanded(home):
     interp.plot_induction_scores(torch.rand(3, 4), path="~/plots/induction.png")
     assert (home / "plots" / "induction.png").stat().st_size > 1000 and not Path("~").exists()
+
+
+def test_a_plot_path_is_an_image_file_written_where_the_log_says(tmp_path, caplog):
+    """Before: a directory, "plots" or "plots/", was written as plots.png beside it; a path with no
+    suffix was written with .png added while the log named it without; an unknown suffix was
+    refused by matplotlib after its directory had been made."""
+    scores = torch.rand(3, 4)
+    (tmp_path / "plots").mkdir()
+    for spelled in (tmp_path / "plots", f"{tmp_path / 'new'}/"):
+        with pytest.raises(ValueError, match=rf"^path {re.escape(repr(str(spelled)))} is a directory; name the image"):
+            interp.plot_induction_scores(scores, path=spelled)
+    with pytest.raises(ValueError, match=r"matplotlib writes no '\.xyz'; use one of \[.*'png'"):
+        interp.plot_induction_scores(scores, path=tmp_path / "other" / "scores.xyz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"] and not any((tmp_path / "plots").iterdir())
+    with caplog.at_level(logging.INFO, logger="gpt2_small.interp"):
+        interp.plot_induction_scores(scores, path=tmp_path / "plots" / "scores")
+        interp.plot_induction_scores(scores, path=tmp_path / "plots" / "scores.SVG")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["scores.SVG", "scores.png"]
+    assert f"wrote {tmp_path / 'plots' / 'scores.png'}" in caplog.text
 
 
 def test_plots_name_values_with_the_wrong_number_of_axes(run, tmp_path, without_shape_checks):

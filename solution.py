@@ -747,7 +747,13 @@ def _holds_training_run(path: Path) -> bool:
 
 
 def _training_run_hint(path: Path) -> str:
-    """What to say when a loader is pointed at a training run's output directory instead of one checkpoint."""
+    """What to say when a loader is pointed at a training run's output directory, or its checkpoints/
+    folder, instead of one checkpoint."""
+    if path.name == "checkpoints" and any(path.glob("step-*")):
+        return (
+            f"; {path} is a training run's checkpoints folder: gpt2_small.load_model({str(path.parent)!r}) loads "
+            f"its newest checkpoint, or name one of the step-* directories in it"
+        )
     if not _holds_training_run(path):
         return ""
     return f"; {path} holds a training run: gpt2_small.load_model({str(path)!r}) loads its newest checkpoint"

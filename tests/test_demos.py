@@ -80,6 +80,18 @@ def test_loaders_pointed_at_a_training_run_say_that_load_model_reads_it(train_ru
     with pytest.raises(FileNotFoundError) as elsewhere:  # any other directory: no such hint
         Transformer.load(tmp_path)
     assert "training run" not in str(elsewhere.value)
+    folder = train_run / "checkpoints"  # before: only "config.json not found"
+    hint = re.escape(
+        f"; {folder} is a training run's checkpoints folder: gpt2_small.load_model('{train_run}') loads its newest "
+        "checkpoint, or name one of the step-* directories in it"
+    )
+    for loader in (Transformer.load, Transformer.from_pretrained, load_model):
+        with pytest.raises(FileNotFoundError, match=r"config.json not found.*" + hint + "$"):
+            loader(folder)
+    (tmp_path / "checkpoints").mkdir()  # a folder of that name with no checkpoint in it: no such hint
+    with pytest.raises(FileNotFoundError) as elsewhere:
+        Transformer.load(tmp_path / "checkpoints")
+    assert "training run" not in str(elsewhere.value)
 
 
 def test_load_model_errors_name_the_problem(tmp_path):

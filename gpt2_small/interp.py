@@ -244,10 +244,9 @@ class ActivationCache(dict):
         """None or -1 -> n_layers (the whole model), as in TransformerLens. A stack of `stacked`
         ("heads before it", ...) needs layer >= 1: TransformerLens returns an empty stack at 0,
         and a remainder from the *last* layer. mlp_input=True needs an MLP after the stream."""
+        # "2" met the range check's < as a TypeError, and True was layer 1.
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, Integral)):
-            raise TypeError(
-                f"layer must be an int or None, got {layer!r}"
-            )  # "2" met the range check's < as a TypeError
+            raise TypeError(f"layer must be an int or None, got {layer!r}")
         if layer is None or layer == -1:
             layer = self.n_layers
         elif not 0 <= layer <= self.n_layers:

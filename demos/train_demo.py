@@ -76,7 +76,7 @@ HELP = {
     "weight_decay": "AdamW weight decay on weight matrices (W_*, embeddings included)",
     "grad_clip": "max gradient norm (0 disables)",
     "eval_interval": "steps between validation runs and loss-curve updates (0: only at the end)",
-    "eval_batches": "validation batches per evaluation",
+    "eval_batches": "validation batches per evaluation (all of the split, if it has fewer)",
     "sample_interval": "steps between printed samples (0: only before and after)",
     "sample_prompt": "prompt the samples continue",
     "sample_tokens": "new tokens per sample",

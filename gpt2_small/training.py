@@ -134,7 +134,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     # evaluation and samples
     eval_interval: int = 100  # steps between validation runs (and loss-curve redraws); 0 = only at the end
-    eval_batches: int = 20  # validation batches per evaluation
+    eval_batches: int = 20  # validation batches per evaluation (all of the split, if it has fewer)
     sample_interval: int = 200  # steps between printed samples; 0 = only before and after training
     sample_prompt: str = "ROMEO:"  # the prompt the samples continue
     sample_tokens: int = 48  # new tokens per sample

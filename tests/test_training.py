@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -1588,6 +1589,22 @@ def _resume_worker(rank, world_size, port, data, out_dir):
     torch.distributed.destroy_process_group()
 
 
+def _wrapper_worker(rank, world_size, port, data, out_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    PRESETS["micro"] = MICRO
+    kept = Trainer(micro_config(Path(out_dir) / "kept"), data=data)
+    dropped = Trainer(micro_config(Path(out_dir) / "dropped"), data=data)
+    wrappers = [weakref.ref(kept.train_model), weakref.ref(dropped.train_model)]
+    dropped.run(stop_at=1)
+    del dropped  # as when a script's main() returns
+    alive = [w() is not None for w in wrappers]
+    atexit._run_exitfuncs()
+    Path(out_dir, f"rank-{rank}").write_text(f"{alive} {[w() is not None for w in wrappers]}")
+
+
 def _exit_worker(rank, world_size, port, out_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
@@ -1596,6 +1613,14 @@ def _exit_worker(rank, world_size, port, out_dir):
     joined = torch.distributed.is_initialized()
     atexit._run_exitfuncs()  # what interpreter exit runs before it tears the interpreter down
     Path(out_dir, f"rank-{rank}").write_text(f"{joined} {torch.distributed.is_initialized()}")
+
+
+def test_at_exit_no_ddp_wrapper_outlives_the_process_group(tmp_path, shakespeare_slice):
+    """Each DDP wrapper holds the process group, which then outlived destroy_process_group into
+    interpreter finalization, where Gloo may abort the rank (SIGABRT; torchrun reports the run
+    failed): a Trainer still held by the script, and one out of scope but in a reference cycle."""
+    mp.spawn(_wrapper_worker, args=(2, _free_port(), shakespeare_slice, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank-{rank}").read_text() for rank in range(2)] == ["[True, True] [False, False]"] * 2
 
 
 def test_the_process_group_is_destroyed_at_exit(tmp_path):

@@ -1542,12 +1542,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embeddings):
+def _as_rank(rank, world_size, port):
+    """A spawned worker's setup: torchrun's environment for this rank, one thread, the micro preset."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     PRESETS["micro"] = MICRO
+
+
+def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embeddings):
+    _as_rank(rank, world_size, port)
     trainer = Trainer(micro_config(out_dir, tie_embeddings=tie_embeddings), data=data)
     assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel)
     half = inputs.shape[0] // world_size
@@ -1562,21 +1567,13 @@ def _ddp_worker(rank, world_size, port, data, inputs, targets, out_dir, tie_embe
 
 
 def _train_worker(rank, world_size, port, data, out_dir, steps):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    PRESETS["micro"] = MICRO
+    _as_rank(rank, world_size, port)
     Trainer(micro_config(out_dir), data=data).run(stop_at=steps)
     torch.distributed.destroy_process_group()
 
 
 def _resume_worker(rank, world_size, port, data, out_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    PRESETS["micro"] = MICRO
+    _as_rank(rank, world_size, port)
     put_back = Trainer._remove_unfinished_writes
 
     def slow_put_back(self):  # rank 1 would look for the newest checkpoint meanwhile, were it not held
@@ -1590,11 +1587,7 @@ def _resume_worker(rank, world_size, port, data, out_dir):
 
 
 def _wrapper_worker(rank, world_size, port, data, out_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    PRESETS["micro"] = MICRO
+    _as_rank(rank, world_size, port)
     kept = Trainer(micro_config(Path(out_dir) / "kept"), data=data)
     dropped = Trainer(micro_config(Path(out_dir) / "dropped"), data=data)
     wrappers = [weakref.ref(kept.train_model), weakref.ref(dropped.train_model)]
@@ -1606,9 +1599,7 @@ def _wrapper_worker(rank, world_size, port, data, out_dir):
 
 
 def _exit_worker(rank, world_size, port, out_dir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
+    _as_rank(rank, world_size, port)
     training.init_distributed("cpu")
     joined = torch.distributed.is_initialized()
     atexit._run_exitfuncs()  # what interpreter exit runs before it tears the interpreter down

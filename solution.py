@@ -1117,9 +1117,11 @@ class Transformer(HookedRootModule):
         from gpt2_small.interp import ActivationCache
 
         tokens = model_args[0] if model_args else kwargs.get("tokens")
-        check_flag("return_cache_object", return_cache_object)  # "no" would be truthy
-        check_flag("remove_batch_dim", remove_batch_dim)
-        check_flag("incl_bwd", kwargs.get("incl_bwd", False))
+        check_flags(  # "no" would be truthy
+            return_cache_object=return_cache_object,
+            remove_batch_dim=remove_batch_dim,
+            incl_bwd=kwargs.get("incl_bwd", False),
+        )
         if kwargs.get("incl_bwd") and (kwargs.get("return_type", "logits") != "loss" or kwargs.get("loss_per_token")):
             # HookedRootModule calls backward() on the output, which only a scalar allows.
             raise ValueError(
@@ -1346,8 +1348,7 @@ class Transformer(HookedRootModule):
         n_layers = self.cfg.n_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
             raise ValueError(f"layer must be an int in [0, n_layers={n_layers}], got {layer!r}")
-        check_flag("mlp_input", mlp_input)  # "no" would be truthy
-        check_flag("include_mlp_biases", include_mlp_biases)
+        check_flags(mlp_input=mlp_input, include_mlp_biases=include_mlp_biases)  # "no" would be truthy
         if mlp_input and layer == n_layers:
             raise ValueError(f"mlp_input=True needs the block's own b_O, and there is no block {layer}")
         bias = torch.zeros_like(self.blocks[0].attn.b_O)
@@ -1583,6 +1584,12 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def check_flags(**flags: object) -> None:
+    """check_flag of each keyword: a TypeError naming the first that is not a bool."""
+    for name, value in flags.items():
+        check_flag(name, value)
 
 
 def check_count(name: str, value: object, minimum: int) -> int:

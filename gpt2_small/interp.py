@@ -39,7 +39,16 @@ from transformer_lens.utilities import Slice
 from gpt2_small.bridge_names import bridge_name_hint
 from gpt2_small.sampling import check_seed
 from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
-from solution import OPTIONAL_HOOKS, Transformer, at_least_float32, check_count, check_device, check_flag, user_path
+from solution import (
+    OPTIONAL_HOOKS,
+    Transformer,
+    at_least_float32,
+    check_count,
+    check_device,
+    check_flag,
+    check_flags,
+    user_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +139,6 @@ PosSlice = Slice | int | np.integer | tuple | slice | list | np.ndarray | Tensor
 # Which tokens' logits logit_attrs reads, as TransformerLens takes them: one token (an id, a 0-d
 # tensor, a str of one token), one per sequence ([batch]) or one per sequence and position.
 TokenChoice = str | int | Int[Tensor, ""] | Int[Tensor, " batch"] | Int[Tensor, "batch pos"]
-
-
-def _check_flags(**flags: object) -> None:
-    """A TypeError naming the first of `flags` that is not a bool: a str such as "False" is truthy."""
-    for name, value in flags.items():
-        check_flag(name, value)
 
 
 class ActivationCache(dict):
@@ -288,7 +291,7 @@ class ActivationCache(dict):
         each layer's logits); for an earlier layer, the cached scale of the LayerNorm that reads
         the last entry, blocks[layer].ln1 (ln2 with mlp_input), as in apply_ln_to_stack.
         """
-        _check_flags(incl_mid=incl_mid, apply_ln=apply_ln, mlp_input=mlp_input, return_labels=return_labels)
+        check_flags(incl_mid=incl_mid, apply_ln=apply_ln, mlp_input=mlp_input, return_labels=return_labels)
         layer = self._layer(layer, mlp_input=mlp_input)
         labels, parts = [], []
         for i in range(layer + 1):
@@ -327,7 +330,7 @@ class ActivationCache(dict):
         "mlp" keeps only those outputs, incl_embeds=False leaves the embeddings out, and pos_slice
         is as in accumulated_resid; apply_ln is apply_ln_to_stack (cached scale).
         """
-        _check_flags(mlp_input=mlp_input, apply_ln=apply_ln, incl_embeds=incl_embeds, return_labels=return_labels)
+        check_flags(mlp_input=mlp_input, apply_ln=apply_ln, incl_embeds=incl_embeds, return_labels=return_labels)
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
         layer = self._layer(layer, mlp_input=mlp_input)
@@ -366,7 +369,7 @@ class ActivationCache(dict):
         (resid_post of layer - 1 minus the heads), and pos_slice is as in accumulated_resid.
         The arguments are in TransformerLens's order (return_labels second).
         """
-        _check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln)
+        check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln)
         layer = self._layer(layer, stacked="heads before it")
         pos_slice = _as_slice(pos_slice)
         parts, labels = [], []
@@ -440,7 +443,7 @@ class ActivationCache(dict):
         [neuron ... d_model] stack: it is linear, centring each W_out row and dividing by the scale.
         Every neuron of GPT-2 small is 36,864 components: at d_model each costs 3 KiB per position.
         """
-        _check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln, mlp_input=mlp_input)
+        check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln, mlp_input=mlp_input)
         layer = self._layer(layer, stacked="neurons before it", mlp_input=mlp_input)
         pos_slice, neuron_slice = _as_slice(pos_slice), _as_slice(neuron_slice)
         if neuron_slice.mode == "int":  # the neuron axis is the stack's: keep it
@@ -484,7 +487,7 @@ class ActivationCache(dict):
         too) and, when neurons are expanded, every b_out: what no head or neuron carries.
         project_output_onto and apply_ln are as in stack_neuron_results.
         """
-        _check_flags(mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, return_labels=return_labels)
+        check_flags(mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, return_labels=return_labels)
         layer = self._layer(layer, mlp_input=mlp_input)
         pos_slice = _as_slice(pos_slice)
         project, squeeze = self._projection(project_output_onto)
@@ -562,7 +565,7 @@ class ActivationCache(dict):
         ln_final itself (w and b included) on each component, with the component's own statistics;
         with another layer it is refused (TransformerLens ignores it there, and divides by the cached scale).
         """
-        _check_flags(mlp_input=mlp_input, has_batch_dim=has_batch_dim, recompute_ln=recompute_ln)
+        check_flags(mlp_input=mlp_input, has_batch_dim=has_batch_dim, recompute_ln=recompute_ln)
         layer = self._layer(layer, mlp_input=mlp_input)
         if recompute_ln and layer != self.n_layers:
             raise ValueError(

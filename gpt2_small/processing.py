@@ -31,7 +31,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import Transformer, at_least_float32, check_flag
+from solution import Transformer, at_least_float32, check_flags
 
 
 def _fold_ln_into(weights: dict[str, Tensor], ln: str, readers: list[tuple[str, str, str]]) -> None:
@@ -107,13 +107,12 @@ def process_weights(
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
-    for name, value in [
-        ("fold_ln", fold_ln),
-        ("center_writing_weights", center_writing_weights),
-        ("center_unembed", center_unembed),
-        ("fold_value_biases", fold_value_biases),
-    ]:
-        check_flag(name, value)
+    check_flags(
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
     W_E, W_U = model.embed.W_E, model.unembed.W_U
     if W_E.untyped_storage().data_ptr() == W_U.untyped_storage().data_ptr():
         # Rewritten in place, a tied W_U would be rewritten twice, once as W_E.

@@ -1107,6 +1107,19 @@ class Transformer(HookedRootModule):
     # lm_cross_entropy_loss itself, where TransformerLens keeps it: model.loss_fn(logits, tokens).
     loss_fn = staticmethod(lm_cross_entropy_loss)
 
+    def __getattr__(self, name: str):
+        # nn.Module's, which finds parameters and submodules, is reached only once ordinary lookup
+        # has failed; a TransformerLens user's model.to_tokens(...) then learns where it lives here.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in PACKAGE_FUNCTIONS:
+                raise AttributeError(
+                    f"Transformer has no {name}: the tokenizer and sampling are functions of the package "
+                    f"gpt2_small, not methods of the model; use {PACKAGE_FUNCTIONS[name]}"
+                ) from None
+            raise
+
     def run_with_cache(
         self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
     ) -> tuple[Tensor, "ActivationCache | dict[str, Tensor]"]:  # noqa: F821
@@ -1540,6 +1553,17 @@ OPTIONAL_HOOKS = {
     "hook_k_input": "set_use_split_qkv_input",
     "hook_v_input": "set_use_split_qkv_input",
     "hook_mlp_in": "set_use_hook_mlp_in",
+}
+
+
+# TransformerLens's model methods that are package functions here, with the call to use instead.
+PACKAGE_FUNCTIONS = {
+    "to_tokens": "gpt2_small.to_tokens(text) (prepend_bos=True for TransformerLens's leading <|endoftext|>)",
+    "to_str_tokens": "gpt2_small.to_str_tokens(tokens_or_text)",
+    "to_string": "gpt2_small.to_string(tokens), or gpt2_small.to_strings for a batch",
+    "to_single_token": "gpt2_small.to_single_token(text)",
+    "tokenizer": "gpt2_small.get_tokenizer() (tiktoken's encoding; gpt2_small.tokenizer.hf_tokenizer() for HF's)",
+    "generate": "gpt2_small.generate(model, tokens, max_new_tokens), or generate_text(model, get_tokenizer(), prompt)",
 }
 
 

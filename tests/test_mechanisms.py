@@ -3,6 +3,7 @@
 import collections
 import copy
 import math
+import operator
 import re
 import subprocess
 import sys
@@ -1137,6 +1138,23 @@ def test_text_or_a_list_in_place_of_tokens_gets_a_hint(without_shape_checks):
         model([[1, 2]])
     with pytest.raises(TypeError, match="of token ids, got int$"):
         model(3)
+
+
+@pytest.mark.parametrize("name", sorted(solution.PACKAGE_FUNCTIONS))
+def test_transformerlens_model_methods_that_are_package_functions_here_name_them(name):
+    model = tiny_model()
+    with pytest.raises(AttributeError, match=rf"^Transformer has no {name}: .* use gpt2_small\.") as error:
+        getattr(model, name)
+    assert not hasattr(model, name)
+    for function in re.findall(r"gpt2_small\.([\w.]+)\(", str(error.value)):  # each function it names exists
+        assert callable(operator.attrgetter(function)(gpt2_small)), function
+
+
+def test_other_missing_attributes_keep_torchs_error_and_submodules_are_found():
+    model = tiny_model()
+    with pytest.raises(AttributeError, match=r"^'Transformer' object has no attribute 'to_tokenz'$"):
+        _ = model.to_tokenz
+    assert model.embed is model._modules["embed"] and model.unembed.W_U is model._modules["unembed"].W_U
 
 
 def test_int32_tokens_are_accepted():

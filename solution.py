@@ -96,6 +96,13 @@ class TransformerConfig:
         if self.attn_impl not in _ATTN_IMPLS:
             raise ValueError(f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
 
+    def __getattr__(self, name: str):
+        # Reached only for a missing attribute. TransformerLens's config holds the model's device
+        # and dtype, and its users write model.cfg.device; here the parameters hold them.
+        if name in ("device", "dtype"):
+            raise AttributeError(f"TransformerConfig has no {name}: the model's parameters hold it; use model.{name}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _head_split_hint(self) -> str:
         """How to make n_heads * d_head == d_model: a d_head when n_heads divides d_model, else the
         head counts nearest n_heads that do (a d_head of d_model // n_heads would leave a remainder)."""

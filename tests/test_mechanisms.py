@@ -1208,6 +1208,18 @@ def test_config_refuses_a_bool_for_a_float_field(without_shape_checks):
     assert TransformerConfig(init_range=1).init_range == 1
 
 
+@pytest.mark.parametrize("name", ["device", "dtype"])
+def test_the_config_points_transformerlens_s_cfg_device_and_dtype_at_the_model(name):
+    model = tiny_model()
+    with pytest.raises(AttributeError, match=rf"^TransformerConfig has no {name}: .*; use model\.{name}$"):
+        getattr(model.cfg, name)
+    assert getattr(model, name) == (torch.device("cpu") if name == "device" else torch.float32)
+    assert not hasattr(model.cfg, name)
+    with pytest.raises(AttributeError, match=r"^'TransformerConfig' object has no attribute 'd_modle'$"):
+        _ = model.cfg.d_modle
+    assert copy.deepcopy(model.cfg) == model.cfg  # copy's lookups of __deepcopy__ and the like still fail plainly
+
+
 def test_transformer_rejects_a_non_config():
     with pytest.raises(TypeError, match="TransformerConfig"):
         Transformer({"d_model": 768})

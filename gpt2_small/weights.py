@@ -17,6 +17,7 @@ tie_word_embeddings=false).
 write it, for Hugging Face's transformers, TransformerLens's TransformerBridge, or the Hub.
 """
 
+import difflib
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 # Short names a user types, and the hub repositories they stand for.
 HUB_ALIASES = {
     "gpt2": "openai-community/gpt2",
+    "gpt2-small": "openai-community/gpt2",  # TransformerLens's name for it
     "gpt2-medium": "openai-community/gpt2-medium",
     "gpt2-large": "openai-community/gpt2-large",
     "gpt2-xl": "openai-community/gpt2-xl",
@@ -208,9 +210,12 @@ def _download_from_hub(repo_id: str) -> Path:
                 return Path(snapshot_download(repo_id, allow_patterns=["config.json", index, *shards]))
         return directory
     except _hub_errors() as e:
+        # A near miss of a short name ("gpt2-mediumm", "gpt-2") is no repository the hub has either.
+        close = difflib.get_close_matches(repo_id.lower(), HUB_ALIASES, n=1, cutoff=0.8)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise OSError(
             f"{repo_id!r} is not a local directory, and the Hugging Face Hub "
-            f"did not provide it ({type(e).__name__}: {e}). Offline? Pass a directory saved with "
+            f"did not provide it ({type(e).__name__}: {e}).{hint} Offline? Pass a directory saved with "
             f"GPT2LMHeadModel.save_pretrained, or a checkpoint written by Transformer.save."
         ) from e
 

@@ -477,6 +477,29 @@ def test_hub_id_offline_gives_one_clear_error(offline_hub):
         Transformer.from_pretrained("gpt2")
 
 
+def test_gpt2_small_is_transformerlens_s_name_for_gpt2(offline_hub):
+    with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory"):
+        Transformer.from_pretrained("gpt2-small")
+
+
+@pytest.mark.parametrize(
+    "name, meant",
+    [
+        ("gpt2-mediumm", "gpt2-medium"),
+        ("gpt-2", "gpt2"),
+        ("GPT2", "gpt2"),
+        ("gpt2_medium", "gpt2-medium"),
+        ("x/y", None),
+    ],
+)
+def test_a_hub_id_the_hub_lacks_that_is_near_a_short_name_suggests_it(offline_hub, name, meant):
+    with pytest.raises(OSError, match=rf"^'{name}' is not a local directory") as error:
+        Transformer.from_pretrained(name)
+    assert ("Did you mean" in str(error.value)) == (meant is not None)
+    if meant:
+        assert f"). Did you mean '{meant}'? Offline?" in str(error.value)
+
+
 def test_what_the_hub_raises_online_is_the_same_clear_error(monkeypatch):
     """httpx's transport errors (a dropped connection, a timeout) are no OSError; the hub's own are."""
     import httpx

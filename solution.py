@@ -1438,13 +1438,16 @@ class Transformer(HookedRootModule):
         name_or_path: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        **transformerlens_options: object,
     ) -> "Transformer":
-        """GPT-2 weights in Hugging Face's format, from a local directory or a hub id.
+        """GPT-2 weights in Hugging Face's format, from a local directory or a hub id, as they are.
 
-        See gpt2_small.weights.load_hf_gpt2 for the accepted layouts and errors.
+        See gpt2_small.weights.load_hf_gpt2 for the accepted layouts and errors. TransformerLens's
+        processing options (fold_ln, ...) are refused, naming gpt2_small.process_weights.
         """
-        from gpt2_small.weights import load_hf_gpt2
+        from gpt2_small.weights import load_hf_gpt2, refuse_transformerlens_options
 
+        refuse_transformerlens_options("Transformer.from_pretrained", transformerlens_options)
         return load_hf_gpt2(name_or_path, device=device, dtype=dtype, model_class=cls)
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -284,6 +284,24 @@ def _read_shards(index_file: Path, read: Callable[[Path], dict[str, Tensor]]) ->
     return state
 
 
+# TransformerLens's from_pretrained options that rewrite the weights; process_weights does that here.
+_PROCESSING_OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+def refuse_transformerlens_options(caller: str, options: dict[str, object]) -> None:
+    """A TypeError for keyword arguments `caller` does not take, as Python's own, except that one of
+    TransformerLens's processing options (fold_ln=...) is told where its processing lives here."""
+    for name in options:
+        if name in _PROCESSING_OPTIONS:
+            raise TypeError(
+                f"{caller} takes no {name}: it loads the weights as they are (TransformerLens's "
+                f"from_pretrained_no_processing). TransformerLens's processing is a call of its own here, after "
+                f"loading: gpt2_small.process_weights(model, {', '.join(f'{o}=...' for o in _PROCESSING_OPTIONS)}), "
+                f"whose defaults are TransformerLens's"
+            )
+        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+
+
 def load_hf_gpt2(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -306,15 +324,20 @@ def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    **transformerlens_options: object,
 ) -> Transformer:
     """Any model this project reads, by what `name_or_path` holds:
 
     - a directory written by `Transformer.save` (gpt2_small_config.json + model.safetensors);
     - a training run's output directory (demos/train_demo.py --out-dir): its newest checkpoint;
     - a Hugging Face GPT-2 directory (config.json + weights), or a hub id such as "gpt2".
+
+    The weights are loaded as they are; TransformerLens's fold_ln and the like are refused, naming
+    process_weights, which applies them.
     """
     from gpt2_small.training import latest_checkpoint  # deferred: importing training here would be circular
 
+    refuse_transformerlens_options("load_model", transformerlens_options)
     path = user_path(name_or_path, "name_or_path")
     if (path / CHECKPOINT_CONFIG).is_file():
         return Transformer.load(path, device=device, dtype=dtype).eval()

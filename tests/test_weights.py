@@ -1,6 +1,7 @@
 """Loading Hugging Face GPT-2 checkpoints, and our own save/load round trip."""
 
 import copy
+import inspect
 import json
 import re
 import shutil
@@ -15,7 +16,15 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2_small
-from gpt2_small import Transformer, TransformerConfig, WeightLoadError, config_from_hf, convert_hf_state_dict
+from gpt2_small import (
+    Transformer,
+    TransformerConfig,
+    WeightLoadError,
+    config_from_hf,
+    convert_hf_state_dict,
+    load_model,
+    process_weights,
+)
 
 # Small enough that the tests of checkpoint files, loading and export take milliseconds.
 NANO = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=8)
@@ -475,6 +484,18 @@ def test_a_path_that_is_no_str_or_path_is_named(without_shape_checks):
 def test_hub_id_offline_gives_one_clear_error(offline_hub):
     with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
         Transformer.from_pretrained("gpt2")
+
+
+@pytest.mark.parametrize("option", ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"])
+def test_transformerlens_s_processing_options_are_refused_naming_process_weights(tiny_checkpoint, option):
+    directory, _ = tiny_checkpoint
+    for caller, load in (("Transformer.from_pretrained", Transformer.from_pretrained), ("load_model", load_model)):
+        with pytest.raises(TypeError, match=rf"^{caller} takes no {option}: .*gpt2_small\.process_weights\(model, "):
+            load(directory, **{option: True})
+        with pytest.raises(TypeError, match=rf"^{caller}\(\) got an unexpected keyword argument 'devise'$"):
+            load(directory, devise="cpu")
+    # every option named is one of process_weights' own
+    assert option in inspect.signature(process_weights).parameters
 
 
 def test_gpt2_small_is_transformerlens_s_name_for_gpt2(offline_hub):

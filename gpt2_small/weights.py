@@ -299,6 +299,8 @@ def refuse_transformerlens_options(caller: str, options: dict[str, object]) -> N
                 f"loading: gpt2_small.process_weights(model, {', '.join(f'{o}=...' for o in _PROCESSING_OPTIONS)}), "
                 f"whose defaults are TransformerLens's"
             )
+        if name == "torch_dtype":  # Hugging Face's name for it before transformers 5
+            raise TypeError(f"{caller} takes no torch_dtype; pass dtype=, a torch.dtype")
         raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
 
 

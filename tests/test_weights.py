@@ -492,10 +492,17 @@ def test_transformerlens_s_processing_options_are_refused_naming_process_weights
     for caller, load in (("Transformer.from_pretrained", Transformer.from_pretrained), ("load_model", load_model)):
         with pytest.raises(TypeError, match=rf"^{caller} takes no {option}: .*gpt2_small\.process_weights\(model, "):
             load(directory, **{option: True})
-        with pytest.raises(TypeError, match=rf"^{caller}\(\) got an unexpected keyword argument 'devise'$"):
-            load(directory, devise="cpu")
     # every option named is one of process_weights' own
     assert option in inspect.signature(process_weights).parameters
+
+
+def test_hugging_face_s_torch_dtype_is_refused_naming_dtype_and_other_keywords_as_python_does(tiny_checkpoint):
+    directory, _ = tiny_checkpoint
+    for caller, load in (("Transformer.from_pretrained", Transformer.from_pretrained), ("load_model", load_model)):
+        with pytest.raises(TypeError, match=rf"^{caller} takes no torch_dtype; pass dtype=, a torch.dtype$"):
+            load(directory, torch_dtype=torch.float16)
+        with pytest.raises(TypeError, match=rf"^{caller}\(\) got an unexpected keyword argument 'devise'$"):
+            load(directory, devise="cpu")
 
 
 def test_gpt2_small_is_transformerlens_s_name_for_gpt2(offline_hub):

@@ -1445,9 +1445,9 @@ class Transformer(HookedRootModule):
         See gpt2_small.weights.load_hf_gpt2 for the accepted layouts and errors. TransformerLens's
         processing options (fold_ln, ...) are refused, naming gpt2_small.process_weights.
         """
-        from gpt2_small.weights import load_hf_gpt2, refuse_transformerlens_options
+        from gpt2_small.weights import OTHER_LOADING_OPTIONS, load_hf_gpt2
 
-        refuse_transformerlens_options("Transformer.from_pretrained", transformerlens_options)
+        refuse_keywords("Transformer.from_pretrained", transformerlens_options, OTHER_LOADING_OPTIONS)
         return load_hf_gpt2(name_or_path, device=device, dtype=dtype, model_class=cls)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -1624,6 +1624,16 @@ def check_flags(**flags: object) -> None:
     """check_flag of each keyword: a TypeError naming the first that is not a bool."""
     for name, value in flags.items():
         check_flag(name, value)
+
+
+def refuse_keywords(caller: str, given: dict[str, object], instead: dict[str, str]) -> None:
+    """A TypeError for the first keyword argument in `given`, which `caller` does not take: Python's
+    own message, or, for a name another library takes (TransformerLens's, Hugging Face's), what to
+    write here, instead[name]."""
+    for name in given:
+        if name in instead:
+            raise TypeError(f"{caller} takes no {name}: {instead[name]}")
+        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
 
 
 def check_count(name: str, value: object, minimum: int) -> int:

@@ -80,9 +80,19 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
-from solution import KVCache, Transformer, check_count, check_device, check_flag
+from solution import KVCache, Transformer, check_count, check_device, check_flag, refuse_keywords
 
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
+
+# TransformerLens's and Hugging Face's generate options, and what to write here instead.
+OTHER_SAMPLING_OPTIONS = {
+    "do_sample": "sampling is the default; temperature=0 is greedy (do_sample=False elsewhere)",
+    "use_past_kv_cache": "pass use_kv_cache= (TransformerLens's name for it)",
+    "max_length": "pass max_new_tokens=, which counts the new tokens only, not the prompt's",
+    "num_beams": "beam search is a function of its own: beam_search(model, tokens, num_beams, max_new_tokens)",
+    "repetition_penalty": "Hugging Face's divides the logits of repeated tokens; here freq_penalty= and "
+    "presence_penalty= subtract from them (see the module docstring)",
+}
 
 
 # --- settings and one step ---------------------------------------------------------------------
@@ -505,12 +515,14 @@ def stream(
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    **other_options: object,
 ) -> Iterator[Int[Tensor, " batch"]]:
     """Yield each step's new tokens, one per row, as they are chosen. See `generate` for the arguments.
 
     With stop_at_eos, a row that produced eos_token_id yields it from then on, and the stream
     ends once every row has.
     """
+    refuse_keywords("stream", other_options, OTHER_SAMPLING_OPTIONS)
     _check_request(model, tokens, attention_mask, max_new_tokens)
     _check_top_k(top_k, model.cfg.d_vocab)  # before the settings' own check, which cannot name d_vocab
     settings = SamplingSettings(temperature, top_k, top_p, freq_penalty, presence_penalty)
@@ -571,6 +583,7 @@ def generate(
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    **other_options: object,
 ) -> Int[Tensor, "batch total_pos"]:
     """The prompt followed by up to max_new_tokens sampled tokens per row.
 
@@ -580,7 +593,10 @@ def generate(
     reproducible (a generator of its own; the global RNG is left alone); None uses the global
     RNG. attention_mask marks left padding (see pad_prompts). cuda_graph and compile: see the
     module docstring (cuda_graph None: on for a CUDA model without hooks; compile: off).
+    TransformerLens's and Hugging Face's options (do_sample, max_length, ...) are refused, naming
+    what to write here.
     """
+    refuse_keywords("generate", other_options, OTHER_SAMPLING_OPTIONS)
     # stream checks every argument at its first step, so tokens is known to be a Tensor by the time it is moved
     new_tokens = [
         einops.rearrange(next_tokens, "batch -> batch 1")

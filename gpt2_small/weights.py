@@ -42,6 +42,7 @@ from solution import (
     _training_run_hint,
     check_flag,
     directory_to_write,
+    refuse_keywords,
     spelled_as_path,
     user_path,
 )
@@ -284,24 +285,19 @@ def _read_shards(index_file: Path, read: Callable[[Path], dict[str, Tensor]]) ->
     return state
 
 
-# TransformerLens's from_pretrained options that rewrite the weights; process_weights does that here.
-_PROCESSING_OPTIONS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-
-
-def refuse_transformerlens_options(caller: str, options: dict[str, object]) -> None:
-    """A TypeError for keyword arguments `caller` does not take, as Python's own, except that one of
-    TransformerLens's processing options (fold_ln=...) is told where its processing lives here."""
-    for name in options:
-        if name in _PROCESSING_OPTIONS:
-            raise TypeError(
-                f"{caller} takes no {name}: it loads the weights as they are (TransformerLens's "
-                f"from_pretrained_no_processing). TransformerLens's processing is a call of its own here, after "
-                f"loading: gpt2_small.process_weights(model, {', '.join(f'{o}=...' for o in _PROCESSING_OPTIONS)}), "
-                f"whose defaults are TransformerLens's"
-            )
-        if name == "torch_dtype":  # Hugging Face's name for it before transformers 5
-            raise TypeError(f"{caller} takes no torch_dtype; pass dtype=, a torch.dtype")
-        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+# Other libraries' loading options, and what to do here instead. TransformerLens's processing
+# options rewrite the weights, which process_weights does here, after loading.
+_PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+OTHER_LOADING_OPTIONS = {
+    **{
+        option: "it loads the weights as they are (TransformerLens's from_pretrained_no_processing). "
+        "TransformerLens's processing is a call of its own here, after loading: gpt2_small.process_weights(model, "
+        + ", ".join(f"{o}=..." for o in _PROCESSING)
+        + "), whose defaults are TransformerLens's"
+        for option in _PROCESSING
+    },
+    "torch_dtype": "pass dtype=, a torch.dtype",  # Hugging Face's name for it before transformers 5
+}
 
 
 def load_hf_gpt2(
@@ -339,7 +335,7 @@ def load_model(
     """
     from gpt2_small.training import latest_checkpoint  # deferred: importing training here would be circular
 
-    refuse_transformerlens_options("load_model", transformerlens_options)
+    refuse_keywords("load_model", transformerlens_options, OTHER_LOADING_OPTIONS)
     path = user_path(name_or_path, "name_or_path")
     if (path / CHECKPOINT_CONFIG).is_file():
         return Transformer.load(path, device=device, dtype=dtype).eval()

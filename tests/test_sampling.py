@@ -4,6 +4,7 @@ full recomputation, the statistics of each sampling rule, and the errors."""
 import copy
 import dataclasses
 import gc
+import inspect
 import math
 import re
 import weakref
@@ -32,7 +33,13 @@ from gpt2_small import (
     stream_text,
     to_tokens,
 )
-from gpt2_small.sampling import banned_ngram_tokens, mask_padding_ids, process_logits, sample_next_token
+from gpt2_small.sampling import (
+    OTHER_SAMPLING_OPTIONS,
+    banned_ngram_tokens,
+    mask_padding_ids,
+    process_logits,
+    sample_next_token,
+)
 from gpt2_small.tokenizer import hf_tokenizer
 
 REL_TOL = 1e-5
@@ -1199,6 +1206,29 @@ def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shap
     with pytest.raises(TypeError, match=r"^prompt must be a str, got bytes$"):
         next(stream_text(model, get_tokenizer(), b"a", 3))
     assert generate(model, tokens, 3, temperature=0).shape == (1, 5)  # the same calls, well typed
+
+
+@pytest.mark.parametrize("option", sorted(OTHER_SAMPLING_OPTIONS))
+def test_other_libraries_generate_options_are_refused_naming_what_to_write_here(sampling_pair, option):
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    message = re.escape(OTHER_SAMPLING_OPTIONS[option])
+    with pytest.raises(TypeError, match=rf"^generate takes no {option}: {message}$"):
+        generate(model, tokens, 3, **{option: 2})
+    with pytest.raises(TypeError, match=rf"^generate takes no {option}: "):
+        generate_text(model, get_tokenizer(), "a", 3, **{option: 2})
+    with pytest.raises(TypeError, match=rf"^stream takes no {option}: {message}$"):
+        next(stream(model, tokens, 3, **{option: 2}))
+    # each hint names keywords generate takes, or beam_search
+    for name in re.findall(r"(\w+)=", OTHER_SAMPLING_OPTIONS[option].replace(f"{option}=", "")):
+        assert name in inspect.signature(generate).parameters, name
+
+
+def test_unknown_generate_keywords_get_pythons_message(sampling_pair):
+    model, tokens = sampling_pair.model, torch.tensor([[1, 2]])
+    with pytest.raises(TypeError, match=r"^generate\(\) got an unexpected keyword argument 'temprature'$"):
+        generate(model, tokens, 3, temprature=0)
+    with pytest.raises(TypeError, match=r"^stream\(\) got an unexpected keyword argument 'temprature'$"):
+        next(stream(model, tokens, 3, temprature=0))
 
 
 def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():

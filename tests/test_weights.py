@@ -499,7 +499,7 @@ def test_transformerlens_s_processing_options_are_refused_naming_process_weights
 def test_hugging_face_s_torch_dtype_is_refused_naming_dtype_and_other_keywords_as_python_does(tiny_checkpoint):
     directory, _ = tiny_checkpoint
     for caller, load in (("Transformer.from_pretrained", Transformer.from_pretrained), ("load_model", load_model)):
-        with pytest.raises(TypeError, match=rf"^{caller} takes no torch_dtype; pass dtype=, a torch.dtype$"):
+        with pytest.raises(TypeError, match=rf"^{caller} takes no torch_dtype: pass dtype=, a torch.dtype$"):
             load(directory, torch_dtype=torch.float16)
         with pytest.raises(TypeError, match=rf"^{caller}\(\) got an unexpected keyword argument 'devise'$"):
             load(directory, devise="cpu")

@@ -287,15 +287,13 @@ def _read_shards(index_file: Path, read: Callable[[Path], dict[str, Tensor]]) ->
 
 # Other libraries' loading options, and what to do here instead. TransformerLens's processing
 # options rewrite the weights, which process_weights does here, after loading.
-_PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+_PROCESSING_HINT = (
+    "it loads the weights as they are (TransformerLens's from_pretrained_no_processing). TransformerLens's "
+    "processing is a call of its own here, after loading: gpt2_small.process_weights(model, fold_ln=..., "
+    "center_writing_weights=..., center_unembed=..., fold_value_biases=...), whose defaults are TransformerLens's"
+)
 OTHER_LOADING_OPTIONS = {
-    **{
-        option: "it loads the weights as they are (TransformerLens's from_pretrained_no_processing). "
-        "TransformerLens's processing is a call of its own here, after loading: gpt2_small.process_weights(model, "
-        + ", ".join(f"{o}=..." for o in _PROCESSING)
-        + "), whose defaults are TransformerLens's"
-        for option in _PROCESSING
-    },
+    **dict.fromkeys(("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"), _PROCESSING_HINT),
     "torch_dtype": "pass dtype=, a torch.dtype",  # Hugging Face's name for it before transformers 5
 }
 

@@ -1438,7 +1438,7 @@ class Transformer(HookedRootModule):
         name_or_path: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        **transformerlens_options: object,
+        **other_options: object,
     ) -> "Transformer":
         """GPT-2 weights in Hugging Face's format, from a local directory or a hub id, as they are.
 
@@ -1447,7 +1447,7 @@ class Transformer(HookedRootModule):
         """
         from gpt2_small.weights import OTHER_LOADING_OPTIONS, load_hf_gpt2
 
-        refuse_keywords("Transformer.from_pretrained", transformerlens_options, OTHER_LOADING_OPTIONS)
+        refuse_keywords("Transformer.from_pretrained", other_options, OTHER_LOADING_OPTIONS)
         return load_hf_gpt2(name_or_path, device=device, dtype=dtype, model_class=cls)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -1630,10 +1630,12 @@ def refuse_keywords(caller: str, given: dict[str, object], instead: dict[str, st
     """A TypeError for the first keyword argument in `given`, which `caller` does not take: Python's
     own message, or, for a name another library takes (TransformerLens's, Hugging Face's), what to
     write here, instead[name]."""
-    for name in given:
-        if name in instead:
-            raise TypeError(f"{caller} takes no {name}: {instead[name]}")
-        raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+    if not given:
+        return
+    name = next(iter(given))
+    if name in instead:
+        raise TypeError(f"{caller} takes no {name}: {instead[name]}")
+    raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
 
 
 def check_count(name: str, value: object, minimum: int) -> int:

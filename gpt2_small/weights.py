@@ -320,7 +320,7 @@ def load_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    **transformerlens_options: object,
+    **other_options: object,
 ) -> Transformer:
     """Any model this project reads, by what `name_or_path` holds:
 
@@ -333,7 +333,7 @@ def load_model(
     """
     from gpt2_small.training import latest_checkpoint  # deferred: importing training here would be circular
 
-    refuse_keywords("load_model", transformerlens_options, OTHER_LOADING_OPTIONS)
+    refuse_keywords("load_model", other_options, OTHER_LOADING_OPTIONS)
     path = user_path(name_or_path, "name_or_path")
     if (path / CHECKPOINT_CONFIG).is_file():
         return Transformer.load(path, device=device, dtype=dtype).eval()

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import Slice
 
 from gpt2_small.bridge_names import bridge_name_hint
-from gpt2_small.sampling import check_seed
-from gpt2_small.tokenizer import EOT_ID, to_single_token, to_str_tokens, to_string, to_tokens
+from gpt2_small.sampling import check_seed, mask_padding_ids
+from gpt2_small.tokenizer import EOT_ID, GPT2_VOCAB, to_single_token, to_str_tokens, to_string, to_tokens
 from solution import (
     OPTIONAL_HOOKS,
     Transformer,
@@ -811,14 +811,24 @@ def test_prompt(
     alternatives for the next token. A space is put before an answer that has none, unless
     prepend_space_to_answer=False. prepend_bos puts <|endoftext|> before the prompt (TransformerLens's
     default for GPT-2).
+
+    A padded vocabulary's unused ids (50257 and up, see gpt2_small.training.PADDED_VOCAB) have no
+    text and are left out, as sampling leaves them out: ranks, probabilities and the top_k are
+    those of GPT-2's 50257 tokens.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     answers = [answer] if isinstance(answer, str) else list(answer) if isinstance(answer, Sequence) else None
     if not answers or not all(isinstance(a, str) and a for a in answers):
         raise ValueError(f"answer must be a non-empty str or a non-empty list of them, got {answer!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= model.cfg.d_vocab:
-        raise ValueError(f"top_k must be an int in [0, d_vocab={model.cfg.d_vocab}], got {top_k!r}")
+    d_vocab = model.cfg.d_vocab
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= min(d_vocab, GPT2_VOCAB):
+        allowed = (
+            f"[0, d_vocab={d_vocab}]"
+            if d_vocab <= GPT2_VOCAB
+            else f"[0, {GPT2_VOCAB}]: ids from {GPT2_VOCAB} up of d_vocab={d_vocab} are padding, with no text"
+        )
+        raise ValueError(f"top_k must be an int in {allowed}, got {top_k!r}")
     if check_flag("prepend_space_to_answer", prepend_space_to_answer):  # "no" would be truthy
         answers = [a if a.startswith(" ") else " " + a for a in answers]
     prompt_tokens = to_tokens(prompt, prepend_bos=prepend_bos, device=model.device)
@@ -833,7 +843,7 @@ def test_prompt(
     n_prompt = prompt_tokens.shape[1]
     scores, top = [], []
     for index in range(n_prompt, tokens.shape[1]):
-        next_logits = logits[:, index - 1]  # the model predicts the next token
+        next_logits = mask_padding_ids(logits[:, index - 1])  # the model predicts the next token
         probs = next_logits.softmax(dim=-1)
         position = []
         for row, target in enumerate(tokens[:, index].tolist()):

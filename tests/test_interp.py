@@ -17,7 +17,7 @@ from transformer_lens import patching as tl_patching
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 
-from gpt2_small import Transformer, TransformerConfig, interp, process_weights, to_tokens
+from gpt2_small import Transformer, TransformerConfig, interp, process_weights, to_single_token, to_string, to_tokens
 from gpt2_small.interp import (
     ActivationCache,
     activation_patching,
@@ -850,6 +850,33 @@ def test_test_prompt_scores_each_answer_token_from_the_logits_before_it(without_
     ]:
         with pytest.raises(error, match=message):
             test_prompt(model, **{"prompt": "Once upon", "answer": "a time", **kwargs})
+
+
+def test_test_prompt_leaves_out_a_padded_vocabularys_unused_ids(without_shape_checks):
+    """The trainer pads d_vocab to 50304; ids 50257 and up have no text. Here one of them has the
+    largest logit: test_prompt ranks, normalises and lists GPT-2's 50257 tokens, as sampling draws
+    from them, where it raised naming the padding id it could not decode."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=4, d_head=8, d_mlp=64, d_vocab=50304, n_ctx=16)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.unembed.b_U[50300] = 50.0
+    report = test_prompt(model, "Once upon", "a time", top_k=3)
+    with torch.no_grad():
+        logits = model(to_tokens("<|endoftext|>Once upon a time"))[0, 2:4]
+    assert logits.argmax(-1).tolist() == [50300, 50300]
+    real = logits[:, :50257]  # what the report must be of
+    for position, (answers, top) in enumerate(zip(report.answers, report.top, strict=True)):
+        (score,) = answers
+        target = to_single_token(score.token)
+        assert score.rank == int((real[position] > real[position, target]).sum())
+        assert score.prob == pytest.approx(float(real[position].softmax(-1)[target]), rel=1e-5)
+        expected = real[position].topk(3)
+        assert [t.token for t in top] == [to_string([i]) for i in expected.indices.tolist()]
+        assert [t.logit for t in top] == pytest.approx(expected.values.tolist(), abs=1e-6)
+    assert len(test_prompt(model, "Once upon", "a time", top_k=50257).top[0]) == 50257
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[0, 50257\]: .* d_vocab=50304 .*, got 50258"):
+        test_prompt(model, "Once upon", "a time", top_k=50258)
 
 
 # --- logit lens and direct logit attribution -----------------------------------------------

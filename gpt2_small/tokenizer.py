@@ -161,11 +161,20 @@ def to_strings(tokens: Int[Tensor, "batch pos"]) -> list[str]:
     return get_tokenizer().decode_batch(_decodable(tokens, "to_strings", ndim=2))
 
 
-def to_str_tokens(tokens: Tensor | Sequence[int] | str) -> list[str]:
-    """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"]."""
-    if isinstance(tokens, str):
-        tokens = to_tokens(tokens)[0]
+def to_str_tokens(tokens: Tensor | Sequence[int] | str, *, prepend_bos: bool = False) -> list[str]:
+    """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"].
+
+    Text is encoded as to_tokens encodes it, `prepend_bos` included, so the labels line up with
+    the tokens of the run they label; empty text has no tokens and gets no labels. Token ids are
+    decoded as they are, and prepend_bos=True with them is refused rather than ignored.
+    """
+    check_flag("prepend_bos", prepend_bos)
     enc = get_tokenizer()
+    if isinstance(tokens, str):
+        # Not through to_tokens, which refuses empty text: it has no [1, 0] tensor to give.
+        tokens = ([EOT_ID] if prepend_bos else []) + enc.encode(tokens, allowed_special={EOT_TOKEN})
+    elif prepend_bos:
+        raise ValueError("prepend_bos=True applies to text; to_str_tokens decodes token ids as they are")
     return [
         enc.decode_single_token_bytes(t).decode("utf-8", errors="replace") for t in _decodable(tokens, "to_str_tokens")
     ]

@@ -154,11 +154,27 @@ def test_a_device_that_is_not_here_is_named(device):
         pad_prompts([[1, 2]], device=device)
 
 
+@pytest.mark.parametrize("prepend_bos", [False, True])
 @pytest.mark.parametrize("text", ["Hello world", " café", "\u2019", "\u65e5\u672c", "\U0001f642"])
-def test_str_tokens_equal_the_bridges_where_tokens_split_a_character(ref, text):
+def test_str_tokens_equal_the_bridges_where_tokens_split_a_character(ref, text, prepend_bos):
     """A token holding part of a character's UTF-8 bytes shows as U+FFFD, as in TransformerLens,
-    not as an empty string: every token keeps a visible label."""
-    assert to_str_tokens(text) == ref.bridge.to_str_tokens(text, prepend_bos=False)
+    not as an empty string: every token keeps a visible label. With prepend_bos, the labels are
+    those of to_tokens(text, prepend_bos=True), as TransformerLens's are of its to_tokens."""
+    labels = to_str_tokens(text, prepend_bos=prepend_bos)
+    assert labels == ref.bridge.to_str_tokens(text, prepend_bos=prepend_bos)
+    assert labels == to_str_tokens(to_tokens(text, prepend_bos=prepend_bos))
+
+
+def test_str_tokens_of_empty_text_are_none_and_prepend_bos_is_for_text_alone(without_shape_checks):
+    """Before: to_str_tokens("") raised to_tokens's "pass non-empty text or prepend_bos=True",
+    an argument to_str_tokens did not take; and TransformerLens's to_str_tokens(text,
+    prepend_bos=True) got Python's bare 'unexpected keyword argument'."""
+    assert to_str_tokens("") == to_str_tokens([]) == []
+    assert to_str_tokens("", prepend_bos=True) == ["<|endoftext|>"]
+    with pytest.raises(ValueError, match=r"^prepend_bos=True applies to text; to_str_tokens decodes token ids as"):
+        to_str_tokens([15496, 995], prepend_bos=True)
+    with pytest.raises(TypeError, match="prepend_bos"):
+        to_str_tokens("Hello", prepend_bos="yes")
 
 
 @pytest.mark.parametrize("text", [" Mary", " John", "Hello", " the", "<|endoftext|>", "\n"])

@@ -42,6 +42,7 @@ from gpt2_small.tokenizer import EOT_ID, GPT2_VOCAB, to_single_token, to_str_tok
 from solution import (
     OPTIONAL_HOOKS,
     Transformer,
+    _optional_hook_setter,
     at_least_float32,
     check_count,
     check_device,
@@ -185,7 +186,13 @@ class ActivationCache(dict):
             except ValueError as e:
                 raise KeyError(f"{key!r} is not in this cache: {e}") from None
         if not dict.__contains__(self, key):
-            raise KeyError(f"{key!r} is not in this cache (it holds {len(self)} activations; see cache.keys())")
+            hint = f"it holds {len(self)} activations; see cache.keys()"
+            if (setter := _optional_hook_setter(key, self.n_layers)) is not None:
+                # Off by default, so a cache holds these only from a run with the setter on.
+                hint = f"it is one of TransformerLens's optional hooks: run with model.{setter}(True) to cache it"
+                if key.endswith(".attn.hook_result"):
+                    hint += ", or call cache.compute_head_results()"
+            raise KeyError(f"{key!r} is not in this cache ({hint})")
         return dict.__getitem__(self, key)
 
     def to(self, device: str | torch.device) -> "ActivationCache":

@@ -88,6 +88,19 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["pattern"]
     with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
         cache["blocks.9.hook_resid_pre"]
+    # An optional hook, off in the run (TransformerLens's default): the KeyError says how to get it.
+    with pytest.raises(
+        KeyError,
+        match=r"'blocks.1.attn.hook_result' is not in this cache \(it is one of TransformerLens's optional hooks: "
+        r"run with model.set_use_attn_result\(True\) to cache it, or call cache.compute_head_results\(\)\)",
+    ):
+        cache["result", 1]
+    with pytest.raises(KeyError, match=r"optional hooks: run with model.set_use_split_qkv_input\(True\) to cache it\)"):
+        cache["blocks.0.hook_q_input"]
+    with pytest.raises(KeyError, match=r"model.set_use_hook_mlp_in\(True\) to cache it\)"):
+        cache["mlp_in", 2]
+    with pytest.raises(KeyError, match=r"'blocks.9.hook_mlp_in' is not in this cache \(it holds \d+ activations"):
+        cache["blocks.9.hook_mlp_in"]  # a block this model lacks: no setter adds it
     with pytest.raises(
         KeyError, match="'blocks.1.hook_out' is the TransformerLens bridge's name for 'blocks.1.hook_resid_post'"
     ):

@@ -36,6 +36,7 @@ from gpt2_small import (  # noqa: E402
 )
 from gpt2_small.sampling import check_seed  # noqa: E402
 from gpt2_small.training import latest_checkpoint, pick_device  # noqa: E402
+from solution import check_count  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +104,25 @@ def main(argv=None) -> int:
         return 130
 
 
+def check_settings(args: argparse.Namespace, sampled: dict) -> SamplingSettings:
+    """Refuse, with a ValueError, the settings that are wrong whatever the model: before it loads
+    (gpt2 from the hub is a 500 MB download), not after."""
+    settings = SamplingSettings(**sampled)  # top_k's upper bound waits for the model's d_vocab
+    check_seed(args.seed)
+    if args.seed == 2**64 - 1:  # the last section's second sample takes seed + 1
+        raise ValueError(f"seed {args.seed} leaves no seed + 1 for the second sample; pass a smaller one")
+    check_count("max_new_tokens", args.max_new_tokens, 0)
+    if args.max_new_tokens == 0:  # generate returns the bare prompt; beam search (section 4) refuses 0
+        raise ValueError("max_new_tokens=0 leaves nothing to show; ask for at least 1")
+    if args.prompt == "":  # any other text is at least one token
+        raise ValueError("the prompt is empty; use '<|endoftext|>' for an unconditional sample")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
+    sampled = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     try:
+        settings = check_settings(args, sampled)
         device = pick_device(args.device)
     except ValueError as e:
         print(f"generate_demo: {e}", file=sys.stderr)
@@ -116,18 +134,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     tok = get_tokenizer()
     prompt, n = args.prompt, args.max_new_tokens
-    sampled = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(f"model: {origin}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}, "
           f"{model.num_params():,} parameters, on {device}")  # fmt: skip
     try:
-        # Bad settings are refused before any output, not halfway through: the sampling rules here,
-        # the prompt and its length by the first generation, the greedy one that two sections show.
-        SamplingSettings(**sampled).check(model.cfg.d_vocab)
-        check_seed(args.seed)
-        if args.seed == 2**64 - 1:  # the last section's second sample takes seed + 1
-            raise ValueError(f"seed {args.seed} leaves no seed + 1 for the second sample; pass a smaller one")
-        if n == 0:  # generate returns the bare prompt for 0; beam search, the fourth section, refuses it
-            raise ValueError("max_new_tokens=0 leaves nothing to show; ask for at least 1")
+        # What depends on the model is refused before any sample, not halfway through: top_k here,
+        # the prompt's length by the first generation, the greedy one that two sections show.
+        settings.check(model.cfg.d_vocab)
         greedy = generate_text(model, tok, prompt, n, temperature=0)
         run_sections(model, tok, prompt, n, sampled, args.seed, greedy)
     except ValueError as e:  # bad settings: say which, without a traceback

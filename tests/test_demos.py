@@ -151,20 +151,29 @@ def test_generate_demo_labels_say_what_made_each_sample(train_run, capsys):
     assert streamed[2] == sample(temperature=0.7, top_k=7, seed=seed)
 
 
+# Settings wrong whatever the model, and what generate_demo says of each.
+BAD_SETTINGS = [
+    (["--top-p", "1.5"], "top_p must be in (0, 1] or None, got 1.5"),
+    (["--top-k", "0"], "top_k must be an int >= 1 or None, got 0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0 (0 = greedy), got -1.0"),
+    (["--prompt", ""], "the prompt is empty; use '<|endoftext|>' for an unconditional sample"),
+    (["--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
+    # Before: three sections of bare prompts, then beam search's refusal.
+    (["--max-new-tokens", "0"], "max_new_tokens=0 leaves nothing to show; ask for at least 1"),
+    # Before: torch's "Overflow when unpacking long long", after the first section's header.
+    (["--seed", str(2**64)], f"seed {2**64} is outside the range torch's generators take, [-2**63, 2**64)"),
+    (["--seed", str(2**64 - 1)], f"seed {2**64 - 1} leaves no seed + 1 for the second sample; pass a smaller one"),
+]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--top-p", "1.5"], "top_p must be in (0, 1] or None, got 1.5"),
-        (["--prompt", ""], "the prompt is empty; use '<|endoftext|>' for an unconditional sample"),
-        (["--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0, got -1"),
-        # Before: three sections of bare prompts, then beam search's refusal.
-        (["--max-new-tokens", "0"], "max_new_tokens=0 leaves nothing to show; ask for at least 1"),
+        *BAD_SETTINGS,
+        # These two depend on the model: its n_ctx, its d_vocab.
         (["--max-new-tokens", "100"], "prompt of 3 tokens + max_new_tokens=100 = 103 exceeds n_ctx=64; "
                                       "shorten the prompt or ask for fewer tokens"),
-        # Before: torch's "Overflow when unpacking long long", after the first section's header.
-        (["--seed", str(2**64)], f"seed {2**64} is outside the range torch's generators take, [-2**63, 2**64)"),
-        (["--seed", str(2**64 - 1)], f"seed {2**64 - 1} leaves no seed + 1 for the second sample; "
-                                     "pass a smaller one"),
+        (["--top-k", "50305"], "top_k must be an int in [1, d_vocab=50304] or None, got 50305"),
     ],
 )  # fmt: skip
 def test_generate_demo_reports_bad_settings_in_one_line(train_run, args, message):
@@ -172,6 +181,16 @@ def test_generate_demo_reports_bad_settings_in_one_line(train_run, args, message
     assert result.stdout.count("===") == 0  # refused before any sample
     assert result.returncode == 2
     assert result.stderr.strip() == f"generate_demo: {message}"
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_SETTINGS)
+def test_generate_demo_refuses_bad_settings_before_loading_a_model(tmp_path, capsys, args, message):
+    """Before: these were checked once the model had loaded (gpt2 from the hub is a 500 MB
+    download), so a model that could not load was reported instead, and a random one was built."""
+    assert import_demo("generate_demo").main(["--model", str(tmp_path / "nowhere"), *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"generate_demo: {message}\n"
 
 
 def test_generate_demo_reports_an_unloadable_model_in_one_line(tmp_path):

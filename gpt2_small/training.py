@@ -665,6 +665,8 @@ class Trainer:
         # An earlier run is refused now, before the data (perhaps a long download), but --overwrite
         # deletes it only once the data has loaded: a typo in --dataset must not cost that run.
         earlier = [] if resume else self._earlier_run()
+        # Likewise the checkpoint to resume, and whether it fits this model and unembedding.
+        resuming = self._checkpoint_to_resume() if resume else None
 
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model_config).to(self.device)
@@ -707,8 +709,8 @@ class Trainer:
                 "to %.2e at its last step (peak lr=%.2e), and the cosine decay never starts; lower --warmup-steps",
                 cfg.warmup_steps, self.max_steps, lr_at(self.max_steps - 1, cfg, self.max_steps), cfg.lr,
             )  # fmt: skip
-        if resume:
-            self._resume()
+        if resuming is not None:
+            self._resume(*resuming)
         elif earlier and self.dist.is_main:
             logger.warning("overwrite: deleting the earlier run in %s", self.out_dir)
             for path in earlier:
@@ -1080,7 +1082,9 @@ class Trainer:
                 "removed %d unfinished checkpoint writes: %s", len(stale), ", ".join(sorted(p.name for p in stale))
             )
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> tuple[Path, Transformer, dict]:
+        """The newest checkpoint, its model and its train_config.json, once they are known to fit
+        this run; otherwise the error that says why not."""
         if self.dist.is_main:
             self._remove_unfinished_writes()
         if self.dist.enabled:  # the others look for the newest checkpoint after rank 0 may have put one back
@@ -1106,6 +1110,11 @@ class Trainer:
                 f"with {flags} (its optimizer state holds the parameters that trained: W_U only untied, b_U only "
                 "with the bias)"
             )
+        return path, saved, saved_train_config
+
+    def _resume(self, path: Path, saved: Transformer, saved_train_config: dict) -> None:
+        """Continue from `path` (see _checkpoint_to_resume): weights, optimizer, step, data position,
+        RNG states and the metrics written up to that step."""
         self.model.load_state_dict(saved.state_dict(), strict=True)
         try:
             state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)

@@ -949,6 +949,22 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_slic
         Trainer(micro_config(tmp_path, preset="micro2"), data=shakespeare_slice, resume=True)
 
 
+def test_resume_refuses_a_run_it_cannot_continue_before_loading_the_data(tmp_path, shakespeare_slice, monkeypatch):
+    """Before: the data loaded first (a hub download, or minutes of tokenizing a large corpus), and
+    only then came the word that there was no checkpoint, or one of another model."""
+    Trainer(micro_config(tmp_path / "run", max_steps=2), data=shakespeare_slice).run()
+    monkeypatch.setattr(Trainer, "_load_data", lambda self: pytest.fail("the data was loaded"))
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*empty/checkpoints; start without"):
+        Trainer(micro_config(tmp_path / "empty"), resume=True)
+    monkeypatch.setitem(
+        PRESETS, "micro2", TransformerConfig(d_model=16, n_layers=3, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"n_layers.*\(2, 3\)"):
+        Trainer(micro_config(tmp_path / "run", preset="micro2"), resume=True)
+    with pytest.raises(CheckpointMismatchError, match="was trained with tie_embeddings=False; resume with"):
+        Trainer(micro_config(tmp_path / "run", tie_embeddings=True), resume=True)
+
+
 def test_resuming_a_finished_run_says_to_raise_max_steps(tmp_path, shakespeare_slice):
     """Before: it wrote the same checkpoint again and appended a second end sample to samples.txt."""
     Trainer(micro_config(tmp_path, max_steps=3), data=shakespeare_slice).run()

@@ -129,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"induction heads need at least 2 layers; {source} has {cfg.n_layers}")
         if clean.shape[1] > cfg.n_ctx:
             raise ValueError(f"--clean and --corrupted are {clean.shape[1]} tokens, more than n_ctx={cfg.n_ctx}")
+        # The texts are GPT-2 tokens; a model of a smaller vocabulary has no row for most of them.
+        used = {"--prompt": prompt[:, : cfg.n_ctx], "--clean": clean, "--corrupted": corrupted,
+                "--answers": torch.tensor([good, bad])}  # fmt: skip
+        for flag, ids in used.items():
+            if (largest := int(ids.max())) >= cfg.d_vocab:
+                raise ValueError(
+                    f"{flag} has token id {largest}, outside the vocabulary of {source} (d_vocab={cfg.d_vocab}); "
+                    f"the demo's texts are GPT-2 tokens: use a model of GPT-2's vocabulary, or texts it has tokens for"
+                )
     except (ValueError, FileNotFoundError) as e:
         print(f"interp_demo: {e}", file=sys.stderr)
         return 2

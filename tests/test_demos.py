@@ -649,6 +649,23 @@ def test_interp_demo_refuses_a_one_layer_model(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_interp_demo_refuses_a_model_without_the_tokens_of_its_texts(tmp_path, capsys):
+    """Before: a traceback from the model's token check, after the induction experiment had run."""
+    model_dir = tmp_path / "small-vocab"
+    Transformer(dataclasses.replace(SMALL, d_vocab=1000)).save(model_dir)
+    demo = import_demo("interp_demo")
+    argv = ["--model", str(model_dir), "--out-dir", str(tmp_path / "out")]
+    assert demo.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"interp_demo: --prompt has token id 38201, outside the vocabulary of {model_dir} (d_vocab=1000); the demo's "
+        "texts are GPT-2 tokens: use a model of GPT-2's vocabulary, or texts it has tokens for\n"
+    )
+    assert not (tmp_path / "out").exists()
+    short_texts = ["--prompt", "a b", "--clean", "a b", "--corrupted", "b a", "--answers", " Romeo", " a"]
+    assert demo.main([*argv, *short_texts]) == 2
+    assert capsys.readouterr().err.startswith("interp_demo: --answers has token id 43989, outside the vocabulary")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -140,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
         # What depends on the model is refused before any sample, not halfway through: top_k here,
         # the prompt's length by the first generation, the greedy one that two sections show.
         settings.check(model.cfg.d_vocab)
+        if (largest := max(tok.encode(prompt, allowed_special="all"))) >= model.cfg.d_vocab:
+            raise ValueError(
+                f"--prompt has token id {largest}, outside the vocabulary of {origin} (d_vocab={model.cfg.d_vocab}); "
+                "its text is GPT-2 tokens: use a model of GPT-2's vocabulary, or a prompt it has tokens for"
+            )
         greedy = generate_text(model, tok, prompt, n, temperature=0)
         run_sections(model, tok, prompt, n, sampled, args.seed, greedy)
     except ValueError as e:  # bad settings: say which, without a traceback

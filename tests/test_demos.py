@@ -193,6 +193,21 @@ def test_generate_demo_refuses_bad_settings_before_loading_a_model(tmp_path, cap
     assert err == f"generate_demo: {message}\n"
 
 
+def test_generate_demo_names_a_prompt_the_models_vocabulary_lacks(tmp_path, capsys):
+    """Before: "token id 33676 is outside [0, d_vocab=1000)", naming neither the prompt nor the model."""
+    model_dir = tmp_path / "small-vocab"
+    Transformer(dataclasses.replace(SMALL, d_vocab=1000)).save(model_dir)
+    demo = import_demo("generate_demo")
+    assert demo.main(["--model", str(model_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert "===" not in out
+    assert err == (
+        f"generate_demo: --prompt has token id 33676, outside the vocabulary of {model_dir} (d_vocab=1000); its "
+        "text is GPT-2 tokens: use a model of GPT-2's vocabulary, or a prompt it has tokens for\n"
+    )
+    assert demo.main(["--model", str(model_dir), "--prompt", "a b", "--max-new-tokens", "2"]) == 0  # ids 64, 275
+
+
 def test_generate_demo_reports_an_unloadable_model_in_one_line(tmp_path):
     result = run_demo("--model", str(tmp_path / "nowhere"))
     assert result.returncode == 2

@@ -736,10 +736,16 @@ def lm_cross_entropy_loss(
         return losses
     n_pairs = real.sum()
     if _host_reads_possible(n_pairs) and int(n_pairs) == 0:
-        raise ValueError(
-            "the attention_mask's padding (with any -100 labels) leaves no pair of consecutive real tokens, so "
-            "there is no loss to average"
-        )
+        # Name only what was given: a message about padding confused a caller who passed no mask.
+        padding, ignored = attention_mask is not None, bool((targets == IGNORE_INDEX).any())
+        if not (padding or ignored):
+            raise ValueError(f"tokens of {tokens.shape[1]} position(s) hold no pair of consecutive tokens to score")
+        cause = {
+            (True, False): "the attention_mask's padding leaves",
+            (False, True): "the -100 (IGNORE_INDEX) labels leave",
+            (True, True): "the attention_mask's padding and the -100 (IGNORE_INDEX) labels leave",
+        }[padding, ignored]
+        raise ValueError(f"{cause} no pair of consecutive real tokens, so there is no loss to average")
     return losses.sum() / n_pairs
 
 

@@ -866,8 +866,20 @@ def test_labels_reject_what_they_cannot_do():
         labels[1, 2] = bad
         with pytest.raises(ValueError, match=rf"label {bad} is outside \[0, d_vocab=101\) and is not -100"):
             model(tokens, return_type="loss", labels=labels)
-    with pytest.raises(ValueError, match="leaves no pair of consecutive real tokens"):
+    # The refusal names what left nothing to score, and only that (before: the attention_mask's
+    # padding, which this call does not have).
+    with pytest.raises(ValueError, match=r"^the -100 \(IGNORE_INDEX\) labels leave no pair of consecutive real tokens"):
         model(tokens, return_type="loss", labels=torch.full_like(tokens, -100))
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    labels = tokens.clone()
+    labels[1] = -100
+    with pytest.raises(
+        ValueError, match=r"^the attention_mask's padding and the -100 \(IGNORE_INDEX\) labels leave no pair of"
+    ):
+        model(tokens, return_type="loss", labels=torch.tensor([[0, 0, -100], [0, -100, -100]]), attention_mask=mask)
+    assert model(tokens, return_type="loss", labels=labels, attention_mask=mask).isfinite()  # row 0's 1 pair remains
+    with pytest.raises(ValueError, match=r"^tokens of 1 position\(s\) hold no pair of consecutive tokens to score$"):
+        gpt2_small.lm_cross_entropy_loss(model(tokens[:, :1]), tokens[:, :1])
 
 
 @pytest.mark.parametrize("keep", [1, 3, 6])  # 6: every position, the edge that is allowed
@@ -996,7 +1008,7 @@ def test_return_type_rejects_what_it_cannot_do(without_shape_checks):
         model(tokens, return_type="loss", kv_cache=gpt2_small.KVCache.for_model(model, batch=1, max_pos=3))
     with pytest.raises(ValueError, match="the loss needs at least 2 positions"):
         model(tokens[:, :1], return_type="loss")
-    with pytest.raises(ValueError, match="leaves no pair of consecutive real tokens"):
+    with pytest.raises(ValueError, match="^the attention_mask's padding leaves no pair of consecutive real tokens"):
         model(tokens, return_type="loss", attention_mask=torch.tensor([[0, 0, 1]]))
     with pytest.raises(ValueError, match="which must then be a scalar: pass return_type='loss'"):
         model.run_with_cache(tokens, return_type="loss", loss_per_token=True, incl_bwd=True)

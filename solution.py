@@ -1597,9 +1597,14 @@ def _optional_hooks_of(flag: str) -> list[str]:
 
 
 def user_path(value: object, name: str) -> Path:
-    """`value` as a Path, "~" expanded, or a TypeError naming `name` (os.fspath's own names no argument)."""
+    """`value` as a Path, "~" expanded, or a TypeError naming `name` (os.fspath's own names no argument).
+
+    An empty str is refused: Path("") is the working directory, so an unset variable passed as a
+    path read a checkpoint there, or wrote one, without a word."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike path, got {type(value).__name__}")
+    if os.fspath(value) == "":
+        raise ValueError(f"{name} is an empty path; name one ('.' for the working directory)")
     return Path(value).expanduser()
 
 

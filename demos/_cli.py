@@ -10,7 +10,10 @@ TRAIN_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 def user_path(text: str) -> str:
     """A directory option's argparse type: "~" expanded. The shell leaves it alone in --out-dir=~/x,
-    and the demo would then write to a directory named "~" in the working directory."""
+    and the demo would then write to a directory named "~" in the working directory. An empty
+    value (an unset variable in --out-dir "$DIR") is refused: it would mean the working directory."""
+    if text == "":
+        raise argparse.ArgumentTypeError("empty path; name a directory ('.' for the working directory)")
     return str(Path(text).expanduser())
 
 

@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, origin = load(args.model, Path(args.run_dir), device)
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-        print(f"generate_demo: could not load {args.model or args.run_dir!r}: {e}", file=sys.stderr)
+        print(
+            f"generate_demo: could not load {args.run_dir if args.model is None else args.model!r}: {e}",
+            file=sys.stderr,
+        )
         return 2
     tok = get_tokenizer()
     prompt, n = args.prompt, args.max_new_tokens

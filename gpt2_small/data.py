@@ -93,6 +93,8 @@ def load_text_dataset(
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
     source = os.fspath(source)  # a Path names a local file or folder, as its str does
+    if source == "":  # Path("") is the working directory, which was then read as a local dataset
+        raise ValueError(f"source is empty; name {EMBEDDED_DATASET!r}, a hub dataset or a local path")
     path = Path(source).expanduser()
     _refuse_options_that_do_not_apply(source, path, text_column=text_column, split=split, config_name=config_name)
     if source == EMBEDDED_DATASET:

@@ -214,6 +214,9 @@ class TrainConfig:
             base = next(kind for kind in kinds if kind is not type(None))
             if name in _PATH_FIELDS and isinstance(value, os.PathLike):
                 value = os.fspath(value)
+            if name in _PATH_FIELDS and value == "":  # Path("") is the working directory: read or written silently
+                what = f"{EMBEDDED_DATASET!r}, a hub dataset or a local path" if name == "dataset" else "a directory"
+                raise ValueError(f"{name} is empty; name {what} ('.' for the working directory)")
             elif base is int and isinstance(value, np.integer):
                 value = int(value)
             elif base is float and isinstance(value, np.floating | np.integer):

@@ -77,6 +77,15 @@ def test_null_documents_are_skipped_with_a_warning(tmp_path, caplog):
     assert "skipped 1 of 4 documents whose 'text' is null" in caplog.text
 
 
+def test_an_empty_source_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch):
+    """Before: Path("") is ".", so load_text_dataset("") loaded the working directory's files."""
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": "a document"}])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^source is empty; name 'shakespeare', a hub dataset or a local path$"):
+        load_text_dataset("")
+    assert load_text_dataset(".")["text"] == ["a document"]  # "." says it
+
+
 @pytest.mark.parametrize(
     "value, held",
     [(5, "int64 values"), (["a", "b"], r".*string.*"), (None, "null values")],

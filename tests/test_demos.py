@@ -747,6 +747,31 @@ def test_directory_options_expand_home(demo, flags, home):
 
 
 @pytest.mark.parametrize(
+    ("demo", "flag"),
+    [
+        ("train_demo", "--out-dir"),
+        ("train_demo", "--cache-dir"),
+        ("generate_demo", "--run-dir"),
+        ("interp_demo", "--out-dir"),
+    ],
+)
+def test_an_empty_directory_option_is_refused_not_taken_for_the_working_directory(demo, flag, capsys):
+    """Before: --out-dir "$UNSET" wrote the run into the working directory."""
+    with pytest.raises(SystemExit) as exit_info:
+        import_demo(demo).build_parser().parse_args([flag, ""])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: empty path; name a directory ('.' for the working directory)" in capsys.readouterr().err
+
+
+def test_generate_demo_names_an_empty_model_as_given(capsys):
+    """Before: "could not load '<the --run-dir>'", since the empty --model was taken for none given."""
+    assert import_demo("generate_demo").main(["--model", ""]) == 2
+    assert capsys.readouterr().err == (
+        "generate_demo: could not load '': name_or_path is an empty path; name one ('.' for the working directory)\n"
+    )
+
+
+@pytest.mark.parametrize(
     "args, expected",
     [
         ([], (None, None)),

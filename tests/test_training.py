@@ -934,6 +934,20 @@ def test_resume_crosses_an_epoch_boundary_exactly(tmp_path):
     assert losses(whole) == losses(resumed)
 
 
+@pytest.mark.parametrize(
+    ("field", "what"),
+    [
+        ("out_dir", "a directory"),
+        ("cache_dir", "a directory"),
+        ("dataset", "'shakespeare', a hub dataset or a local path"),
+    ],
+)
+def test_an_empty_path_field_is_refused_not_taken_for_the_working_directory(field, what):
+    """Before: out_dir="" trained into the working directory, and dataset="" read it as a local dataset."""
+    with pytest.raises(ValueError, match=rf"^{field} is empty; name {re.escape(what)} \('\.' for the working"):
+        TrainConfig(**{field: ""})
+
+
 def test_an_out_dir_under_home_is_expanded(home, shakespeare_slice):
     Trainer(micro_config("~/run", max_steps=2, eval_interval=0), data=shakespeare_slice).run()
     assert latest_checkpoint(home / "run") is not None and not Path("~").exists()

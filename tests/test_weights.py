@@ -648,6 +648,28 @@ def test_save_and_load_expand_a_directory_under_home(home):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), loaded.parameters(), strict=True))
 
 
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch):
+    """Before: Path("") is ".", so save("") wrote a checkpoint into the working directory, and
+    load(""), load_model("") read one from there (an unset variable passed as the path)."""
+    monkeypatch.chdir(tmp_path)
+    model = Transformer(NANO)
+    model.save(tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")  # a checkpoint that "" would have found
+    for call, name in [
+        (lambda: model.save(""), "path"),
+        (lambda: Transformer.load(""), "path"),
+        (lambda: load_model(""), "name_or_path"),
+        (lambda: Transformer.from_pretrained(""), "name_or_path"),
+        (lambda: gpt2_small.export_hf(model, ""), "directory"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"^{name} is an empty path; name one \('\.' for the working directory\)$"
+        ):
+            call()
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == ["gpt2_small_config.json", "model.safetensors"]
+    assert Transformer.load(".").cfg == NANO  # "." says it
+
+
 def test_save_refuses_a_file_a_hugging_face_checkpoint_and_a_training_run(tmp_path, tiny_checkpoint):
     """Before: FileExistsError for a file; into a Hugging Face directory it overwrote that checkpoint's
     model.safetensors with its own (same name, other tensor names); into a training run its files

@@ -214,7 +214,8 @@ def pad_prompts(
         raise ValueError(f"pad_id must be a token id, an int >= 0, got {pad_id!r}")
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass at least one")
-    if text := next((p for p in prompts if isinstance(p, str)), None):
+    # One str is itself a sequence, of one-character strs: name it whole, not its first character.
+    if text := prompts if isinstance(prompts, str) else next((p for p in prompts if isinstance(p, str)), None):
         raise TypeError(
             f"pad_prompts takes lists of token ids, got the str {text!r}; encode text first "
             f"(get_tokenizer().encode), or give strings to generate_text"

@@ -1151,6 +1151,8 @@ def test_pad_prompts_names_text_given_for_token_ids(without_shape_checks):
     """Before, in a user's code (no jaxtyping): torch's "too many dimensions 'str'"."""
     with pytest.raises(TypeError, match=r"^pad_prompts takes lists of token ids, got the str 'b'; encode text first"):
         pad_prompts([[1, 2], "b"])
+    with pytest.raises(TypeError, match=r"^pad_prompts takes lists of token ids, got the str 'hi'; encode"):
+        pad_prompts("hi")  # before: "got the str 'h'", its first character
 
 
 def test_pad_prompts_refuses_ids_that_are_not_ints(without_shape_checks):

@@ -635,7 +635,8 @@ def generate_text(
     default). kwargs are generate's.
     """
     single = isinstance(prompt, str)
-    if not single and not isinstance(prompt, Sequence):
+    # bytes are a Sequence too, of ints: "prompt 0 must be a str, got int" named no bytes.
+    if not single and (not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray))):
         raise TypeError(f"prompt must be a str or a sequence of str, got {type(prompt).__name__}")
     prompts = [prompt] if single else list(prompt)
     ids = [_encode(tokenizer, p, None if single else i) for i, p in enumerate(prompts)]

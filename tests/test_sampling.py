@@ -1207,6 +1207,8 @@ def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shap
         generate_text(model, get_tokenizer(), ["a", "b", ""], 3)
     with pytest.raises(TypeError, match=r"^prompt must be a str, got bytes$"):
         next(stream_text(model, get_tokenizer(), b"a", 3))
+    with pytest.raises(TypeError, match=r"^prompt must be a str or a sequence of str, got bytes$"):
+        generate_text(model, get_tokenizer(), b"a", 3)  # before: "prompt 0 must be a str, got int"
     assert generate(model, tokens, 3, temperature=0).shape == (1, 5)  # the same calls, well typed
 
 

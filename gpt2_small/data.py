@@ -58,7 +58,9 @@ _CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPT2_SMALL_CACHE", Path.home() / ".cache" / "gpt2_small")).expanduser() / "tokens"
+    # Set but empty counts as unset, as for XDG's variables: Path("") would be the working directory.
+    root = os.environ.get("GPT2_SMALL_CACHE") or Path.home() / ".cache" / "gpt2_small"
+    return Path(root).expanduser() / "tokens"
 
 
 def check_directory_path(path: str | os.PathLike, what: str) -> None:

@@ -57,6 +57,8 @@ def test_the_default_token_cache_is_under_gpt2_small_cache_or_home(tmp_path, mon
     assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / ".cache" / "gpt2_small" / "tokens"
     monkeypatch.setenv("GPT2_SMALL_CACHE", "~/mine")  # as a quoted export leaves it
     assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / "mine" / "tokens"
+    monkeypatch.setenv("GPT2_SMALL_CACHE", "")  # set but empty is unset; before: "tokens" in the working directory
+    assert gpt2_small.data.default_cache_dir() == tmp_path / "home" / ".cache" / "gpt2_small" / "tokens"
 
 
 def test_documents_are_separated_by_endoftext(tmp_path):

@@ -155,6 +155,10 @@ class TrainConfig:
         self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in _PATH_FIELDS:  # Path("") is the working directory: it was read or written silently
+            if getattr(self, name) == "":
+                what = f"{EMBEDDED_DATASET!r}, a hub dataset or a local path" if name == "dataset" else "a directory"
+                raise ValueError(f"{name} is empty; name {what} ('.' for the working directory)")
         for name, default in preset_unembedding(self.preset).items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
@@ -214,9 +218,6 @@ class TrainConfig:
             base = next(kind for kind in kinds if kind is not type(None))
             if name in _PATH_FIELDS and isinstance(value, os.PathLike):
                 value = os.fspath(value)
-            if name in _PATH_FIELDS and value == "":  # Path("") is the working directory: read or written silently
-                what = f"{EMBEDDED_DATASET!r}, a hub dataset or a local path" if name == "dataset" else "a directory"
-                raise ValueError(f"{name} is empty; name {what} ('.' for the working directory)")
             elif base is int and isinstance(value, np.integer):
                 value = int(value)
             elif base is float and isinstance(value, np.floating | np.integer):

@@ -726,12 +726,12 @@ def beam_search(
     pad id is generated right after the n-1 tokens that followed it in the padding.
     """
     check_count("num_beams", num_beams, 1)
+    # generate returns the prompt for 0 new tokens; a beam is scored by its generated length
+    check_count("max_new_tokens", max_new_tokens, 1)
     check_count("no_repeat_ngram_size", no_repeat_ngram_size, 0)
     if not _is_number(length_penalty) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     _check_request(model, tokens, attention_mask, max_new_tokens)
-    if max_new_tokens == 0:
-        raise ValueError("max_new_tokens must be >= 1 for beam search")
     _check_eos(eos_token_id)
     graphed = _use_cuda_graph(model, cuda_graph, use_kv_cache)
     compiled = _use_compile(model, compile, use_kv_cache)

@@ -1188,8 +1188,9 @@ def test_invalid_requests_raise(sampling_pair):
             beam_search(model, torch.tensor([[1, 2]]), 2, 5, no_repeat_ngram_size=size)
     with pytest.raises(ValueError, match=r"^length_penalty must be a finite number, got inf$"):
         beam_search(model, torch.tensor([[1, 2]]), 2, 5, length_penalty=math.inf)
-    with pytest.raises(ValueError, match=r"^max_new_tokens must be >= 1 for beam search$"):
-        beam_search(model, torch.tensor([[1, 2]]), 2, 0)
+    for max_new_tokens in (0, -1, True):  # generate takes 0; beam search has nothing to score then
+        with pytest.raises(ValueError, match=rf"^max_new_tokens must be an int >= 1, got {max_new_tokens}$"):
+            beam_search(model, torch.tensor([[1, 2]]), 2, max_new_tokens)
 
 
 def test_wrongly_typed_arguments_get_our_type_errors(sampling_pair, without_shape_checks):

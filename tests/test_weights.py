@@ -482,8 +482,24 @@ def test_a_path_that_is_no_str_or_path_is_named(without_shape_checks):
 
 
 def test_hub_id_offline_gives_one_clear_error(offline_hub):
-    with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, [\s\S]*Offline\?"):
+    with pytest.raises(OSError, match=r"^'openai-community/gpt2' is not a local directory, .*Offline\?") as error:
         Transformer.from_pretrained("gpt2")
+    assert "\n" not in str(error.value)  # the hub's own message spans lines; the demos print this one
+
+
+def test_the_hub_s_message_over_several_lines_is_folded_to_one(monkeypatch):
+    """As huggingface_hub words a repository it lacks (RepositoryNotFoundError is an OSError)."""
+
+    def snapshot_download(repo_id, allow_patterns):
+        raise OSError("404 Client Error. (Request ID: x)\n\nRepository Not Found for url: https://huggingface.co/u/m.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(OSError) as error:
+        Transformer.from_pretrained("u/m")
+    assert str(error.value).startswith(
+        "'u/m' is not a local directory, and the Hugging Face Hub did not provide it (OSError: 404 Client Error. "
+        "(Request ID: x) Repository Not Found for url: https://huggingface.co/u/m.). Offline?"
+    )
 
 
 @pytest.mark.parametrize("option", ["fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"])

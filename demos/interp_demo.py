@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, configure_logging, user_path  # noqa: E402
 from gpt2_small import (  # noqa: E402
     Transformer,
     interp,  # noqa: E402
@@ -87,7 +87,7 @@ def answer_token(text: str) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging(logging.WARNING)
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -123,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
                 f"difference is 0 in every run, so there is nothing to patch or attribute"
             )
         device = pick_device(args.device)
-        model, source = load(args, device)
+        try:
+            model, source = load(args, device)
+        except OSError as e:  # a hub id offline or unknown to the hub, a missing directory: no traceback
+            raise ValueError(f"could not load {'a model' if args.model is None else repr(args.model)}: {e}") from None
         cfg = model.cfg
         if cfg.n_layers < 2:
             raise ValueError(f"induction heads need at least 2 layers; {source} has {cfg.n_layers}")

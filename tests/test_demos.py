@@ -653,6 +653,20 @@ def test_interp_demo_fallback_training_takes_the_device_and_replaces_an_unfinish
     assert not (fallback / "metrics.jsonl").exists()  # the unfinished run's, deleted
 
 
+@pytest.mark.parametrize("model", ["gpt2", "someone/a-model", "no/such/dir"])
+def test_interp_demo_reports_a_model_it_cannot_load_in_one_line(model, offline_hub, tmp_path, capsys):
+    """Before: a traceback for a hub id offline, as generate_demo said in one line."""
+    demo = import_demo("interp_demo")
+    assert demo.main(["--model", model, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"interp_demo: could not load {model!r}: ") and err.count("\n") == 1
+    reason = (
+        "no checkpoint directory at" if model == "no/such/dir" else "is not a local directory, and the Hugging Face"
+    )
+    assert reason in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_interp_demo_refuses_a_one_layer_model(tmp_path, capsys):
     Transformer(dataclasses.replace(SMALL, n_layers=1)).save(tmp_path / "one-layer")
     demo = import_demo("interp_demo")
@@ -814,3 +828,4 @@ def test_demo_help_states_each_options_default_once(demo):
         # argparse would append "(default: None)" after a help that already describes the default
         assert len(said) == 1, block
         assert "(default: None)" not in " ".join(block.split()), block
+

@@ -1,11 +1,26 @@
 """What the three demos share on the command line."""
 
 import argparse
+import logging
 from pathlib import Path
 
 # train_demo writes here and the other two demos read from here, whatever the working directory:
 # a cwd-relative default made generate_demo miss a run that train_demo had started elsewhere.
 TRAIN_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
+
+
+def configure_logging(level: int) -> None:
+    """gpt2_small's log at `level` on stderr, as bare lines; every other library's at WARNING and up.
+
+    Not the root logger at `level`: at INFO it printed httpx's "HTTP Request: HEAD ..." line for every
+    request a hub dataset makes. And huggingface_hub and datasets print through handlers of their
+    own: passed on to the root's as well, each of their warnings (offline, the hub's five "Retrying
+    in 8s") came out twice.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("gpt2_small").setLevel(level)
+    for library in ("huggingface_hub", "datasets"):
+        logging.getLogger(library).propagate = False
 
 
 def user_path(text: str) -> str:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, configure_logging, user_path  # noqa: E402
 from gpt2_small import (  # noqa: E402
     EOT_ID,
     SamplingSettings,
@@ -95,7 +95,7 @@ def show(label: str, text: str, prompt: str) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    configure_logging(logging.WARNING)
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from demos._cli import TRAIN_RUN, HelpFormatter, user_path  # noqa: E402
+from demos._cli import TRAIN_RUN, HelpFormatter, configure_logging, user_path  # noqa: E402
 from gpt2_small.training import (  # noqa: E402
     PRESET_LR,
     PRESETS,
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(logging.INFO)
     try:
         cfg = TrainConfig(**args)
         trainer = Trainer(cfg, resume=resume)

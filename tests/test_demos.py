@@ -829,3 +829,50 @@ def test_demo_help_states_each_options_default_once(demo):
         assert len(said) == 1, block
         assert "(default: None)" not in " ".join(block.split()), block
 
+
+# Run as a script: logging's configuration is per process, and pytest's own handlers would hide the
+# demos' (logging.basicConfig does nothing where the root logger has handlers).
+LOGGING_PROBE = """
+import importlib.util, logging, sys
+from huggingface_hub.utils import logging as hub_logging
+from datasets.utils import logging as datasets_logging
+
+name, path = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location(name, path)
+demo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(demo)
+
+
+def speak(*args, **kwargs):  # in place of the work that logs: the trainer, or the model's loading
+    logging.getLogger("gpt2_small.data").info("tokenization skipped")
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    datasets_logging.get_logger("datasets.load").warning("a datasets warning")
+    logging.getLogger("httpx").info("HTTP Request: HEAD https://huggingface.co/x 200 OK")
+    raise ValueError("stop")
+
+
+if name == "train_demo":
+    demo.Trainer = speak
+else:
+    demo.load = speak
+sys.exit(demo.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("demo", ["train_demo", "generate_demo", "interp_demo"])
+def test_demos_print_each_library_warning_once_and_no_http_request_lines(demo, tmp_path):
+    """Before: the root logger's handler printed huggingface_hub's and datasets' warnings a second
+    time beside their own handlers (offline, each of the hub's retries twice), and train_demo's, at
+    INFO, a line for every HTTP request a hub dataset made."""
+    args = ["--run-dir", str(tmp_path / "none")] if demo == "generate_demo" else ["--out-dir", str(tmp_path / "out")]
+    cmd = [sys.executable, "-c", LOGGING_PROBE, demo, str(REPO / "demos" / f"{demo}.py"), *args]
+    result = subprocess.run(cmd, cwd=REPO, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    ours = ["tokenization skipped"] if demo == "train_demo" else []  # the others log gpt2_small's warnings only
+    refusal = "generate_demo: could not load " + repr(str(tmp_path / "none")) if demo == "generate_demo" else demo
+    assert result.stderr.splitlines() == [
+        *ours,
+        "Retrying in 1s [Retry 1/5].",
+        "a datasets warning",
+        f"{refusal}: stop",
+    ]

@@ -20,6 +20,7 @@ so that the components still add up. The exception, TransformerLens 4's too: acc
 with apply_ln over the whole model applies ln_final to each entry on its own (the logit lens).
 """
 
+import difflib
 import logging
 import os
 import re
@@ -186,14 +187,25 @@ class ActivationCache(dict):
             except ValueError as e:
                 raise KeyError(f"{key!r} is not in this cache: {e}") from None
         if not dict.__contains__(self, key):
-            hint = f"it holds {len(self)} activations; see cache.keys()"
-            if (setter := _optional_hook_setter(key, self.n_layers)) is not None:
-                # Off by default, so a cache holds these only from a run with the setter on.
-                hint = f"it is one of TransformerLens's optional hooks: run with model.{setter}(True) to cache it"
-                if key.endswith(".attn.hook_result"):
-                    hint += ", or call cache.compute_head_results()"
-            raise KeyError(f"{key!r} is not in this cache ({hint})")
+            raise KeyError(f"{key!r} is not in this cache ({self._missing_hint(key)})")
         return dict.__getitem__(self, key)
+
+    def _missing_hint(self, key: object) -> str:
+        """Why `key` is not in this cache, and what to do about it."""
+        if (setter := _optional_hook_setter(key, self.n_layers)) is not None:
+            # Off by default, so a cache holds these only from a run with the setter on.
+            hint = f"it is one of TransformerLens's optional hooks: run with model.{setter}(True) to cache it"
+            return hint + (", or call cache.compute_head_results()" if key.endswith(".attn.hook_result") else "")
+        held = f"it holds {len(self)} activation{'' if len(self) == 1 else 's'}; see cache.keys()"
+        if not isinstance(key, str):
+            return held
+        if key in self.model.hook_dict:
+            return f"{held}: the run's names_filter left this hook out"
+        if (block := re.match(r"blocks\.(\d+)\.", key)) and int(block[1]) >= self.n_layers:
+            return f"this model has blocks 0 to {self.n_layers - 1} (n_layers={self.n_layers})"
+        if close := difflib.get_close_matches(key, self.model.hook_dict, n=3):
+            return f"no hook has that name; did you mean {' or '.join(map(repr, close))}?"
+        return held
 
     def to(self, device: str | torch.device) -> "ActivationCache":
         """Move every activation to `device`, in place, and return the cache, as TransformerLens's

@@ -86,7 +86,9 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["scale", 0]
     with pytest.raises(KeyError, match="'pattern' is not in this cache: hook 'pattern' is per layer: pass a layer"):
         cache["pattern"]
-    with pytest.raises(KeyError, match="'blocks.9.hook_resid_pre' is not in this cache"):
+    with pytest.raises(
+        KeyError, match=r"'blocks.9.hook_resid_pre' is not in this cache \(this model has blocks 0 to 2 "
+    ):
         cache["blocks.9.hook_resid_pre"]
     # An optional hook, off in the run (TransformerLens's default): the KeyError says how to get it.
     with pytest.raises(
@@ -99,7 +101,7 @@ def test_run_with_cache_returns_an_activation_cache_with_short_names(run):
         cache["blocks.0.hook_q_input"]
     with pytest.raises(KeyError, match=r"model.set_use_hook_mlp_in\(True\) to cache it\)"):
         cache["mlp_in", 2]
-    with pytest.raises(KeyError, match=r"'blocks.9.hook_mlp_in' is not in this cache \(it holds \d+ activations"):
+    with pytest.raises(KeyError, match=r"'blocks.9.hook_mlp_in' is not in this cache \(this model has blocks 0 to 2 "):
         cache["blocks.9.hook_mlp_in"]  # a block this model lacks: no setter adds it
     with pytest.raises(
         KeyError, match="'blocks.1.hook_out' is the TransformerLens bridge's name for 'blocks.1.hook_resid_post'"
@@ -647,6 +649,30 @@ def test_stack_activation_and_the_unbatched_helpers_equal_transformer_lens(ref):
     ]:
         expected = getattr(theirs, helper)(**kwargs)
         torch.testing.assert_close(getattr(same_inputs, helper)(**kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_cache_key_is_told_why_it_is_missing(model, tokens, run):
+    """Before, each said only how many activations the cache held."""
+    _, cache = run
+    with pytest.raises(KeyError) as misspelt:
+        cache["blocks.0.attn.hook_patern"]
+    assert str(misspelt.value) == (
+        "\"'blocks.0.attn.hook_patern' is not in this cache (no hook has that name; did you mean "
+        "'blocks.0.attn.hook_pattern' or 'blocks.2.attn.hook_pattern' or 'blocks.1.attn.hook_pattern'?)\""
+    )
+    with torch.no_grad():
+        _, filtered = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")
+    with pytest.raises(KeyError) as left_out:
+        filtered["blocks.0.hook_resid_pre"]  # a hook of the model, not of this run's cache
+    assert str(left_out.value) == (
+        "\"'blocks.0.hook_resid_pre' is not in this cache (it holds 1 activation; see cache.keys(): "
+        "the run's names_filter left this hook out)\""
+    )
+    with pytest.raises(
+        KeyError,
+        match=r"^\"'hook_xyzzy_plugh' is not in this cache \(it holds \d+ activations; see cache.keys\(\)\)\"$",
+    ):
+        cache["hook_xyzzy_plugh"]  # nothing close: no guess
 
 
 @pytest.mark.parametrize("remove_batch_dim", [False, True], ids=["batched", "unbatched"])

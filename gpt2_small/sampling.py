@@ -611,12 +611,18 @@ def generate(
     return torch.cat([tokens.to(model.device), *new_tokens], dim=1)
 
 
+def _check_tokenizer(tokenizer: object, caller: str) -> None:
+    if not isinstance(tokenizer, tiktoken.Encoding):  # stream_text needs its decode_single_token_bytes
+        # A str is the prompt, given where the tokenizer goes: its own check would blame the next argument.
+        order = f" ({caller} takes the model, the tokenizer, then the prompt)" if isinstance(tokenizer, str) else ""
+        raise TypeError(
+            f"tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer() returns, got "
+            f"{type(tokenizer).__name__}{order}"
+        )
+
+
 def _encode(tokenizer, prompt: str, index: int | None = None) -> list[int]:
     """The prompt's ids; `index` is its place in a list of prompts, which the errors name."""
-    if not isinstance(tokenizer, tiktoken.Encoding):  # stream_text needs its decode_single_token_bytes
-        raise TypeError(
-            f"tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer() returns, got {type(tokenizer).__name__}"
-        )
     if not isinstance(prompt, str):
         raise TypeError(f"prompt{'' if index is None else f' {index}'} must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt, allowed_special={EOT_TOKEN})
@@ -634,6 +640,7 @@ def generate_text(
     The continuation ends before the first generated <|endoftext|> when stop_at_eos is on (the
     default). kwargs are generate's.
     """
+    _check_tokenizer(tokenizer, "generate_text")
     single = isinstance(prompt, str)
     # bytes are a Sequence too, of ints: "prompt 0 must be a str, got int" named no bytes.
     if not single and (not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray))):
@@ -657,6 +664,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int 
     A token can end in the middle of a multi-byte character; such bytes are held back until the
     character is complete. Stops before <|endoftext|> when stop_at_eos is on. kwargs are generate's.
     """
+    _check_tokenizer(tokenizer, "stream_text")
     tokens = torch.tensor([_encode(tokenizer, prompt)], device=model.device)
     eos = kwargs.get("eos_token_id", EOT_ID)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -1009,6 +1009,19 @@ def test_the_text_functions_name_a_tokenizer_that_is_not_tiktokens(sampling_pair
         next(stream_text(sampling_pair.model, tokenizer, "Hi", 2))
 
 
+def test_the_text_functions_given_the_prompt_for_the_tokenizer_say_so(sampling_pair, without_shape_checks):
+    """As TransformerLens's model.generate("text") would suggest. Before, generate_text(model, "Hello", 5)
+    blamed the 5: "prompt must be a str or a sequence of str, got int"."""
+    for caller, call in (("generate_text", generate_text), ("stream_text", stream_text)):
+        expected = (
+            "tokenizer must be the tiktoken encoding gpt2_small.get_tokenizer() returns, got str "
+            f"({caller} takes the model, the tokenizer, then the prompt)"
+        )
+        with pytest.raises(TypeError) as error:
+            next(iter(call(sampling_pair.model, "Hello", 5)))
+        assert str(error.value) == expected
+
+
 def test_generate_text_batches_prompts_of_different_lengths(sampling_pair):
     tok = get_tokenizer()
     prompts = ["The cat sat on the", "Hi"]

@@ -61,7 +61,7 @@ HELP = {
     "config_name": "configuration of the hub dataset, if it has several (default: the dataset's own)",
     "max_examples": "read only the first N documents (a hub dataset then streams them instead of downloading the split) (default: all)",
     "val_fraction": "last fraction of the token stream held out for validation",
-    "stride": "window stride in tokens (default n_ctx; smaller gives overlapping windows)",
+    "stride": "window stride in tokens (default n_ctx; smaller gives overlapping windows, larger skips tokens)",
     "num_proc": "processes for tokenization (default: by dataset size)",
     "cache_dir": "token cache directory (default ~/.cache/gpt2_small/tokens)",
     "batch_size": "sequences per micro-batch, per process",

@@ -713,6 +713,13 @@ class Trainer:
                 "to %.2e at its last step (peak lr=%.2e), and the cosine decay never starts; lower --warmup-steps",
                 cfg.warmup_steps, self.max_steps, lr_at(self.max_steps - 1, cfg, self.max_steps), cfg.lr,
             )  # fmt: skip
+        if cfg.stride is not None and cfg.stride > n_ctx and self.dist.is_main:
+            # Allowed (a thinned pass over a large corpus), but seldom meant: say what it leaves out.
+            logger.warning(
+                "stride=%d exceeds n_ctx=%d: %d of every %d training tokens are never a target "
+                "(no window predicts them); a stride of at most n_ctx (or None, which tiles the stream) trains on all of them",
+                cfg.stride, n_ctx, cfg.stride - n_ctx, cfg.stride,
+            )  # fmt: skip
         if resuming is not None:
             self._resume(*resuming)
         elif earlier and self.dist.is_main:

@@ -143,6 +143,21 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(warmup_steps, tmp_path, sha
         ]
 
 
+def test_a_stride_beyond_n_ctx_is_warned_about(tmp_path, shakespeare_slice, caplog):
+    """Windows of n_ctx + 1 tokens every `stride` tokens: past n_ctx, stride - n_ctx tokens after
+    each window are never a target. Allowed, as a thinned pass, but said; silent before."""
+    caplog.set_level("WARNING", logger="gpt2_small.training")
+    n_ctx = micro_config(tmp_path).model_config.n_ctx
+    for stride in (n_ctx - 1, n_ctx, None):
+        Trainer(micro_config(tmp_path, stride=stride, overwrite=True), data=shakespeare_slice)
+    assert not [r for r in caplog.records if "stride" in r.getMessage()]
+    Trainer(micro_config(tmp_path, stride=n_ctx + 3, overwrite=True), data=shakespeare_slice)
+    assert [r.getMessage() for r in caplog.records if "stride" in r.getMessage()] == [
+        f"stride={n_ctx + 3} exceeds n_ctx={n_ctx}: 3 of every {n_ctx + 3} training tokens are never a target "
+        "(no window predicts them); a stride of at most n_ctx (or None, which tiles the stream) trains on all of them"
+    ]
+
+
 def test_weight_decay_groups_hold_exactly_the_weight_matrices():
     with torch.device("meta"):
         model = Transformer(MICRO)

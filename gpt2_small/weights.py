@@ -236,9 +236,15 @@ def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:
     """config.json and the weights of a Hugging Face GPT-2 checkpoint directory."""
     config_file = directory / "config.json"
     if not config_file.is_file():
+        saved = (
+            f"; {directory} holds a checkpoint written by Transformer.save: Transformer.load or "
+            f"gpt2_small.load_model reads it"
+            if (directory / CHECKPOINT_CONFIG).is_file()
+            else ""
+        )
         raise FileNotFoundError(
             f"{config_file} not found; a Hugging Face checkpoint directory needs config.json"
-            f"{_training_run_hint(directory)}"
+            f"{saved}{_training_run_hint(directory)}"
         )
     hf_config = _read_json(config_file)
     for weights, read in zip(_WEIGHT_FILES, (_read_safetensors, _read_pytorch_bin), strict=True):

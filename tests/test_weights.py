@@ -308,6 +308,19 @@ def test_missing_directory_and_files(tmp_path, monkeypatch, offline_hub):
         Transformer.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_on_a_transformer_save_directory_names_the_loader_that_reads_it(tmp_path):
+    """As Transformer.load on a Hugging Face directory names from_pretrained; before, only config.json was named."""
+    Transformer(TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=8)).save(tmp_path / "m")
+    with pytest.raises(FileNotFoundError) as error:
+        Transformer.from_pretrained(tmp_path / "m")
+    assert str(error.value) == (
+        f"{tmp_path / 'm' / 'config.json'} not found; a Hugging Face checkpoint directory needs config.json; "
+        f"{tmp_path / 'm'} holds a checkpoint written by Transformer.save: Transformer.load or gpt2_small.load_model "
+        "reads it"
+    )
+    assert isinstance(load_model(tmp_path / "m"), Transformer)  # as it says
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

@@ -1616,11 +1616,22 @@ def spelled_as_path(name: str) -> bool:
     )
 
 
+def file_in_the_way(path: Path) -> str | None:
+    """Why no directory can be made at `path` ("is a file", "lies under X, which is a file"), or None.
+
+    Asked before writing: mkdir would end in errno 17 or 20 ("Not a directory: 'notes.txt/model'"),
+    not saying which part is the file."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is None or blocker.is_dir():
+        return None
+    return "is a file" if blocker == path else f"lies under {blocker}, which is a file"
+
+
 def directory_to_write(value: object, name: str, writer: str) -> Path:
-    """user_path(value, name), refused if it is a file: `writer` writes a directory there."""
+    """user_path(value, name), refused if it or a folder above it is a file: `writer` writes a directory there."""
     path = user_path(value, name)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file; {writer} writes a directory")
+    if (why := file_in_the_way(path)) is not None:
+        raise ValueError(f"{path} {why}; {writer} writes a directory")
     return path
 
 

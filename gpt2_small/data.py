@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from solution import _atomic_write, check_count, check_flag, spelled_as_path, user_path
+from solution import _atomic_write, check_count, check_flag, file_in_the_way, spelled_as_path, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,8 @@ def check_directory_path(path: str | os.PathLike, what: str) -> None:
     20 at the first write.
     """
     path = user_path(path, what)
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        where = "is a file" if blocker == path else f"lies under {blocker}, which is a file"
-        raise ValueError(f"{what} {str(path)!r} {where}; choose a directory (it is created if missing)")
+    if (why := file_in_the_way(path)) is not None:
+        raise ValueError(f"{what} {str(path)!r} {why}; choose a directory (it is created if missing)")
 
 
 def load_text_dataset(

@@ -707,6 +707,11 @@ def test_save_refuses_a_file_a_hugging_face_checkpoint_and_a_training_run(tmp_pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="file is a file; Transformer.save writes a directory"):
         model.save(tmp_path / "file")
+    with pytest.raises(ValueError) as under:  # before: NotADirectoryError, errno 20, naming no file
+        model.save(tmp_path / "file" / "model")
+    assert str(under.value) == f"{tmp_path / 'file' / 'model'} lies under {tmp_path / 'file'}, which is a file; " + (
+        "Transformer.save writes a directory"
+    )
     hf_dir = shutil.copytree(tiny_checkpoint[0], tmp_path / "hf")  # a copy: the fixture is shared
     weights = (hf_dir / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match=r"holds a Hugging Face checkpoint \(config.json\), whose model.safetensors"):
@@ -919,6 +924,10 @@ def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file; export_hf writes a directory"):
         gpt2_small.export_hf(model, tmp_path / "file")
+    with pytest.raises(
+        ValueError, match=r"/file/a/b lies under .*/file, which is a file; export_hf writes a directory$"
+    ):
+        gpt2_small.export_hf(model, tmp_path / "file" / "a" / "b")
     model.save(tmp_path / "ours")
     with pytest.raises(ValueError, match=r"holds a gpt2_small checkpoint or training run \(gpt2_small_config.json\)"):
         gpt2_small.export_hf(model, tmp_path / "ours")

@@ -6,6 +6,7 @@ the ids of Hugging Face's GPT2Tokenizer: "Hello world" -> [15496, 995]. The lite
 """
 
 import functools
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -119,7 +120,11 @@ def _decodable(tokens: Tensor | Sequence[int], caller: str, ndim: int = 1) -> li
     """
     if isinstance(tokens, str):  # else each character would be named as a bad id
         raise TypeError(f"{caller} decodes token ids, got the str {tokens!r}; encode text with to_tokens")
+    if ndim == 1 and isinstance(tokens, numbers.Integral):  # one id, as TransformerLens takes it
+        tokens = [tokens]  # a bool too: _ids refuses it by name
     if isinstance(tokens, Tensor):
+        if ndim == 1 and tokens.ndim == 0:  # one id: cache-style scalars, argmax()
+            tokens = tokens[None]
         if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
             raise TypeError(f"{caller} decodes integer token ids, got a tensor of dtype {tokens.dtype}")
         if ndim == 1 and tokens.ndim == 2 and tokens.shape[0] == 1:
@@ -151,8 +156,9 @@ def _ids(tokens: Sequence, caller: str) -> list[int]:
     return ids
 
 
-def to_string(tokens: Tensor | Sequence[int]) -> str:
-    """Decode one sequence: a list of ids, a [pos] tensor or a [1, pos] tensor."""
+def to_string(tokens: Tensor | Sequence[int] | numbers.Integral) -> str:
+    """Decode one sequence: a list of ids, a [pos] tensor or a [1, pos] tensor; or one id (an int
+    or a 0-d tensor, as TransformerLens's to_string takes it)."""
     return get_tokenizer().decode(_decodable(tokens, "to_string"))
 
 
@@ -161,8 +167,9 @@ def to_strings(tokens: Int[Tensor, "batch pos"]) -> list[str]:
     return get_tokenizer().decode_batch(_decodable(tokens, "to_strings", ndim=2))
 
 
-def to_str_tokens(tokens: Tensor | Sequence[int] | str, *, prepend_bos: bool = False) -> list[str]:
-    """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"].
+def to_str_tokens(tokens: Tensor | Sequence[int] | numbers.Integral | str, *, prepend_bos: bool = False) -> list[str]:
+    """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"]; one id (an
+    int or a 0-d tensor) gives a list of one.
 
     Text is encoded as to_tokens encodes it, `prepend_bos` included, so the labels line up with
     the tokens of the run they label; empty text has no tokens and gets no labels. Token ids are

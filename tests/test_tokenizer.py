@@ -123,6 +123,21 @@ def test_decoding_takes_numpy_ids(without_shape_checks):
     assert to_str_tokens(np.array([15496, 995])) == ["Hello", " world"]
 
 
+def test_one_id_decodes_as_transformer_lens_decodes_it(ref, without_shape_checks):
+    """An int, a numpy int or a 0-d tensor (what argmax() gives). Before: "'int' object is not
+    iterable", and for the tensor "expects shape [pos] or [1, pos], got ()"."""
+    for one in (15496, np.int64(15496), torch.tensor(15496)):
+        assert to_string(one) == ref.bridge.to_string(one) == "Hello"
+        assert to_str_tokens(one) == ["Hello"]
+    assert ref.bridge.to_str_tokens(torch.tensor(15496)) == ["Hello"]  # its ints are refused; ours give the same
+    with pytest.raises(TypeError, match="^to_string decodes integer token ids, got True$"):
+        to_string(True)
+    with pytest.raises(ValueError, match="^to_str_tokens: token id -1 is outside GPT-2's vocabulary"):
+        to_str_tokens(torch.tensor(-1))
+    with pytest.raises(ValueError, match=r"^to_strings expects shape \[batch, pos\], got \(\)$"):
+        to_strings(torch.tensor(15496))  # a batch of texts is never one id
+
+
 def test_decoding_refuses_bools_and_floats_given_for_ids(without_shape_checks):
     """True is an int to Python (it would decode as id 1, '"'), and int() would truncate 15496.7."""
     with pytest.raises(TypeError, match="^to_string decodes integer token ids, got a tensor of dtype torch.bool$"):

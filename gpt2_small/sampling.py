@@ -220,8 +220,8 @@ def pad_prompts(
             f"pad_prompts takes lists of token ids, got the str {text!r}; encode text first "
             f"(get_tokenizer().encode), or give strings to generate_text"
         )
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (empty prompt given)")
+    if (empty := next((i for i, p in enumerate(prompts) if len(p) == 0), None)) is not None:
+        raise ValueError(f"prompt {empty} of {len(prompts)} is empty; every prompt needs at least one token")
     pos = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), pos), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), pos), dtype=torch.long)

@@ -1252,8 +1252,8 @@ def test_unknown_generate_keywords_get_pythons_message(sampling_pair):
 def test_pad_prompts_names_an_empty_list_and_an_empty_prompt_apart():
     with pytest.raises(ValueError, match="no prompts given"):
         pad_prompts([])
-    with pytest.raises(ValueError, match=r"every prompt needs at least one token \(empty prompt given\)"):
-        pad_prompts([[1, 2], []])
+    with pytest.raises(ValueError, match=r"^prompt 1 of 3 is empty; every prompt needs at least one token$"):
+        pad_prompts([[1, 2], [], [3]])  # which one, in a batch of many: before, "empty prompt given"
 
 
 def test_padding_outside_a_small_vocabulary_is_named_as_the_padding(small_vocab_pair):

@@ -519,14 +519,14 @@ def sample_text(
 
 def plot_loss_curve(rows: list[dict], path: Path) -> None:
     """Train loss (raw and smoothed) and validation loss against tokens seen, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: matplotlib.use("Agg") here switched the backend of the whole
+    # process, and a notebook that trained then drew no more inline plots.
+    from matplotlib.figure import Figure
 
     train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     if train:
         x, y = zip(*train, strict=True)
         ax.plot(x, y, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
@@ -549,7 +549,6 @@ def plot_loss_curve(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -642,12 +642,29 @@ def test_loss_curve_png_has_the_expected_size(tmp_path):
         assert image.size == (880, 550)  # 8 x 5 inches at 110 dpi
 
 
-def test_loss_curve_draws_raw_and_smoothed_train_loss_validation_and_the_unigram_baseline(tmp_path, monkeypatch):
+def test_the_loss_curve_leaves_matplotlib_s_backend_and_pyplot_alone(tmp_path):
+    """Before, it called matplotlib.use("Agg"): a notebook that trained drew no more inline plots."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any other than Agg, as a notebook's inline backend is
+    try:
+        plot_loss_curve([{"step": 1, "tokens": 64, "loss": 9.0}], tmp_path / "curve.png")
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []  # and no figure left open in pyplot
+    finally:
+        matplotlib.use(before)
+
+
+def test_loss_curve_draws_raw_and_smoothed_train_loss_validation_and_the_unigram_baseline(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
     figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    savefig = Figure.savefig
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, *args, **kwargs: (figures.append(fig), savefig(fig, *args, **kwargs))
+    )
     rows = [{"step": 0, "tokens": 0, "unigram_val_loss": 7.0}]
     rows += [{"step": s, "tokens": 64 * s, "loss": float(10 + s % 2 - 0.1 * s)} for s in range(1, 6)]
     rows += [{"step": 4, "tokens": 256, "val_loss": 9.0}]

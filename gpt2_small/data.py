@@ -201,10 +201,13 @@ def _load_hub(source: str, config_name: str | None, split: str, streaming: bool 
     # DatasetNotFoundError for an unknown id, which derives from FileNotFoundError.
     except OSError as e:
         offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
+        # The hub's own words, folded to one line: "unknown" alone hid a gated dataset's "You must
+        # be authenticated to access it".
+        reason = " ".join(str(e).split())
         raise ValueError(
-            f"unknown dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face Hub "
-            f"could not provide it ({type(e).__name__}). Offline, use the bundled {EMBEDDED_DATASET!r} or a local "
-            f".txt/.jsonl/.csv/.parquet file."
+            f"could not load dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face "
+            f"Hub could not provide it ({type(e).__name__}{': ' + reason if reason else ''}). Offline, use the "
+            f"bundled {EMBEDDED_DATASET!r} or a local .txt/.jsonl/.csv/.parquet file."
         ) from e
 
 

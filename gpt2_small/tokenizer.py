@@ -112,7 +112,7 @@ def to_single_token(text: str) -> int:
     return ids[0]
 
 
-def _decodable(tokens: Tensor | Sequence[int], caller: str, ndim: int = 1) -> list:
+def _decodable(tokens: Tensor | Sequence[int] | numbers.Integral, caller: str, ndim: int = 1) -> list:
     """tokens as (nested) lists of ids that have text, or a ValueError/TypeError naming the one that has not.
 
     Before this check tiktoken raised KeyError for an id of a padded vocabulary's extra rows

@@ -123,13 +123,17 @@ def test_decoding_takes_numpy_ids(without_shape_checks):
     assert to_str_tokens(np.array([15496, 995])) == ["Hello", " world"]
 
 
-def test_one_id_decodes_as_transformer_lens_decodes_it(ref, without_shape_checks):
-    """An int, a numpy int or a 0-d tensor (what argmax() gives). Before: "'int' object is not
-    iterable", and for the tensor "expects shape [pos] or [1, pos], got ()"."""
+def test_one_id_decodes_as_transformer_lens_decodes_it(ref):
+    """An int, a numpy int or a 0-d tensor (what argmax() gives), with the shape checks on: the
+    annotations admit them. Before: "'int' object is not iterable", and for the tensor "expects
+    shape [pos] or [1, pos], got ()"."""
     for one in (15496, np.int64(15496), torch.tensor(15496)):
         assert to_string(one) == ref.bridge.to_string(one) == "Hello"
         assert to_str_tokens(one) == ["Hello"]
     assert ref.bridge.to_str_tokens(torch.tensor(15496)) == ["Hello"]  # its ints are refused; ours give the same
+
+
+def test_one_id_that_is_no_token_is_refused_as_a_list_s_would_be(without_shape_checks):
     with pytest.raises(TypeError, match="^to_string decodes integer token ids, got True$"):
         to_string(True)
     with pytest.raises(ValueError, match="^to_str_tokens: token id -1 is outside GPT-2's vocabulary"):

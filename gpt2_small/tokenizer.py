@@ -10,6 +10,7 @@ import numbers
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
@@ -24,6 +25,9 @@ EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 GPT2_VOCAB = EOT_ID + 1  # real GPT-2 tokens; ids at or above are padding of a padded vocabulary
 TOKENIZER_ASSET = "gpt2.tiktoken"
+# What the decoders take: ids in a tensor, a numpy array (a token cache's) or a list (numpy's ints
+# too), or one id. Annotated in full, so that jaxtyping's run-time checks admit them all.
+TokenIds = Tensor | np.ndarray | Sequence[numbers.Integral] | numbers.Integral
 
 
 def _bundled_ranks() -> dict[bytes, int]:
@@ -112,7 +116,7 @@ def to_single_token(text: str) -> int:
     return ids[0]
 
 
-def _decodable(tokens: Tensor | Sequence[int] | numbers.Integral, caller: str, ndim: int = 1) -> list:
+def _decodable(tokens: TokenIds, caller: str, ndim: int = 1) -> list:
     """tokens as (nested) lists of ids that have text, or a ValueError/TypeError naming the one that has not.
 
     Before this check tiktoken raised KeyError for an id of a padded vocabulary's extra rows
@@ -137,7 +141,7 @@ def _decodable(tokens: Tensor | Sequence[int] | numbers.Integral, caller: str, n
     return [_ids(row, caller) for row in tokens] if ndim == 2 else _ids(tokens, caller)
 
 
-def _ids(tokens: Sequence, caller: str) -> list[int]:
+def _ids(tokens: np.ndarray | Sequence, caller: str) -> list[int]:
     ids = []
     for token in tokens:
         try:
@@ -156,7 +160,7 @@ def _ids(tokens: Sequence, caller: str) -> list[int]:
     return ids
 
 
-def to_string(tokens: Tensor | Sequence[int] | numbers.Integral) -> str:
+def to_string(tokens: TokenIds) -> str:
     """Decode one sequence: a list of ids, a [pos] tensor or a [1, pos] tensor; or one id (an int
     or a 0-d tensor, as TransformerLens's to_string takes it)."""
     return get_tokenizer().decode(_decodable(tokens, "to_string"))
@@ -167,7 +171,7 @@ def to_strings(tokens: Int[Tensor, "batch pos"]) -> list[str]:
     return get_tokenizer().decode_batch(_decodable(tokens, "to_strings", ndim=2))
 
 
-def to_str_tokens(tokens: Tensor | Sequence[int] | numbers.Integral | str, *, prepend_bos: bool = False) -> list[str]:
+def to_str_tokens(tokens: TokenIds | str, *, prepend_bos: bool = False) -> list[str]:
     """One string per token, for labelling plots: "Hello world" -> ["Hello", " world"]; one id (an
     int or a 0-d tensor) gives a list of one.
 

@@ -115,8 +115,8 @@ def test_decoding_names_an_id_that_has_no_text():
         to_string([EOT_ID + 1])  # the first without
 
 
-def test_decoding_takes_numpy_ids(without_shape_checks):
-    # not a Sequence[int] to beartype, but what list(np_array) and a token cache hold
+def test_decoding_takes_numpy_ids():
+    # what list(np_array) and a token cache hold; with the shape checks on, as the annotations admit them
     assert (
         to_string(np.array([15496, 995])) == to_string(list(np.array([15496, 995], dtype=np.uint16))) == "Hello world"
     )

@@ -200,7 +200,7 @@ class ActivationCache(dict):
         if not isinstance(key, str):
             return held
         if key in self.model.hook_dict:
-            return f"{held}: the run's names_filter left this hook out"
+            return f"a hook of the model that the run's names_filter left out; {held}"
         if (block := re.match(r"blocks\.(\d+)\.", key)) and int(block[1]) >= self.n_layers:
             return f"this model has blocks 0 to {self.n_layers - 1} (n_layers={self.n_layers})"
         if close := difflib.get_close_matches(key, self.model.hook_dict, n=3):

@@ -665,8 +665,8 @@ def test_a_missing_cache_key_is_told_why_it_is_missing(model, tokens, run):
     with pytest.raises(KeyError) as left_out:
         filtered["blocks.0.hook_resid_pre"]  # a hook of the model, not of this run's cache
     assert str(left_out.value) == (
-        "\"'blocks.0.hook_resid_pre' is not in this cache (it holds 1 activation; see cache.keys(): "
-        "the run's names_filter left this hook out)\""
+        "\"'blocks.0.hook_resid_pre' is not in this cache (a hook of the model that the run's names_filter left "
+        'out; it holds 1 activation; see cache.keys())"'
     )
     with pytest.raises(
         KeyError,

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 # train_demo writes here and the other two demos read from here, whatever the working directory:
@@ -10,13 +11,18 @@ TRAIN_RUN = Path(__file__).resolve().parents[1] / "runs" / "train_demo"
 
 
 def configure_logging(level: int) -> None:
-    """gpt2_small's log at `level` on stderr, as bare lines; every other library's at WARNING and up.
+    """gpt2_small's log at `level` on stderr, as bare lines (at WARNING on a torchrun rank other than
+    0); every other library's at WARNING and up.
 
     Not the root logger at `level`: at INFO it printed httpx's "HTTP Request: HEAD ..." line for every
     request a hub dataset makes. And huggingface_hub and datasets print through handlers of their
     own: passed on to the root's as well, each of their warnings (offline, the hub's five "Retrying
     in 8s") came out twice.
     """
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun only rank 0 reports progress (each rank said it had read the token cache);
+        # the others still say what goes wrong.
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gpt2_small").setLevel(level)
     for library in ("huggingface_hub", "datasets"):

@@ -960,7 +960,9 @@ def direct_logit_attribution(
     incorrect = _token_ids("incorrect", incorrect, model.cfg.d_vocab, batch).to(final.device)
     logits = model.unembed(model.ln_final(einops.rearrange(final[:, pos], "batch d_model -> batch 1 d_model")))[:, 0]
     n_heads = model.cfg.n_heads
-    W_U, b_U = model.unembed.W_U, model.unembed.b_U
+    # In float32 for a bf16 or fp16 model, as the stacked components come from apply_ln_to_stack.
+    W_U, b_U = at_least_float32(model.unembed.W_U), at_least_float32(model.unembed.b_U)
+    ln_w, ln_b = at_least_float32(model.ln_final.w), at_least_float32(model.ln_final.b)
     direction = W_U[:, correct] - W_U[:, incorrect]  # [d_model batch]
     heads, head_labels = cache.stack_head_results(return_labels=True)
     parts, labels = [cache["hook_embed"], cache["hook_pos_embed"]], ["embed", "pos_embed"]
@@ -971,10 +973,11 @@ def direct_logit_attribution(
         labels.append(f"L{i} b_O")
         parts.append(cache["mlp_out", i])
         labels.append(f"L{i} MLP")
-    stack = cache.apply_ln_to_stack(torch.stack(parts))[:, :, pos]  # [component batch d_model]
-    w_direction = model.ln_final.w[:, None] * direction  # ln_final's w folded into the direction
+    stack = at_least_float32(cache.apply_ln_to_stack(torch.stack(parts))[:, :, pos])  # [component batch d_model]
+    w_direction = ln_w[:, None] * direction  # ln_final's w folded into the direction
     contributions = einops.einsum(stack, w_direction, "component batch d_model, d_model batch -> component batch")
-    bias = einops.einsum(model.ln_final.b, direction, "d_model, d_model batch -> batch") + b_U[correct] - b_U[incorrect]
+    bias = einops.einsum(ln_b, direction, "d_model, d_model batch -> batch") + b_U[correct] - b_U[incorrect]
+    logits = at_least_float32(logits)
     logit_diff = logits.gather(1, correct[:, None]).squeeze(1) - logits.gather(1, incorrect[:, None]).squeeze(1)
     return LogitAttribution(contributions, labels, bias, logit_diff)
 

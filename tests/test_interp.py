@@ -1028,6 +1028,28 @@ def test_direct_logit_attribution_sums_to_the_logit_difference_minus_the_biases(
     torch.testing.assert_close(as_scalar_tensor.contributions, dla.contributions, rtol=0, atol=0)
 
 
+def test_direct_logit_attribution_of_a_bf16_model_is_taken_in_float32(model, tokens):
+    """Before: "expected m1 and m2 to have the same dtype": the stacked components are float32,
+    ln_final's w and W_U were not. Against the same bf16 weights held in float32, the gap is the
+    bf16 activations' rounding."""
+    half = Transformer(SMALL)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    rounded = Transformer(SMALL)
+    rounded.load_state_dict(half.state_dict())
+    correct, incorrect = torch.tensor([5, 17, 42]), 7
+    with torch.no_grad():
+        dla = direct_logit_attribution(half, half.run_with_cache(tokens)[1], correct, incorrect)
+        exact = direct_logit_attribution(rounded, rounded.run_with_cache(tokens)[1], correct, incorrect)
+    assert dla.contributions.dtype == dla.bias.dtype == dla.logit_diff.dtype == torch.float32
+    torch.testing.assert_close(dla.bias, exact.bias, rtol=0, atol=0)  # weights only: the same numbers
+    scale = float(exact.contributions.abs().max())
+    assert (dla.contributions - exact.contributions).abs().max() <= scale * 2**-5  # measured 0.036 of 2.2
+    # the identity, up to the rounding of the model's bf16 logits (2**-8 of their size, two of them)
+    gap = (dla.contributions.sum(dim=0) - (dla.logit_diff - dla.bias)).abs().max()
+    assert gap <= float(dla.logit_diff.abs().max()) * 2**-7  # measured 0.0098 of 4.86
+
+
 def test_logit_attribution_top_ranks_by_size_whatever_the_sign():
     """A component that pushes hard against the answer matters as much as one that pushes for it."""
     dla = interp.LogitAttribution(

@@ -438,7 +438,7 @@ class ActivationCache(dict):
         if centre:
             W_out = W_out - W_out.mean(dim=-1, keepdim=True)
         if project is not None:
-            W_out = W_out @ project
+            W_out = _project(W_out, project)
         return post[..., None] * W_out
 
     def stack_neuron_results(
@@ -481,7 +481,7 @@ class ActivationCache(dict):
             if folded:
                 target = self.apply_ln_to_stack(target[None], layer, mlp_input, pos_slice=pos_slice)[0]
             if project is not None:
-                target = target @ project
+                target = _project(target, project)
             stack = torch.cat([stack, (target - stack.sum(dim=0))[None]])
             labels.append("remainder")
         if apply_ln and not folded:
@@ -515,7 +515,7 @@ class ActivationCache(dict):
         def finish(stack: Tensor) -> Tensor:  # the per-component LayerNorm, then the projection, when folded
             if folded:
                 stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
-            return stack if project is None else stack @ project
+            return stack if project is None else _project(stack, project)
 
         parts, labels = [], []
         if layer + int(mlp_input) > 0:  # the heads of layer itself write into resid_mid
@@ -712,6 +712,13 @@ def residual_directions(
     if ids.numel() == 1:  # one token, in any shape: [d_model], as TransformerLens
         return W_U[:, int(ids.reshape(()))]
     return einops.rearrange(W_U[:, ids.to(W_U.device)], "d_model ... -> ... d_model")
+
+
+def _project(x: Tensor, directions: Float[Tensor, "d_model n_outputs"]) -> Tensor:
+    """x @ directions in their common dtype: a stack divided by a LayerNorm's float32 scale meets
+    the directions of a bf16 or fp16 model (model.W_U[:, ids]), which matmul would refuse."""
+    dtype = torch.promote_types(x.dtype, directions.dtype)
+    return x.to(dtype) @ directions.to(dtype)
 
 
 def _as_slice(pos_slice: "PosSlice") -> Slice:

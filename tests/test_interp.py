@@ -615,6 +615,32 @@ def test_residual_helpers_equal_transformer_lens_on_the_bridges_activations(ref,
     torch.testing.assert_close(actual[-1], expected[-1], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "helper, kwargs",
+    [
+        ("get_full_resid_decomposition", {"apply_ln": True}),
+        ("get_full_resid_decomposition", {"apply_ln": True, "expand_neurons": False}),
+        ("stack_neuron_results", {"layer": 2, "apply_ln": True, "incl_remainder": True}),
+        ("stack_neuron_results", {"layer": 2, "incl_remainder": True}),
+    ],
+)
+def test_projections_of_a_bf16_model_onto_its_own_directions(model, tokens, helper, kwargs):
+    """project_output_onto=model.W_U[:, ids] of a bf16 model: the LayerNorm-scaled stack is float32
+    (the cached scale is), the directions bf16. Before: "expected m1 and m2 to have the same
+    dtype". The projection equals the unprojected stack times the directions, up to bf16 rounding."""
+    half = Transformer(SMALL)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    directions = half.W_U[:, [3, 9]].detach()
+    with torch.no_grad():
+        cache = half.run_with_cache(tokens)[1]
+        projected = getattr(cache, helper)(project_output_onto=directions, **kwargs)
+        expected = getattr(cache, helper)(**kwargs).float() @ directions.float()
+    assert projected.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert (projected.float() - expected).abs().max() <= scale * 2**-6  # measured at most 0.007 of it
+
+
 def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
     ours, theirs = bridge_activations(ref, ref.tokens[:, :8])
     with torch.no_grad():

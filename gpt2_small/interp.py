@@ -583,6 +583,8 @@ class ActivationCache(dict):
         second (has_batch_dim=False: it has none). recompute_ln=True with layer = n_layers runs
         ln_final itself (w and b included) on each component, with the component's own statistics;
         with another layer it is refused (TransformerLens ignores it there, and divides by the cached scale).
+        A stack whose batch and positions are not the sliced scale's is refused, where TransformerLens
+        broadcasts (a stack of one sequence came back with the batch's size).
         """
         check_flags(mlp_input=mlp_input, has_batch_dim=has_batch_dim, recompute_ln=recompute_ln)
         layer = self._layer(layer, mlp_input=mlp_input)
@@ -591,14 +593,24 @@ class ActivationCache(dict):
                 f"recompute_ln runs ln_final, which reads the final stream: pass layer=None (or -1, or "
                 f"n_layers={self.n_layers}), not {layer}"
             )
-        batch_slice = _as_slice(batch_slice)
+        given_batch_slice, batch_slice = batch_slice, _as_slice(batch_slice)
         if has_batch_dim:
             residual_stack = batch_slice.apply(residual_stack, dim=1)
         if recompute_ln:
             flat = einops.rearrange(residual_stack, "... d_model -> (...) 1 d_model")  # ln_final's [batch pos d_model]
             return self.model.ln_final(flat).reshape(residual_stack.shape)
+        scale = self._ln_scale(layer, mlp_input, _as_slice(pos_slice), batch_slice)
+        if residual_stack.shape[1:-1] != scale.shape[:-1]:
+            # Else broadcasting: a stack of one sequence against a batch's scales came back with
+            # the batch's size, and positions that did not line up raised torch's size error.
+            raise ValueError(
+                f"residual_stack's {tuple(residual_stack.shape[1:-1])} (its axes between component and "
+                f"d_model) are not the cached scale's {tuple(scale.shape[:-1])} at pos_slice={_spelled(pos_slice)!r}, "
+                f"batch_slice={_spelled(given_batch_slice)!r}: pass the pos_slice and "
+                f"batch_slice the stack was cut with"
+            )
         residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
-        return residual_stack / self._ln_scale(layer, mlp_input, _as_slice(pos_slice), batch_slice)
+        return residual_stack / scale
 
     def _ln_scale(
         self, layer: int, mlp_input: bool, pos_slice: Slice, batch_slice: Slice | None = None
@@ -719,6 +731,11 @@ def _project(x: Tensor, directions: Float[Tensor, "d_model n_outputs"]) -> Tenso
     the directions of a bf16 or fp16 model (model.W_U[:, ids]), which matmul would refuse."""
     dtype = torch.promote_types(x.dtype, directions.dtype)
     return x.to(dtype) @ directions.to(dtype)
+
+
+def _spelled(pos_slice: "PosSlice") -> object:
+    """A slice argument as the user wrote it, for messages: a Slice (made from one) by its slice."""
+    return pos_slice.slice if isinstance(pos_slice, Slice) else pos_slice
 
 
 def _as_slice(pos_slice: "PosSlice") -> Slice:

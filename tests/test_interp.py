@@ -641,6 +641,28 @@ def test_projections_of_a_bf16_model_onto_its_own_directions(model, tokens, help
     assert (projected.float() - expected).abs().max() <= scale * 2**-6  # measured at most 0.007 of it
 
 
+def test_apply_ln_to_stack_refuses_a_stack_cut_otherwise_than_it_is_told(run):
+    """Before: one sequence's stack against a batch of 3's scales came back with a batch of 3
+    (broadcast), and a stack cut to the last position raised torch's "The size of tensor a (3)
+    must match the size of tensor b (10)"."""
+    _, cache = run
+    stack = cache.accumulated_resid(layer=2)  # [component batch=3 pos=10 d_model]
+    with pytest.raises(ValueError) as one_sequence:
+        cache.apply_ln_to_stack(stack[:, :1], layer=2)
+    assert str(one_sequence.value) == (
+        "residual_stack's (1, 10) (its axes between component and d_model) are not the cached scale's (3, 10) at "
+        "pos_slice=None, batch_slice=None: pass the pos_slice and batch_slice the stack was cut with"
+    )
+    with pytest.raises(ValueError, match=r"^residual_stack's \(3,\) .* scale's \(3, 10\) at pos_slice=None, batch"):
+        cache.apply_ln_to_stack(stack[:, :, -1], layer=2)
+    with pytest.raises(ValueError, match=r"^residual_stack's \(3,\) .* scale's \(3, 10\) at pos_slice=None, batch"):
+        cache.logit_attrs(cache.accumulated_resid(pos_slice=-1), tokens=1)  # its pos_slice left out
+    # told, both are taken
+    scaled = cache.apply_ln_to_stack(stack[:, :1], layer=2, batch_slice=[0])
+    torch.testing.assert_close(scaled, cache.apply_ln_to_stack(stack, layer=2)[:, :1], rtol=0, atol=0)
+    assert cache.logit_attrs(cache.accumulated_resid(pos_slice=-1), tokens=1, pos_slice=-1).shape == (4, 3)
+
+
 def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
     ours, theirs = bridge_activations(ref, ref.tokens[:, :8])
     with torch.no_grad():

@@ -21,6 +21,7 @@ with apply_ln over the whole model applies ln_final to each entry on its own (th
 """
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -253,8 +254,7 @@ class ActivationCache(dict):
             logger.warning("compute_head_results: every layer's head results are in the cache already")
         for i in missing:
             self[act_name("result", i)] = einops.einsum(
-                self["z", i],
-                self.model.blocks[i].attn.W_O,
+                *_promoted(self["z", i], self.model.blocks[i].attn.W_O),
                 "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model",
             )
 
@@ -394,8 +394,9 @@ class ActivationCache(dict):
         parts, labels = [], []
         for i in range(layer):
             per_head = einops.einsum(
-                pos_slice.apply(self["z", i], dim=-3),  # [batch] pos n_heads d_head
-                self.model.blocks[i].attn.W_O,
+                *_promoted(
+                    pos_slice.apply(self["z", i], dim=-3), self.model.blocks[i].attn.W_O
+                ),  # z: [batch] pos n_heads d_head
                 "... n_heads d_head, n_heads d_head d_model -> n_heads ... d_model",
             )
             parts.append(per_head)
@@ -726,11 +727,18 @@ def residual_directions(
     return einops.rearrange(W_U[:, ids.to(W_U.device)], "d_model ... -> ... d_model")
 
 
+def _promoted(*tensors: Tensor) -> list[Tensor]:
+    """The tensors in their common dtype, for a product: matmul and einsum refuse mixed dtypes,
+    which meet here when a stack divided by a LayerNorm's float32 scale meets a bf16 model's
+    weights or directions (model.W_U[:, ids]), or a cache made under autocast (bf16 z) meets the
+    float32 model's W_O."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return [t.to(dtype) for t in tensors]
+
+
 def _project(x: Tensor, directions: Float[Tensor, "d_model n_outputs"]) -> Tensor:
-    """x @ directions in their common dtype: a stack divided by a LayerNorm's float32 scale meets
-    the directions of a bf16 or fp16 model (model.W_U[:, ids]), which matmul would refuse."""
-    dtype = torch.promote_types(x.dtype, directions.dtype)
-    return x.to(dtype) @ directions.to(dtype)
+    x, directions = _promoted(x, directions)
+    return x @ directions
 
 
 def _spelled(pos_slice: "PosSlice") -> object:

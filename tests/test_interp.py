@@ -663,6 +663,25 @@ def test_apply_ln_to_stack_refuses_a_stack_cut_otherwise_than_it_is_told(run):
     assert cache.logit_attrs(cache.accumulated_resid(pos_slice=-1), tokens=1, pos_slice=-1).shape == (4, 3)
 
 
+def test_a_cache_made_under_autocast_decomposes_into_heads(model, tokens):
+    """Under torch.autocast (bf16), z is cached in bf16 and W_O is the float32 model's. Before:
+    "expected scalar type Float but found BFloat16" from the head results, and so from the full
+    decomposition and direct_logit_attribution. The heads still sum to attn_out less b_O, up to
+    the bf16 rounding of the run."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cache = model.run_with_cache(tokens)
+    assert cache["z", 0].dtype == torch.bfloat16 and model.blocks[0].attn.W_O.dtype == torch.float32
+    with torch.no_grad():
+        heads = cache.stack_head_results(layer=1)  # layer 0's 4 heads
+        cache.compute_head_results()
+        full = cache.get_full_resid_decomposition(apply_ln=True, expand_neurons=False)
+        dla = direct_logit_attribution(model, cache, 5, 7)
+    attn_out = cache["attn_out", 0].float() - model.blocks[0].attn.b_O.detach()
+    torch.testing.assert_close(heads.sum(dim=0), attn_out, rtol=0, atol=float(attn_out.abs().max()) * 2**-6)
+    torch.testing.assert_close(cache["result", 0].movedim(-2, 0), heads, rtol=0, atol=0)
+    assert full.dtype == dla.contributions.dtype == torch.float32 and full.isfinite().all()
+
+
 def test_apply_ln_to_stack_takes_transformer_lens_slices(ref):
     ours, theirs = bridge_activations(ref, ref.tokens[:, :8])
     with torch.no_grad():

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
+from gpt2_small.weights import hub_errors
 from solution import _atomic_write, check_count, check_flag, file_in_the_way, spelled_as_path, user_path
 
 logger = logging.getLogger(__name__)
@@ -197,9 +198,10 @@ def _load_hub(source: str, config_name: str | None, split: str, streaming: bool 
 
     try:
         return datasets.load_dataset(source, config_name, split=split, streaming=streaming)
-    # OSError covers them all: an offline ConnectionError, a FileNotFoundError, and the hub's
-    # DatasetNotFoundError for an unknown id, which derives from FileNotFoundError.
-    except OSError as e:
+    # OSError covers the hub's own: an offline ConnectionError, a FileNotFoundError, and the hub's
+    # DatasetNotFoundError for an unknown id, which derives from FileNotFoundError; httpx's
+    # transport errors (a dropped connection) are no OSError.
+    except hub_errors() as e:
         offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
         # The hub's own words, folded to one line: "unknown" alone hid a gated dataset's "You must
         # be authenticated to access it".
@@ -222,10 +224,17 @@ def _stream_hub(source: str, config_name: str | None, split: str, max_examples: 
 
     texts = []
     rows = _load_hub(source, config_name, split, streaming=True).take(max_examples)
-    for row in tqdm(rows, total=max_examples, desc=f"streaming {source}", unit="doc"):
-        if text_column not in row:
-            raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
-        texts.append(row[text_column])
+    try:
+        for row in tqdm(rows, total=max_examples, desc=f"streaming {source}", unit="doc"):
+            if text_column not in row:
+                raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
+            texts.append(row[text_column])
+    except hub_errors() as e:  # the connection lost mid-stream: a traceback from deep in datasets before
+        reason = " ".join(str(e).split())
+        raise ValueError(
+            f"streaming {source!r} stopped after {len(texts):,} of {max_examples:,} documents ({type(e).__name__}: "
+            f"{reason}); nothing was kept: run again once the Hugging Face Hub can be reached"
+        ) from e
     return datasets.Dataset.from_dict({text_column: texts})
 
 

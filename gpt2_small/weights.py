@@ -210,7 +210,7 @@ def _download_from_hub(repo_id: str) -> Path:
                 shards = _shard_names(directory / index)
                 return Path(snapshot_download(repo_id, allow_patterns=["config.json", index, *shards]))
         return directory
-    except _hub_errors() as e:
+    except hub_errors() as e:
         # A near miss of a short name ("gpt2-mediumm", "gpt-2") is no repository the hub has either.
         close = difflib.get_close_matches(repo_id.lower(), HUB_ALIASES, n=1, cutoff=0.8)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -224,7 +224,9 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from e
 
 
-def _hub_errors() -> tuple[type[BaseException], ...]:
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download from the Hugging Face Hub raises (for `except`): the model's here, a
+    dataset's in gpt2_small.data."""
     import httpx
 
     # OSError covers huggingface_hub's own: HfHubHTTPError, LocalEntryNotFoundError (nothing cached,

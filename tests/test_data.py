@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import datasets
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -330,6 +331,26 @@ def test_max_examples_of_a_hub_dataset_are_streamed_not_downloaded_whole(tmp_pat
     assert len(fake_hub) == 5  # refused before anything was asked of the hub
 
 
+@pytest.mark.parametrize("error", [httpx.ReadTimeout("timed out"), ConnectionError("Connection reset by peer")])
+def test_a_stream_cut_off_midway_is_one_clear_error(monkeypatch, error):
+    """Online, the connection can drop after the first documents of a streamed split. Before: the
+    error came out of datasets' iterator as a traceback."""
+
+    class Stream:
+        def take(self, n):
+            yield {"text": "one"}
+            yield {"text": "two"}
+            raise error
+
+    monkeypatch.setattr(gpt2_small.data, "_load_hub", lambda *args, **kwargs: Stream())
+    with pytest.raises(ValueError) as raised:
+        load_text_dataset("someone/corpus", max_examples=10)
+    assert str(raised.value) == (
+        f"streaming 'someone/corpus' stopped after 2 of 10 documents ({type(error).__name__}: {error}); nothing "
+        "was kept: run again once the Hugging Face Hub can be reached"
+    )
+
+
 def test_missing_text_column_names_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x", "id": 1}])
     with pytest.raises(ValueError, match=r"no text column 'text'; its columns are \['body', 'id'\]"):
@@ -422,8 +443,9 @@ def test_unknown_dataset_offline_is_a_clear_error(monkeypatch):
         ),
         FileNotFoundError("no data files"),
         OSError("reset"),
+        httpx.ConnectError("connection reset"),  # httpx's transport errors are no OSError
     ],
-    ids=["not-found", "gated", "no-files", "os-error"],
+    ids=["not-found", "gated", "no-files", "os-error", "httpx"],
 )
 def test_what_the_hub_raises_online_for_an_unknown_dataset_is_the_same_clear_error(monkeypatch, error):
     """Online, the hub answers a wrong id with DatasetNotFoundError (or a missing file, or a dropped

@@ -1775,6 +1775,24 @@ def test_attention_pattern_grid_has_an_axis_per_head_and_labels_short_prompts(ru
     assert not any(t.get_text().startswith("tok") for t in ax.get_xticklabels())
 
 
+def test_a_heatmap_of_many_positions_stays_a_viewable_size_and_labels_every_kth():
+    """Before: 0.35 inch per column whatever their number: a logit lens of 1,024 positions was
+    361 inches wide (36,000 pixels) with 1,024 overlapping labels."""
+    layers = [f"{i}_pre" for i in range(13)]
+    short = interp.plot_logit_lens(torch.randn(13, 60), layers, [f"t{i}" for i in range(60)])
+    assert short.get_size_inches()[0] == pytest.approx(0.35 * 60 + 2.5)  # up to 60, as it was: one label each
+    assert [t.get_text() for t in short.axes[0].get_xticklabels()] == [f"t{i}" for i in range(60)]
+    long = interp.plot_logit_lens(torch.randn(13, 1024), layers, [f"t{i}" for i in range(1024)])
+    assert long.get_size_inches()[0] == pytest.approx(0.35 * 60 + 2.5)
+    step = 18  # ceil(1024 / 60)
+    assert list(long.axes[0].get_xticks()) == list(range(0, 1024, step))
+    assert [t.get_text() for t in long.axes[0].get_xticklabels()] == [f"t{i}" for i in range(0, 1024, step)]
+    assert [t.get_text() for t in long.axes[0].get_yticklabels()] == layers  # 13 rows: every one
+    tall = interp.plot_patching(torch.randn(100, 3))  # rows past 60 too
+    assert tall.get_size_inches()[1] == pytest.approx(0.35 * 60 + 1.8)
+    assert list(tall.axes[0].get_yticks()) == list(range(0, 100, 2))
+
+
 def test_composition_plot_labels_heads_or_layers_and_scales_from_zero_to_the_maximum():
     scores = torch.rand(2, 3, 2, 3) * 0.5
     ax = interp.plot_composition_scores(scores, mode="V").axes[0]

@@ -233,12 +233,21 @@ class ActivationCache(dict):
     def apply_slice_to_batch_dim(self, batch_slice: PosSlice) -> "ActivationCache":
         """A new cache of the sequences `batch_slice` picks, as TransformerLens's: an int keeps one
         and drops the batch axis; (start, stop[, step]), a slice or a list keep several."""
-        batch_slice = _as_slice(batch_slice)
+        given, batch_slice = batch_slice, _as_slice(batch_slice)
         if not self.has_batch_dim and batch_slice.mode not in ("identity", "empty"):
             raise ValueError("this cache has no batch axis to slice (it was made with remove_batch_dim)")
         if not self.has_batch_dim:  # None: the whole cache, as it is
             return ActivationCache(dict(self), self.model, has_batch_dim=False)
         batch = max((value.shape[0] for value in self.values() if value.ndim > 0), default=0)
+        try:  # torch's IndexError named no argument, and a slice past the end gave an empty cache
+            picked = batch_slice.apply(torch.arange(batch), dim=0).numel()
+        except IndexError:
+            raise ValueError(
+                f"batch_slice={given!r} indexes past this cache's batch of {batch} (0 to {batch - 1}, or "
+                f"-{batch} to -1)"
+            ) from None
+        if picked == 0:
+            raise ValueError(f"batch_slice={given!r} picks no sequence of this cache's batch of {batch}")
         # An entry of leading size 1 in a larger batch is broadcast over it, not one sequence's.
         sliced = {
             name: batch_slice.apply(value, dim=0) if value.ndim > 0 and value.shape[0] == batch else value

@@ -813,6 +813,18 @@ def test_apply_slice_to_batch_dim_keeps_an_entry_broadcast_over_the_batch_whole(
     torch.testing.assert_close(sliced["resid_pre", 1], cache["resid_pre", 1][index], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch_slice", [5, -4, [0, 3], (3, 5), slice(2, 2)])
+def test_apply_slice_to_batch_dim_names_a_slice_outside_the_batch(run, batch_slice):
+    """Before: torch's "index 5 is out of bounds for dimension 0 with size 3", naming neither, and
+    for a range past the end an empty cache whose helpers failed later."""
+    _, cache = run  # a batch of 3
+    with pytest.raises(ValueError) as raised:
+        cache.apply_slice_to_batch_dim(batch_slice)
+    why = "picks no sequence of" if isinstance(batch_slice, (tuple, slice)) else "indexes past"
+    assert str(raised.value).startswith(f"batch_slice={batch_slice!r} {why} this cache's batch of 3")
+    assert cache.apply_slice_to_batch_dim(-3)["embed"].shape == cache["embed"].shape[1:]  # the first, from the end
+
+
 def test_apply_slice_to_batch_dim_refuses_an_unbatched_cache(ref):
     same_inputs, _ = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
     with pytest.raises(ValueError, match="no batch axis to slice"):

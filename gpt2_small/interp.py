@@ -268,6 +268,23 @@ class ActivationCache(dict):
                 "... n_heads d_head, n_heads d_head d_model -> ... n_heads d_model",
             )
 
+    def _positions(self, pos_slice: PosSlice) -> Slice:
+        """pos_slice as a Slice, refused by name if it indexes past the cache's positions or picks
+        none: torch's IndexError named neither, and a range past the end gave empty stacks."""
+        given, pos_slice = _spelled(pos_slice), _as_slice(pos_slice)
+        if "hook_embed" not in self:  # a cache of some hooks only: their position axes differ
+            return pos_slice
+        n_pos = self["hook_embed"].shape[-2]
+        try:
+            picked = pos_slice.apply(torch.arange(n_pos), dim=0).numel()
+        except IndexError:
+            raise ValueError(
+                f"pos_slice={given!r} indexes past this cache's {n_pos} positions (0 to {n_pos - 1}, or -{n_pos} to -1)"
+            ) from None
+        if picked == 0:
+            raise ValueError(f"pos_slice={given!r} picks none of this cache's {n_pos} positions")
+        return pos_slice
+
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
@@ -333,7 +350,7 @@ class ActivationCache(dict):
             if (incl_mid and i < layer) or (mlp_input and i == layer):
                 labels.append(f"{i}_mid")
                 parts.append(self["resid_mid", i])
-        pos_slice = _as_slice(pos_slice)
+        pos_slice = self._positions(pos_slice)
         stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(
@@ -376,7 +393,7 @@ class ActivationCache(dict):
                 parts.append(self["mlp_out", i])
         if not parts:
             raise ValueError(f"nothing to decompose: layer={layer}, mode={mode!r}, incl_embeds={incl_embeds}")
-        pos_slice = _as_slice(pos_slice)
+        pos_slice = self._positions(pos_slice)
         stack = torch.stack([pos_slice.apply(part, dim=-2) for part in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
@@ -400,7 +417,7 @@ class ActivationCache(dict):
         """
         check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln)
         layer = self._layer(layer, stacked="heads before it")
-        pos_slice = _as_slice(pos_slice)
+        pos_slice = self._positions(pos_slice)
         parts, labels = [], []
         for i in range(layer):
             per_head = einops.einsum(
@@ -436,7 +453,7 @@ class ActivationCache(dict):
         [... neuron d_model] tensor is never built.
         """
         project, squeeze = self._projection(project_output_onto)
-        results = self._neuron_results(layer, _as_slice(neuron_slice), _as_slice(pos_slice), project)
+        results = self._neuron_results(layer, _as_slice(neuron_slice), self._positions(pos_slice), project)
         return results.squeeze(-1) if squeeze else results
 
     def _neuron_results(
@@ -475,7 +492,7 @@ class ActivationCache(dict):
         """
         check_flags(return_labels=return_labels, incl_remainder=incl_remainder, apply_ln=apply_ln, mlp_input=mlp_input)
         layer = self._layer(layer, stacked="neurons before it", mlp_input=mlp_input)
-        pos_slice, neuron_slice = _as_slice(pos_slice), _as_slice(neuron_slice)
+        pos_slice, neuron_slice = self._positions(pos_slice), _as_slice(neuron_slice)
         if neuron_slice.mode == "int":  # the neuron axis is the stack's: keep it
             neuron_slice = Slice([neuron_slice.slice])
         project, squeeze = self._projection(project_output_onto)
@@ -519,7 +536,7 @@ class ActivationCache(dict):
         """
         check_flags(mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, return_labels=return_labels)
         layer = self._layer(layer, mlp_input=mlp_input)
-        pos_slice = _as_slice(pos_slice)
+        pos_slice = self._positions(pos_slice)
         project, squeeze = self._projection(project_output_onto)
         folded = apply_ln and project is not None
 
@@ -610,7 +627,7 @@ class ActivationCache(dict):
         if recompute_ln:
             flat = einops.rearrange(residual_stack, "... d_model -> (...) 1 d_model")  # ln_final's [batch pos d_model]
             return self.model.ln_final(flat).reshape(residual_stack.shape)
-        scale = self._ln_scale(layer, mlp_input, _as_slice(pos_slice), batch_slice)
+        scale = self._ln_scale(layer, mlp_input, self._positions(pos_slice), batch_slice)
         if residual_stack.shape[1:-1] != scale.shape[:-1]:
             # Else broadcasting: a stack of one sequence against a batch's scales came back with
             # the batch's size, and positions that did not line up raised torch's size error.

@@ -825,6 +825,29 @@ def test_apply_slice_to_batch_dim_names_a_slice_outside_the_batch(run, batch_sli
     assert cache.apply_slice_to_batch_dim(-3)["embed"].shape == cache["embed"].shape[1:]  # the first, from the end
 
 
+@pytest.mark.parametrize(
+    "pos_slice, why",
+    [(10, "indexes past"), (-11, "indexes past"), ([0, 10], "indexes past"), ((10, 12), "picks none of")],
+)
+def test_residual_helpers_name_a_pos_slice_outside_the_positions(run, pos_slice, why):
+    """Before: torch's "index 10 is out of bounds for dimension 1 with size 10", naming neither, or
+    for a range past the end stacks of no position."""
+    _, cache = run  # 10 positions
+    for helper in (
+        lambda: cache.accumulated_resid(pos_slice=pos_slice),
+        lambda: cache.decompose_resid(pos_slice=pos_slice),
+        lambda: cache.stack_head_results(pos_slice=pos_slice),
+        lambda: cache.get_neuron_results(1, pos_slice=pos_slice),
+        lambda: cache.stack_neuron_results(1, pos_slice=pos_slice),
+        lambda: cache.get_full_resid_decomposition(pos_slice=pos_slice),
+        lambda: cache.apply_ln_to_stack(torch.zeros(1, 3, 1, 32), pos_slice=pos_slice),
+    ):
+        with pytest.raises(ValueError) as raised:
+            helper()
+        assert str(raised.value).startswith(f"pos_slice={pos_slice!r} {why} this cache's 10 positions")
+    assert cache.accumulated_resid(pos_slice=-10).shape == (4, 3, 32)  # the first, from the end
+
+
 def test_apply_slice_to_batch_dim_refuses_an_unbatched_cache(ref):
     same_inputs, _ = bridge_activations(ref, ref.tokens[:1, :8], remove_batch_dim=True)
     with pytest.raises(ValueError, match="no batch axis to slice"):

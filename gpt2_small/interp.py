@@ -239,15 +239,7 @@ class ActivationCache(dict):
         if not self.has_batch_dim:  # None: the whole cache, as it is
             return ActivationCache(dict(self), self.model, has_batch_dim=False)
         batch = max((value.shape[0] for value in self.values() if value.ndim > 0), default=0)
-        try:  # torch's IndexError named no argument, and a slice past the end gave an empty cache
-            picked = batch_slice.apply(torch.arange(batch), dim=0).numel()
-        except IndexError:
-            raise ValueError(
-                f"batch_slice={given!r} indexes past this cache's batch of {batch} (0 to {batch - 1}, or "
-                f"-{batch} to -1)"
-            ) from None
-        if picked == 0:
-            raise ValueError(f"batch_slice={given!r} picks no sequence of this cache's batch of {batch}")
+        _check_picks("batch_slice", given, batch_slice, batch, "sequences")
         # An entry of leading size 1 in a larger batch is broadcast over it, not one sequence's.
         sliced = {
             name: batch_slice.apply(value, dim=0) if value.ndim > 0 and value.shape[0] == batch else value
@@ -274,15 +266,7 @@ class ActivationCache(dict):
         given, pos_slice = _spelled(pos_slice), _as_slice(pos_slice)
         if "hook_embed" not in self:  # a cache of some hooks only: their position axes differ
             return pos_slice
-        n_pos = self["hook_embed"].shape[-2]
-        try:
-            picked = pos_slice.apply(torch.arange(n_pos), dim=0).numel()
-        except IndexError:
-            raise ValueError(
-                f"pos_slice={given!r} indexes past this cache's {n_pos} positions (0 to {n_pos - 1}, or -{n_pos} to -1)"
-            ) from None
-        if picked == 0:
-            raise ValueError(f"pos_slice={given!r} picks none of this cache's {n_pos} positions")
+        _check_picks("pos_slice", given, pos_slice, self["hook_embed"].shape[-2], "positions")
         return pos_slice
 
     @property
@@ -766,6 +750,20 @@ def _promoted(*tensors: Tensor) -> list[Tensor]:
 def _project(x: Tensor, directions: Float[Tensor, "d_model n_outputs"]) -> Tensor:
     x, directions = _promoted(x, directions)
     return x @ directions
+
+
+def _check_picks(name: str, given: object, picks: Slice, n: int, what: str) -> None:
+    """Refuse a slice that indexes past n entries or picks none, naming it as the user gave it:
+    torch's IndexError named neither the argument nor the axis, and a range past the end gave
+    empty results."""
+    try:
+        picked = picks.apply(torch.arange(n), dim=0).numel()
+    except IndexError:
+        raise ValueError(
+            f"{name}={given!r} indexes past this cache's {n} {what} (0 to {n - 1}, or -{n} to -1)"
+        ) from None
+    if picked == 0:
+        raise ValueError(f"{name}={given!r} picks none of this cache's {n} {what}")
 
 
 def _spelled(pos_slice: "PosSlice") -> object:

@@ -820,8 +820,8 @@ def test_apply_slice_to_batch_dim_names_a_slice_outside_the_batch(run, batch_sli
     _, cache = run  # a batch of 3
     with pytest.raises(ValueError) as raised:
         cache.apply_slice_to_batch_dim(batch_slice)
-    why = "picks no sequence of" if isinstance(batch_slice, (tuple, slice)) else "indexes past"
-    assert str(raised.value).startswith(f"batch_slice={batch_slice!r} {why} this cache's batch of 3")
+    why = "picks none of" if isinstance(batch_slice, (tuple, slice)) else "indexes past"
+    assert str(raised.value).startswith(f"batch_slice={batch_slice!r} {why} this cache's 3 sequences")
     assert cache.apply_slice_to_batch_dim(-3)["embed"].shape == cache["embed"].shape[1:]  # the first, from the end
 
 

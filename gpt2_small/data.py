@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from gpt2_small.assets import asset_path, sha256_of
 from gpt2_small.tokenizer import EOT_ID, TOKENIZER_ASSET, get_tokenizer
-from gpt2_small.weights import hub_errors
+from gpt2_small.weights import hub_error_text, hub_errors
 from solution import _atomic_write, check_count, check_flag, file_in_the_way, spelled_as_path, user_path
 
 logger = logging.getLogger(__name__)
@@ -203,12 +203,10 @@ def _load_hub(source: str, config_name: str | None, split: str, streaming: bool 
     # transport errors (a dropped connection) are no OSError.
     except hub_errors() as e:
         offline = " (offline mode is on)" if constants.HF_HUB_OFFLINE else ""
-        # The hub's own words, folded to one line: "unknown" alone hid a gated dataset's "You must
-        # be authenticated to access it".
-        reason = " ".join(str(e).split())
+        # The hub's own words: "unknown" alone hid a gated dataset's "You must be authenticated to access it".
         raise ValueError(
             f"could not load dataset {source!r}{offline}: it is not a local file or directory, and the Hugging Face "
-            f"Hub could not provide it ({type(e).__name__}{': ' + reason if reason else ''}). Offline, use the "
+            f"Hub could not provide it ({hub_error_text(e)}). Offline, use the "
             f"bundled {EMBEDDED_DATASET!r} or a local .txt/.jsonl/.csv/.parquet file."
         ) from e
 
@@ -230,10 +228,9 @@ def _stream_hub(source: str, config_name: str | None, split: str, max_examples: 
                 raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
             texts.append(row[text_column])
     except hub_errors() as e:  # the connection lost mid-stream: a traceback from deep in datasets before
-        reason = " ".join(str(e).split())
         raise ValueError(
-            f"streaming {source!r} stopped after {len(texts):,} of {max_examples:,} documents ({type(e).__name__}: "
-            f"{reason}); nothing was kept: run again once the Hugging Face Hub can be reached"
+            f"streaming {source!r} stopped after {len(texts):,} of {max_examples:,} documents ({hub_error_text(e)}); "
+            f"nothing was kept: run again once the Hugging Face Hub can be reached"
         ) from e
     return datasets.Dataset.from_dict({text_column: texts})
 

@@ -214,12 +214,9 @@ def _download_from_hub(repo_id: str) -> Path:
         # A near miss of a short name ("gpt2-mediumm", "gpt-2") is no repository the hub has either.
         close = difflib.get_close_matches(repo_id.lower(), HUB_ALIASES, n=1, cutoff=0.8)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        # The hub's messages span lines ("404 Client Error.\n\nRepository Not Found for url: ..."):
-        # folded to one, so that the demos' one-line refusal stays one line.
-        reason = " ".join(str(e).split())
         raise OSError(
             f"{repo_id!r} is not a local directory, and the Hugging Face Hub "
-            f"did not provide it ({type(e).__name__}: {reason}).{hint} Offline? Pass a directory saved with "
+            f"did not provide it ({hub_error_text(e)}).{hint} Offline? Pass a directory saved with "
             f"GPT2LMHeadModel.save_pretrained, or a checkpoint written by Transformer.save."
         ) from e
 
@@ -232,6 +229,13 @@ def hub_errors() -> tuple[type[BaseException], ...]:
     # OSError covers huggingface_hub's own: HfHubHTTPError, LocalEntryNotFoundError (nothing cached,
     # offline) and OfflineModeIsEnabled all derive from it; httpx's transport errors do not.
     return (OSError, httpx.HTTPError)
+
+
+def hub_error_text(error: BaseException) -> str:
+    """ "Type: message" of a hub error, on one line: the hub's messages span lines ("404 Client
+    Error.\n\nRepository Not Found for url: ..."), and the demos print our refusals as one line."""
+    reason = " ".join(str(error).split())
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
 def read_hf_checkpoint(directory: Path) -> tuple[dict, dict[str, Tensor]]:

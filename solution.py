@@ -1186,8 +1186,9 @@ class Transformer(HookedRootModule):
                 raise ValueError(
                     f"{arg}: {name!r} is one of TransformerLens's optional hooks; it exists after model.{setter}(True)"
                 )
-            close = difflib.get_close_matches(name, self.hook_dict, n=3) if isinstance(name, str) else []
-            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see model.hook_dict for them"
+            hint = (
+                did_you_mean(name, self.hook_dict) if isinstance(name, str) else None
+            ) or "see model.hook_dict for them"
             raise ValueError(f"{arg}: {name!r} is not the name of a hook point of this model; {hint}")
 
     def add_hook(self, name: str | Callable[[str], bool], hook: Callable, *args, **kwargs) -> None:
@@ -1581,6 +1582,12 @@ PACKAGE_FUNCTIONS = {
     "tokenizer": "gpt2_small.get_tokenizer() (tiktoken's encoding; gpt2_small.tokenizer.hf_tokenizer() for HF's)",
     "generate": "gpt2_small.generate(model, tokens, max_new_tokens), or generate_text(model, get_tokenizer(), prompt)",
 }
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str | None:
+    """ "did you mean 'a' or 'b'?" for up to 3 of `names` close to a misspelt `name`, or None."""
+    close = difflib.get_close_matches(name, list(names), n=3)
+    return f"did you mean {' or '.join(map(repr, close))}?" if close else None
 
 
 def _optional_hook_setter(name: object, n_layers: int) -> str | None:

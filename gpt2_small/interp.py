@@ -20,7 +20,6 @@ so that the components still add up. The exception, TransformerLens 4's too: acc
 with apply_ln over the whole model applies ln_final to each entry on its own (the logit lens).
 """
 
-import difflib
 import functools
 import logging
 import math
@@ -51,6 +50,7 @@ from solution import (
     check_device,
     check_flag,
     check_flags,
+    did_you_mean,
     user_path,
 )
 
@@ -205,8 +205,8 @@ class ActivationCache(dict):
             return f"a hook of the model that the run's names_filter left out; {held}"
         if (block := re.match(r"blocks\.(\d+)\.", key)) and int(block[1]) >= self.n_layers:
             return f"this model has blocks 0 to {self.n_layers - 1} (n_layers={self.n_layers})"
-        if close := difflib.get_close_matches(key, self.model.hook_dict, n=3):
-            return f"no hook has that name; did you mean {' or '.join(map(repr, close))}?"
+        if guess := did_you_mean(key, self.model.hook_dict):
+            return f"no hook has that name; {guess}"
         return held
 
     def to(self, device: str | torch.device) -> "ActivationCache":

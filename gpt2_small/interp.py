@@ -982,7 +982,7 @@ def _token_ids(name: str, ids: int | Tensor, d_vocab: int, batch: int) -> Int[Te
 def _check_id_range(name: str, ids: Tensor, d_vocab: int) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= d_vocab:
-        raise ValueError(f"{name} token id {low if low < 0 else high} is outside [0, d_vocab={d_vocab})")
+        raise ValueError(f"{name}: token id {low if low < 0 else high} is outside [0, d_vocab={d_vocab})")
 
 
 @torch.no_grad()

@@ -500,7 +500,7 @@ def test_accumulated_bias_and_residual_directions_refuse_what_has_no_meaning(mod
         model.accumulated_bias(3, mlp_input=True)
     with pytest.raises(ValueError, match=r"tokens: ' Mary and' is 2 tokens"):
         model.tokens_to_residual_directions(" Mary and")
-    with pytest.raises(ValueError, match=r"token id 101 is outside \[0, d_vocab=101\)"):
+    with pytest.raises(ValueError, match=r"^tokens: token id 101 is outside \[0, d_vocab=101\)$"):
         model.tokens_to_residual_directions(101)
     with pytest.raises(
         TypeError, match=r"^tokens must be a token id, a str of one token or a tensor of ids, got True$"
@@ -1048,7 +1048,7 @@ def test_logit_lens_log_probs_of_names_targets_that_are_no_token_ids(model, toke
     "Expected dtype int32/int64 for index" for floats, and "'list' object has no attribute 'ndim'"."""
     lens = logit_lens(model, tokens)
     targets = tokens[:, 1:]
-    with pytest.raises(ValueError, match=r"^targets token id 101 is outside \[0, d_vocab=101\)$"):
+    with pytest.raises(ValueError, match=r"^targets: token id 101 is outside \[0, d_vocab=101\)$"):
         lens.log_probs_of(torch.full_like(targets, 101))
     with pytest.raises(TypeError, match=r"^targets must be a tensor of token ids, got a torch.float32 tensor$"):
         lens.log_probs_of(targets.float())
@@ -1180,13 +1180,13 @@ def test_direct_logit_attribution_takes_no_text_for_a_token(model, run, without_
 def test_direct_logit_attribution_names_bad_token_ids_and_positions(model, run):
     _, cache = run  # batch 3, 10 positions, d_vocab 101
     for correct, match in [
-        (101, r"correct token id 101 is outside \[0, d_vocab=101\)"),
-        (-1, r"correct token id -1 is outside \[0, d_vocab=101\)"),  # would silently index the last column
+        (101, r"^correct: token id 101 is outside \[0, d_vocab=101\)"),
+        (-1, r"^correct: token id -1 is outside \[0, d_vocab=101\)"),  # would silently index the last column
         (torch.tensor([1, 2]), r"one token id or one per batch item \(3\), got shape \(2,\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             direct_logit_attribution(model, cache, correct, 7)
-    with pytest.raises(ValueError, match=r"incorrect token id 500 is outside"):
+    with pytest.raises(ValueError, match=r"^incorrect: token id 500 is outside"):
         direct_logit_attribution(model, cache, 7, torch.tensor([1, 2, 500]))
     with pytest.raises(ValueError, match=r"pos=10 is outside the cache's 10 positions \(\[-10, 10\)\)"):
         direct_logit_attribution(model, cache, 1, 7, pos=10)

@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from transformer_lens import FactoredMatrix, HookedRootModule
-from transformer_lens.hook_points import HookPoint
+from transformer_lens import FactoredMatrix, HookedRootModule, hook_points
 
 _ATTN_IMPLS = ("sdpa", "eager")
 _RETURN_TYPES = ("logits", "loss", "both", None)  # Transformer.forward's, as TransformerLens's
@@ -149,6 +148,36 @@ def affine(
     Under autocast, b is cast with x and W, and the output is in the autocast dtype, as nn.Linear's.
     """
     return F.linear(x, W.T, b)
+
+
+class HookPoint(hook_points.HookPoint):
+    """TransformerLens's HookPoint, which also refuses a forward hook's return that cannot stand
+    in for the activation: anything but None or a tensor of the activation's shape.
+
+    TransformerLens passes on whatever a hook returns. A tensor cut to fewer positions then gave
+    logits of fewer positions, and a batch-1 patch was broadcast over the batch, with no error; a
+    number failed deep in the next module. Dtype and device are left to the hook: under autocast a
+    float32 patch of a bf16 activation is what the next matmul casts anyway.
+    """
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = super().__call__(x)
+        if out is not x:  # a hook returned a new value; with none, or only caching hooks, x itself
+            _check_hook_output(self.name, x, out)
+        return out
+
+
+def _check_hook_output(name: str | None, x: Tensor, out: object) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"a forward hook on {name} returned {type(out).__name__}; a hook returns None (to keep the "
+            f"activation) or a tensor of the activation's shape {tuple(x.shape)} to replace it"
+        )
+    if out.shape != x.shape:
+        raise ValueError(
+            f"a forward hook on {name} returned a tensor of shape {tuple(out.shape)} in place of the activation, "
+            f"whose shape is {tuple(x.shape)}; return one of that shape (expand_as(activation) to repeat a patch)"
+        )
 
 
 def _residual_init_std(cfg: TransformerConfig) -> float:

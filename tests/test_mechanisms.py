@@ -400,6 +400,47 @@ def test_run_with_hooks_intervenes():
     assert not model.blocks[0].attn.hook_z.has_hooks()
 
 
+@pytest.mark.parametrize(
+    "name, cut",
+    [
+        ("blocks.0.hook_resid_pre", lambda x: x[:, :3]),  # fewer positions: had given logits of 3
+        ("blocks.1.attn.hook_pattern", lambda x: x[:1]),  # a batch-1 patch: had been broadcast
+        ("blocks.0.attn.hook_z", lambda x: x[..., 0, :]),  # one head's: had failed deep in attention
+        ("ln_final.hook_scale", lambda x: x[..., 0]),  # [batch pos] for [batch pos 1]: broadcast
+        ("blocks.0.attn.hook_result", lambda x: x.sum(-2)),  # an optional hook, added by its setter
+    ],
+)
+def test_a_forward_hook_returning_another_shape_is_refused(name, cut):
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    model.set_use_attn_result(True)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=name)
+        shape = cache[name].shape
+        expected = re.escape(
+            f"a forward hook on {name} returned a tensor of shape {tuple(cut(torch.empty(shape)).shape)} "
+            f"in place of the activation, whose shape is {tuple(shape)}; return one of that shape"
+        )
+        with pytest.raises(ValueError, match=f"^{expected}"):
+            model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: cut(x))])
+        # What a hook may return: a new tensor of the activation's shape, or the activation itself.
+        doubled = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x * 2)])
+        in_place = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hook: x.mul_(2))])
+        clean = model(tokens)
+    torch.testing.assert_close(in_place, doubled, rtol=0, atol=0)
+    assert not torch.allclose(doubled, clean)
+    assert not model.hook_dict[name].has_hooks()
+
+
+def test_a_forward_hook_returning_no_tensor_is_refused():
+    """Before: AttributeError "'int' object has no attribute 'element_size'" from inside ln1."""
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    with pytest.raises(
+        TypeError, match=r"^a forward hook on blocks\.0\.hook_resid_pre returned int; a hook returns None"
+    ):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: 3)])
+    assert not model.hook_dict["blocks.0.hook_resid_pre"].has_hooks()
+
+
 HOOK_NAME_ROUTES = {
     "run_with_cache": lambda m, names, t: m.run_with_cache(t, names_filter=names),
     "add_caching_hooks": lambda m, names, t: m.add_caching_hooks(names_filter=names),

@@ -3,6 +3,7 @@
 This file defines, in data-flow order:
 
     TransformerConfig    hyperparameters, GPT-2 small by default
+    HookPoint            TransformerLens's hook point, refusing a hook's return of another shape
     Embedding            tokens -> W_E rows                       (HF: transformer.wte)
     PositionalEmbedding  positions -> W_pos rows                  (HF: transformer.wpe)
     KVCache              keys and values of earlier positions, for incremental decoding

@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import einops
@@ -158,26 +159,57 @@ class HookPoint(hook_points.HookPoint):
     TransformerLens passes on whatever a hook returns. A tensor cut to fewer positions then gave
     logits of fewer positions, and a batch-1 patch was broadcast over the batch, with no error; a
     number failed deep in the next module. Dtype and device are left to the hook: under autocast a
-    float32 patch of a bf16 activation is what the next matmul casts anyway.
+    float32 patch of a bf16 activation is what the next matmul casts anyway. A backward hook's
+    return is checked too (shape and dtype, as autograd needs), where torch's own refusal named the
+    hook only as 'hook'.
     """
 
     def __call__(self, x: Tensor) -> Tensor:
         out = super().__call__(x)
         if out is not x:  # a hook returned a new value; with none, or only caching hooks, x itself
-            _check_hook_output(self.name, x, out)
+            _check_hook_output(self.name, "forward", x, out)
         return out
 
+    def add_hook(self, hook: Callable, dir: str = "fwd", *args, **kwargs) -> object:
+        if dir == "bwd":
+            hook = _CheckedBackwardHook(hook)
+        return super().add_hook(hook, dir, *args, **kwargs)
 
-def _check_hook_output(name: str | None, x: Tensor, out: object) -> None:
+
+class _CheckedBackwardHook:
+    """A backward hook whose return is checked against the gradient it was given."""
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+
+    def __call__(self, grad: Tensor, hook: HookPoint) -> Tensor | None:
+        out = self.hook(grad, hook=hook)
+        if out is not None and out is not grad:
+            _check_hook_output(hook.name, "backward", grad, out)
+        return out
+
+    def __repr__(self) -> str:
+        # What TransformerLens names the hook by; a partial's own repr prints its (large) arguments.
+        return f"partial({self.hook.func!r},...)" if isinstance(self.hook, partial) else repr(self.hook)
+
+
+def _check_hook_output(name: str | None, direction: str, x: Tensor, out: object) -> None:
+    value = "activation" if direction == "forward" else "gradient"
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"a forward hook on {name} returned {type(out).__name__}; a hook returns None (to keep the "
-            f"activation) or a tensor of the activation's shape {tuple(x.shape)} to replace it"
+            f"a {direction} hook on {name} returned {type(out).__name__}; a hook returns None (to keep the "
+            f"{value}) or a tensor of the {value}'s shape {tuple(x.shape)} to replace it"
         )
     if out.shape != x.shape:
         raise ValueError(
-            f"a forward hook on {name} returned a tensor of shape {tuple(out.shape)} in place of the activation, "
-            f"whose shape is {tuple(x.shape)}; return one of that shape (expand_as(activation) to repeat a patch)"
+            f"a {direction} hook on {name} returned a tensor of shape {tuple(out.shape)} in place of the {value}, "
+            f"whose shape is {tuple(x.shape)}; return one of that shape"
+            + (" (expand_as(activation) to repeat a patch)" if direction == "forward" else "")
+        )
+    if direction == "backward" and out.dtype != x.dtype:
+        raise TypeError(
+            f"a backward hook on {name} returned a {out.dtype} tensor in place of the gradient, which is "
+            f"{x.dtype}; autograd takes a gradient of its own dtype"
         )
 
 

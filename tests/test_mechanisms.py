@@ -596,6 +596,44 @@ def test_backward_hooks_receive_the_gradient_of_their_activation():
         torch.testing.assert_close(grads[name], activations[name].grad, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize(
+    "returned, error, message",
+    [
+        (
+            lambda g: g[:1],
+            ValueError,
+            "returned a tensor of shape (1, 8, 32) in place of the gradient, whose shape is ",
+        ),
+        (lambda g: g.double(), TypeError, "returned a torch.float64 tensor in place of the gradient, which is torch"),
+        (lambda g: 0.0, TypeError, "returned float; a hook returns None (to keep the gradient) or a tensor of the "),
+    ],
+)
+def test_a_backward_hook_returning_what_autograd_cannot_take_is_named(returned, error, message):
+    """Before: torch's "hook 'hook' has changed the size of value" (or type), naming no hook point."""
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    name = "blocks.1.hook_resid_mid"
+    loss = model.run_with_hooks(
+        tokens, return_type="loss", bwd_hooks=[(name, lambda g, hook: returned(g))], reset_hooks_end=False
+    )
+    with pytest.raises(error, match="^" + re.escape(f"a backward hook on {name} {message}")):
+        loss.backward()
+    model.reset_hooks()
+
+
+def test_a_backward_hook_may_replace_the_gradient_with_one_of_its_shape():
+    """The check lets through what autograd takes: zeroing the gradient at resid_mid of the last
+    block leaves only the paths that skip it (none reach W_E: every path runs through it)."""
+    model, tokens = tiny_model(), random_tokens(2, 8)
+    name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_mid"
+    model.run_with_hooks(
+        tokens, return_type="loss", bwd_hooks=[(name, lambda g, hook: torch.zeros_like(g))], reset_hooks_end=False
+    ).backward()
+    model.reset_hooks()
+    assert model.embed.W_E.grad.abs().sum() == 0
+    assert model.unembed.W_U.grad.abs().sum() > 0  # after the hook point: untouched
+    assert repr(model.hook_dict[name]) == f"HookPoint(name={name!r})"
+
+
 # --- TransformerLens's optional hooks -------------------------------------------------------
 
 OPTIONAL_SETTERS = {

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,12 +259,36 @@ def _check_text_column(ds, text_column: str) -> None:
     import datasets
 
     feature = ds.features[text_column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        held = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else repr(feature)
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return
+    if (odd := _first_non_string(ds, text_column, feature)) is not None:
+        # datasets 5 reads a JSON column whose rows differ in type (a str here, a number there) as
+        # Json, whose repr, "Json(decode=True)", named neither the row nor what it holds.
+        row, value = odd
         raise ValueError(
-            f"the text column {text_column!r} holds {held}, not strings; name the column of documents with "
-            f"text_column (--text-column); the columns are {ds.column_names}"
+            f"the text column {text_column!r} holds values of several JSON types, and row {row:,} holds "
+            f"{reprlib.repr(value)} ({type(value).__name__}), not a string; make every document a string (or null)"
         )
+    held = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else repr(feature)
+    raise ValueError(
+        f"the text column {text_column!r} holds {held}, not strings; name the column of documents with "
+        f"text_column (--text-column); the columns are {ds.column_names}"
+    )
+
+
+def _first_non_string(ds, text_column: str, feature) -> tuple[int, object] | None:
+    """The first row of a mixed-type (Json) column whose value is neither a str nor null, and its value."""
+    import datasets
+
+    if not isinstance(feature, getattr(datasets, "Json", ())):  # datasets before 5 has no Json feature
+        return None
+    start = 0
+    for batch in ds.select_columns([text_column]).iter(batch_size=1000):
+        for offset, value in enumerate(batch[text_column]):
+            if value is not None and not isinstance(value, str):
+                return start + offset, value
+        start += len(batch[text_column])
+    return None
 
 
 def tokenize_dataset(

@@ -104,6 +104,23 @@ def test_a_text_column_that_holds_no_strings_is_refused(tmp_path, value, held):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize(
+    "values, shown",
+    [
+        (["hi", None, "x", [1, 2], 3], "row 3 holds [1, 2] (list)"),
+        (["hi", {"a": "x"}], "row 1 holds {'a': 'x'} (dict)"),
+    ],
+    ids=["list-and-int", "dict"],
+)
+def test_a_text_column_of_mixed_json_types_names_the_first_row_that_is_no_string(tmp_path, values, shown):
+    """datasets 5 reads a JSON column whose rows differ in type as a Json feature. Before: "holds
+    Json(decode=True), not strings", naming neither the row nor its value."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": value} for value in values])
+    message = f"the text column 'text' holds values of several JSON types, and {shown}, not a string; make every "
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        load_text_dataset(str(path))
+
+
 def test_second_run_reads_the_token_cache(tmp_path, caplog):
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(50)])
     with caplog.at_level(logging.INFO, logger="gpt2_small.data"):

@@ -227,7 +227,15 @@ def _stream_hub(source: str, config_name: str | None, split: str, max_examples: 
         for row in tqdm(rows, total=max_examples, desc=f"streaming {source}", unit="doc"):
             if text_column not in row:
                 raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are {list(row)}")
-            texts.append(row[text_column])
+            value = row[text_column]
+            if value is not None and not isinstance(value, str):
+                # Here, while the row's other columns can be named: the Dataset made below has this one alone.
+                raise ValueError(
+                    f"the text column {text_column!r} holds {reprlib.repr(value)} ({type(value).__name__}) in row "
+                    f"{len(texts):,}, not a string; name the column of documents with text_column (--text-column); "
+                    f"the columns are {list(row)}"
+                )
+            texts.append(value)
     except hub_errors() as e:  # the connection lost mid-stream: a traceback from deep in datasets before
         raise ValueError(
             f"streaming {source!r} stopped after {len(texts):,} of {max_examples:,} documents ({hub_error_text(e)}); "

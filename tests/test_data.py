@@ -348,6 +348,18 @@ def test_max_examples_of_a_hub_dataset_are_streamed_not_downloaded_whole(tmp_pat
     assert len(fake_hub) == 5  # refused before anything was asked of the hub
 
 
+def test_a_streamed_column_of_no_strings_is_refused_naming_the_streams_columns(fake_hub):
+    """Before: the streamed rows became a Dataset of the text column alone, so the refusal listed
+    that column only ("the columns are ['id']"), hiding the one the user meant."""
+    message = (
+        "the text column 'id' holds 0 (int) in row 0, not a string; name the column of documents with "
+        "text_column (--text-column); the columns are ['id', 'text']"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        load_text_dataset("someone/corpus", text_column="id", max_examples=3)
+    assert load_text_dataset("someone/corpus", max_examples=3)["text"] == [f"hub document {i}" for i in range(3)]
+
+
 @pytest.mark.parametrize("error", [httpx.ReadTimeout("timed out"), ConnectionError("Connection reset by peer")])
 def test_a_stream_cut_off_midway_is_one_clear_error(monkeypatch, error):
     """Online, the connection can drop after the first documents of a streamed split. Before: the

@@ -396,8 +396,21 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, *, seed: int, epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        # Each had failed far from here, or not at all: world_size 0 divided by zero, a rank past
+        # the world took samples of another's shard, and a negative start counted samples it never gave.
+        for name, value, minimum in (("n", n, 0), ("epoch", epoch, 0), ("world_size", world_size, 1)):
+            check_count(name, value, minimum)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        self.n, self.seed, self.epoch = n, seed, epoch
         self.rank, self.world_size = rank, world_size
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self.per_rank():
+            raise ValueError(
+                f"start must be an int in [0, {self.per_rank()}] (the samples this rank takes in an epoch), got {start!r}"
+            )
+        self.start = start
 
     def per_rank(self) -> int:
         return self.n // self.world_size
@@ -459,6 +472,7 @@ class TokenData:
         if which not in ("train", "val"):
             raise ValueError(f"which must be 'train' or 'val', got {which!r}")
         check_flag("pin_memory", pin_memory)  # "no" would be truthy
+        check_count("batch_size", batch_size, 1)  # before the comparison below, which 0 or 2.5 would pass
         tokens = {"train": self.train, "val": self.val}[which]
         windows = TokenWindows(tokens, n_ctx, stride, name=which)
         sampler = ResumableSampler(len(windows), seed=seed, epoch=epoch, start=start, rank=rank, world_size=world_size)

@@ -609,6 +609,43 @@ def test_sampler_shards_are_disjoint_and_resume_mid_epoch():
     assert len(set().union(*shards)) == 9
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        # Before: ZeroDivisionError.
+        ({"world_size": 0}, ValueError, "world_size must be an int >= 1, got 0"),
+        # Before: rank 2 of 2 took order[2::2], rank 0's shard less one; -1 took one sample.
+        ({"rank": 2, "world_size": 2}, ValueError, "rank must be an int in [0, world_size=2), got 2"),
+        ({"rank": -1, "world_size": 2}, ValueError, "rank must be an int in [0, world_size=2), got -1"),
+        # Before: the last 3 samples, with a length of 13; past the end, "__len__() should return >= 0".
+        (
+            {"start": -3},
+            ValueError,
+            "start must be an int in [0, 10] (the samples this rank takes in an epoch), got -3",
+        ),
+        (
+            {"start": 11},
+            ValueError,
+            "start must be an int in [0, 10] (the samples this rank takes in an epoch), got 11",
+        ),
+        ({"epoch": -1}, ValueError, "epoch must be an int >= 0, got -1"),
+        ({"seed": "3"}, TypeError, "seed must be an int, got '3'"),  # before: "can only concatenate str"
+    ],
+)
+def test_sampler_refuses_what_names_no_shard_or_place_in_it(kwargs, error, message, without_shape_checks):
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        ResumableSampler(10, **({"seed": 3} | kwargs))
+    assert list(ResumableSampler(10, seed=3, start=10)) == []  # an epoch's end is a place to resume from
+
+
+@pytest.mark.parametrize("batch_size", [0, 2.5])
+def test_loader_refuses_a_batch_size_that_is_no_count(batch_size, without_shape_checks):
+    """Before: torch's "batch_size should be a positive integer value", naming no argument of ours."""
+    data = TokenData(np.arange(41, dtype=np.uint16), np.arange(9, dtype=np.uint16), "tiny")
+    with pytest.raises(ValueError, match=rf"^batch_size must be an int >= 1, got {batch_size}$"):
+        data.loader("train", n_ctx=4, batch_size=batch_size)
+
+
 def test_sampler_takes_every_seed_torch_does_in_every_epoch():
     """seed + epoch is taken modulo 2**64, as torch takes a negative seed: the largest seed overflowed
     torch's generator in its second epoch, and -1 must stay the order torch gives 2**64 - 1."""

@@ -356,6 +356,23 @@ def train_val_split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray
     return tokens[:cut], tokens[cut:]
 
 
+def _check_token_stream(tokens: object, name: str) -> None:
+    """A 1-D numpy array of integer ids, as tokenize_dataset gives: a list or a tensor failed at the
+    first window ("no attribute 'astype'"), a 2-D array was cut into windows of rows, and float
+    values were truncated to ids, without a word."""
+    if not isinstance(tokens, np.ndarray):
+        hint = "; convert with tokens.numpy()" if isinstance(tokens, torch.Tensor) else ""
+        raise TypeError(
+            f"the {name} split must be a numpy array of token ids (as tokenize_dataset gives), "
+            f"got {type(tokens).__name__}{hint}"
+        )
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"the {name} split must be one stream of token ids, a 1-D integer array, got shape {tokens.shape} "
+            f"and dtype {tokens.dtype}"
+        )
+
+
 class TokenWindows(Dataset):
     """Windows of n_ctx + 1 tokens starting every `stride` tokens: (input, target) = (w[:-1], w[1:]).
 
@@ -366,6 +383,7 @@ class TokenWindows(Dataset):
         for arg, value in (("n_ctx", n_ctx), ("stride", stride)):
             if value is not None:
                 check_count(arg, value, 1)  # a float stride: float starts
+        _check_token_stream(tokens, name)
         stride = n_ctx if stride is None else stride
         if len(tokens) < n_ctx + 1:
             more = "more data, a larger val_fraction (--val-fraction)" if name == "val" else "more data"

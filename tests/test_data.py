@@ -546,6 +546,24 @@ def test_windows_name_an_n_ctx_or_stride_that_is_no_positive_int(without_shape_c
         TokenWindows(tokens, n_ctx=4, stride=1.5)
 
 
+def test_windows_refuse_a_stream_that_is_no_1d_integer_array(without_shape_checks):
+    """Before: a list or a tensor failed at the first window ("'list' object has no attribute
+    'astype'"), a [10, 100] array gave windows of whole rows, and float values were cut to ids."""
+    for tokens, shown in [(list(range(100)), "list"), (torch.arange(100), "Tensor; convert with tokens.numpy()")]:
+        with pytest.raises(
+            TypeError, match=rf"^the train split must be a numpy array of token ids .*, got {re.escape(shown)}$"
+        ):
+            TokenWindows(tokens, n_ctx=8, name="train")
+    for tokens in (np.zeros((10, 100), dtype=np.uint16), np.zeros(100)):
+        shape = re.escape(f"got shape {tokens.shape} and dtype {tokens.dtype}")
+        with pytest.raises(ValueError, match=rf"^the train split must be one stream of token ids, .*{shape}$"):
+            TokenWindows(tokens, n_ctx=8, name="train")
+    with pytest.raises(TypeError, match=r"^the val split must be a numpy array of token ids"):
+        TokenData(np.arange(100, dtype=np.uint16), list(range(100)), "mine").loader("val", n_ctx=8, batch_size=1)
+    for dtype in (np.uint16, np.int32, np.int64):  # what tokenize_dataset gives, and a user's own
+        assert TokenWindows(np.arange(100, dtype=dtype), n_ctx=8)[1][0].tolist() == list(range(8, 16))
+
+
 def test_windows_index_as_a_sequence_and_iteration_stops_at_the_last():
     """Before, an index past the end gave a short window (or an empty one), and a for loop over the
     windows, which stops only at an IndexError, never ended."""

@@ -51,7 +51,16 @@ from tqdm.auto import tqdm
 from gpt2_small.data import EMBEDDED_DATASET, TokenData, check_directory_path, default_cache_dir
 from gpt2_small.sampling import check_seed, generate
 from gpt2_small.tokenizer import get_tokenizer, to_tokens
-from solution import Transformer, TransformerConfig, Unembedding, _read_json, check_device, check_flag, user_path
+from solution import (
+    IGNORE_INDEX,
+    Transformer,
+    TransformerConfig,
+    Unembedding,
+    _read_json,
+    check_device,
+    check_flag,
+    user_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +346,8 @@ def param_groups(model: Transformer, weight_decay: float, *, exclude: Collection
 
 
 def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
-    """Mean next-token cross-entropy, computed in float32."""
+    """Mean next-token cross-entropy, computed in float32, over the targets that are not
+    IGNORE_INDEX (-100, F.cross_entropy's ignore_index); NaN if every one is."""
     return F.cross_entropy(
         einops.rearrange(logits.float(), "batch pos d_vocab -> (batch pos) d_vocab"),
         einops.rearrange(targets, "batch pos -> (batch pos)"),
@@ -358,7 +368,8 @@ def unembed_lm_loss(
     forward pass works through chunk_rows positions at a time: logits, log-sum-exp, loss, and
     at once the gradient softmax - onehot and its products with W_U and the inputs; the backward
     pass only scales those by the incoming gradient. Same value and gradients as lm_loss
-    (tested), with the softmax in float32 also under bf16 autocast. chunk_rows=None bounds the
+    (tested), IGNORE_INDEX targets left out as there, with the softmax in float32 also under
+    bf16 autocast. chunk_rows=None bounds the
     float32 softmax chunk at 2**26 values (256 MiB).
 
     Under torch.compile the saving is lost: the graph partitioner moves the gradient products
@@ -396,25 +407,33 @@ class _UnembedCrossEntropy(torch.autograd.Function):
             grad_W = torch.zeros(W.shape[1], W.shape[0], dtype=torch.float32, device=x.device)
             grad_b = torch.zeros(W.shape[1], dtype=torch.float32, device=x.device)
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            # IGNORE_INDEX targets count for nothing, as in lm_loss (F.cross_entropy): the mean is over
+            # the others. Their rows are weighted 0 where the tensors are [rows] or [rows d_model]
+            # (the loss, x before grad_W's product, grad_x), never in a [rows d_vocab] pass.
+            kept = targets != IGNORE_INDEX
             for start in range(0, rows, chunk_rows):
                 rows_c = slice(start, start + chunk_rows)
-                target = einops.rearrange(targets[rows_c], "rows -> rows 1")
+                weight = kept[rows_c].float()
+                target = einops.rearrange(torch.where(kept[rows_c], targets[rows_c], 0), "rows -> rows 1")
                 # As the model's forward computes them: the product in the compute dtype, + b_U in float32.
                 logits = (x_c[rows_c] @ W).float().add_(b)
                 log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-                loss += (log_norm - logits.gather(1, target)).sum()
+                loss += weight @ (log_norm - logits.gather(1, target)).squeeze(1)
                 probs = logits.sub_(log_norm).exp_()  # in place: the logits are not needed again
                 grad_logits = probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))
-                grad_b += grad_logits.sum(dim=0)
+                grad_b += weight @ grad_logits
                 grad_logits = grad_logits.to(dtype)
-                grad_x[rows_c] = grad_logits @ W.T
+                row_weight = einops.rearrange(weight.to(dtype), "rows -> rows 1")
+                grad_x[rows_c] = (grad_logits @ W.T).mul_(row_weight)
+                x_kept = x_c[rows_c] * row_weight
                 if dtype == torch.float32:
-                    grad_W.addmm_(grad_logits.T, x_c[rows_c])
+                    grad_W.addmm_(grad_logits.T, x_kept)
                 else:  # accumulate the low-precision products in float32
-                    grad_W += grad_logits.T @ x_c[rows_c]
-        ctx.save_for_backward(grad_x.div_(rows), grad_W.div_(rows), grad_b.div_(rows))
+                    grad_W += grad_logits.T @ x_kept
+            count = kept.sum()  # a tensor: no wait for the device; none kept gives NaN, as lm_loss
+        ctx.save_for_backward(grad_x.div_(count), grad_W.div_(count), grad_b.div_(count))
         ctx.dtypes = (x.dtype, W_U.dtype, b_U.dtype)
-        return loss / rows
+        return loss / count
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:

@@ -42,7 +42,7 @@ from gpt2_small.training import (
     sample_text,
     unembed_lm_loss,
 )
-from solution import Transformer, TransformerConfig, Unembedding
+from solution import IGNORE_INDEX, Transformer, TransformerConfig, Unembedding
 
 MICRO = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=16)
 REPO = Path(__file__).resolve().parents[1]
@@ -413,6 +413,38 @@ def test_unembed_lm_loss_under_bf16_autocast_keeps_a_float32_softmax():
     for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
         assert grad.dtype == want.dtype == torch.float32
         torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "chunks-of-5"])
+def test_unembed_lm_loss_leaves_out_ignore_index_targets_as_lm_loss_does(chunk_rows, autocast):
+    """Before: "index -100 is out of bounds for dimension 1" when gradients were wanted, while the
+    same call without them (lm_loss, F.cross_entropy) left those positions out of the mean."""
+    x, unembed, targets = _unembed_problem(seed=4)
+    targets[0, :3] = IGNORE_INDEX  # 11 of the 14 positions count, in both chunks of 5 and alone
+    targets[1, 6] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected, expected_grads, _ = _loss_and_grads(_reference_loss, x, unembed, targets)
+        loss, grads, node = _loss_and_grads(
+            lambda *args: unembed_lm_loss(*args, chunk_rows=chunk_rows), x, unembed, targets
+        )
+    assert node == "_UnembedCrossEntropyBackward"
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    # float32: the two round sums of 300 O(1) products in other orders, to ~4e-7 of grad_x's O(1)
+    # entries (as without ignored targets, at other seeds); bf16: the products' own rounding.
+    tolerance = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for name, grad, want in zip(["x", "W_U", "b_U"], grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, **tolerance, msg=name)
+    assert grads[0][0, :3].abs().sum() == 0 and grads[0][1, 6].abs().sum() == 0  # no gradient from them
+    assert grads[0][0, 3:].abs().sum() > 0
+
+
+def test_unembed_lm_loss_of_only_ignored_targets_is_nan_as_lm_loss():
+    x, unembed, targets = _unembed_problem(seed=5)
+    targets.fill_(IGNORE_INDEX)
+    assert torch.isnan(_reference_loss(x, unembed, targets))
+    loss = unembed_lm_loss(x, unembed, targets)
+    assert type(loss.grad_fn).__name__ == "_UnembedCrossEntropyBackward" and torch.isnan(loss)
 
 
 def test_unembed_lm_loss_without_gradients_is_plain_lm_loss():

@@ -427,6 +427,8 @@ def release_decoding_state(model: Transformer) -> bool:
     """Free the static KVCache and CUDA graph that the model's last fast generation left for the
     next one (see the module docstring); True if there was one. Deleting the model frees them too.
     """
+    if not isinstance(model, Transformer):  # else "cannot create weak reference to 'str' object"
+        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
     return _KEPT.pop(model, None) is not None
 
 

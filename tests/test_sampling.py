@@ -425,6 +425,15 @@ def test_generation_records_no_autograd_graph(sampling_pair):
     assert len(recorded) == 4 + 3 and not any(recorded)
 
 
+def test_release_decoding_state_takes_only_a_model(without_shape_checks):
+    """Before: "cannot create weak reference to 'str' object", from the WeakKeyDictionary."""
+    for not_a_model in ("gpt2", None):
+        with pytest.raises(
+            TypeError, match=rf"^model must be a gpt2_small.Transformer, got {type(not_a_model).__name__}$"
+        ):
+            gpt2_small.release_decoding_state(not_a_model)
+
+
 def test_compile_is_refused_where_it_cannot_run(sampling_pair):
     model, tokens = sampling_pair.model, torch.tensor([[10, 20, 30]])
     with pytest.raises(ValueError, match="compile=True needs use_kv_cache=True"):

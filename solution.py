@@ -1729,6 +1729,14 @@ def refuse_keywords(caller: str, given: dict[str, object], instead: dict[str, st
     raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
 
 
+def check_model(model: object) -> "Transformer":
+    """`model`, or a TypeError naming what was given in its place: a str (a hub id), Hugging Face's
+    GPT2LMHeadModel or TransformerLens's bridge had failed deep inside, on an attribute it lacks."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
+    return model
+
+
 def check_count(name: str, value: object, minimum: int) -> int:
     """`value`, or a ValueError naming `name` if it is not an int >= minimum (True is no count)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -50,6 +50,7 @@ from solution import (
     check_device,
     check_flag,
     check_flags,
+    check_model,
     did_you_mean,
     user_path,
 )
@@ -157,7 +158,7 @@ class ActivationCache(dict):
 
     def __init__(self, activations: dict[str, Tensor], model: Transformer, has_batch_dim: bool = True):
         super().__init__(activations)
-        self.model = model
+        self.model = check_model(model)
         self.has_batch_dim = check_flag("has_batch_dim", has_batch_dim)
 
     def __getitem__(self, key: str | tuple) -> Tensor:  # (name, layer), checked below
@@ -717,6 +718,7 @@ def residual_directions(
     """W_U's columns of `tokens` (model.tokens_to_residual_directions): [d_model] for one token (an
     id, a str of one token, a one-element tensor), else the tokens' shape + [d_model]. `name` is
     the argument's, for the messages."""
+    check_model(model)
     if isinstance(tokens, str):
         try:
             tokens = to_single_token(tokens)
@@ -815,6 +817,7 @@ def logit_lens(model: Transformer, tokens: Int[Tensor, "batch pos"], incl_mid: b
     if the remaining blocks were skipped. The last entry equals the model's logits. A cache at
     hand gives the same without a new run: cache.logit_lens().
     """
+    check_model(model)
     check_flag("incl_mid", incl_mid)  # before the run
     kept = ("resid_pre", "resid_post", "resid_mid") if incl_mid else ("resid_pre", "resid_post")
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith(kept))
@@ -1001,6 +1004,7 @@ def direct_logit_attribution(
     direction = W_U[:, correct] - W_U[:, incorrect]. The contributions sum exactly to the logit
     difference minus `bias` = ln_final.b @ direction + b_U[correct] - b_U[incorrect].
     """
+    check_model(model)
     if not isinstance(cache, ActivationCache):  # a plain dict (return_cache_object=False) lacks its helpers
         raise TypeError(
             f"cache must be the ActivationCache that model.run_with_cache(tokens) returns, got {type(cache).__name__}"
@@ -1057,6 +1061,7 @@ def patched_logits(
     pattern, pos is the query position (every key of it is patched). hook_name may be any spelling
     act_name takes ("blocks.0.attn.hook_z", "z0"), or a cache key's tuple, ("z", 0).
     """
+    check_model(model)
     # The full name, so that a plain dict source, and the hook itself, get it
     hook_name = act_name(*hook_name) if isinstance(hook_name, tuple) else act_name(hook_name)
     clean = source[hook_name]
@@ -1118,6 +1123,7 @@ def activation_patching(
     metric maps the patched logits [batch pos d_vocab] to a scalar (e.g. a logit difference,
     normalised so that clean = 1 and corrupted = 0).
     """
+    check_model(model)
     _check_by(by)
     check_flag("progress", progress)
     if not callable(metric):
@@ -1192,6 +1198,7 @@ def induction_score(
     the first copy's position j + 1, seq_len - 1 positions back. 1 = always, ~1/pos = uniform.
     bos="auto" prepends <|endoftext|> when the vocabulary has it (as TransformerLens does).
     """
+    check_model(model)
     check_count("seq_len", seq_len, 2)  # with 1, "the token after the first occurrence" is the query itself
     check_count("batch", batch, 1)
     if bos == "auto":

@@ -31,7 +31,7 @@ import einops
 import torch
 from torch import Tensor
 
-from solution import Transformer, at_least_float32, check_flags
+from solution import Transformer, at_least_float32, check_flags, check_model
 
 
 def _fold_ln_into(weights: dict[str, Tensor], ln: str, readers: list[tuple[str, str, str]]) -> None:
@@ -105,8 +105,7 @@ def process_weights(
     process_weights); see the module docstring for what each does. Processing twice is the same
     as once.
     """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
+    check_model(model)
     check_flags(
         fold_ln=fold_ln,
         center_writing_weights=center_writing_weights,

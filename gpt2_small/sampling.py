@@ -80,7 +80,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from gpt2_small.tokenizer import EOT_ID, EOT_TOKEN, GPT2_VOCAB
-from solution import KVCache, Transformer, check_count, check_device, check_flag, refuse_keywords
+from solution import KVCache, Transformer, check_count, check_device, check_flag, check_model, refuse_keywords
 
 _DROPPED = -1e9  # HF's beam search bookkeeping value for "never pick this"
 
@@ -257,8 +257,7 @@ def check_seed(seed: object) -> None:
 
 
 def _check_request(model: Transformer, tokens: object, attention_mask: Tensor | None, max_new_tokens: object) -> None:
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
+    check_model(model)
     check_count("max_new_tokens", max_new_tokens, 0)
     if isinstance(tokens, Tensor) and tokens.ndim == 2 and tokens.shape[1] == 0:
         raise ValueError(
@@ -427,8 +426,7 @@ def release_decoding_state(model: Transformer) -> bool:
     """Free the static KVCache and CUDA graph that the model's last fast generation left for the
     next one (see the module docstring); True if there was one. Deleting the model frees them too.
     """
-    if not isinstance(model, Transformer):  # else "cannot create weak reference to 'str' object"
-        raise TypeError(f"model must be a gpt2_small.Transformer, got {type(model).__name__}")
+    check_model(model)  # else "cannot create weak reference to 'str' object"
     return _KEPT.pop(model, None) is not None
 
 
@@ -642,6 +640,7 @@ def generate_text(
     The continuation ends before the first generated <|endoftext|> when stop_at_eos is on (the
     default). kwargs are generate's.
     """
+    check_model(model)
     _check_tokenizer(tokenizer, "generate_text")
     single = isinstance(prompt, str)
     # bytes are a Sequence too, of ints: "prompt 0 must be a str, got int" named no bytes.
@@ -666,6 +665,7 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int 
     A token can end in the middle of a multi-byte character; such bytes are held back until the
     character is complete. Stops before <|endoftext|> when stop_at_eos is on. kwargs are generate's.
     """
+    check_model(model)
     _check_tokenizer(tokenizer, "stream_text")
     tokens = torch.tensor([_encode(tokenizer, prompt)], device=model.device)
     eos = kwargs.get("eos_token_id", EOT_ID)

@@ -41,6 +41,7 @@ from solution import (
     _read_safetensors,
     _training_run_hint,
     check_flag,
+    check_model,
     directory_to_write,
     refuse_keywords,
     spelled_as_path,
@@ -414,8 +415,7 @@ def export_hf(
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a gpt2_small Transformer, got {type(model).__name__}")
+    check_model(model)
     check_flag("tokenizer", tokenizer)
     check_flag("drop_unembed_bias", drop_unembed_bias)
     path = directory_to_write(directory, "directory", "export_hf")

@@ -17,6 +17,7 @@ from transformer_lens import patching as tl_patching
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities import test_prompt as tl_test_prompt
 
+import gpt2_small
 from gpt2_small import Transformer, TransformerConfig, interp, process_weights, to_single_token, to_string, to_tokens
 from gpt2_small.interp import (
     ActivationCache,
@@ -53,6 +54,32 @@ def tokens() -> torch.Tensor:
 def run(model, tokens) -> tuple[torch.Tensor, ActivationCache]:
     with torch.no_grad():
         return model.run_with_cache(tokens)
+
+
+ENTRY_POINTS = {
+    "ActivationCache": lambda m, tokens, cache: ActivationCache(dict(cache), m),
+    "logit_lens": lambda m, tokens, cache: logit_lens(m, tokens),
+    "direct_logit_attribution": lambda m, tokens, cache: direct_logit_attribution(m, cache, 1, 2),
+    "patched_logits": lambda m, tokens, cache: patched_logits(m, tokens, cache, ("z", 0)),
+    "activation_patching": lambda m, tokens, cache: activation_patching(m, tokens, tokens, lambda x: x.sum()),
+    "induction_score": lambda m, tokens, cache: induction_score(m, seq_len=4, batch=1),
+    "residual_directions": lambda m, tokens, cache: interp.residual_directions(m, 5),
+    "generate_text": lambda m, tokens, cache: gpt2_small.generate_text(m, gpt2_small.get_tokenizer(), "a", 1),
+    "stream_text": lambda m, tokens, cache: list(gpt2_small.stream_text(m, gpt2_small.get_tokenizer(), "a", 1)),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_names_a_model_that_is_not_ours(entry, model, tokens, run, without_shape_checks):
+    """Before: a hub id's str, or another library's module (Hugging Face's GPT2LMHeadModel, the
+    TransformerLens bridge), failed deep inside on an attribute it lacks ("'str' object has no
+    attribute 'cfg'"), or, for ActivationCache, was kept to fail at its first use."""
+    call = ENTRY_POINTS[entry]
+    for other in ("gpt2", torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match=rf"^model must be a gpt2_small.Transformer, got {type(other).__name__}$"):
+            call(other, tokens, run[1])
+    with torch.no_grad():
+        call(model, tokens, run[1])  # and ours runs
 
 
 # --- the cache -----------------------------------------------------------------------------

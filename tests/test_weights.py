@@ -935,7 +935,7 @@ def test_export_hf_refuses_what_it_cannot_write(tmp_path, without_shape_checks):
     with pytest.raises(ValueError, match=r"holds a gpt2_small checkpoint or training run \(checkpoints\)"):
         gpt2_small.export_hf(model, tmp_path / "run")
     assert not (tmp_path / "run" / "config.json").exists()
-    with pytest.raises(TypeError, match="model must be a gpt2_small Transformer, got GPT2LMHeadModel"):
+    with pytest.raises(TypeError, match="model must be a gpt2_small.Transformer, got GPT2LMHeadModel"):
         gpt2_small.export_hf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tmp_path / "x")
     with pytest.raises(TypeError, match="tokenizer must be True or False, got 'yes'"):
         gpt2_small.export_hf(model, tmp_path / "x", tokenizer="yes")

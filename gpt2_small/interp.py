@@ -895,6 +895,7 @@ def test_prompt(
     text and are left out, as sampling leaves them out: ranks, probabilities and the top_k are
     those of GPT-2's 50257 tokens.
     """
+    check_model(model)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     answers = [answer] if isinstance(answer, str) else list(answer) if isinstance(answer, Sequence) else None

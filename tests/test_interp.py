@@ -64,6 +64,10 @@ ENTRY_POINTS = {
     "activation_patching": lambda m, tokens, cache: activation_patching(m, tokens, tokens, lambda x: x.sum()),
     "induction_score": lambda m, tokens, cache: induction_score(m, seq_len=4, batch=1),
     "residual_directions": lambda m, tokens, cache: interp.residual_directions(m, 5),
+    # One-character tokens ("a" is 64, "b" 65), within the small model's 101 ids
+    "test_prompt": lambda m, tokens, cache: test_prompt(
+        m, "a", "b", prepend_space_to_answer=False, prepend_bos=False, top_k=1
+    ),
     "generate_text": lambda m, tokens, cache: gpt2_small.generate_text(m, gpt2_small.get_tokenizer(), "a", 1),
     "stream_text": lambda m, tokens, cache: list(gpt2_small.stream_text(m, gpt2_small.get_tokenizer(), "a", 1)),
 }

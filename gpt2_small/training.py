@@ -369,8 +369,7 @@ def unembed_lm_loss(
     at once the gradient softmax - onehot and its products with W_U and the inputs; the backward
     pass only scales those by the incoming gradient. Same value and gradients as lm_loss
     (tested), IGNORE_INDEX targets left out as there, with the softmax in float32 also under
-    bf16 autocast. chunk_rows=None bounds the
-    float32 softmax chunk at 2**26 values (256 MiB).
+    bf16 autocast. chunk_rows=None bounds the float32 softmax chunk at 2**26 values (256 MiB).
 
     Under torch.compile the saving is lost: the graph partitioner moves the gradient products
     (which the loss itself does not need) into the backward graph and keeps the [positions d_vocab]

@@ -274,7 +274,9 @@ class KVCache:
     The weights are taken to be fixed while a cache is in use (one generation): it also keeps
     each layer's stacked W_Q/W_K/W_V, because re-stacking them for every token would cost more
     than the one-token matrix multiply itself. `reset()` empties a cache for the next generation
-    without reallocating it, and has those kept weights rebuilt, in place, at their next use.
+    without reallocating it, and has those kept weights rebuilt, in place, at their next use; so
+    does another model's use of the cache (its keys and values carried over to a model of the
+    same shape). Its dtype and device must be the model's (KVCache.for_model makes it so).
     """
 
     def __init__(
@@ -308,6 +310,7 @@ class KVCache:
         self.slots: Int[Tensor, " pos"] | None = None  # static: the slots the forward call in progress writes
         self._weights: dict[int, tuple[Tensor, ...]] = {}
         self._stale: set[int] = set()  # layers whose kept weights predate the last reset()
+        self._owners: dict[int, nn.Module] = {}  # the module whose weights each layer keeps
 
     @classmethod
     def for_model(cls, model: "Transformer", batch: int, max_pos: int, *, static: bool = False) -> "KVCache":
@@ -352,17 +355,22 @@ class KVCache:
         self.v[layer][:, self.length : end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
-    def weights(self, layer: int, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-        """build() for this layer, computed once per cache (and never kept while autograd records)."""
+    def weights(self, layer: int, owner: nn.Module, build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """build() for this layer, computed once per cache (and never kept while autograd records),
+        and again when another `owner` (another model's layer) uses the cache."""
         if torch.is_grad_enabled():
             return build()
+        # Another model's attention on this cache (its keys and values carried over, as an
+        # experiment may) had been handed the first model's kept weights, silently.
         if layer not in self._weights:
             self._weights[layer] = build()
-        elif layer in self._stale:
+            self._owners[layer] = owner
+        elif layer in self._stale or self._owners[layer] is not owner:
             # In place: a CUDA graph captured on this cache reads these very buffers.
             for kept, fresh in zip(self._weights[layer], build(), strict=True):
                 kept.copy_(fresh)
             self._stale.discard(layer)
+            self._owners[layer] = owner
         return self._weights[layer]
 
     def reset(self) -> None:
@@ -524,7 +532,7 @@ class Attention(nn.Module):
         # Weight products are `affine` (x @ W + b), einops naming the head axes around them:
         # einops.einsum spends ~35 us of host-side planning per call, which at 49 calls came to
         # 6% of a one-token decoding step of GPT-2 small on a CPU.
-        W_QKV, b_QKV = self.stacked_qkv() if kv_cache is None else kv_cache.weights(layer, self.stacked_qkv)
+        W_QKV, b_QKV = self.stacked_qkv() if kv_cache is None else kv_cache.weights(layer, self, self.stacked_qkv)
         qkv = einops.rearrange(
             affine(x, W_QKV, b_QKV),
             "batch pos (qkv n_heads d_head) -> batch pos qkv n_heads d_head",
@@ -1177,6 +1185,14 @@ class Transformer(HookedRootModule):
         if layers_and_heads != (self.cfg.n_layers, (self.cfg.n_heads, self.cfg.d_head)):
             raise ValueError(
                 "kv_cache was made for a model of another shape; make it with KVCache.for_model(model, ...)"
+            )
+        held = (kv_cache.k[0].dtype, kv_cache.k[0].device)
+        if held != (self.dtype, self.device):
+            # Else attention's own error ("Expected query, key, and value to have the same dtype"),
+            # or a device mismatch, from inside the first block.
+            raise ValueError(
+                f"kv_cache holds {held[0]} keys and values on {held[1]}, the model's parameters are {self.dtype} on "
+                f"{self.device}; make it with KVCache.for_model(model, ...)"
             )
 
     # lm_cross_entropy_loss itself, where TransformerLens keeps it: model.loss_fn(logits, tokens).

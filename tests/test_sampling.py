@@ -675,12 +675,47 @@ def test_kv_cache_keeps_built_weights_only_while_autograd_is_off(sampling_pair):
         builds.append(1)
         return (torch.ones(2, requires_grad=True) * 2,)
 
-    cache.weights(0, build)
-    cache.weights(0, build)
+    owner = sampling_pair.model.blocks[0].attn
+    cache.weights(0, owner, build)
+    cache.weights(0, owner, build)
     assert len(builds) == 2
     with torch.no_grad():
-        first, again = cache.weights(0, build), cache.weights(0, build)
+        first, again = cache.weights(0, owner, build), cache.weights(0, owner, build)
     assert len(builds) == 3 and again[0] is first[0] and not first[0].requires_grad
+
+
+def test_a_kv_cache_carried_to_another_model_gives_it_its_own_weights():
+    """A cache filled by one model and continued by another of the same shape (its keys and values
+    carried over, as an experiment may) had handed the second model the first one's kept
+    W_Q/W_K/W_V, silently. Reference: the same steps while autograd records, where no weights
+    are kept. Back on the first model, its own weights are used again."""
+    cfg = TransformerConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, d_vocab=100, n_ctx=16)
+    first, second = (Transformer(cfg).eval() for _ in range(2))
+    tokens = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for mode in ("kept", "built"):
+        cache = KVCache.for_model(first, batch=2, max_pos=8)
+        with torch.set_grad_enabled(mode == "built"):
+            first(tokens, kv_cache=cache)
+            steps[mode] = [
+                second(tokens[:, :1], kv_cache=cache).detach(),
+                first(tokens[:, 1:2], kv_cache=cache).detach(),
+            ]
+    for name, kept, built in zip(["second", "first again"], steps["kept"], steps["built"], strict=True):
+        torch.testing.assert_close(kept, built, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_forward_names_a_kv_cache_of_another_dtype():
+    """Before: attention's "Expected query, key, and value to have the same dtype" from block 0."""
+    cfg = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, d_vocab=100, n_ctx=16)
+    model = Transformer(cfg).eval()
+    for cache, held in [(KVCache(cfg, 1, 8, dtype=torch.float64), "float64"), (KVCache(cfg, 1, 8), "float32")]:
+        if held == "float32":
+            model.to(torch.bfloat16)
+        message = f"kv_cache holds torch.{held} keys and values on cpu, the model's parameters are {model.dtype} on cpu"
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            model(torch.tensor([[1, 2]]), kv_cache=cache)
+    model(torch.tensor([[1, 2]]), kv_cache=KVCache.for_model(model, 1, 8))  # for_model's matches
 
 
 def test_forward_names_a_kv_cache_of_another_type(sampling_pair, without_shape_checks):

@@ -97,6 +97,28 @@ class TransformerConfig:
         if self.attn_impl not in _ATTN_IMPLS:
             raise ValueError(f"TransformerConfig.attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
 
+    # TransformerLens's names for what every GPT-2 fixes, read by code written for its models
+    # (model.cfg.d_vocab_out, model.cfg.act_fn == "gelu_new", ...); not fields, so never saved.
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits: d_vocab (GPT-2 unembeds into its own vocabulary)."""
+        return self.d_vocab
+
+    @property
+    def act_fn(self) -> str:
+        """The MLP's activation: GPT-2's tanh approximation of GELU."""
+        return "gelu_new"
+
+    @property
+    def normalization_type(self) -> str:
+        """LayerNorm with learned w and b ("LN", as TransformerLens names it)."""
+        return "LN"
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """Learned absolute positions, W_pos ("standard", as TransformerLens names it)."""
+        return "standard"
+
     def __getattr__(self, name: str):
         # Reached only for a missing attribute. TransformerLens's config holds the model's device
         # and dtype, and its users write model.cfg.device; here the parameters hold them.

@@ -5,6 +5,7 @@ at that component and not at something upstream.
 """
 
 import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -156,6 +157,16 @@ def test_full_model_matches_bridge(ref, parity):
     with torch.no_grad():
         logits = ref.model(ref.tokens)
     parity(logits, ref.logits, "Transformer logits vs bridge", ref.spec.name, truth=ref.logits64)
+
+
+def test_config_answers_transformer_lens_questions_as_the_bridge_does(ref):
+    """Code written for TransformerLens reads model.cfg.d_vocab_out, act_fn, normalization_type and
+    positional_embedding_type (AttributeError before); the values are the bridge's for GPT-2. Not
+    fields: a saved config holds the fields alone."""
+    names = ["d_vocab_out", "act_fn", "normalization_type", "positional_embedding_type"]
+    for name in ["d_model", "n_layers", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", *names]:
+        assert getattr(ref.model.cfg, name) == getattr(ref.bridge.cfg, name), name
+    assert not set(names) & {f.name for f in dataclasses.fields(ref.model.cfg)}
 
 
 def test_hook_names_are_exactly_transformer_lens_names(ref):
